@@ -1,0 +1,13 @@
+"""An emulated wafer-scale accelerator: a core mesh spread over (Ray) actors."""
+
+from .device import DeviceSpec, preset
+from .errors import CoreMemoryError, DeviceSpecError, LayoutError, ProtocolAborted, ProtocolError, RoutingError
+from .layout import Layout, Spec, gather, scatter
+from .mesh import Core, Dir, Mesh, Tiling
+from .wafer import RunStats, Wafer
+
+__all__ = [
+    "Core", "CoreMemoryError", "DeviceSpec", "DeviceSpecError", "Dir", "Layout", "LayoutError", "Mesh",
+    "ProtocolAborted", "ProtocolError", "RoutingError", "RunStats", "Spec", "Tiling", "Wafer",
+    "gather", "preset", "scatter",
+]

@@ -1,0 +1,207 @@
+"""The PLMR device model: what one wafer-scale chip offers a program.
+
+PLMR (WaferLLM §3.1): massive Parallelism, non-uniform Latency (alpha per hop,
+beta per software relay), small per-core Memory, limited Routing (colours per
+router). A ``DeviceSpec`` holds those numbers; the emulator charges every
+compute call and every message against them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import DeviceSpecError
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A wafer-scale device described by its PLMR parameters.
+
+    Attributes:
+        name: preset or file name, for reports.
+        width: cores along x (EAST) on the fabric.
+        height: cores along y (SOUTH) on the fabric.
+        sram_bytes: local memory of one core, in bytes.
+        clock_hz: core clock; predicted cycles / clock_hz = seconds.
+        fmacs_per_cycle: fused multiply-adds one core retires per cycle, per dtype name.
+        link_bytes_per_cycle: bytes one link carries per cycle in one direction.
+        alpha: cycles per hop when routers forward by their static rules.
+        beta: cycles per software relay (a core receives, combines and forwards).
+        routes_per_core: routing entries (colours) one router can hold.
+        power_watts: power of the whole device, for energy estimates.
+        call_overhead: fixed cycles a core spends to start one compute call.
+    """
+
+    name: str
+    width: int
+    height: int
+    sram_bytes: int
+    clock_hz: float
+    fmacs_per_cycle: Mapping[str, float]
+    link_bytes_per_cycle: float
+    alpha: float
+    beta: float
+    routes_per_core: int
+    power_watts: float
+    call_overhead: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("width", "height", "sram_bytes", "routes_per_core"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise DeviceSpecError(f"device {self.name!r}: field {name!r} must be a positive integer, got {value!r}")
+        for name in ("clock_hz", "link_bytes_per_cycle", "power_watts"):
+            _check_number(self.name, name, getattr(self, name), positive=True)
+        for name in ("alpha", "beta", "call_overhead"):
+            _check_number(self.name, name, getattr(self, name), positive=False)
+        if not isinstance(self.fmacs_per_cycle, Mapping) or not self.fmacs_per_cycle:
+            raise DeviceSpecError(
+                f"device {self.name!r}: field 'fmacs_per_cycle' must map dtype names to rates, "
+                f"got {self.fmacs_per_cycle!r}"
+            )
+        for dtype, rate in self.fmacs_per_cycle.items():
+            _check_number(self.name, f"fmacs_per_cycle.{dtype}", rate, positive=True)
+        object.__setattr__(self, "fmacs_per_cycle", dict(self.fmacs_per_cycle))
+
+    def rate(self, dtype: str) -> float:
+        """Return the FMACs per cycle for ``dtype``.
+
+        Raises:
+            DeviceSpecError: the device has no rate for that dtype.
+        """
+        try:
+            return self.fmacs_per_cycle[dtype]
+        except KeyError:
+            raise DeviceSpecError(
+                f"device {self.name!r} has no compute rate for dtype {dtype!r}; "
+                f"known: {sorted(self.fmacs_per_cycle)}"
+            ) from None
+
+    def seconds(self, cycles: float) -> float:
+        """Convert device cycles to seconds."""
+        return cycles / self.clock_hz
+
+    def check_mesh(self, height: int, width: int) -> None:
+        """Refuse a core mesh that does not fit the fabric.
+
+        Raises:
+            DeviceSpecError: a side is not positive or larger than the fabric.
+        """
+        for axis, size, limit, field_name in (("y", height, self.height, "height"), ("x", width, self.width, "width")):
+            if not isinstance(size, int) or size <= 0:
+                raise DeviceSpecError(f"mesh size along {axis} must be a positive integer, got {size!r}")
+            if size > limit:
+                raise DeviceSpecError(
+                    f"mesh of {height}x{width} cores does not fit device {self.name!r}: {axis} size {size} > "
+                    f"fabric {field_name} {limit}"
+                )
+
+    def replace(self, **changes: Any) -> "DeviceSpec":
+        """Return a copy with some fields changed (validated again)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise DeviceSpecError(f"unknown device field(s) {sorted(unknown)}; valid: {_field_names()}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "DeviceSpec":
+        """Read a device from a TOML or JSON file.
+
+        The file holds any of the fields above; ``base = "wse2"`` starts from a preset
+        and changes only the fields given. Without ``base`` every field is required.
+
+        Raises:
+            DeviceSpecError: unreadable file, unknown key, missing or invalid field.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text()
+            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (OSError, ValueError) as exc:
+            raise DeviceSpecError(f"cannot read device file {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise DeviceSpecError(f"device file {path}: expected a table of fields, got {type(data).__name__}")
+        base_name = data.pop("base", None)
+        unknown = set(data) - set(_field_names())
+        if unknown:
+            raise DeviceSpecError(f"device file {path}: unknown key(s) {sorted(unknown)}; valid: {_field_names()}")
+        data.setdefault("name", path.stem)
+        if base_name is not None:
+            return preset(base_name).replace(**data)
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.default is dataclasses.MISSING]
+        if missing:
+            raise DeviceSpecError(f"device file {path}: missing field(s) {missing} (or give base = \"wse2\")")
+        return cls(**data)
+
+
+def _check_number(device: str, name: str, value: Any, *, positive: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        need = "a positive number" if positive else "a number >= 0"
+        raise DeviceSpecError(f"device {device!r}: field {name!r} must be {need}, got {value!r}")
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(DeviceSpec)]
+
+
+# Figures from the WaferLLM reference digest (§1.3, §10). alpha = 1 cycle/hop follows from the
+# single-cycle neighbour transfer; beta and the compute rates are not stated by the paper and are
+# starting values until the cost model is calibrated on the LLaMA3-8B rows.
+_PRESETS: dict[str, DeviceSpec] = {
+    "wse2": DeviceSpec(
+        name="wse2",
+        width=757,  # fabric rectangle the WaferLLM programs compile for
+        height=996,
+        sram_bytes=48 * 1024,
+        clock_hz=1.1e9,
+        fmacs_per_cycle={"float16": 1.0, "float32": 1.0},
+        link_bytes_per_cycle=4.0,  # one 32-bit wavelet per cycle per link
+        alpha=1.0,
+        beta=8.0,
+        routes_per_core=24,  # routable colours 0-23
+        power_watts=15_000.0,  # 37.5 x a 400 W A100, the ratio behind the paper's energy tables
+    ),
+    "wse3": DeviceSpec(
+        name="wse3",
+        width=762,
+        height=1172,
+        sram_bytes=48 * 1024,  # 44 GB / 900k cores is about 48.9 KB
+        clock_hz=1.1e9,
+        fmacs_per_cycle={"float16": 1.0, "float32": 1.0},
+        link_bytes_per_cycle=4.0,  # same NoC as WSE-2
+        alpha=1.0,
+        beta=8.0,
+        routes_per_core=24,
+        power_watts=15_000.0,  # no published figure in the reference; WSE-2's value
+    ),
+}
+
+
+def preset(name: str) -> DeviceSpec:
+    """Return a built-in device by name (``wse2`` or ``wse3``).
+
+    Raises:
+        DeviceSpecError: unknown name.
+    """
+    try:
+        return _PRESETS[name]
+    except KeyError:
+        raise DeviceSpecError(f"unknown device preset {name!r}; presets: {sorted(_PRESETS)}") from None
+
+
+def resolve(device: "str | Path | DeviceSpec") -> DeviceSpec:
+    """Accept a preset name, a TOML/JSON path or a ``DeviceSpec``."""
+    if isinstance(device, DeviceSpec):
+        return device
+    if isinstance(device, Path) or (isinstance(device, str) and device.endswith((".toml", ".json"))):
+        return DeviceSpec.from_file(device)
+    if isinstance(device, str):
+        return preset(device)
+    raise TypeError(f"device must be a preset name, a .toml/.json path or a DeviceSpec, got {type(device).__name__}")

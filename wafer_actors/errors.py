@@ -1,0 +1,54 @@
+"""Errors raised by the emulated wafer.
+
+Each error subclasses the built-in it resembles and passes every field to
+``super().__init__`` so that it pickles, and Ray re-raises it as its own type.
+"""
+
+from __future__ import annotations
+
+
+class CoreMemoryError(MemoryError):
+    """A core was asked to hold more bytes than its SRAM budget."""
+
+    def __init__(self, core: tuple[int, int], buffer: str, asked: int, in_use: int, budget: int):
+        super().__init__(core, buffer, asked, in_use, budget)
+        self.core, self.buffer, self.asked, self.in_use, self.budget = core, buffer, asked, in_use, budget
+
+    def __str__(self) -> str:
+        y, x = self.core
+        return (
+            f"core (y={y}, x={x}): buffer {self.buffer!r} needs {self.asked} B, budget {self.budget} B, "
+            f"{self.in_use} B already in use; use a larger mesh, a smaller dtype or smaller blocks"
+        )
+
+
+class RoutingError(RuntimeError):
+    """A core needs more routing entries (colours) than its router has."""
+
+    def __init__(self, core: tuple[int, int], routes: tuple[str, ...], limit: int):
+        super().__init__(core, routes, limit)
+        self.core, self.routes, self.limit = core, tuple(routes), limit
+
+    def __str__(self) -> str:
+        y, x = self.core
+        return (
+            f"core (y={y}, x={x}) needs {len(self.routes)} routing entries, the device has {self.limit}: "
+            f"routes {', '.join(self.routes)}; use fewer routes (relay through cores instead) or a device "
+            f"with more colours"
+        )
+
+
+class LayoutError(ValueError):
+    """A tensor layout does not fit the mesh or the tensor."""
+
+
+class DeviceSpecError(ValueError):
+    """A device description has an invalid or unknown field."""
+
+
+class ProtocolError(RuntimeError):
+    """A protocol broke a rule of the fabric (for example two sources for one core in one step)."""
+
+
+class ProtocolAborted(RuntimeError):
+    """A tile stopped a protocol because another tile failed."""

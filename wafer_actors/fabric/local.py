@@ -1,0 +1,57 @@
+"""In-process transport: every tile lives in the driver, on one asyncio event loop.
+
+Messages are still encoded and decoded exactly as between processes, so this transport
+runs the same code paths and predicts the same cycles as the Ray one; it is the one to
+debug with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from ..device import DeviceSpec
+from ..mesh import Tiling
+from ..tile import Tile
+from .base import Transport, first_error
+
+
+class LocalTransport(Transport):
+    """All tiles in this process."""
+
+    def __init__(self) -> None:
+        self.tiles: list[Tile] = []
+        self._loop = asyncio.new_event_loop()
+
+    def spawn(self, tiling: Tiling, device: DeviceSpec, cost_only: bool) -> None:
+        self.tiles = [Tile(i, tiling.mesh.shape, tiling.tiles, device, cost_only) for i in range(len(tiling))]
+        nodes = self.nodes()
+        for t in self.tiles:
+            t.connect(self._post, nodes)
+
+    def _post(self, dest: int, raw: bytes) -> None:
+        self.tiles[dest].deliver(raw)
+
+    def call(self, method: str, args: list[tuple]) -> list[Any]:
+        return [getattr(t, method)(*a) for t, a in zip(self.tiles, args)]
+
+    def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+        return self._loop.run_until_complete(self._run(path, run_id, routes, kwargs))
+
+    async def _run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+        tasks = [asyncio.ensure_future(t.run(path, run_id, routes, kwargs)) for t in self.tiles]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        if any(t.done() and t.exception() for t in tasks):
+            for tile in self.tiles:
+                tile.abort(run_id)
+            await asyncio.wait(tasks)
+            raise first_error([t.exception() for t in tasks])
+        return [t.result() for t in tasks]
+
+    def nodes(self) -> list[str]:
+        return [socket.gethostname()] * len(self.tiles)
+
+    def shutdown(self) -> None:
+        self.tiles = []
+        self._loop.close()

@@ -1,0 +1,131 @@
+"""Ray transport: one async Ray actor per tile, talking to its peers directly.
+
+Each tile actor holds handles to every other tile and sends a message with a
+fire-and-forget ``deliver.remote(raw)``; no data passes through the driver. The actors
+are async so that a tile waiting for a neighbour keeps accepting deliveries (sync actors
+blocking in ``ray.get`` on each other deadlock).
+
+Placement: tiles are numbered row-major and cut into contiguous runs, one run per node
+(node-affinity scheduling), so neighbouring tiles mostly share a node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ..device import DeviceSpec
+from ..mesh import Tiling
+from ..tile import Tile
+from .base import Transport, first_error
+
+
+class TileActor:
+    """The Ray face of a ``Tile``: every method runs on the actor's event loop."""
+
+    def __init__(self, index: int, mesh_shape: tuple[int, int], tiles: tuple[int, int], device: DeviceSpec, cost_only: bool):
+        self.tile = Tile(index, mesh_shape, tiles, device, cost_only)
+
+    async def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    async def connect(self, peers: list[Any], nodes: list[str]) -> None:
+        self.tile.connect(lambda dest, raw: peers[dest].deliver.remote(raw), nodes)
+
+    async def deliver(self, raw: bytes) -> None:
+        self.tile.deliver(raw)
+
+    async def abort(self, run_id: int) -> None:
+        self.tile.abort(run_id)
+
+    async def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> dict[str, Any]:
+        return await self.tile.run(path, run_id, routes, kwargs)
+
+    async def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.tile, method)(*args)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How tile actors are placed.
+
+    Attributes:
+        nodes: node ids to spread tiles over, in order; None uses every alive node, the
+            driver's first.
+        num_cpus: CPUs each tile actor reserves (0 lets many tiles share few cores).
+    """
+
+    nodes: tuple[str, ...] | None = None
+    num_cpus: float = 0.0
+
+
+def _unwrap(err: BaseException) -> BaseException:
+    """Turn Ray's wrapper back into the error the tile raised."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
+class RayTransport(Transport):
+    """Tiles as Ray actors on the cluster ``ray.init`` connected to (started locally if none)."""
+
+    def __init__(self, options: RayOptions | None = None):
+        self.options = options or RayOptions()
+        self.actors: list[Any] = []
+        self._nodes: list[str] = []
+
+    def spawn(self, tiling: Tiling, device: DeviceSpec, cost_only: bool) -> None:
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        nodes = list(self.options.nodes or self._alive_nodes())
+        n = len(tiling)
+        cls = ray.remote(TileActor)
+        for i in range(n):
+            node = nodes[i * len(nodes) // n]
+            strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+            opts = cls.options(num_cpus=self.options.num_cpus, scheduling_strategy=strategy)
+            self.actors.append(opts.remote(i, tiling.mesh.shape, tiling.tiles, device, cost_only))
+        self._nodes = ray.get([a.node.remote() for a in self.actors])
+        ray.get([a.connect.remote(self.actors, self._nodes) for a in self.actors])
+
+    @staticmethod
+    def _alive_nodes() -> list[str]:
+        here = ray.get_runtime_context().get_node_id()
+        alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        return [here] + [n for n in alive if n != here]
+
+    def call(self, method: str, args: list[tuple]) -> list[Any]:
+        refs = [a.call.remote(method, *arg) for a, arg in zip(self.actors, args)]
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as err:
+            raise _unwrap(err) from None
+
+    def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+        refs = [a.run.remote(path, run_id, routes, kwargs) for a in self.actors]
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayError:
+                ray.wait([a.abort.remote(run_id) for a in self.actors], num_returns=len(self.actors), timeout=30)
+                errors = []
+                for ref in refs:
+                    try:
+                        ray.get(ref)
+                        errors.append(None)
+                    except ray.exceptions.RayError as err:
+                        errors.append(_unwrap(err))
+                raise first_error(errors) from None
+        return ray.get(refs)
+
+    def nodes(self) -> list[str]:
+        return list(self._nodes)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []

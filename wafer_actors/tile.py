@@ -1,0 +1,322 @@
+"""One tile: a rectangle of cores run by one actor.
+
+Core is the unit of meaning, tile the unit of execution: every per-core quantity
+(buffers, SRAM in use, virtual clock) is an array whose leading axes are the tile's rows
+and columns, and every operation is vectorised over them.
+
+Virtual time (cycles). A message leaves its source with a head time (the core's clock,
+or for a streaming relay the cycle its first element was ready) and a duration
+``load x bytes / link_width``; it reaches the destination ``hops x alpha + relays x beta``
+later. A plain receive waits for the tail. A streaming receive (a software relay that
+combines and forwards element by element) starts ``beta`` after the head arrives, so a
+chain of k relays costs ``k x (alpha + beta)`` plus one duration, not k durations. Sends
+never advance the sender's clock: communication overlaps later compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .device import DeviceSpec
+from .errors import CoreMemoryError, ProtocolAborted, ProtocolError
+from .fabric.wire import Message, decode, encode
+from .mesh import Mesh, Tiling
+from .protocol import resolve
+from .transfer import Part, Transfer
+
+OPS = ("store", "add", "max")
+
+
+@dataclass
+class Buffer:
+    """A named per-core buffer: every charged core holds a block of ``block`` shape."""
+
+    block: tuple[int, ...]
+    dtype: np.dtype
+    cores: np.ndarray  # bool [h, w]: cores charged for (and meant to hold) the block
+    data: np.ndarray | None  # [h, w, *block]; None in cost-only runs
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one core's block."""
+        return math.prod(self.block) * self.dtype.itemsize
+
+
+class Tile:
+    """The cores ``tiling.rects[index]`` of a mesh, with their buffers, clocks and mailbox.
+
+    The same class runs in-process (``fabric.local``) and as a Ray actor (``fabric.ray``);
+    a transport gives it ``post(dest_tile, raw_bytes)`` to reach other tiles.
+    """
+
+    def __init__(self, index: int, mesh_shape: tuple[int, int], tiles: tuple[int, int], device: DeviceSpec, cost_only: bool):
+        self.tiling = Tiling(Mesh(*mesh_shape), tiles)
+        self.rect = self.tiling.rects[index]
+        self.index = index
+        self.device = device
+        self.cost_only = cost_only
+        shape = self.rect.shape
+        self.clock = np.zeros(shape)  # cycles, per core
+        self.fwd_head = np.zeros(shape)  # cycle a streaming relay may start forwarding
+        self.used = np.zeros(shape, dtype=np.int64)  # SRAM bytes in use
+        self.high = np.zeros(shape, dtype=np.int64)  # SRAM high-water mark
+        self.buffers: dict[str, Buffer] = {}
+        self.stats: Counter = Counter()
+        self.post: Callable[[int, bytes], None] | None = None
+        self.nodes: list[str] = []
+        self._mail: dict[tuple[int, str, int], asyncio.Future] = {}
+        self._run_id = -1
+        self._aborted_run = -1
+        self._routes: frozenset[str] = frozenset()
+        self._sent: Counter = Counter()
+        self._received: Counter = Counter()
+
+    # ---- wiring ---------------------------------------------------------------------------
+    def connect(self, post: Callable[[int, bytes], None], nodes: list[str]) -> None:
+        """Give the tile a way to reach other tiles and the node each tile runs on."""
+        self.post, self.nodes = post, list(nodes)
+
+    def info(self) -> dict[str, Any]:
+        return {"index": self.index, "rect": (self.rect.y0, self.rect.y1, self.rect.x0, self.rect.x1)}
+
+    # ---- memory ---------------------------------------------------------------------------
+    def alloc(self, name: str, block: tuple[int, ...], dtype: str, cores: np.ndarray | None = None) -> None:
+        """Allocate a zeroed block on each core (or the cores in the local mask ``cores``).
+
+        Raises:
+            CoreMemoryError: a core would exceed its SRAM budget; nothing is changed.
+        """
+        dtype = np.dtype(dtype)
+        block = tuple(int(b) for b in block)
+        mask = np.ones(self.rect.shape, dtype=bool) if cores is None else np.asarray(cores, dtype=bool)
+        buf = Buffer(block, dtype, mask, None)
+        old = self.buffers.get(name)
+        used = self.used - (old.nbytes * old.cores if old else 0)
+        after = used + buf.nbytes * mask
+        over = np.argwhere(after > self.device.sram_bytes)
+        if len(over):
+            y, x = (int(v) for v in over[0])
+            raise CoreMemoryError((self.rect.y0 + y, self.rect.x0 + x), name, buf.nbytes, int(used[y, x]), self.device.sram_bytes)
+        if not self.cost_only:
+            buf.data = np.zeros(self.rect.shape + block, dtype=dtype)
+        self.buffers[name] = buf
+        self.used = after
+        np.maximum(self.high, self.used, out=self.high)
+
+    def put(self, name: str, blocks: np.ndarray) -> None:
+        """Store host data ``[h, w, *block]`` in buffer ``name`` (the host's memcpy to the cores)."""
+        blocks = np.asarray(blocks)
+        if blocks.shape[:2] != self.rect.shape:
+            raise ValueError(f"tile {self.index}: blocks of shape {blocks.shape} do not cover the tile's {self.rect.shape} cores")
+        self.alloc(name, blocks.shape[2:], blocks.dtype.str)
+        if not self.cost_only:
+            self.buffers[name].data[...] = blocks
+
+    def get(self, name: str) -> np.ndarray:
+        """Return buffer ``name`` as ``[h, w, *block]``."""
+        return self.data(name)
+
+    def free(self, name: str) -> None:
+        """Release buffer ``name``."""
+        buf = self._buffer(name)
+        self.used = self.used - buf.nbytes * buf.cores
+        del self.buffers[name]
+
+    def memory(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return (bytes in use, high-water bytes), per core."""
+        return self.used.copy(), self.high.copy()
+
+    def data(self, name: str) -> np.ndarray:
+        """Return the data of buffer ``name``: ``[h, w, *block]``."""
+        buf = self._buffer(name)
+        if buf.data is None:
+            raise ProtocolError(f"buffer {name!r} has no data: this wafer runs cost-only (shapes, no tensors)")
+        return buf.data
+
+    def _buffer(self, name: str) -> Buffer:
+        try:
+            return self.buffers[name]
+        except KeyError:
+            raise ProtocolError(f"tile {self.index}: no buffer {name!r}; buffers: {sorted(self.buffers)}") from None
+
+    # ---- clocks and compute ---------------------------------------------------------------
+    def clocks(self) -> np.ndarray:
+        return self.clock.copy()
+
+    def reset_clocks(self) -> None:
+        self.clock[...] = 0.0
+        self.fwd_head[...] = 0.0
+
+    def local(self, mask: np.ndarray) -> np.ndarray:
+        """Cut this tile's part out of a global ``[y, x, ...]`` array."""
+        r = self.rect
+        return mask[r.y0 : r.y1, r.x0 : r.x1]
+
+    def charge(self, fmacs: float | np.ndarray, dtype: str, cores: np.ndarray | None = None) -> None:
+        """Advance the clocks of ``cores`` (local mask; default all) by a compute call of ``fmacs`` FMACs."""
+        cycles = np.asarray(fmacs, dtype=float) / self.device.rate(np.dtype(dtype).name) + self.device.call_overhead
+        if cores is None:
+            self.clock += cycles
+        else:
+            self.clock[cores] += cycles if np.ndim(cycles) == 0 else cycles[cores]
+
+    # ---- fabric ---------------------------------------------------------------------------
+    def send(self, transfer: Transfer, name: str, *, stream: bool = False) -> None:
+        """Start the flows of ``transfer`` whose sources are on this tile; never waits.
+
+        Args:
+            transfer: the step's flows.
+            name: buffer whose blocks are sent.
+            stream: the sources are relays forwarding what they received in the previous
+                step as it arrives (head at their ``fwd_head``), not finished blocks.
+        """
+        self._check_route(transfer)
+        tag = self._tag(transfer, self._sent)
+        buf = self._buffer(name)
+        dev = self.device
+        for dest, part in transfer.view(self.tiling, self.index).outgoing.items():
+            f = part.flows
+            ly, lx = transfer.src_y[f] - self.rect.y0, transfer.src_x[f] - self.rect.x0
+            dur = buf.nbytes / dev.link_bytes_per_cycle * transfer.load[f]
+            if stream:
+                head = self.fwd_head[ly, lx]
+                tail = np.maximum(head + dur, self.clock[ly, lx])
+            else:
+                head = self.clock[ly, lx]
+                tail = head + dur
+            latency = transfer.hops[f] * dev.alpha + transfer.relays[f] * dev.beta
+            data = None
+            if buf.data is not None:
+                s = part.sources
+                data = buf.data[transfer.src_y[s] - self.rect.y0, transfer.src_x[s] - self.rect.x0]
+            msg = Message(self._run_id, tag, self.index, data, head + latency, tail + latency)
+            self._count(dest, len(f), len(f) * buf.nbytes)
+            if dest == self.index:
+                self._slot(tag, dest).set_result(msg)
+            else:
+                raw = encode(msg)
+                self._count_actor(dest, len(raw))
+                self.post(dest, raw)
+
+    async def recv(self, transfer: Transfer, name: str, *, op: str = "store", stream: bool = False) -> None:
+        """Receive the flows of ``transfer`` that end on this tile into buffer ``name``.
+
+        Args:
+            op: ``store`` replaces the block, ``add`` / ``max`` combine it with the block held.
+            stream: the receiving cores process the stream as it arrives (a software relay
+                stage: ``beta`` after the head) and may forward it with ``send(stream=True)``.
+        """
+        if op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        self._check_route(transfer)
+        tag = self._tag(transfer, self._received)
+        buf = self._buffer(name)
+        view = transfer.view(self.tiling, self.index)
+        for src, part in view.incoming.items():
+            msg = await self._take(tag, src)
+            self._apply(transfer, buf, part, msg, op, stream)
+
+    def _apply(self, transfer: Transfer, buf: Buffer, part: Part, msg: Message, op: str, stream: bool) -> None:
+        f = part.flows
+        ly, lx = transfer.dst_y[f] - self.rect.y0, transfer.dst_x[f] - self.rect.x0
+        if buf.data is not None:
+            incoming = msg.data[part.inverse]
+            if incoming.shape[1:] != buf.block:
+                raise ProtocolError(f"received blocks of shape {incoming.shape[1:]} into buffer with blocks {buf.block}")
+            if op == "store":
+                buf.data[ly, lx] = incoming
+            elif op == "add":
+                buf.data[ly, lx] = buf.data[ly, lx] + incoming
+            else:
+                buf.data[ly, lx] = np.maximum(buf.data[ly, lx], incoming)
+        combine = 0.0 if op == "store" else math.prod(buf.block) / self.device.rate(buf.dtype.name)
+        clock = self.clock[ly, lx]
+        if stream:
+            start = np.maximum(clock, msg.head) + self.device.beta
+            self.fwd_head[ly, lx] = start
+            self.clock[ly, lx] = np.maximum(start + np.maximum(msg.tail - msg.head, combine), msg.tail + self.device.beta)
+        else:
+            self.clock[ly, lx] = np.maximum(clock, msg.tail) + (combine + self.device.call_overhead if combine else 0.0)
+
+    def _check_route(self, transfer: Transfer) -> None:
+        if transfer.route not in self._routes:
+            raise ProtocolError(
+                f"transfer {transfer.key!r} uses route {transfer.route!r}, which the protocol did not declare "
+                f"(declared: {sorted(self._routes)})"
+            )
+
+    def _tag(self, transfer: Transfer, counter: Counter) -> str:
+        n = counter[transfer.key]
+        counter[transfer.key] += 1
+        return f"{transfer.key}#{n}"
+
+    def _count(self, dest: int, flows: int, nbytes: int) -> None:
+        where = "local" if dest == self.index else "remote"
+        self.stats[f"core_messages_{where}"] += flows
+        self.stats[f"core_bytes_{where}"] += nbytes
+
+    def _count_actor(self, dest: int, nbytes: int) -> None:
+        self.stats["tile_messages"] += 1
+        self.stats["tile_bytes"] += nbytes
+        if self.nodes and self.nodes[dest] != self.nodes[self.index]:
+            self.stats["node_messages"] += 1
+            self.stats["node_bytes"] += nbytes
+
+    # ---- mailbox --------------------------------------------------------------------------
+    def _slot(self, tag: str, src: int, run_id: int | None = None) -> asyncio.Future:
+        key = (self._run_id if run_id is None else run_id, tag, src)  # (run, step tag, source tile)
+        fut = self._mail.get(key)
+        if fut is None:
+            fut = self._mail[key] = asyncio.get_running_loop().create_future()
+        return fut
+
+    async def _take(self, tag: str, src: int) -> Message:
+        fut = self._slot(tag, src)
+        if self._aborted_run >= self._run_id and not fut.done():
+            raise ProtocolAborted(f"tile {self.index}: run {self._run_id} was aborted")
+        t0 = time.perf_counter()
+        try:
+            return await fut
+        finally:
+            self.stats["wait_s"] += time.perf_counter() - t0
+            del self._mail[(self._run_id, tag, src)]
+
+    def deliver(self, raw: bytes) -> None:
+        """Accept a message from another tile (called by the transport)."""
+        msg = decode(raw)
+        if msg.run > self._aborted_run:
+            self._slot(msg.tag, msg.src, msg.run).set_result(msg)
+
+    def abort(self, run_id: int) -> None:
+        """Stop run ``run_id``: every receive still waiting raises ``ProtocolAborted``."""
+        self._aborted_run = max(self._aborted_run, run_id)
+        for (rid, _, _), fut in list(self._mail.items()):
+            if rid <= run_id and not fut.done():
+                fut.set_exception(ProtocolAborted(f"tile {self.index}: run {rid} was aborted"))
+
+    # ---- running a protocol ---------------------------------------------------------------
+    async def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Run protocol ``path`` on this tile; return its clock span and statistics."""
+        if run_id <= self._aborted_run:
+            raise ProtocolAborted(f"tile {self.index}: run {run_id} was aborted before it started")
+        proto = resolve(path)
+        for key in [k for k in self._mail if k[0] < run_id]:  # leftovers of aborted runs
+            del self._mail[key]
+        self._run_id, self._routes = run_id, frozenset(routes)
+        self._sent.clear()
+        self._received.clear()
+        before = Counter(self.stats)
+        start = float(self.clock.min())
+        t0 = time.perf_counter()
+        await proto.body(self, **kwargs)
+        self.stats["wall_s"] += time.perf_counter() - t0
+        delta = Counter(self.stats)
+        delta.subtract(before)
+        return {"start": start, "end": float(self.clock.max()), "stats": dict(delta)}

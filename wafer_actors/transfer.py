@@ -1,0 +1,223 @@
+"""Transfers and routes: what moves over the fabric in one protocol step.
+
+A ``Transfer`` is one step of one route: a set of flows, each carrying one core's block
+to another core in the same row or column. Every destination core has exactly one
+source; a source may feed several destinations in the same direction (a hardware
+multicast: the routers on the way deliver to their core and forward at once).
+
+A ``Route`` is a colour: the union of the paths of the transfers that use it. Each route
+occupies one routing entry on every router its paths touch, and a core may not need more
+entries than the device's ``routes_per_core``.
+
+Contention: flows of one transfer that share a directed link are serialised, so a flow
+pays ``load x bytes / link_width`` where ``load`` is the largest number of streams on any
+link of its path (a multicast stream counts once per link).
+
+Everything here is a pure function of coordinates: the same for every tile, every tiling
+and every process, which is what keeps reduction order and predicted cycles independent
+of how the mesh is split into actors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import ProtocolError, RoutingError
+from .mesh import Mesh, Tiling
+
+
+@dataclass(frozen=True)
+class Part:
+    """The flows of a transfer from one tile to another, in a fixed order both sides agree on.
+
+    Attributes:
+        flows: indices into the transfer's flow arrays (destination row-major order).
+        sources: flow indices of the distinct source cores, sorted by source position;
+            the message carries one block per distinct source.
+        inverse: for each flow, the position of its source in ``sources``.
+    """
+
+    flows: np.ndarray
+    sources: np.ndarray
+    inverse: np.ndarray
+
+
+@dataclass(frozen=True)
+class View:
+    """A transfer as one tile sees it: what it sends to each tile and receives from each."""
+
+    outgoing: dict[int, Part]
+    incoming: dict[int, Part]
+
+
+@dataclass(frozen=True, eq=False)
+class Transfer:
+    """One step of flows along a route.
+
+    Build with ``Transfer.build``; the arrays are global (mesh coordinates).
+
+    Attributes:
+        key: a string naming this transfer in every process (message tags use it).
+        route: the route (colour) the flows travel on.
+        src_y, src_x, dst_y, dst_x: one entry per flow, sorted by destination (row-major).
+        hops: links each flow crosses.
+        relays: software relays on each flow's path (each costs beta).
+        load: largest number of streams sharing a link on each flow's path (>= 1).
+    """
+
+    key: str
+    route: str
+    mesh: Mesh
+    src_y: np.ndarray
+    src_x: np.ndarray
+    dst_y: np.ndarray
+    dst_x: np.ndarray
+    hops: np.ndarray
+    relays: np.ndarray
+    load: np.ndarray
+    _views: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(
+        cls,
+        key: str,
+        route: str,
+        mesh: Mesh,
+        src: tuple[Sequence[int], Sequence[int]],
+        dst: tuple[Sequence[int], Sequence[int]],
+        relays: Sequence[int] | None = None,
+    ) -> "Transfer":
+        """Validate flows given as (ys, xs) of sources and of destinations.
+
+        Raises:
+            ProtocolError: a flow leaves the mesh, is not along one axis, goes nowhere, or two
+                flows end at the same core.
+        """
+        sy, sx = (np.asarray(a, dtype=np.int64).ravel() for a in src)
+        dy, dx = (np.asarray(a, dtype=np.int64).ravel() for a in dst)
+        rl = np.zeros_like(sy) if relays is None else np.asarray(relays, dtype=np.int64).ravel()
+        if not (len(sy) == len(sx) == len(dy) == len(dx) == len(rl)):
+            raise ProtocolError(f"transfer {key!r}: source, destination and relay arrays differ in length")
+        for name, v, n in (("src_y", sy, mesh.height), ("dst_y", dy, mesh.height), ("src_x", sx, mesh.width), ("dst_x", dx, mesh.width)):
+            if len(v) and (v.min() < 0 or v.max() >= n):
+                raise ProtocolError(f"transfer {key!r}: {name} outside {mesh!r}")
+        straight = (sy == dy) ^ (sx == dx)
+        if not straight.all():
+            i = int(np.flatnonzero(~straight)[0])
+            raise ProtocolError(
+                f"transfer {key!r}: flow ({sy[i]}, {sx[i]}) -> ({dy[i]}, {dx[i]}) is not a move along one mesh axis"
+            )
+        order = np.lexsort((dx, dy))
+        sy, sx, dy, dx, rl = sy[order], sx[order], dy[order], dx[order], rl[order]
+        lin = dy * mesh.width + dx
+        if len(lin) > 1 and (np.diff(lin) == 0).any():
+            i = int(np.flatnonzero(np.diff(lin) == 0)[0])
+            raise ProtocolError(f"transfer {key!r}: core ({dy[i]}, {dx[i]}) receives from two sources in one step")
+        hops = np.abs(dy - sy) + np.abs(dx - sx)
+        load = _link_load(mesh, sy, sx, dy, dx)
+        return cls(key, route, mesh, sy, sx, dy, dx, hops, rl, load)
+
+    def __len__(self) -> int:
+        return len(self.src_y)
+
+    def path_cores(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return (ys, xs) of every core a flow of this transfer touches, sources and destinations included."""
+        sy, sx, ey, ex = _stream_ends(self.mesh, self.src_y, self.src_x, self.dst_y, self.dst_x)
+        n = np.abs(ey - sy) + np.abs(ex - sx) + 1
+        step = np.repeat(np.arange(len(n)), n)
+        k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        ys = sy[step] + np.sign(ey - sy)[step] * k
+        xs = sx[step] + np.sign(ex - sx)[step] * k
+        return ys, xs
+
+    def view(self, tiling: Tiling, tile: int) -> View:
+        """Return (and cache) the parts of this transfer that tile ``tile`` sends and receives."""
+        cache_key = (tiling.key, tile)
+        v = self._views.get(cache_key)
+        if v is None:
+            src_t = tiling.owner[self.src_y, self.src_x]
+            dst_t = tiling.owner[self.dst_y, self.dst_x]
+            outgoing = {int(t): self._part((src_t == tile) & (dst_t == t)) for t in np.unique(dst_t[src_t == tile])}
+            incoming = {int(t): self._part((dst_t == tile) & (src_t == t)) for t in np.unique(src_t[dst_t == tile])}
+            v = self._views[cache_key] = View(outgoing, incoming)
+        return v
+
+    def _part(self, mask: np.ndarray) -> Part:
+        flows = np.flatnonzero(mask)
+        lin = self.src_y[flows] * self.mesh.width + self.src_x[flows]
+        _, first, inverse = np.unique(lin, return_index=True, return_inverse=True)
+        return Part(flows, flows[first], inverse.ravel())
+
+
+def _stream_ends(mesh: Mesh, sy, sx, dy, dx) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Collapse flows into streams: one per (source, direction), reaching its farthest destination."""
+    direction = np.sign(dy - sy) * 2 + np.sign(dx - sx)  # -2, -1, 1, 2: one value per direction
+    key = (sy * mesh.width + sx) * 8 + (direction + 3)
+    order = np.lexsort((np.abs(dy - sy) + np.abs(dx - sx), key))
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = key[order][1:] != key[order][:-1]
+    far = order[last]
+    return sy[far], sx[far], dy[far], dx[far]
+
+
+def _link_ids(mesh: Mesh, sy, sx, ey, ex) -> tuple[np.ndarray, np.ndarray]:
+    """Expand straight paths into directed-link ids; return (ids, path number of each id)."""
+    n = np.abs(ey - sy) + np.abs(ex - sx)
+    path = np.repeat(np.arange(len(n)), n)
+    k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    dy, dx = np.sign(ey - sy)[path], np.sign(ex - sx)[path]
+    y, x = sy[path] + dy * k, sx[path] + dx * k  # the core each link leaves
+    direction = (dy + 1) * 3 + (dx + 1)  # 1, 3, 5, 7 for N, W, E, S
+    return (y * mesh.width + x) * 9 + direction, path
+
+
+def _link_load(mesh: Mesh, sy, sx, dy, dx) -> np.ndarray:
+    """For each flow, the largest number of streams sharing a directed link on its path."""
+    if len(sy) == 0:
+        return np.zeros(0, dtype=np.int64)
+    stream_ids, _ = _link_ids(mesh, *_stream_ends(mesh, sy, sx, dy, dx))
+    links, counts = np.unique(stream_ids, return_counts=True)
+    flow_ids, flow_of = _link_ids(mesh, sy, sx, dy, dx)
+    per_link = counts[np.searchsorted(links, flow_ids)]
+    load = np.ones(len(sy), dtype=np.int64)
+    np.maximum.at(load, flow_of, per_link)
+    return load
+
+
+@dataclass(frozen=True)
+class Route:
+    """A named route (colour) and the transfers that travel on it."""
+
+    name: str
+    transfers: tuple[Transfer, ...]
+
+    def cores(self, mesh: Mesh) -> np.ndarray:
+        """Boolean ``[y, x]``: the routers this route occupies an entry on."""
+        mask = np.zeros(mesh.shape, dtype=bool)
+        for t in self.transfers:
+            ys, xs = t.path_cores()
+            mask[ys, xs] = True
+        return mask
+
+
+def check_routes(mesh: Mesh, routes: Iterable[Route], limit: int) -> np.ndarray:
+    """Count routing entries per core and refuse a core that needs more than ``limit``.
+
+    Returns:
+        int array ``[y, x]``: entries used on each core.
+
+    Raises:
+        RoutingError: naming the first core (row-major) over the limit and its routes.
+    """
+    routes = list(routes)
+    masks = [r.cores(mesh) for r in routes]
+    usage = np.sum(masks, axis=0, dtype=np.int64) if masks else np.zeros(mesh.shape, dtype=np.int64)
+    over = np.argwhere(usage > limit)
+    if len(over):
+        y, x = (int(v) for v in over[0])
+        names = tuple(r.name for r, m in zip(routes, masks) if m[y, x])
+        raise RoutingError((y, x), names, limit)
+    return usage

@@ -1,0 +1,235 @@
+"""The user's handle on an emulated wafer: start tiles, load tensors, run protocols, read results.
+
+Example::
+
+    from wafer_actors import Wafer, Layout, Spec
+    from wafer_actors.collectives import chain_allreduce
+
+    with Wafer((8, 8), device="wse2", tiles=(2, 2), transport="ray") as wafer:
+        wafer.load("v", np.ones((8, 8, 16), np.float32), Spec("y", "x", None))
+        stats = wafer.run(chain_allreduce, buffer="v", axis="x", op="add")
+        print(stats.cycles, wafer.read("v")[0, 0])   # 8.0 everywhere
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .device import DeviceSpec, resolve
+from .errors import LayoutError
+from .fabric.base import Transport
+from .fabric.local import LocalTransport
+from .layout import Layout, Spec, gather, scatter
+from .mesh import Mesh, Tiling
+from .protocol import Protocol
+from .transfer import check_routes
+
+STAT_KEYS = (
+    "core_messages_local", "core_bytes_local", "core_messages_remote", "core_bytes_remote",
+    "tile_messages", "tile_bytes", "node_messages", "node_bytes",
+)
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """What one protocol run cost.
+
+    Attributes:
+        protocol: the protocol's name.
+        cycles: predicted device cycles, latest core end minus earliest core start.
+        seconds: ``cycles`` at the device clock.
+        routes_per_core_max: most routing entries any core needed.
+        sram_peak_bytes_max: highest SRAM high-water mark of any core so far.
+        counts: messages and bytes: ``core_*_local`` between cores of one tile,
+            ``core_*_remote`` between cores of different tiles, ``tile_*`` actor messages,
+            ``node_*`` actor messages that crossed cluster nodes.
+        host_wall_s: host seconds the run took.
+        per_tile: each tile's own statistics (``wall_s``, ``wait_s`` and the counts).
+    """
+
+    protocol: str
+    cycles: float
+    seconds: float
+    start: float
+    end: float
+    routes_per_core_max: int
+    sram_peak_bytes_max: int
+    counts: dict[str, int]
+    host_wall_s: float
+    per_tile: list[dict[str, Any]] = field(repr=False)
+
+
+class Wafer:
+    """An emulated core mesh spread over tiles.
+
+    Args:
+        mesh: ``(height, width)`` in cores, or a ``Mesh``.
+        device: preset name (``wse2``, ``wse3``), a TOML/JSON file or a ``DeviceSpec``.
+        tiles: ``(rows, cols)`` of tiles; each tile is one actor.
+        transport: ``"local"`` (in-process), ``"ray"`` (actors on the current Ray cluster,
+            started locally if none) or a ``Transport``.
+        cost_only: keep shapes but no tensors: same protocols and cycles, no numerics.
+
+    Raises:
+        DeviceSpecError: the mesh does not fit the device.
+        ValueError: bad tile counts or transport name.
+    """
+
+    def __init__(
+        self,
+        mesh: tuple[int, int] | Mesh,
+        *,
+        device: str | Path | DeviceSpec = "wse2",
+        tiles: tuple[int, int] = (1, 1),
+        transport: str | Transport = "local",
+        cost_only: bool = False,
+    ):
+        self.device = resolve(device)
+        if not isinstance(mesh, Mesh):
+            if len(mesh) != 2:
+                raise ValueError(f"mesh must be (height, width), got {mesh!r}")
+            self.device.check_mesh(*mesh)
+            mesh = Mesh(*mesh)
+        self.device.check_mesh(mesh.height, mesh.width)
+        self.mesh = mesh
+        self.tiling = Tiling(mesh, tuple(tiles))
+        self.cost_only = bool(cost_only)
+        self.transport = _make_transport(transport)
+        self.transport.spawn(self.tiling, self.device, self.cost_only)
+        self._tensors: dict[str, tuple[tuple[int, ...], Layout]] = {}
+        self._run_id = 0
+
+    # ---- tensors --------------------------------------------------------------------------
+    def load(self, name: str, array: np.ndarray, spec: Spec | Layout) -> None:
+        """Copy ``array`` from the host onto the cores, each core getting its block of ``spec``.
+
+        Raises:
+            LayoutError: the mesh does not divide the split axes.
+            CoreMemoryError: a block does not fit a core's SRAM.
+        """
+        array = np.asarray(array)
+        layout = self._layout(spec)
+        if self.cost_only:
+            return self.alloc(name, array.shape, array.dtype, layout)
+        blocks = scatter(array, layout)
+        r = self.tiling.rects
+        self.transport.call("put", [(name, blocks[t.y0 : t.y1, t.x0 : t.x1]) for t in r])
+        self._tensors[name] = (tuple(array.shape), layout)
+
+    def alloc(self, name: str, shape: Sequence[int], dtype: Any, spec: Spec | Layout) -> None:
+        """Allocate a zero tensor of ``shape`` laid out by ``spec`` (shape only when cost-only)."""
+        layout = self._layout(spec)
+        block = layout.block_shape(shape)
+        self.transport.call("alloc", [(name, block, np.dtype(dtype).str)] * len(self.tiling))
+        self._tensors[name] = (tuple(int(s) for s in shape), layout)
+
+    def read(self, name: str) -> np.ndarray:
+        """Copy tensor ``name`` back to the host (the copy on core index 0 of replicated axes)."""
+        if name not in self._tensors:
+            raise KeyError(f"no tensor {name!r} on the wafer; tensors: {sorted(self._tensors)}")
+        if self.cost_only:
+            raise ValueError("a cost-only wafer holds shapes, not values; nothing to read")
+        shape, layout = self._tensors[name]
+        parts = self.transport.call("get", [(name,)] * len(self.tiling))
+        first = parts[0]
+        blocks = np.empty(self.mesh.shape + first.shape[2:], dtype=first.dtype)
+        for t, p in zip(self.tiling.rects, parts):
+            blocks[t.y0 : t.y1, t.x0 : t.x1] = p
+        return gather(blocks, layout, shape)
+
+    def free(self, name: str) -> None:
+        """Release tensor ``name`` on every core."""
+        self.transport.call("free", [(name,)] * len(self.tiling))
+        self._tensors.pop(name, None)
+
+    def _layout(self, spec: Spec | Layout) -> Layout:
+        if isinstance(spec, Layout):
+            if spec.mesh != self.mesh:
+                raise LayoutError(f"{spec!r} is for another mesh than this wafer's {self.mesh!r}")
+            return spec
+        return Layout(self.mesh, spec if isinstance(spec, Spec) else Spec(*spec))
+
+    # ---- protocols ------------------------------------------------------------------------
+    def run(self, proto: Protocol, **kwargs: Any) -> RunStats:
+        """Run ``proto`` on every tile and return what it cost.
+
+        Routes are counted before anything runs.
+
+        Raises:
+            RoutingError: a core needs more routing entries than the device has.
+            CoreMemoryError, ProtocolError: raised by a tile; the other tiles are stopped.
+        """
+        if not isinstance(proto, Protocol):
+            raise TypeError(f"run() takes a Protocol (see wafer_actors.collectives), got {type(proto).__name__}")
+        routes = proto.routes(self.mesh, **kwargs)
+        usage = check_routes(self.mesh, routes, self.device.routes_per_core)
+        self._run_id += 1
+        t0 = time.perf_counter()
+        results = self.transport.run(proto.path, self._run_id, [r.name for r in routes], kwargs)
+        wall = time.perf_counter() - t0
+        start = min(r["start"] for r in results)
+        end = max(r["end"] for r in results)
+        counts = {k: int(sum(r["stats"].get(k, 0) for r in results)) for k in STAT_KEYS}
+        return RunStats(
+            protocol=proto.name,
+            cycles=end - start,
+            seconds=self.device.seconds(end - start),
+            start=start,
+            end=end,
+            routes_per_core_max=int(usage.max()),
+            sram_peak_bytes_max=int(self.memory()[1].max()),
+            counts=counts,
+            host_wall_s=wall,
+            per_tile=[r["stats"] for r in results],
+        )
+
+    # ---- state ----------------------------------------------------------------------------
+    def clocks(self) -> np.ndarray:
+        """Per-core virtual clocks, ``[y, x]`` in cycles."""
+        return self._assemble(self.transport.call("clocks", [()] * len(self.tiling)))
+
+    def reset_clocks(self) -> None:
+        """Set every core's clock to zero (a fresh launch on the device)."""
+        self.transport.call("reset_clocks", [()] * len(self.tiling))
+
+    def memory(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-core SRAM bytes (in use, high-water), each ``[y, x]``."""
+        parts = self.transport.call("memory", [()] * len(self.tiling))
+        return self._assemble([p[0] for p in parts]), self._assemble([p[1] for p in parts])
+
+    def nodes(self) -> list[str]:
+        """The cluster node of each tile."""
+        return self.transport.nodes()
+
+    def _assemble(self, parts: list[np.ndarray]) -> np.ndarray:
+        out = np.empty(self.mesh.shape, dtype=parts[0].dtype)
+        for t, p in zip(self.tiling.rects, parts):
+            out[t.y0 : t.y1, t.x0 : t.x1] = p
+        return out
+
+    def shutdown(self) -> None:
+        """Stop the tiles."""
+        self.transport.shutdown()
+
+    def __enter__(self) -> "Wafer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+def _make_transport(transport: str | Transport) -> Transport:
+    if isinstance(transport, Transport):
+        return transport
+    if transport == "local":
+        return LocalTransport()
+    if transport == "ray":
+        from .fabric.ray import RayTransport
+
+        return RayTransport()
+    raise ValueError(f"transport must be 'local', 'ray' or a Transport, got {transport!r}")
