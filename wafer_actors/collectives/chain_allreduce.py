@@ -64,6 +64,8 @@ def chain_plan(mesh: Mesh, axis: str, root: int, broadcast: bool) -> tuple[list[
 
 
 def _routes(mesh: Mesh, *, buffer: str, axis: str, op: str = "add", root: int | None = None, broadcast: bool = True) -> list[Route]:
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
     root = default_root(mesh.axis_size(axis)) if root is None else root
     steps, casts = chain_plan(mesh, axis, root, broadcast)
     by_route: dict[str, list[Transfer]] = {}
@@ -75,8 +77,6 @@ def _routes(mesh: Mesh, *, buffer: str, axis: str, op: str = "add", root: int | 
 @protocol(routes=_routes)
 async def chain_allreduce(tile, *, buffer: str, axis: str, op: str = "add", root: int | None = None, broadcast: bool = True) -> None:
     """Reduce ``buffer`` with ``op`` along ``axis`` to ``root`` (default: the middle), then broadcast."""
-    if op not in OPS:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
     mesh = tile.tiling.mesh
     root = default_root(mesh.axis_size(axis)) if root is None else root
     steps, casts = chain_plan(mesh, axis, root, broadcast)

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from wafer_actors import CoreMemoryError, LayoutError, ProtocolError, Spec, Wafer, preset
+from wafer_actors.fabric.wire import Message, decode, encode
+from wafer_actors.tile import Tile
+
+SMALL = preset("wse2").replace(name="small", sram_bytes=1024)
+
+
+def test_sram_is_charged_per_core_with_a_high_water_mark():
+    """Buffers charge every core; freeing lowers use but not the high-water mark."""
+    t = Tile(3, (4, 4), (2, 2), SMALL, cost_only=False)
+    t.alloc("a", (16,), "float32")
+    t.alloc("b", (8, 8), "float16")
+    used, high = t.memory()
+    assert (used == 64 + 128).all() and (high == 192).all()
+    t.free("a")
+    used, high = t.memory()
+    assert (used == 128).all() and (high == 192).all()
+
+
+def test_over_budget_names_core_buffer_and_bytes():
+    """An allocation past the SRAM budget names the core (mesh coordinates), buffer and sizes."""
+    t = Tile(3, (4, 4), (2, 2), SMALL, cost_only=False)  # tile 3 holds cores y, x in [2, 4)
+    t.alloc("w", (200,), "float32")
+    with pytest.raises(CoreMemoryError, match=r"core \(y=2, x=2\): buffer 'kv' needs 400 B, budget 1024 B, 800 B already in use"):
+        t.alloc("kv", (100,), "float32")
+    assert sorted(t.buffers) == ["w"] and (t.memory()[0] == 800).all()
+
+
+def test_replacing_a_buffer_frees_the_old_one_first():
+    """Loading a tensor again under the same name does not double-charge."""
+    t = Tile(0, (2, 2), (1, 1), SMALL, cost_only=False)
+    t.alloc("w", (200,), "float32")
+    t.alloc("w", (250,), "float32")
+    assert (t.memory()[0] == 1000).all()
+
+
+def test_tensor_too_big_for_a_core_is_refused_on_load():
+    """Wafer.load refuses a tensor whose block does not fit a core, before any protocol runs."""
+    with Wafer((2, 2), device=SMALL) as w:
+        with pytest.raises(CoreMemoryError, match=r"core \(y=0, x=0\): buffer 'big' needs 4096 B, budget 1024 B"):
+            w.load("big", np.zeros((2, 2, 1024), np.float32), Spec("y", "x", None))
+        with pytest.raises(LayoutError, match=r"not a multiple of 2"):
+            w.load("odd", np.zeros((3, 2), np.float32), Spec("y", "x"))
+
+
+def test_compute_charges_cycles_at_the_device_rate():
+    """A compute call of F FMACs advances the chosen cores by F / rate + call overhead."""
+    dev = preset("wse2").replace(name="d", fmacs_per_cycle={"float32": 4.0}, call_overhead=3.0)
+    t = Tile(0, (2, 2), (1, 1), dev, cost_only=False)
+    t.charge(100, "float32", cores=np.array([[True, False], [False, True]]))
+    np.testing.assert_array_equal(t.clocks(), [[28.0, 0.0], [0.0, 28.0]])
+
+
+def test_cost_only_tiles_hold_no_data():
+    """A cost-only tile charges SRAM but refuses to hand out values."""
+    t = Tile(0, (2, 2), (1, 1), SMALL, cost_only=True)
+    t.alloc("a", (16,), "float32")
+    assert (t.memory()[0] == 64).all()
+    with pytest.raises(ProtocolError, match=r"cost-only"):
+        t.data("a")
+
+
+def test_messages_round_trip_through_msgpack():
+    """Encoding keeps dtype, shape and values of data and timings."""
+    m = Message(7, "shift_x+:1#0", 2, np.arange(6, dtype=np.float16).reshape(2, 3), np.array([1.5, 2.0]), np.array([3.0, 4.0]))
+    back = decode(encode(m))
+    assert (back.run, back.tag, back.src) == (7, "shift_x+:1#0", 2)
+    assert back.data.dtype == np.float16 and back.data.shape == (2, 3)
+    np.testing.assert_array_equal(back.data, m.data)
+    np.testing.assert_array_equal(back.tail, m.tail)
+    assert decode(encode(Message(1, "t", 0, None, m.head, m.tail))).data is None

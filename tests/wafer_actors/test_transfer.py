@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+
+from wafer_actors import Mesh, ProtocolError, RoutingError
+from wafer_actors.mesh import Tiling
+from wafer_actors.transfer import Route, Transfer, check_routes
+
+M = Mesh(3, 6)
+
+
+def row_transfer(src, dst, key="t", route="r"):
+    n = len(src)
+    return Transfer.build(key, route, M, (np.zeros(n, int), src), (np.zeros(n, int), dst))
+
+
+def test_neighbour_flows_have_no_contention():
+    """A one-hop shift puts one stream on each link."""
+    t = row_transfer([0, 1, 2, 3, 4], [1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(t.hops, 1)
+    np.testing.assert_array_equal(t.load, 1)
+
+
+def test_overlapping_flows_share_links():
+    """Two-hop shifts overlap: each interior link carries two streams."""
+    t = row_transfer([0, 1, 2, 3], [2, 3, 4, 5])
+    np.testing.assert_array_equal(t.hops, 2)
+    np.testing.assert_array_equal(t.load, 2)
+
+
+def test_multicast_counts_once_per_link():
+    """Destinations fed by one source in one direction share a single stream."""
+    t = row_transfer([2, 2, 2, 2, 2], [0, 1, 3, 4, 5])
+    np.testing.assert_array_equal(t.load, 1)
+    np.testing.assert_array_equal(t.hops, [2, 1, 1, 2, 3])
+
+
+def test_flows_are_sorted_by_destination():
+    """Flow order is fixed by destination, whatever order the protocol listed them in."""
+    t = row_transfer([3, 0], [4, 1])
+    np.testing.assert_array_equal(t.dst_x, [1, 4])
+    np.testing.assert_array_equal(t.src_x, [0, 3])
+
+
+@pytest.mark.parametrize(
+    "src, dst, match",
+    [
+        ((np.array([0]), np.array([0])), (np.array([1]), np.array([1])), r"not a move along one mesh axis"),
+        ((np.array([0, 0]), np.array([0, 2])), (np.array([0, 0]), np.array([1, 1])), r"core \(0, 1\) receives from two sources"),
+        ((np.array([0]), np.array([0])), (np.array([0]), np.array([6])), r"dst_x outside"),
+        ((np.array([0]), np.array([2])), (np.array([0]), np.array([2])), r"not a move along one mesh axis"),
+    ],
+)
+def test_bad_flows_are_protocol_errors(src, dst, match):
+    """Diagonal, duplicate-destination, off-mesh and zero-length flows are refused."""
+    with pytest.raises(ProtocolError, match=match):
+        Transfer.build("bad", "r", M, src, dst)
+
+
+def test_views_split_flows_between_tiles_and_dedupe_sources():
+    """A tile sends one block per distinct source core, and the receiver sees the same parts."""
+    t = row_transfer([2, 2, 2], [3, 4, 5])  # multicast from (0, 2) into the east tile
+    tiling = Tiling(M, (1, 2))
+    west, east = t.view(tiling, 0), t.view(tiling, 1)
+    assert list(west.outgoing) == [1] and list(east.incoming) == [0]
+    part = west.outgoing[1]
+    assert len(part.sources) == 1
+    np.testing.assert_array_equal(part.flows, east.incoming[0].flows)
+    np.testing.assert_array_equal(part.inverse, [0, 0, 0])
+
+
+def test_routes_count_every_router_on_the_path():
+    """A route occupies an entry on its source, its destination and every core between."""
+    far = row_transfer([0], [4], route="far")
+    near = row_transfer([4], [5], route="near")
+    usage = check_routes(M, [Route("far", (far,)), Route("near", (near,))], limit=24)
+    np.testing.assert_array_equal(usage[0], [1, 1, 1, 1, 2, 1])
+    np.testing.assert_array_equal(usage[1:], 0)
+
+
+def test_too_many_routes_on_one_core_is_a_routing_error():
+    """A core needing more entries than the device has is named with its routes."""
+    routes = [Route(f"r{i}", (row_transfer([i], [5], route=f"r{i}"),)) for i in range(5)]
+    with pytest.raises(RoutingError, match=r"core \(y=0, x=4\) needs 5 routing entries, the device has 4: routes r0, r1, r2, r3, r4"):
+        check_routes(M, routes, limit=4)
