@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+
+from wafer_actors import DeviceSpecError, RoutingError, Spec, Wafer, preset
+from wafer_actors.collectives import chain_allreduce, shift
+
+DEV = preset("wse2").replace(name="test", alpha=1.5, beta=7.0)
+
+
+@pytest.mark.parametrize(
+    "proto, kwargs",
+    [
+        (shift, dict(axis="x", disp=1, wrap=True)),
+        (shift, dict(axis="y", disp=-2, wrap=False)),
+        (chain_allreduce, dict(axis="x", op="add")),
+        (chain_allreduce, dict(axis="y", op="max", root=1)),
+    ],
+)
+def test_cost_only_predicts_the_same_cycles_as_full_numerics(proto, kwargs):
+    """Shapes alone drive the clocks: cost-only and full runs agree core by core."""
+    a = np.random.default_rng(0).standard_normal((5, 8, 3)).astype(np.float32)
+    clocks = []
+    for cost_only in (False, True):
+        with Wafer((5, 8), device=DEV, tiles=(2, 2), cost_only=cost_only) as w:
+            w.load("v", a, Spec("y", "x", None))
+            w.run(proto, buffer="v", **kwargs)
+            w.run(proto, buffer="v", **kwargs)  # clocks carry over between runs
+            clocks.append(w.clocks())
+            assert (w.memory()[1] == 12).all()
+    np.testing.assert_array_equal(clocks[0], clocks[1])
+    assert clocks[0].max() > 0
+
+
+def test_routing_limit_is_checked_before_any_work():
+    """A protocol needing more routes than the device has fails before a single cycle passes."""
+    few = DEV.replace(name="few-colours", routes_per_core=3)
+    with Wafer((2, 7), device=few) as w:
+        w.load("v", np.ones((2, 7), np.float32), Spec("y", "x"))
+        with pytest.raises(RoutingError, match=r"core \(y=0, x=3\) needs 4 routing entries, the device has 3"):
+            w.run(chain_allreduce, buffer="v", axis="x")
+        assert (w.clocks() == 0).all()
+        np.testing.assert_array_equal(w.read("v"), np.ones((2, 7), np.float32))
+
+
+@pytest.mark.parametrize("transport", ["local", "ray"])
+def test_a_failing_tile_stops_the_others_with_its_own_error(request, transport):
+    """When one tile fails mid-protocol, tiles waiting on it are aborted and the first error is raised."""
+    if transport == "ray":
+        request.getfixturevalue("ray_local")
+    with Wafer((1, 7), device=DEV, tiles=(1, 3), transport=transport) as w:
+        w.load("v", np.ones((1, 7), np.int32), Spec("y", "x"))
+        with pytest.raises(DeviceSpecError, match=r"no compute rate for dtype 'int32'"):
+            w.run(chain_allreduce, buffer="v", axis="x")
+        w.load("f", np.ones((1, 7), np.float32), Spec("y", "x"))  # the wafer stays usable
+        w.run(chain_allreduce, buffer="f", axis="x")
+        np.testing.assert_array_equal(w.read("f"), np.full((1, 7), 7, np.float32))
+
+
+def test_wafer_refuses_bad_requests_clearly():
+    """Unknown tensors, reads of a cost-only wafer, non-protocols and unknown transports are named."""
+    with pytest.raises(ValueError, match=r"transport must be 'local', 'ray' or a Transport, got 'mpi'"):
+        Wafer((2, 2), transport="mpi")
+    with Wafer((2, 2), cost_only=True) as w:
+        w.load("v", np.ones((2, 2), np.float32), Spec("y", "x"))
+        with pytest.raises(ValueError, match=r"cost-only wafer holds shapes"):
+            w.read("v")
+        with pytest.raises(KeyError, match=r"no tensor 'u'"):
+            w.read("u")
+        with pytest.raises(TypeError, match=r"run\(\) takes a Protocol"):
+            w.run(lambda tile: None)
+
+
+def test_stats_report_cycles_seconds_and_memory():
+    """Run statistics convert cycles with the device clock and report the SRAM high-water mark."""
+    with Wafer((4, 4), device=DEV, tiles=(2, 2)) as w:
+        w.load("v", np.ones((4, 4, 10), np.float32), Spec("y", "x", None))
+        s = w.run(shift, buffer="v", axis="y", disp=1)
+    assert s.cycles == DEV.alpha + 40 / DEV.link_bytes_per_cycle
+    assert s.seconds == pytest.approx(s.cycles / 1.1e9)
+    assert s.sram_peak_bytes_max == 40
+    assert s.protocol == "shift"
+    assert s.host_wall_s > 0
