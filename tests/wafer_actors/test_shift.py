@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from conftest import assert_same
+from tests.helpers import assert_same
 from wafer_actors import Spec, Wafer, preset
 from wafer_actors.collectives import shift
 
