@@ -11,6 +11,10 @@ later. A plain receive waits for the tail. A streaming receive (a software relay
 combines and forwards element by element) starts ``beta`` after the head arrives, so a
 chain of k relays costs ``k x (alpha + beta)`` plus one duration, not k durations. Sends
 never advance the sender's clock: communication overlaps later compute.
+
+Critical path. Each core also records what lies on the path that set its clock: the
+software relay stages and the compute cycles. Whenever a message, rather than the core's
+own clock, decides when the core can go on, the core takes the message's record.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ class Tile:
         shape = self.rect.shape
         self.clock = np.zeros(shape)  # cycles, per core
         self.fwd_head = np.zeros(shape)  # cycle a streaming relay may start forwarding
+        self.stages = np.zeros(shape, dtype=np.int64)  # relay stages on the critical path (this run)
+        self.path_compute = np.zeros(shape)  # compute cycles on the critical path (this run)
         self.used = np.zeros(shape, dtype=np.int64)  # SRAM bytes in use
         self.high = np.zeros(shape, dtype=np.int64)  # SRAM high-water mark
         self.buffers: dict[str, Buffer] = {}
@@ -163,9 +169,10 @@ class Tile:
         """Advance the clocks of ``cores`` (local mask; default all) by a compute call of ``fmacs`` FMACs."""
         cycles = np.asarray(fmacs, dtype=float) / self.device.rate(np.dtype(dtype).name) + self.device.call_overhead
         if cores is None:
-            self.clock += cycles
-        else:
-            self.clock[cores] += cycles if np.ndim(cycles) == 0 else cycles[cores]
+            cores = np.ones(self.rect.shape, dtype=bool)
+        add = cycles if np.ndim(cycles) == 0 else cycles[cores]
+        self.clock[cores] += add
+        self.path_compute[cores] += add
 
     # ---- fabric ---------------------------------------------------------------------------
     def send(self, transfer: Transfer, name: str, *, stream: bool = False) -> None:
@@ -196,7 +203,8 @@ class Tile:
             if buf.data is not None:
                 s = part.sources
                 data = buf.data[transfer.src_y[s] - self.rect.y0, transfer.src_x[s] - self.rect.x0]
-            msg = Message(self._run_id, tag, self.index, data, head + latency, tail + latency)
+            record = (self.stages[ly, lx], self.path_compute[ly, lx])
+            msg = Message(self._run_id, tag, self.index, data, head + latency, tail + latency, *record)
             self._count(dest, len(f), len(f) * buf.nbytes)
             if dest == self.index:
                 self._slot(tag, dest).set_result(msg)
@@ -242,8 +250,15 @@ class Tile:
             start = np.maximum(clock, msg.head) + self.device.beta
             self.fwd_head[ly, lx] = start
             self.clock[ly, lx] = np.maximum(start + np.maximum(msg.tail - msg.head, combine), msg.tail + self.device.beta)
+            waited = msg.head > clock
+            extra_stages, extra_compute = 1, 0.0
         else:
-            self.clock[ly, lx] = np.maximum(clock, msg.tail) + (combine + self.device.call_overhead if combine else 0.0)
+            extra = combine + self.device.call_overhead if combine else 0.0
+            self.clock[ly, lx] = np.maximum(clock, msg.tail) + extra
+            waited = msg.tail > clock
+            extra_stages, extra_compute = 0, extra
+        self.stages[ly, lx] = np.where(waited, msg.stages, self.stages[ly, lx]) + extra_stages
+        self.path_compute[ly, lx] = np.where(waited, msg.compute, self.path_compute[ly, lx]) + extra_compute
 
     def _check_route(self, transfer: Transfer) -> None:
         if transfer.route not in self._routes:
@@ -314,9 +329,19 @@ class Tile:
         self._received.clear()
         before = Counter(self.stats)
         start = float(self.clock.min())
+        self.stages[...] = 0
+        self.path_compute[...] = 0.0
         t0 = time.perf_counter()
         await proto.body(self, **kwargs)
         self.stats["wall_s"] += time.perf_counter() - t0
         delta = Counter(self.stats)
         delta.subtract(before)
-        return {"start": start, "end": float(self.clock.max()), "stats": dict(delta)}
+        y, x = np.unravel_index(int(np.argmax(self.clock)), self.clock.shape)  # first latest core, row-major
+        return {
+            "start": start,
+            "end": float(self.clock[y, x]),
+            "last_core": (self.rect.y0 + int(y), self.rect.x0 + int(x)),
+            "relay_stages": int(self.stages[y, x]),
+            "compute_cycles": float(self.path_compute[y, x]),
+            "stats": dict(delta),
+        }

@@ -43,6 +43,9 @@ class RunStats:
         protocol: the protocol's name.
         cycles: predicted device cycles, latest core end minus earliest core start.
         seconds: ``cycles`` at the device clock.
+        compute_cycles: compute on the critical path (the path into the core that ends last).
+        comm_cycles: the rest of ``cycles``: waiting for the fabric.
+        relay_stages: software relay stages on the critical path.
         routes_per_core_max: most routing entries any core needed.
         sram_peak_bytes_max: highest SRAM high-water mark of any core so far.
         counts: messages and bytes: ``core_*_local`` between cores of one tile,
@@ -57,6 +60,9 @@ class RunStats:
     seconds: float
     start: float
     end: float
+    compute_cycles: float
+    comm_cycles: float
+    relay_stages: int
     routes_per_core_max: int
     sram_peak_bytes_max: int
     counts: dict[str, int]
@@ -173,7 +179,8 @@ class Wafer:
         results = self.transport.run(proto.path, self._run_id, [r.name for r in routes], kwargs)
         wall = time.perf_counter() - t0
         start = min(r["start"] for r in results)
-        end = max(r["end"] for r in results)
+        last = min(results, key=lambda r: (-r["end"], r["last_core"]))  # tiling-independent choice
+        end = last["end"]
         counts = {k: int(sum(r["stats"].get(k, 0) for r in results)) for k in STAT_KEYS}
         return RunStats(
             protocol=proto.name,
@@ -181,6 +188,9 @@ class Wafer:
             seconds=self.device.seconds(end - start),
             start=start,
             end=end,
+            compute_cycles=min(last["compute_cycles"], end - start),
+            comm_cycles=end - start - min(last["compute_cycles"], end - start),
+            relay_stages=last["relay_stages"],
             routes_per_core_max=int(usage.max()),
             sram_peak_bytes_max=int(self.memory()[1].max()),
             counts=counts,

@@ -89,6 +89,16 @@ def test_relay_stages_grow_with_the_chain_and_the_block_is_paid_once():
     assert s_big.cycles - s_small.cycles == 2 * per_phase
 
 
+def test_relay_stages_on_the_critical_path():
+    """A chain from one end has n - 1 relay stages; from the middle about half as many."""
+    a = np.zeros(MESH + (1,), np.float32)
+    _, end, _ = run_allreduce(a, tiles=(2, 2), transport="local", axis="x", root=0)
+    _, mid, _ = run_allreduce(a, tiles=(2, 2), transport="local", axis="x", root=3)
+    assert end.relay_stages == 6
+    assert 3 <= mid.relay_stages <= 4
+    assert end.compute_cycles == 0 and end.comm_cycles == end.cycles
+
+
 def test_allreduce_declares_four_routes_at_the_root():
     """The root is on the reduce and broadcast routes of both directions."""
     _, stats, _ = run_allreduce(np.zeros(MESH + (1,), np.float32), tiles=(1, 1), transport="local", axis="x")

@@ -65,10 +65,12 @@ def test_cost_only_tiles_hold_no_data():
 
 def test_messages_round_trip_through_msgpack():
     """Encoding keeps dtype, shape and values of data and timings."""
-    m = Message(7, "shift_x+:1#0", 2, np.arange(6, dtype=np.float16).reshape(2, 3), np.array([1.5, 2.0]), np.array([3.0, 4.0]))
+    times = (np.array([1.5, 2.0]), np.array([3.0, 4.0]), np.array([0, 3]), np.array([10.0, 0.5]))
+    m = Message(7, "shift_x+:1#0", 2, np.arange(6, dtype=np.float16).reshape(2, 3), *times)
     back = decode(encode(m))
     assert (back.run, back.tag, back.src) == (7, "shift_x+:1#0", 2)
     assert back.data.dtype == np.float16 and back.data.shape == (2, 3)
     np.testing.assert_array_equal(back.data, m.data)
-    np.testing.assert_array_equal(back.tail, m.tail)
-    assert decode(encode(Message(1, "t", 0, None, m.head, m.tail))).data is None
+    for got, sent in zip((back.head, back.tail, back.stages, back.compute), times):
+        np.testing.assert_array_equal(got, sent)
+    assert decode(encode(Message(1, "t", 0, None, *times))).data is None

@@ -22,6 +22,8 @@ class Message:
         data: one block per distinct source core, ``(n_sources, *block)``; None in cost-only runs.
         head: per flow, the cycle its first byte reaches the destination core.
         tail: per flow, the cycle its last byte reaches the destination core.
+        stages: per flow, software relay stages on the critical path behind it.
+        compute: per flow, compute cycles on the critical path behind it.
     """
 
     run: int
@@ -30,6 +32,8 @@ class Message:
     data: np.ndarray | None
     head: np.ndarray
     tail: np.ndarray
+    stages: np.ndarray
+    compute: np.ndarray
 
 
 def _pack_array(a: np.ndarray) -> list:
@@ -52,6 +56,8 @@ def encode(msg: Message) -> bytes:
             "data": None if msg.data is None else _pack_array(msg.data),
             "head": _pack_array(msg.head),
             "tail": _pack_array(msg.tail),
+            "stages": _pack_array(msg.stages),
+            "compute": _pack_array(msg.compute),
         },
         use_bin_type=True,
     )
@@ -61,4 +67,5 @@ def decode(raw: bytes) -> Message:
     """Read a message written by ``encode``."""
     m = msgpack.unpackb(raw, raw=False)
     data = None if m["data"] is None else _unpack_array(m["data"])
-    return Message(m["run"], m["tag"], m["src"], data, _unpack_array(m["head"]), _unpack_array(m["tail"]))
+    arrays = (_unpack_array(m[k]) for k in ("head", "tail", "stages", "compute"))
+    return Message(m["run"], m["tag"], m["src"], data, *arrays)
