@@ -25,14 +25,14 @@ class CoreMemoryError(MemoryError):
 class RoutingError(RuntimeError):
     """A core needs more routing entries (colours) than its router has."""
 
-    def __init__(self, core: tuple[int, int], routes: tuple[str, ...], limit: int):
-        super().__init__(core, routes, limit)
-        self.core, self.routes, self.limit = core, tuple(routes), limit
+    def __init__(self, core: tuple[int, int], routes: tuple[str, ...], limit: int, needed: int):
+        super().__init__(core, routes, limit, needed)
+        self.core, self.routes, self.limit, self.needed = core, tuple(routes), limit, needed
 
     def __str__(self) -> str:
         y, x = self.core
         return (
-            f"core (y={y}, x={x}) needs {len(self.routes)} routing entries, the device has {self.limit}: "
+            f"core (y={y}, x={x}) needs {self.needed} routing entries, the device has {self.limit}: "
             f"routes {', '.join(self.routes)}; use fewer routes (relay through cores instead) or a device "
             f"with more colours"
         )

@@ -5,9 +5,11 @@ to another core in the same row or column. Every destination core has exactly on
 source; a source may feed several destinations in the same direction (a hardware
 multicast: the routers on the way deliver to their core and forward at once).
 
-A ``Route`` is a colour: the union of the paths of the transfers that use it. Each route
-occupies one routing entry on every router its paths touch, and a core may not need more
-entries than the device's ``routes_per_core``.
+A ``Route`` is a colour: the union of the paths of the transfers that use it. A router
+holds one setting (input port -> output ports) per colour, so a route occupies one entry
+per distinct setting on every router its paths touch: a core that receives on a route and
+also sends on it (a relay) needs two, one that only forwards needs one. A core may not
+need more entries than the device's ``routes_per_core``.
 
 Contention: flows of one transfer that share a directed link are serialised, so a flow
 pays ``load x bytes / link_width`` where ``load`` is the largest number of streams on any
@@ -123,15 +125,32 @@ class Transfer:
     def __len__(self) -> int:
         return len(self.src_y)
 
-    def path_cores(self) -> tuple[np.ndarray, np.ndarray]:
-        """Return (ys, xs) of every core a flow of this transfer touches, sources and destinations included."""
-        sy, sx, ey, ex = _stream_ends(self.mesh, self.src_y, self.src_x, self.dst_y, self.dst_x)
-        n = np.abs(ey - sy) + np.abs(ex - sx) + 1
-        step = np.repeat(np.arange(len(n)), n)
+    def router_configs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return (core, setting): the routing setting every router on a path needs.
+
+        A setting is a role with its input and output ports: ``send`` (core -> link),
+        ``recv`` (link -> core), ``tap`` (link -> core and onward, a multicast stop) or
+        ``transit`` (link -> link). A router holds one setting per colour, so a core needing
+        two settings of one route needs two entries (why CSL alternates colours by parity).
+        """
+        mesh = self.mesh
+        sy, sx, ey, ex = _stream_ends(mesh, self.src_y, self.src_x, self.dst_y, self.dst_x)
+        n = np.abs(ey - sy) + np.abs(ex - sx) + 1  # cores on each stream's path
+        stream = np.repeat(np.arange(len(n)), n)
         k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-        ys = sy[step] + np.sign(ey - sy)[step] * k
-        xs = sx[step] + np.sign(ex - sx)[step] * k
-        return ys, xs
+        dy, dx = np.sign(ey - sy)[stream], np.sign(ex - sx)[stream]
+        core = (sy[stream] + dy * k) * mesh.width + (sx[stream] + dx * k)
+        out_port = np.select([dy < 0, dy > 0, dx < 0], [0, 1, 2], 3)  # N, S, W, E
+        in_port = out_port ^ 1  # travelling east enters from the west, and so on
+        source = sy[stream] * mesh.width + sx[stream]
+        key = lambda src, port, dst: (src * 4 + port) * mesh.size + dst
+        dst_port = np.select([self.dst_y < self.src_y, self.dst_y > self.src_y, self.dst_x < self.src_x], [0, 1, 2], 3)
+        delivered = np.isin(key(source, out_port, core), key(self.src_y * mesh.width + self.src_x, dst_port, self.dst_y * mesh.width + self.dst_x))
+        first, last = k == 0, k == n[stream] - 1
+        role = np.select([first, last, delivered], [0, 1, 2], 3)
+        ramp = 4
+        setting = role * 25 + np.where(first, ramp, in_port) * 5 + np.where(last, ramp, out_port)
+        return core, setting
 
     def view(self, tiling: Tiling, tile: int) -> View:
         """Return (and cache) the parts of this transfer that tile ``tile`` sends and receives."""
@@ -194,13 +213,15 @@ class Route:
     name: str
     transfers: tuple[Transfer, ...]
 
-    def cores(self, mesh: Mesh) -> np.ndarray:
-        """Boolean ``[y, x]``: the routers this route occupies an entry on."""
-        mask = np.zeros(mesh.shape, dtype=bool)
-        for t in self.transfers:
-            ys, xs = t.path_cores()
-            mask[ys, xs] = True
-        return mask
+    def entries(self, mesh: Mesh) -> np.ndarray:
+        """Routing entries this route needs on each core, ``[y, x]``: one per distinct setting."""
+        pairs = [t.router_configs() for t in self.transfers]
+        if not pairs:
+            return np.zeros(mesh.shape, dtype=np.int64)
+        core = np.concatenate([c for c, _ in pairs])
+        setting = np.concatenate([s for _, s in pairs])
+        distinct = np.unique(core * 128 + setting) // 128
+        return np.bincount(distinct, minlength=mesh.size).reshape(mesh.shape)
 
 
 def check_routes(mesh: Mesh, routes: Iterable[Route], limit: int) -> np.ndarray:
@@ -213,11 +234,11 @@ def check_routes(mesh: Mesh, routes: Iterable[Route], limit: int) -> np.ndarray:
         RoutingError: naming the first core (row-major) over the limit and its routes.
     """
     routes = list(routes)
-    masks = [r.cores(mesh) for r in routes]
-    usage = np.sum(masks, axis=0, dtype=np.int64) if masks else np.zeros(mesh.shape, dtype=np.int64)
+    per_route = [r.entries(mesh) for r in routes]
+    usage = np.sum(per_route, axis=0, dtype=np.int64) if per_route else np.zeros(mesh.shape, dtype=np.int64)
     over = np.argwhere(usage > limit)
     if len(over):
         y, x = (int(v) for v in over[0])
-        names = tuple(r.name for r, m in zip(routes, masks) if m[y, x])
-        raise RoutingError((y, x), names, limit)
+        names = tuple(f"{r.name} x{int(e[y, x])}" if e[y, x] > 1 else r.name for r, e in zip(routes, per_route) if e[y, x])
+        raise RoutingError((y, x), names, limit, int(usage[y, x]))
     return usage

@@ -80,7 +80,7 @@ def test_shift_counts_messages_per_tile_pair():
     assert s.counts["tile_messages"] == 2
     assert s.counts["core_messages_remote"] == 6  # one per row crosses the tile seam
     assert s.counts["core_messages_local"] == 6 * 6 - 6
-    assert s.routes_per_core_max == 1
+    assert s.routes_per_core_max == 2  # receive from the west, send east: two settings
 
 
 def test_bad_shift_arguments_are_refused():
