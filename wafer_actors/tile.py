@@ -165,9 +165,10 @@ class Tile:
         r = self.rect
         return mask[r.y0 : r.y1, r.x0 : r.x1]
 
-    def charge(self, fmacs: float | np.ndarray, dtype: str, cores: np.ndarray | None = None) -> None:
-        """Advance the clocks of ``cores`` (local mask; default all) by a compute call of ``fmacs`` FMACs."""
-        cycles = np.asarray(fmacs, dtype=float) / self.device.rate(np.dtype(dtype).name) + self.device.call_overhead
+    def charge(self, fmacs: float | np.ndarray, dtype: str, cores: np.ndarray | None = None, calls: int = 1) -> None:
+        """Advance the clocks of ``cores`` (local mask; default all) by ``fmacs`` FMACs issued in ``calls`` calls."""
+        rate = self.device.rate(np.dtype(dtype).name)
+        cycles = np.asarray(fmacs, dtype=float) / rate + calls * self.device.call_overhead
         if cores is None:
             cores = np.ones(self.rect.shape, dtype=bool)
         add = cycles if np.ndim(cycles) == 0 else cycles[cores]

@@ -1,0 +1,75 @@
+"""Host-side helpers: load operands, run one protocol, read the result back.
+
+The protocols need every split tensor axis to be a multiple of the mesh side it is split
+over. These helpers zero-pad the operands to the next multiple (zeros add nothing to a
+product) and cut the result back, so any shape works. In a cost-only wafer, pass
+``TensorShape`` instead of arrays: nothing is materialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .layout import Spec
+from .wafer import RunStats, Wafer
+
+
+@dataclass(frozen=True)
+class TensorShape:
+    """A tensor's shape and dtype without its values (for cost-only runs)."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+
+def _up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _place(wafer: Wafer, name: str, t: np.ndarray | TensorShape, padded: tuple[int, ...], spec: Spec) -> None:
+    """Load ``t`` zero-padded to ``padded`` (or allocate its shape on a cost-only wafer)."""
+    if isinstance(t, TensorShape) or wafer.cost_only:
+        dtype = t.dtype if isinstance(t, TensorShape) else t.dtype
+        wafer.alloc(name, padded, dtype, spec)
+        return
+    a = np.asarray(t)
+    if a.shape != padded:
+        a = np.pad(a, [(0, p - s) for s, p in zip(a.shape, padded)])
+    wafer.load(name, a, spec)
+
+
+def _shape(t: np.ndarray | TensorShape) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def gemv(wafer: Wafer, x: np.ndarray | TensorShape, w: np.ndarray | TensorShape, *, axis: str = "y", **options: Any) -> tuple[np.ndarray | None, RunStats]:
+    """Compute ``x . w`` with MeshGEMV; return (result or None when cost-only, statistics).
+
+    Args:
+        axis: mesh axis the reduction runs along (x's split axis).
+        options: ``algo``, ``K``, ``group_num``, ``broadcast`` of ``mesh_gemv``.
+
+    Raises:
+        ValueError: x and w do not chain (x must be (M,), w (M, N)).
+    """
+    from .collectives.mesh_gemv import mesh_gemv
+
+    (m,), (m2, n) = _shape(x), _shape(w)
+    if m != m2:
+        raise ValueError(f"gemv: x has {m} elements but w has {m2} rows; expected x (M,) and w (M, N)")
+    other = "x" if axis == "y" else "y"
+    mp, np_ = _up(m, wafer.mesh.axis_size(axis)), _up(n, wafer.mesh.axis_size(other))
+    _place(wafer, "_gemv_x", x, (mp,), Spec(axis))
+    _place(wafer, "_gemv_w", w, (mp, np_), Spec(axis, other))
+    dtype = w.dtype if isinstance(w, TensorShape) else np.asarray(w).dtype
+    wafer.alloc("_gemv_y", (np_,), dtype, Spec(other))
+    try:
+        stats = wafer.run(mesh_gemv, x="_gemv_x", w="_gemv_w", out="_gemv_y", axis=axis, **options)
+        y = None if wafer.cost_only else wafer.read("_gemv_y")[:n]
+    finally:
+        for name in ("_gemv_x", "_gemv_w", "_gemv_y"):
+            wafer.free(name)
+    return y, stats
