@@ -48,6 +48,8 @@ def _shape(t: np.ndarray | TensorShape) -> tuple[int, ...]:
 def gemv(wafer: Wafer, x: np.ndarray | TensorShape, w: np.ndarray | TensorShape, *, axis: str = "y", **options: Any) -> tuple[np.ndarray | None, RunStats]:
     """Compute ``x . w`` with MeshGEMV; return (result or None when cost-only, statistics).
 
+    The core clocks are reset first, so the statistics time this GEMV alone.
+
     Args:
         axis: mesh axis the reduction runs along (x's split axis).
         options: ``algo``, ``K``, ``group_num``, ``broadcast`` of ``mesh_gemv``.
@@ -66,6 +68,7 @@ def gemv(wafer: Wafer, x: np.ndarray | TensorShape, w: np.ndarray | TensorShape,
     _place(wafer, "_gemv_w", w, (mp, np_), Spec(axis, other))
     dtype = w.dtype if isinstance(w, TensorShape) else np.asarray(w).dtype
     wafer.alloc("_gemv_y", (np_,), dtype, Spec(other))
+    wafer.reset_clocks()  # time the GEMV alone, from a common start
     try:
         stats = wafer.run(mesh_gemv, x="_gemv_x", w="_gemv_w", out="_gemv_y", axis=axis, **options)
         y = None if wafer.cost_only else wafer.read("_gemv_y")[:n]

@@ -24,7 +24,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from .errors import CoreMemoryError, ProtocolAborted, ProtocolError
 from .fabric.wire import Message, decode, encode
 from .mesh import Mesh, Tiling
 from .protocol import resolve
-from .transfer import Part, Transfer
+from .transfer import Transfer
 
 OPS = ("store", "add", "max")
 
@@ -53,6 +53,73 @@ class Buffer:
         return math.prod(self.block) * self.dtype.itemsize
 
 
+def _combine(buf: Buffer, ly: np.ndarray, lx: np.ndarray, incoming: np.ndarray, op: str) -> None:
+    """Write (or add, or max) received blocks into the cores (ly, lx) of ``buf``."""
+    if incoming.shape[1:] != buf.block:
+        raise ProtocolError(f"received blocks of shape {incoming.shape[1:]} into a buffer with blocks {buf.block}")
+    if op == "store":
+        buf.data[ly, lx] = incoming
+    elif op == "add":
+        buf.data[ly, lx] = buf.data[ly, lx] + incoming
+    else:
+        buf.data[ly, lx] = np.maximum(buf.data[ly, lx], incoming)
+
+
+class _Arrivals:
+    """The timing of one receive step on a tile, input by input, then applied at once.
+
+    For an input with head ``h`` and tail ``t`` at a core whose clock was ``c0``:
+    a streaming receive starts ``s = max(c0, h) + beta`` and ends ``max(s + max(t - h, E),
+    t + beta)`` (E: cycles to combine one block); a plain receive ends ``max(c0, t)``.
+    The core goes on after its last input ends, and not before it has combined them all.
+    The input that ends last is on the critical path: its record is inherited.
+    """
+
+    def __init__(self, tile: "Tile"):
+        self.tile = tile
+        self.c0 = tile.clock.copy()
+        shape = self.c0.shape
+        self.got = np.zeros(shape, dtype=bool)
+        self.end = np.full(shape, -np.inf)
+        self.fwd = np.full(shape, -np.inf)
+        self.combine = np.zeros(shape)
+        self.stages = tile.stages.copy()
+        self.compute = tile.path_compute.copy()
+
+    def add(self, ly: np.ndarray, lx: np.ndarray, msg: Message, combine: float, stream: bool) -> None:
+        c0, beta = self.c0[ly, lx], self.tile.device.beta
+        if stream:
+            start = np.maximum(c0, msg.head) + beta
+            end = np.maximum(start + np.maximum(msg.tail - msg.head, combine), msg.tail + beta)
+            self.fwd[ly, lx] = np.maximum(self.fwd[ly, lx], start)
+            waited = msg.head > c0
+        else:
+            end = np.maximum(c0, msg.tail)
+            waited = msg.tail > c0
+        later = end > self.end[ly, lx]
+        own_stages, own_compute = self.tile.stages[ly, lx], self.tile.path_compute[ly, lx]
+        self.stages[ly, lx] = np.where(later, np.where(waited, msg.stages, own_stages), self.stages[ly, lx])
+        self.compute[ly, lx] = np.where(later, np.where(waited, msg.compute, own_compute), self.compute[ly, lx])
+        self.end[ly, lx] = np.maximum(self.end[ly, lx], end)
+        self.combine[ly, lx] += combine
+        self.got[ly, lx] = True
+
+    def settle(self, stream: bool) -> None:
+        t, g = self.tile, self.got
+        if stream:
+            t.clock[g] = np.maximum(self.end[g], self.c0[g] + t.device.beta + self.combine[g])
+            t.fwd_head[g] = self.fwd[g]
+            t.relaying[g] = True
+            t.stages[g] = self.stages[g] + 1
+            t.path_compute[g] = self.compute[g]
+        else:
+            extra = np.where(self.combine[g] > 0, self.combine[g] + t.device.call_overhead, 0.0)
+            t.clock[g] = np.maximum(self.end[g], self.c0[g]) + extra
+            t.relaying[g] = False
+            t.stages[g] = self.stages[g]
+            t.path_compute[g] = self.compute[g] + extra
+
+
 class Tile:
     """The cores ``tiling.rects[index]`` of a mesh, with their buffers, clocks and mailbox.
 
@@ -69,6 +136,7 @@ class Tile:
         shape = self.rect.shape
         self.clock = np.zeros(shape)  # cycles, per core
         self.fwd_head = np.zeros(shape)  # cycle a streaming relay may start forwarding
+        self.relaying = np.zeros(shape, dtype=bool)  # took a stream it has not forwarded yet
         self.stages = np.zeros(shape, dtype=np.int64)  # relay stages on the critical path (this run)
         self.path_compute = np.zeros(shape)  # compute cycles on the critical path (this run)
         self.used = np.zeros(shape, dtype=np.int64)  # SRAM bytes in use
@@ -159,6 +227,7 @@ class Tile:
     def reset_clocks(self) -> None:
         self.clock[...] = 0.0
         self.fwd_head[...] = 0.0
+        self.relaying[...] = False
 
     def local(self, mask: np.ndarray) -> np.ndarray:
         """Cut this tile's part out of a global ``[y, x, ...]`` array."""
@@ -182,8 +251,9 @@ class Tile:
         Args:
             transfer: the step's flows.
             name: buffer whose blocks are sent.
-            stream: the sources are relays forwarding what they received in the previous
-                step as it arrives (head at their ``fwd_head``), not finished blocks.
+            stream: sources that took a stream in their last receive forward it as it arrives
+                (head at their ``fwd_head``) instead of waiting for the whole block; other
+                sources send as usual.
         """
         self._check_route(transfer)
         tag = self._tag(transfer, self._sent)
@@ -193,12 +263,11 @@ class Tile:
             f = part.flows
             ly, lx = transfer.src_y[f] - self.rect.y0, transfer.src_x[f] - self.rect.x0
             dur = buf.nbytes / dev.link_bytes_per_cycle * transfer.load[f]
+            head = self.clock[ly, lx]
             if stream:
-                head = self.fwd_head[ly, lx]
-                tail = np.maximum(head + dur, self.clock[ly, lx])
-            else:
-                head = self.clock[ly, lx]
-                tail = head + dur
+                head = np.where(self.relaying[ly, lx], self.fwd_head[ly, lx], head)
+            tail = np.maximum(head + dur, self.clock[ly, lx])
+            self.relaying[ly, lx] = False
             latency = transfer.hops[f] * dev.alpha + transfer.relays[f] * dev.beta
             data = None
             if buf.data is not None:
@@ -214,52 +283,34 @@ class Tile:
                 self._count_actor(dest, len(raw))
                 self.post(dest, raw)
 
-    async def recv(self, transfer: Transfer, name: str, *, op: str = "store", stream: bool = False) -> None:
-        """Receive the flows of ``transfer`` that end on this tile into buffer ``name``.
+    async def recv(self, transfers: Transfer | Sequence[Transfer], name: str, *, op: str = "store", stream: bool = False) -> None:
+        """Receive the flows of one step's transfers that end on this tile into buffer ``name``.
+
+        A core fed by several of the transfers takes them at once (they come in on different
+        links); the blocks are combined in the order the transfers are given.
 
         Args:
             op: ``store`` replaces the block, ``add`` / ``max`` combine it with the block held.
-            stream: the receiving cores process the stream as it arrives (a software relay
-                stage: ``beta`` after the head) and may forward it with ``send(stream=True)``.
+            stream: the receiving cores process the streams as they arrive (a software relay
+                stage: ``beta`` after the head) and may forward with ``send(stream=True)``.
         """
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
-        self._check_route(transfer)
-        tag = self._tag(transfer, self._received)
+        transfers = [transfers] if isinstance(transfers, Transfer) else list(transfers)
         buf = self._buffer(name)
-        view = transfer.view(self.tiling, self.index)
-        for src, part in view.incoming.items():
-            msg = await self._take(tag, src)
-            self._apply(transfer, buf, part, msg, op, stream)
-
-    def _apply(self, transfer: Transfer, buf: Buffer, part: Part, msg: Message, op: str, stream: bool) -> None:
-        f = part.flows
-        ly, lx = transfer.dst_y[f] - self.rect.y0, transfer.dst_x[f] - self.rect.x0
-        if buf.data is not None:
-            incoming = msg.data[part.inverse]
-            if incoming.shape[1:] != buf.block:
-                raise ProtocolError(f"received blocks of shape {incoming.shape[1:]} into buffer with blocks {buf.block}")
-            if op == "store":
-                buf.data[ly, lx] = incoming
-            elif op == "add":
-                buf.data[ly, lx] = buf.data[ly, lx] + incoming
-            else:
-                buf.data[ly, lx] = np.maximum(buf.data[ly, lx], incoming)
-        combine = 0.0 if op == "store" else math.prod(buf.block) / self.device.rate(buf.dtype.name)
-        clock = self.clock[ly, lx]
-        if stream:
-            start = np.maximum(clock, msg.head) + self.device.beta
-            self.fwd_head[ly, lx] = start
-            self.clock[ly, lx] = np.maximum(start + np.maximum(msg.tail - msg.head, combine), msg.tail + self.device.beta)
-            waited = msg.head > clock
-            extra_stages, extra_compute = 1, 0.0
-        else:
-            extra = combine + self.device.call_overhead if combine else 0.0
-            self.clock[ly, lx] = np.maximum(clock, msg.tail) + extra
-            waited = msg.tail > clock
-            extra_stages, extra_compute = 0, extra
-        self.stages[ly, lx] = np.where(waited, msg.stages, self.stages[ly, lx]) + extra_stages
-        self.path_compute[ly, lx] = np.where(waited, msg.compute, self.path_compute[ly, lx]) + extra_compute
+        arrivals = _Arrivals(self)
+        for transfer in transfers:
+            self._check_route(transfer)
+            tag = self._tag(transfer, self._received)
+            for src, part in transfer.view(self.tiling, self.index).incoming.items():
+                msg = await self._take(tag, src)
+                f = part.flows
+                ly, lx = transfer.dst_y[f] - self.rect.y0, transfer.dst_x[f] - self.rect.x0
+                if buf.data is not None:
+                    _combine(buf, ly, lx, msg.data[part.inverse], op)
+                combine = 0.0 if op == "store" else math.prod(buf.block) / self.device.rate(buf.dtype.name)
+                arrivals.add(ly, lx, msg, combine, stream)
+        arrivals.settle(stream)
 
     def _check_route(self, transfer: Transfer) -> None:
         if transfer.route not in self._routes:
@@ -332,6 +383,7 @@ class Tile:
         start = float(self.clock.min())
         self.stages[...] = 0
         self.path_compute[...] = 0.0
+        self.relaying[...] = False
         t0 = time.perf_counter()
         await proto.body(self, **kwargs)
         self.stats["wall_s"] += time.perf_counter() - t0

@@ -103,14 +103,23 @@ def tree_phases(n: int, k: int, group_num: int | None) -> tuple[tuple[tuple[np.n
 def chain_steps(mesh: Mesh, axis: str, name: str, groups: tuple[tuple[np.ndarray, int], ...]) -> list[Step]:
     """Steps of a streaming chain reduction inside each group toward its root member.
 
-    Step s: member s of each group sends up (toward the root) if s < root, and member
-    k-1-s sends down if k-1-s > root. The root takes the up stream, then the down one.
+    Each side of a root is a chain of relays; the shorter side starts later (in steps, not
+    in cycles) so that both streams reach the root in the last step, where it takes them at
+    once. Step s of a group with ``lo`` members below the root and ``hi`` above, over ``T``
+    steps: member ``s - (T - lo)`` sends up, member ``k - 1 - (s - (T - hi))`` sends down.
     """
     longest = max(max(r, len(m) - 1 - r) for m, r in groups)
     steps = []
     for s in range(longest):
-        up = [(m[s], m[s + 1]) for m, r in groups if s < r]
-        down = [(m[len(m) - 1 - s], m[len(m) - 2 - s]) for m, r in groups if len(m) - 1 - s > r]
+        up, down = [], []
+        for m, r in groups:
+            lo, hi = r, len(m) - 1 - r
+            if s >= longest - lo:
+                i = s - (longest - lo)
+                up.append((m[i], m[i + 1]))
+            if s >= longest - hi:
+                i = len(m) - 1 - (s - (longest - hi))
+                down.append((m[i], m[i - 1]))
         pair = []
         for route, flows in ((f"{name}+", up), (f"{name}-", down)):
             if flows:
@@ -192,12 +201,11 @@ async def run_allreduce(tile, *, buffer: str, axis: str, op: str = "add", algo: 
         return await _ring(tile, buffer, axis, op)
     steps, casts = plan(mesh, axis, algo, K, group_num, root, broadcast)
     for phase in steps:
-        for s, pair in enumerate(phase):
+        for pair in phase:
             live = [t for t in pair if t is not None]
             for t in live:  # send toward the root; relays forward the stream they are combining
-                tile.send(t, buffer, stream=s > 0)
-            for t in live:  # receive from the far side, combine while streaming
-                await tile.recv(t, buffer, op=op, stream=True)
+                tile.send(t, buffer, stream=True)
+            await tile.recv(live, buffer, op=op, stream=True)  # combine while streaming
     for t in casts:  # the last root multicasts the result both ways
         tile.send(t, buffer)
     for t in casts:
@@ -232,7 +240,7 @@ async def _ring(tile, buffer: str, axis: str, op: str) -> None:
         recv_chunk = (send_chunk - 1) % n
         if not tile.cost_only:
             tile.data("_ring_msg")[...] = tile.data("_ring_work")[rows, cols, send_chunk]
-        tile.send(step, "_ring_msg", stream=s > 0)
+        tile.send(step, "_ring_msg", stream=True)
         if not tile.cost_only:
             tile.data("_ring_msg")[...] = tile.data("_ring_work")[rows, cols, recv_chunk]
         await tile.recv(step, "_ring_msg", op=op if reduce else "store", stream=True)
