@@ -76,3 +76,32 @@ def gemv(wafer: Wafer, x: np.ndarray | TensorShape, w: np.ndarray | TensorShape,
         for name in ("_gemv_x", "_gemv_w", "_gemv_y"):
             wafer.free(name)
     return y, stats
+
+
+def gemm(wafer: Wafer, a: np.ndarray | TensorShape, b: np.ndarray | TensorShape, *, algo: str = "meshgemm", **options: Any) -> tuple[np.ndarray | None, RunStats]:
+    """Compute ``a . b`` with MeshGEMM (or ``cannon`` / ``summa``); return (result, statistics).
+
+    The core clocks are reset first, so the statistics time this GEMM alone.
+
+    Raises:
+        ValueError: the shapes do not chain, or the mesh is not square.
+    """
+    from .collectives.mesh_gemm import mesh_gemm
+
+    (m, k), (k2, n) = _shape(a), _shape(b)
+    if k != k2:
+        raise ValueError(f"gemm: a is {m}x{k} but b is {k2}x{n}; the inner sizes must match")
+    p_h, p_w = wafer.mesh.shape
+    mp, kp, np_ = _up(m, p_h), _up(k, p_w * p_h // np.gcd(p_h, p_w)), _up(n, p_w)
+    _place(wafer, "_gemm_a", a, (mp, kp), Spec("y", "x"))
+    _place(wafer, "_gemm_b", b, (kp, np_), Spec("y", "x"))
+    dtype = a.dtype if isinstance(a, TensorShape) else np.asarray(a).dtype
+    wafer.alloc("_gemm_c", (mp, np_), dtype, Spec("y", "x"))
+    wafer.reset_clocks()
+    try:
+        stats = wafer.run(mesh_gemm, a="_gemm_a", b="_gemm_b", c="_gemm_c", algo=algo, **options)
+        c = None if wafer.cost_only else wafer.read("_gemm_c")[:m, :n]
+    finally:
+        for name in ("_gemm_a", "_gemm_b", "_gemm_c"):
+            wafer.free(name)
+    return c, stats
