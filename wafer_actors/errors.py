@@ -32,7 +32,7 @@ class RoutingError(RuntimeError):
     def __str__(self) -> str:
         y, x = self.core
         return (
-            f"core (y={y}, x={x}) needs {self.needed} routing entries, the device has {self.limit}: "
+            f"core (y={y}, x={x}) needs {self.needed} routing entries (at least), the device has {self.limit}: "
             f"routes {', '.join(self.routes)}; use fewer routes (relay through cores instead) or a device "
             f"with more colours"
         )

@@ -87,22 +87,27 @@ class _Arrivals:
         self.compute = tile.path_compute.copy()
 
     def add(self, ly: np.ndarray, lx: np.ndarray, msg: Message, combine: float, stream: bool) -> None:
-        c0, beta = self.c0[ly, lx], self.tile.device.beta
+        i = ly * self.c0.shape[1] + lx  # flat core indices: cheaper than 2-D fancy indexing
+        c0, beta = self.c0.ravel()[i], self.tile.device.beta
         if stream:
             start = np.maximum(c0, msg.head) + beta
             end = np.maximum(start + np.maximum(msg.tail - msg.head, combine), msg.tail + beta)
-            self.fwd[ly, lx] = np.maximum(self.fwd[ly, lx], start)
+            fwd = self.fwd.ravel()
+            fwd[i] = np.maximum(fwd[i], start)
             waited = msg.head > c0
         else:
             end = np.maximum(c0, msg.tail)
             waited = msg.tail > c0
-        later = end > self.end[ly, lx]
-        own_stages, own_compute = self.tile.stages[ly, lx], self.tile.path_compute[ly, lx]
-        self.stages[ly, lx] = np.where(later, np.where(waited, msg.stages, own_stages), self.stages[ly, lx])
-        self.compute[ly, lx] = np.where(later, np.where(waited, msg.compute, own_compute), self.compute[ly, lx])
-        self.end[ly, lx] = np.maximum(self.end[ly, lx], end)
-        self.combine[ly, lx] += combine
-        self.got[ly, lx] = True
+        ends, stages, compute = self.end.ravel(), self.stages.ravel(), self.compute.ravel()
+        later = end > ends[i]
+        if later.any():
+            own_stages, own_compute = self.tile.stages.ravel()[i], self.tile.path_compute.ravel()[i]
+            stages[i] = np.where(later, np.where(waited, msg.stages, own_stages), stages[i])
+            compute[i] = np.where(later, np.where(waited, msg.compute, own_compute), compute[i])
+            ends[i] = np.maximum(ends[i], end)
+        if combine:
+            self.combine.ravel()[i] += combine
+        self.got.ravel()[i] = True
 
     def settle(self, stream: bool) -> None:
         t, g = self.tile, self.got

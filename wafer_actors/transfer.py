@@ -112,9 +112,10 @@ class Transfer:
             raise ProtocolError(
                 f"transfer {key!r}: flow ({sy[i]}, {sx[i]}) -> ({dy[i]}, {dx[i]}) is not a move along one mesh axis"
             )
-        order = np.lexsort((dx, dy))
-        sy, sx, dy, dx, rl = sy[order], sx[order], dy[order], dx[order], rl[order]
         lin = dy * mesh.width + dx
+        if len(lin) > 1 and not (np.diff(lin) > 0).all():
+            order = np.argsort(lin, kind="stable")
+            sy, sx, dy, dx, rl, lin = sy[order], sx[order], dy[order], dx[order], rl[order], lin[order]
         if len(lin) > 1 and (np.diff(lin) == 0).any():
             i = int(np.flatnonzero(np.diff(lin) == 0)[0])
             raise ProtocolError(f"transfer {key!r}: core ({dy[i]}, {dx[i]}) receives from two sources in one step")
@@ -124,6 +125,15 @@ class Transfer:
 
     def __len__(self) -> int:
         return len(self.src_y)
+
+    def subset(self, keep: np.ndarray, key: str) -> "Transfer":
+        """The flows where ``keep`` is true, as a transfer of its own (cheaper than ``build``)."""
+        arrays = [a[keep] for a in (self.src_y, self.src_x, self.dst_y, self.dst_x, self.hops, self.relays)]
+        if self.load.max(initial=0) <= 1:  # fewer streams cannot share a link either
+            load = np.ones(len(arrays[0]), dtype=np.int64)
+        else:
+            load = _link_load(self.mesh, *arrays[:4])
+        return Transfer(key, self.route, self.mesh, *arrays, load)
 
     def router_configs(self) -> tuple[np.ndarray, np.ndarray]:
         """Return (core, setting): the routing setting every router on a path needs.
@@ -167,43 +177,68 @@ class Transfer:
     def _part(self, mask: np.ndarray) -> Part:
         flows = np.flatnonzero(mask)
         lin = self.src_y[flows] * self.mesh.width + self.src_x[flows]
+        if len(lin) == 0 or np.bincount(lin, minlength=self.mesh.size).max() == 1:  # no multicast here
+            return Part(flows, flows, np.arange(len(flows)))
         _, first, inverse = np.unique(lin, return_index=True, return_inverse=True)
         return Part(flows, flows[first], inverse.ravel())
 
 
+_PORT_STEP = ((-1, 0), (1, 0), (0, -1), (0, 1))  # N, S, W, E as (dy, dx)
+
+
+def _ports(sy, sx, dy, dx) -> np.ndarray:
+    """Direction of travel of each flow: 0 N, 1 S, 2 W, 3 E."""
+    return np.select([dy < sy, dy > sy, dx < sx], [0, 1, 2], 3)
+
+
 def _stream_ends(mesh: Mesh, sy, sx, dy, dx) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Collapse flows into streams: one per (source, direction), reaching its farthest destination."""
-    direction = np.sign(dy - sy) * 2 + np.sign(dx - sx)  # -2, -1, 1, 2: one value per direction
-    key = (sy * mesh.width + sx) * 8 + (direction + 3)
-    order = np.lexsort((np.abs(dy - sy) + np.abs(dx - sx), key))
-    last = np.ones(len(order), dtype=bool)
-    last[:-1] = key[order][1:] != key[order][:-1]
-    far = order[last]
-    return sy[far], sx[far], dy[far], dx[far]
+    port = _ports(sy, sx, dy, dx)
+    far = np.zeros(mesh.size * 4, dtype=np.int64)
+    np.maximum.at(far, (sy * mesh.width + sx) * 4 + port, np.abs(dy - sy) + np.abs(dx - sx))
+    ids = np.flatnonzero(far)
+    src, port = np.divmod(ids, 4)
+    y, x = np.divmod(src, mesh.width)
+    step = np.array(_PORT_STEP)[port]
+    return y, x, y + step[:, 0] * far[ids], x + step[:, 1] * far[ids]
 
 
-def _link_ids(mesh: Mesh, sy, sx, ey, ex) -> tuple[np.ndarray, np.ndarray]:
-    """Expand straight paths into directed-link ids; return (ids, path number of each id)."""
-    n = np.abs(ey - sy) + np.abs(ex - sx)
-    path = np.repeat(np.arange(len(n)), n)
-    k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-    dy, dx = np.sign(ey - sy)[path], np.sign(ex - sx)[path]
-    y, x = sy[path] + dy * k, sx[path] + dx * k  # the core each link leaves
-    direction = (dy + 1) * 3 + (dx + 1)  # 1, 3, 5, 7 for N, W, E, S
-    return (y * mesh.width + x) * 9 + direction, path
+def _dense_loads(mesh: Mesh, sy, sx, ey, ex) -> np.ndarray:
+    """Streams on each directed link, ``[port, y, x]`` for the link leaving core (y, x) toward port."""
+    h, w = mesh.shape
+    diff = np.zeros((4, h + 1, w + 1), dtype=np.int64)
+    port = _ports(sy, sx, ey, ex)
+    # the links a stream uses leave the cores from its source up to (not including) its end:
+    # mark the first of those cores with +1 and the one past the last with -1, then cumsum
+    vertical = port < 2
+    along_s = np.where(vertical, sy, sx)
+    along_e = np.where(vertical, ey, ex)
+    first = np.where(port % 2 == 0, along_e + 1, along_s)  # N and W run toward lower indices
+    past = np.where(port % 2 == 0, along_s + 1, along_e)
+    ys_first, xs_first = np.where(vertical, first, sy), np.where(vertical, sx, first)
+    ys_past, xs_past = np.where(vertical, past, sy), np.where(vertical, sx, past)
+    np.add.at(diff, (port, ys_first, xs_first), 1)
+    np.add.at(diff, (port, ys_past, xs_past), -1)
+    loads = np.empty((4, h, w), dtype=np.int64)
+    loads[:2] = np.cumsum(diff[:2, :h, :w], axis=1)
+    loads[2:] = np.cumsum(diff[2:, :h, :w], axis=2)
+    return loads
 
 
 def _link_load(mesh: Mesh, sy, sx, dy, dx) -> np.ndarray:
     """For each flow, the largest number of streams sharing a directed link on its path."""
     if len(sy) == 0:
         return np.zeros(0, dtype=np.int64)
-    stream_ids, _ = _link_ids(mesh, *_stream_ends(mesh, sy, sx, dy, dx))
-    links, counts = np.unique(stream_ids, return_counts=True)
-    flow_ids, flow_of = _link_ids(mesh, sy, sx, dy, dx)
-    per_link = counts[np.searchsorted(links, flow_ids)]
-    load = np.ones(len(sy), dtype=np.int64)
-    np.maximum.at(load, flow_of, per_link)
-    return load
+    loads = _dense_loads(mesh, *_stream_ends(mesh, sy, sx, dy, dx))
+    if loads.max() <= 1:
+        return np.ones(len(sy), dtype=np.int64)
+    n = np.abs(dy - sy) + np.abs(dx - sx)
+    flow = np.repeat(np.arange(len(n)), n)
+    k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    port = _ports(sy, sx, dy, dx)[flow]
+    step = np.array(_PORT_STEP)[port]
+    per_link = loads[port, sy[flow] + step[:, 0] * k, sx[flow] + step[:, 1] * k]
+    return np.maximum.reduceat(per_link, np.cumsum(n) - n)
 
 
 @dataclass(frozen=True)
@@ -224,21 +259,27 @@ class Route:
         return np.bincount(distinct, minlength=mesh.size).reshape(mesh.shape)
 
 
-def check_routes(mesh: Mesh, routes: Iterable[Route], limit: int) -> np.ndarray:
+def check_routes(mesh: Mesh, routes: Iterable[Route], limit: int) -> tuple[np.ndarray, list[str]]:
     """Count routing entries per core and refuse a core that needs more than ``limit``.
 
+    Routes are counted one at a time, so a protocol that yields its routes lazily fails as
+    soon as some core runs out of entries.
+
     Returns:
-        int array ``[y, x]``: entries used on each core.
+        (int array ``[y, x]`` of entries used on each core, the route names).
 
     Raises:
-        RoutingError: naming the first core (row-major) over the limit and its routes.
+        RoutingError: naming the first core (row-major) over the limit and its routes so far.
     """
-    routes = list(routes)
-    per_route = [r.entries(mesh) for r in routes]
-    usage = np.sum(per_route, axis=0, dtype=np.int64) if per_route else np.zeros(mesh.shape, dtype=np.int64)
-    over = np.argwhere(usage > limit)
-    if len(over):
-        y, x = (int(v) for v in over[0])
-        names = tuple(f"{r.name} x{int(e[y, x])}" if e[y, x] > 1 else r.name for r, e in zip(routes, per_route) if e[y, x])
-        raise RoutingError((y, x), names, limit, int(usage[y, x]))
-    return usage
+    usage = np.zeros(mesh.shape, dtype=np.int64)
+    seen: list[tuple[str, np.ndarray]] = []
+    for route in routes:
+        entries = route.entries(mesh)
+        usage += entries
+        seen.append((route.name, entries))
+        over = np.argwhere(usage > limit)
+        if len(over):
+            y, x = (int(v) for v in over[0])
+            names = tuple(f"{n} x{int(e[y, x])}" if e[y, x] > 1 else n for n, e in seen if e[y, x])
+            raise RoutingError((y, x), names, limit, int(usage[y, x]))
+    return usage, [n for n, _ in seen]

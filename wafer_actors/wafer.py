@@ -172,11 +172,10 @@ class Wafer:
         """
         if not isinstance(proto, Protocol):
             raise TypeError(f"run() takes a Protocol (see wafer_actors.collectives), got {type(proto).__name__}")
-        routes = proto.routes(self.mesh, **kwargs)
-        usage = check_routes(self.mesh, routes, self.device.routes_per_core)
+        usage, routes = check_routes(self.mesh, proto.routes(self.mesh, **kwargs), self.device.routes_per_core)
         self._run_id += 1
         t0 = time.perf_counter()
-        results = self.transport.run(proto.path, self._run_id, [r.name for r in routes], kwargs)
+        results = self.transport.run(proto.path, self._run_id, routes, kwargs)
         wall = time.perf_counter() - t0
         start = min(r["start"] for r in results)
         last = min(results, key=lambda r: (-r["end"], r["last_core"]))  # tiling-independent choice

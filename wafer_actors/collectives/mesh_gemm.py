@@ -30,6 +30,7 @@ alignment undone, both costed).
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -55,18 +56,9 @@ def ring_for(algo: str, p: int) -> np.ndarray:
     return ring_order(p) if algo == "meshgemm" else np.arange(p)
 
 
-def _ring_shift(mesh: Mesh, axis: str, ring: np.ndarray, step: int, lines: np.ndarray, route: str) -> Transfer | None:
-    """Each core at ring place l on ``lines`` receives from place l + step (wrapping)."""
-    if len(lines) == 0:
-        return None
-    dst = ring
-    src = np.roll(ring, -step)
-    lines_rep = np.repeat(lines, len(ring))
-    s, d = np.tile(src, len(lines)), np.tile(dst, len(lines))
-    key = f"{route}:{step}:{lines.tolist()}:{ring.tolist()}"
-    if axis == "x":
-        return Transfer.build(key, route, mesh, (lines_rep, s), (lines_rep, d))
-    return Transfer.build(key, route, mesh, (s, lines_rep), (d, lines_rep))
+def _ring_shift(mesh: Mesh, axis: str, ring: np.ndarray, step: int, route: str) -> Transfer:
+    """On every line, the core at ring place l receives from place l + step (wrapping)."""
+    return _along(mesh, axis, f"{route}:{step}", route, np.roll(ring, -step), ring)
 
 
 @lru_cache(maxsize=32)
@@ -79,58 +71,65 @@ def cannon_plan(mesh: Mesh, algo: str) -> tuple[list[tuple[tuple[Transfer, ...],
     # row py must move A place[py] places toward lower ring places; column px moves B place[px]
     need = place  # the same for rows (A) and columns (B) on a square mesh
     forward = need <= p // 2
+    full = {
+        (axis, step): _ring_shift(mesh, axis, ring, step, f"{algo}_align_{axis}{'<' if step > 0 else '>'}")
+        for axis in ("x", "y")
+        for step in (+1, -1)
+    }
     rounds = []
     for r in range(p // 2):
-        a_fwd = np.flatnonzero(forward & (need > r))
-        a_back = np.flatnonzero(~forward & (p - need > r))
-        xs = [_ring_shift(mesh, "x", ring, +1, a_fwd, f"{algo}_align_x<"), _ring_shift(mesh, "x", ring, -1, a_back, f"{algo}_align_x>")]
-        ys = [_ring_shift(mesh, "y", ring, +1, a_fwd, f"{algo}_align_y<"), _ring_shift(mesh, "y", ring, -1, a_back, f"{algo}_align_y>")]
-        rounds.append((tuple(t for t in xs if t is not None), tuple(t for t in ys if t is not None)))
-    everyone = np.arange(p)
-    return rounds, _ring_shift(mesh, "x", ring, +1, everyone, f"{algo}_ring_x"), _ring_shift(mesh, "y", ring, +1, everyone, f"{algo}_ring_y")
-
-
-@lru_cache(maxsize=32)
-def summa_plan(mesh: Mesh, relay: bool) -> list[tuple[Transfer, ...]]:
-    """Per step k: the multicast of column k's A along rows and of row k's B down columns."""
-    p = check_square(mesh, "summa")
-    steps = []
-    for k in range(p):
-        casts = []
+        moving = {+1: forward & (need > r), -1: ~forward & (p - need > r)}  # lines still moving
+        per_axis = []
         for axis in ("x", "y"):
-            for sign, dst in (("-", np.arange(k)), ("+", np.arange(k + 1, p))):
-                if len(dst) == 0:
-                    continue
-                route = f"summa_relay_{axis}{sign}" if relay else f"summa_{axis}{k}{sign}"
-                src = np.full(len(dst), k)
-                t = _along(mesh, axis, f"{route}:{k}", route, src, dst)
-                if relay:  # every core between source and destination relays in software
-                    t = Transfer.build(t.key, route, mesh, (t.src_y, t.src_x), (t.dst_y, t.dst_x), relays=t.hops - 1)
-                casts.append(t)
-        steps.append(tuple(casts))
-    return steps
+            ts = []
+            for step in (+1, -1):
+                t = full[(axis, step)]
+                line = t.dst_y if axis == "x" else t.dst_x
+                if moving[step].any():
+                    ts.append(t.subset(moving[step][line], f"{t.key}@{r}"))
+            per_axis.append(tuple(ts))
+        rounds.append(tuple(per_axis))
+    return rounds, _ring_shift(mesh, "x", ring, +1, f"{algo}_ring_x"), _ring_shift(mesh, "y", ring, +1, f"{algo}_ring_y")
 
 
-def _routes(mesh: Mesh, *, a: str, b: str, c: str, algo: str = "meshgemm", relay: bool = False, restore: bool = False) -> list[Route]:
+def summa_casts(mesh: Mesh, relay: bool, k: int) -> tuple[Transfer, ...]:
+    """Step k of SUMMA: column k multicasts A along the rows, row k multicasts B down the columns."""
+    p = check_square(mesh, "summa")
+    casts = []
+    for axis in ("x", "y"):
+        for sign, dst in (("-", np.arange(k)), ("+", np.arange(k + 1, p))):
+            if len(dst) == 0:
+                continue
+            route = f"summa_relay_{axis}{sign}" if relay else f"summa_{axis}{k}{sign}"
+            src = np.full(len(dst), k)
+            t = _along(mesh, axis, f"{route}:{k}", route, src, dst)
+            if relay:  # every core between source and destination relays in software
+                t = Transfer.build(t.key, route, mesh, (t.src_y, t.src_x), (t.dst_y, t.dst_x), relays=t.hops - 1)
+            casts.append(t)
+    return tuple(casts)
+
+
+def _summa_routes(mesh: Mesh, relay: bool) -> Iterator[Route]:
+    if relay:  # relayed broadcasts only ever use neighbour hops: receive, then send on
+        lines = np.arange(mesh.height)
+        for axis in ("x", "y"):
+            for sign, step, src in (("+", 1, lines[:-1]), ("-", -1, lines[1:])):
+                route = f"summa_relay_{axis}{sign}"
+                yield Route(route, (_along(mesh, axis, f"hop_{axis}{sign}", route, src, src + step),))
+        return
+    for k in range(mesh.height):  # one route per source and direction: yielded lazily, fails early
+        for t in summa_casts(mesh, relay, k):
+            yield Route(t.route, (t,))
+
+
+def _routes(mesh: Mesh, *, a: str, b: str, c: str, algo: str = "meshgemm", relay: bool = False, restore: bool = False) -> Iterable[Route]:
     if algo not in ALGOS:
         raise ValueError(f"gemm algo must be one of {ALGOS}, got {algo!r}")
     if algo == "summa":
-        steps = summa_plan(mesh, relay)
-        if relay:  # relayed broadcasts only ever use neighbour hops: receive, then send on
-            p = mesh.height
-            lines = np.arange(p)
-            return [
-                Route(f"summa_relay_{axis}{sign}", (_along(mesh, axis, f"hop_{axis}{sign}", f"summa_relay_{axis}{sign}", src, src + step),))
-                for axis in ("x", "y")
-                for sign, step, src in (("+", 1, lines[:-1]), ("-", -1, lines[1:]))
-            ]
-        by_route: dict[str, list[Transfer]] = {}
-        for casts in steps:
-            for t in casts:
-                by_route.setdefault(t.route, []).append(t)
-        return [Route(n, tuple(ts)) for n, ts in by_route.items()]
+        check_square(mesh, algo)
+        return _summa_routes(mesh, relay)
     rounds, ring_x, ring_y = cannon_plan(mesh, algo)
-    aligning = [t for xs, ys in rounds for t in xs + ys]
+    aligning = list(rounds[0][0] + rounds[0][1]) if rounds else []  # later rounds move a subset of these lines
     by_route = {}
     for t in aligning + ([_reverse(t) for t in aligning] if restore else []) + [ring_x, ring_y]:
         by_route.setdefault(t.route, []).append(t)
@@ -210,7 +209,8 @@ async def _summa(tile, a: str, b: str, c: str, mt: int, kt: int, nt: int, relay:
     r = tile.rect
     tile.alloc("_summa_a", (mt, kt), tile.buffers[a].dtype.str)
     tile.alloc("_summa_b", (kt, nt), tile.buffers[b].dtype.str)
-    for k, casts in enumerate(summa_plan(mesh, relay)):
+    for k in range(mesh.height):
+        casts = summa_casts(mesh, relay, k)
         xs, ys = [t for t in casts if t.route.startswith("summa_x") or t.route.startswith("summa_relay_x")], []
         ys = [t for t in casts if t not in xs]
         for t in xs:
