@@ -78,28 +78,34 @@ def gemv(wafer: Wafer, x: np.ndarray | TensorShape, w: np.ndarray | TensorShape,
     return y, stats
 
 
-def gemm(wafer: Wafer, a: np.ndarray | TensorShape, b: np.ndarray | TensorShape, *, algo: str = "meshgemm", **options: Any) -> tuple[np.ndarray | None, RunStats]:
+def gemm(wafer: Wafer, a: np.ndarray | TensorShape, b: np.ndarray | TensorShape, *, algo: str = "meshgemm",
+         transpose_b: bool = False, **options: Any) -> tuple[np.ndarray | None, RunStats]:
     """Compute ``a . b`` with MeshGEMM (or ``cannon`` / ``summa``); return (result, statistics).
 
-    The core clocks are reset first, so the statistics time this GEMM alone.
+    With ``transpose_b`` compute ``a . b^T`` with GEMM-T instead (b is (N, K), never
+    transposed). The core clocks are reset first, so the statistics time this GEMM alone.
 
     Raises:
         ValueError: the shapes do not chain, or the mesh is not square.
     """
+    from .collectives.gemm_t import gemm_t
     from .collectives.mesh_gemm import mesh_gemm
 
-    (m, k), (k2, n) = _shape(a), _shape(b)
+    (m, k), (k2, n) = _shape(a), _shape(b)[::-1] if transpose_b else _shape(b)
     if k != k2:
-        raise ValueError(f"gemm: a is {m}x{k} but b is {k2}x{n}; the inner sizes must match")
+        raise ValueError(f"gemm: a is {m}x{k} but b{'^T' if transpose_b else ''} is {k2}x{n}; the inner sizes must match")
     p_h, p_w = wafer.mesh.shape
     mp, kp, np_ = _up(m, p_h), _up(k, p_w * p_h // np.gcd(p_h, p_w)), _up(n, p_w)
     _place(wafer, "_gemm_a", a, (mp, kp), Spec("y", "x"))
-    _place(wafer, "_gemm_b", b, (kp, np_), Spec("y", "x"))
+    _place(wafer, "_gemm_b", b, (np_, kp) if transpose_b else (kp, np_), Spec("y", "x"))
     dtype = a.dtype if isinstance(a, TensorShape) else np.asarray(a).dtype
     wafer.alloc("_gemm_c", (mp, np_), dtype, Spec("y", "x"))
     wafer.reset_clocks()
     try:
-        stats = wafer.run(mesh_gemm, a="_gemm_a", b="_gemm_b", c="_gemm_c", algo=algo, **options)
+        if transpose_b:
+            stats = wafer.run(gemm_t, a="_gemm_a", b="_gemm_b", c="_gemm_c", **options)
+        else:
+            stats = wafer.run(mesh_gemm, a="_gemm_a", b="_gemm_b", c="_gemm_c", algo=algo, **options)
         c = None if wafer.cost_only else wafer.read("_gemm_c")[:m, :n]
     finally:
         for name in ("_gemm_a", "_gemm_b", "_gemm_c"):

@@ -29,6 +29,7 @@ Routes: ``2K + 2`` for the K-tree (reduce up and down per phase, multicast both 
 from __future__ import annotations
 
 import math
+import zlib
 from functools import lru_cache
 
 import numpy as np
@@ -100,8 +101,13 @@ def tree_phases(n: int, k: int, group_num: int | None) -> tuple[tuple[tuple[np.n
     return tuple(phases)
 
 
-def chain_steps(mesh: Mesh, axis: str, name: str, groups: tuple[tuple[np.ndarray, int], ...]) -> list[Step]:
+def chain_steps(mesh: Mesh, axis: str, name: str, groups, lines: np.ndarray | None = None) -> list[Step]:
     """Steps of a streaming chain reduction inside each group toward its root member.
+
+    Args:
+        groups: (member positions along ``axis``, index of the root member) per group.
+        lines: the line (index along the other axis) of each group; None repeats every
+            group on every line.
 
     Each side of a root is a chain of relays; the shorter side starts later (in steps, not
     in cycles) so that both streams reach the root in the last step, where it takes them at
@@ -109,26 +115,33 @@ def chain_steps(mesh: Mesh, axis: str, name: str, groups: tuple[tuple[np.ndarray
     steps: member ``s - (T - lo)`` sends up, member ``k - 1 - (s - (T - hi))`` sends down.
     """
     longest = max(max(r, len(m) - 1 - r) for m, r in groups)
+    where = [None] * len(groups) if lines is None else list(lines)
     steps = []
     for s in range(longest):
         up, down = [], []
-        for m, r in groups:
+        for (m, r), line in zip(groups, where):
             lo, hi = r, len(m) - 1 - r
             if s >= longest - lo:
                 i = s - (longest - lo)
-                up.append((m[i], m[i + 1]))
+                up.append((line, m[i], m[i + 1]))
             if s >= longest - hi:
                 i = len(m) - 1 - (s - (longest - hi))
-                down.append((m[i], m[i - 1]))
-        pair = []
-        for route, flows in ((f"{name}+", up), (f"{name}-", down)):
-            if flows:
-                src, dst = (np.array(v) for v in zip(*flows))
-                pair.append(_along(mesh, axis, f"{route}:{src.tolist()}>{dst.tolist()}", route, src, dst))
-            else:
-                pair.append(None)
-        steps.append(tuple(pair))
+                down.append((line, m[i], m[i - 1]))
+        steps.append(tuple(_flows(mesh, axis, f"{route}:{s}", route, flows, lines is None) for route, flows in ((f"{name}+", up), (f"{name}-", down))))
     return steps
+
+
+def _flows(mesh: Mesh, axis: str, key: str, route: str, flows: list, every_line: bool) -> Transfer | None:
+    """A transfer of (line, src, dst) flows along ``axis`` (on every line if ``every_line``)."""
+    if not flows:
+        return None
+    line, src, dst = (np.array(v) for v in zip(*flows))
+    key = f"{key}:{zlib.crc32(np.stack([src, dst]).tobytes() + (b'' if every_line else line.tobytes()))}"
+    if every_line:
+        return _along(mesh, axis, key, route, src, dst)
+    if axis == "x":
+        return Transfer.build(key, route, mesh, (line, src), (line, dst))
+    return Transfer.build(key, route, mesh, (src, line), (dst, line))
 
 
 def multicast(mesh: Mesh, axis: str, root: int) -> tuple[Transfer, ...]:
