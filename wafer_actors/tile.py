@@ -10,7 +10,9 @@ or for a streaming relay the cycle its first element was ready) and a duration
 later. A plain receive waits for the tail. A streaming receive (a software relay that
 combines and forwards element by element) starts ``beta`` after the head arrives, so a
 chain of k relays costs ``k x (alpha + beta)`` plus one duration, not k durations. Sends
-never advance the sender's clock: communication overlaps later compute.
+never advance the sender's clock, so communication overlaps later compute; but like MPI's
+``Sendrecv`` a core's next receive completes only once its own earlier sends have landed
+(its send buffer is free again), which is what makes a long wrap-around link slow a ring.
 
 Critical path. Each core also records what lies on the path that set its clock: the
 software relay stages and the compute cycles. Whenever a message, rather than the core's
@@ -111,6 +113,7 @@ class _Arrivals:
 
     def settle(self, stream: bool) -> None:
         t, g = self.tile, self.got
+        self.end[g] = np.maximum(self.end[g], t.sent[g])  # a step ends when its own sends have landed too
         if stream:
             t.clock[g] = np.maximum(self.end[g], self.c0[g] + t.device.beta + self.combine[g])
             t.fwd_head[g] = self.fwd[g]
@@ -142,6 +145,7 @@ class Tile:
         self.clock = np.zeros(shape)  # cycles, per core
         self.fwd_head = np.zeros(shape)  # cycle a streaming relay may start forwarding
         self.relaying = np.zeros(shape, dtype=bool)  # took a stream it has not forwarded yet
+        self.sent = np.zeros(shape)  # cycle the core's last send has fully landed
         self.stages = np.zeros(shape, dtype=np.int64)  # relay stages on the critical path (this run)
         self.path_compute = np.zeros(shape)  # compute cycles on the critical path (this run)
         self.used = np.zeros(shape, dtype=np.int64)  # SRAM bytes in use
@@ -233,6 +237,7 @@ class Tile:
         self.clock[...] = 0.0
         self.fwd_head[...] = 0.0
         self.relaying[...] = False
+        self.sent[...] = 0.0
 
     def local(self, mask: np.ndarray) -> np.ndarray:
         """Cut this tile's part out of a global ``[y, x, ...]`` array."""
@@ -274,6 +279,7 @@ class Tile:
             tail = np.maximum(head + dur, self.clock[ly, lx])
             self.relaying[ly, lx] = False
             latency = transfer.hops[f] * dev.alpha + transfer.relays[f] * dev.beta
+            np.maximum.at(self.sent, (ly, lx), tail + latency)
             data = None
             if buf.data is not None:
                 s = part.sources
