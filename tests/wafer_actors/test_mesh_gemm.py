@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from wafer_actors import ProtocolError, RoutingError, Spec, Wafer, preset
+from wafer_actors import CoreMemoryError, ProtocolError, RoutingError, Spec, Wafer, preset
 from wafer_actors.collectives.mesh_gemm import mesh_gemm
 from wafer_actors.ops import TensorShape, gemm
 
@@ -128,6 +128,6 @@ def test_gemm_refuses_non_square_meshes_and_bad_blocks():
         wafer.alloc("c", (4, 4), np.float32, Spec("y", "x"))
         with pytest.raises(ProtocolError, match=r"blocks do not chain: A \(2, 2\), B \(3, 2\), C \(2, 2\)"):
             wafer.run(mesh_gemm, a="a", b="b", c="c")
-    with Wafer((2, 2), device=preset("wse2").replace(name="tiny", sram_bytes=64)) as wafer:
-        with pytest.raises(Exception, match=r"buffer '_gemm_a2' needs 64 B, budget 64 B"):
+    with Wafer((2, 2), device=preset("wse2").replace(name="tiny", sram_bytes=192)) as wafer:  # A, B, C fit; the second buffers do not
+        with pytest.raises(CoreMemoryError, match=r"core \(y=0, x=0\): buffer '_gemm_a2' needs 64 B, budget 192 B, 192 B already in use"):
             gemm(wafer, np.ones((8, 8), np.float32), np.ones((8, 8), np.float32))
