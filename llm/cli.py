@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -52,6 +54,70 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+GEMV_ALGOS = {"meshgemv": "ktree", "ktree": "ktree", "pipeline": "pipeline", "ring": "ring", "chain": "chain"}
+GEMM_ALGOS = ("meshgemm", "cannon", "summa", "gemm_t")
+COLUMNS = (
+    ("algo", "{:<10}"), ("P", "{:>5}"), ("predicted_cycles", "{:>12.0f}"), ("predicted_us", "{:>10.3f}"),
+    ("compute_cycles", "{:>12.0f}"), ("comm_cycles", "{:>11.0f}"), ("relay_stages", "{:>7}"),
+    ("routes_per_core_max", "{:>7}"), ("sram_peak_bytes_max", "{:>9}"), ("host_wall_s", "{:>8.2f}"),
+)
+HEADERS = ("algo", "P", "cycles", "us", "compute", "comm", "relays", "routes", "SRAM B", "wall s")
+
+
+def _print_row(row: dict) -> None:
+    if "error" in row:
+        print(f"{row['algo']:<10} {row['P']:>5}  {row['error'].split(': routes')[0]}")
+        return
+    cells = [fmt.format(row[key]) for key, fmt in COLUMNS]
+    if "compute_efficiency" in row:
+        cells.append(f"{row['compute_efficiency']:>6.1%}")
+    print(" ".join(cells))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run GEMV or GEMM protocols at one P or a sweep of P; print a table, write JSON and a plot."""
+    from tqdm import tqdm
+
+    from wafer_actors.bench import bench_gemm, bench_gemv, plot_sweep
+    from wafer_actors.errors import CoreMemoryError, RoutingError
+
+    device = resolve(args.device)
+    tiles = parse_grid(args.tiles)
+    sizes = [int(p) for p in args.sweep_P.split(",")] if args.sweep_P else [args.P]
+    algos = [a.strip() for a in args.algo.split(",")]
+    valid = GEMV_ALGOS if args.op == "gemv" else GEMM_ALGOS
+    for a in algos:
+        if a not in valid:
+            raise ValueError(f"unknown {args.op} algo {a!r}; choose from {', '.join(valid)}")
+    header = " ".join(f"{h:>{len(fmt.format(0)) if 'f' in fmt or '>' in fmt else 10}}" for h, (_, fmt) in zip(HEADERS, COLUMNS))
+    print(f"{args.op}: device {device.name}, dtype {args.dtype}, {'cost-only' if args.cost_only else 'full numerics'}, tiles {args.tiles}")
+    print(header + ("  effic." if args.op == "gemm" else ""))
+    rows = []
+    jobs = [(p, a) for p in sizes for a in algos]
+    bar = tqdm(jobs, desc=args.op, unit="run", disable=len(jobs) == 1, leave=False)
+    for p, algo in bar:
+        bar.set_postfix_str(f"{algo} P={p}")
+        common = dict(device=device, tiles=tiles, transport=args.transport, dtype=args.dtype, cost_only=args.cost_only)
+        try:
+            if args.op == "gemv":
+                row = bench_gemv(p, args.M, args.N, algo=GEMV_ALGOS[algo], group_num=args.group_num, **common)
+                row["algo"] = algo
+            else:
+                row = bench_gemm(p, args.M, args.K, args.N, algo=algo, relay=args.relay, **common)
+        except (RoutingError, CoreMemoryError, ValueError) as err:
+            if len(jobs) == 1:
+                raise
+            row = {"kind": args.op, "algo": algo, "P": p, "error": f"{type(err).__name__}: {err}"}
+        rows.append(row)
+        bar.clear()
+        _print_row(row)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
+    if args.plot:
+        plot_sweep(rows, args.plot, f"{args.op} {args.M}x{args.N} on {device.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="wafer-llm", description="Wafer-scale LLM inference on an emulated wafer.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -64,6 +130,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--block", type=int, default=64, help="float32 elements per core")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(fn=cmd_demo)
+
+    bench = sub.add_parser("bench", help="predicted cost of GEMV/GEMM protocols on the device")
+    ops = bench.add_subparsers(dest="op", required=True)
+    for op, algos, default in (("gemv", "meshgemv|pipeline|ring", "meshgemv"), ("gemm", "meshgemm|cannon|summa|gemm_t", "meshgemm")):
+        b = ops.add_parser(op, help=f"benchmark {op.upper()}")
+        b.add_argument("--P", type=int, default=64, help="mesh side: P x P cores (default 64)")
+        b.add_argument("--M", type=int, default=4096)
+        if op == "gemm":
+            b.add_argument("--K", type=int, default=4096)
+            b.add_argument("--relay", action="store_true", help="SUMMA relays its broadcasts instead of one route per source")
+        else:
+            b.add_argument("--group-num", type=int, default=None, help="K-tree groups (default: near sqrt(P))")
+        b.add_argument("--N", type=int, default=4096)
+        b.add_argument("--algo", default=default, help=f"{algos}, or several separated by commas")
+        b.add_argument("--device", default="wse2", help="preset name or a .toml/.json device file")
+        b.add_argument("--tiles", default="1x1", help="tile actors, ROWSxCOLS")
+        b.add_argument("--transport", default="local", choices=["local", "ray"])
+        b.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+        b.add_argument("--cost-only", action="store_true", help="shapes only, no tensors (for 360x360 and larger meshes)")
+        b.add_argument("--sweep-P", default=None, help="comma-separated P values, e.g. 64,128,256,360,720")
+        b.add_argument("--json", default=None, help="write the results as JSON to this file")
+        b.add_argument("--plot", default=None, help="draw predicted latency against P to this PNG")
+        b.set_defaults(fn=cmd_bench)
     return ap
 
 

@@ -1,0 +1,110 @@
+"""Benchmarks of the mesh protocols: one configuration per row, sweeps over P, plots.
+
+Each row holds the predicted device figures (from the virtual clocks) and the host wall
+time of the emulation, under the keys the ``wafer-llm bench`` JSON output uses.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .device import DeviceSpec
+from .ops import TensorShape, gemm, gemv
+from .wafer import RunStats, Wafer
+
+
+def _operand(shape: tuple[int, ...], dtype: str, cost_only: bool, rng: np.random.Generator) -> np.ndarray | TensorShape:
+    if cost_only:
+        return TensorShape(shape, dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _row(kind: str, algo: str, p: int, device: DeviceSpec, stats: RunStats, wall: float, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "algo": algo,
+        "P": p,
+        "predicted_cycles": stats.cycles,
+        "predicted_us": stats.seconds * 1e6,
+        "compute_cycles": stats.compute_cycles,
+        "comm_cycles": stats.comm_cycles,
+        "relay_stages": stats.relay_stages,
+        "routes_per_core_max": stats.routes_per_core_max,
+        "sram_peak_bytes_max": stats.sram_peak_bytes_max,
+        "host_wall_s": wall,
+        "device": device.name,
+        "tile_messages": stats.counts["tile_messages"],
+        **extra,
+    }
+
+
+def bench_gemv(p: int, m: int, n: int, *, algo: str, device: DeviceSpec, tiles: tuple[int, int] = (1, 1), transport: str = "local",
+               dtype: str = "float16", cost_only: bool = False, group_num: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Run one MeshGEMV (or baseline) y = x . W with W of m x n on a P x P mesh; return its row."""
+    rng = np.random.default_rng(seed)
+    x, w = _operand((m,), dtype, cost_only, rng), _operand((m, n), dtype, cost_only, rng)
+    options = {"group_num": group_num} if algo == "ktree" and group_num else {}
+    t0 = time.perf_counter()
+    with Wafer((p, p), device=device, tiles=tiles, transport=transport, cost_only=cost_only) as wafer:
+        y, stats = gemv(wafer, x, w, algo=algo, **options)
+    wall = time.perf_counter() - t0
+    extra = {"M": m, "N": n, "dtype": dtype, "cost_only": cost_only}
+    if y is not None:
+        ref = x.astype(np.float64) @ w.astype(np.float64)
+        extra["max_abs_error"] = float(np.abs(y - ref).max())
+    return _row("gemv", algo, p, device, stats, wall, extra)
+
+
+def bench_gemm(p: int, m: int, k: int, n: int, *, algo: str, device: DeviceSpec, tiles: tuple[int, int] = (1, 1), transport: str = "local",
+               dtype: str = "float16", cost_only: bool = False, relay: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Run one GEMM C = A . B (A m x k, B k x n) on a P x P mesh with ``algo``; return its row."""
+    rng = np.random.default_rng(seed)
+    a, b = _operand((m, k), dtype, cost_only, rng), _operand((k, n), dtype, cost_only, rng)
+    options: dict[str, Any] = {"transpose_b": False}
+    if algo == "gemm_t":
+        b = _operand((n, k), dtype, cost_only, rng)
+        options = {"transpose_b": True}
+    else:
+        options["algo"] = algo
+        if algo == "summa":
+            options["relay"] = relay
+    t0 = time.perf_counter()
+    with Wafer((p, p), device=device, tiles=tiles, transport=transport, cost_only=cost_only) as wafer:
+        c, stats = gemm(wafer, a, b, **options)
+    wall = time.perf_counter() - t0
+    ideal = m * k * n / (p * p * device.rate(dtype))  # cycles if every core computed all the time
+    extra = {"M": m, "K": k, "N": n, "dtype": dtype, "cost_only": cost_only, "ideal_compute_cycles": ideal,
+             "compute_efficiency": ideal / stats.cycles}
+    if algo == "summa":
+        extra["relay"] = relay
+    if c is not None:
+        ref = a.astype(np.float64) @ (b.astype(np.float64).T if algo == "gemm_t" else b.astype(np.float64))
+        extra["max_abs_error"] = float(np.abs(c - ref).max())
+    return _row("gemm", algo, p, device, stats, wall, extra)
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str) -> None:
+    """Draw predicted latency against P, one line per algorithm, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for algo in dict.fromkeys(r["algo"] for r in rows):
+        pts = sorted((r["P"], r["predicted_us"]) for r in rows if r["algo"] == algo and "error" not in r)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=algo)
+    ax.set_xlabel("P (P x P cores)")
+    ax.set_ylabel("predicted latency (us)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
