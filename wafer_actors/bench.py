@@ -36,6 +36,7 @@ def _row(kind: str, algo: str, p: int, device: DeviceSpec, stats: RunStats, wall
         "routes_per_core_max": stats.routes_per_core_max,
         "sram_peak_bytes_max": stats.sram_peak_bytes_max,
         "host_wall_s": wall,
+        "run_wall_s": stats.host_wall_s,
         "device": device.name,
         "tile_messages": stats.counts["tile_messages"],
         **extra,

@@ -61,9 +61,15 @@ def _ring_shift(mesh: Mesh, axis: str, ring: np.ndarray, step: int, route: str) 
     return _along(mesh, axis, f"{route}:{step}", route, np.roll(ring, -step), ring)
 
 
-@lru_cache(maxsize=32)
-def cannon_plan(mesh: Mesh, algo: str) -> tuple[list[tuple[tuple[Transfer, ...], tuple[Transfer, ...]]], Transfer, Transfer]:
-    """Alignment rounds ((A transfers along x, B transfers along y) per round) and the ring shifts."""
+@lru_cache(maxsize=8)
+def cannon_plan(mesh: Mesh, algo: str) -> tuple[dict, list[dict[int, np.ndarray]], Transfer, Transfer]:
+    """The alignment shifts, which lines move in each alignment round, and the ring shifts.
+
+    Returns:
+        (full alignment transfers by (axis, step), per round {step: bool mask over lines},
+        x-ring shift, y-ring shift). A round's transfers are the full ones cut down to the
+        lines still moving (``align_round``); they are built on demand, not kept.
+    """
     p = check_square(mesh, algo)
     ring = ring_for(algo, p)
     place = np.empty(p, dtype=np.int64)
@@ -76,20 +82,24 @@ def cannon_plan(mesh: Mesh, algo: str) -> tuple[list[tuple[tuple[Transfer, ...],
         for axis in ("x", "y")
         for step in (+1, -1)
     }
-    rounds = []
-    for r in range(p // 2):
-        moving = {+1: forward & (need > r), -1: ~forward & (p - need > r)}  # lines still moving
-        per_axis = []
-        for axis in ("x", "y"):
-            ts = []
-            for step in (+1, -1):
+    moving = [{+1: forward & (need > r), -1: ~forward & (p - need > r)} for r in range(p // 2)]
+    ring_x = _ring_shift(mesh, "x", ring, +1, f"{algo}_ring_x")
+    ring_y = _ring_shift(mesh, "y", ring, +1, f"{algo}_ring_y")
+    return full, moving, ring_x, ring_y
+
+
+def align_round(full: dict, moving: dict[int, np.ndarray], r: int) -> tuple[tuple[Transfer, ...], tuple[Transfer, ...]]:
+    """Round r of the alignment: (A transfers along x, B transfers along y)."""
+    per_axis = []
+    for axis in ("x", "y"):
+        ts = []
+        for step in (+1, -1):
+            if moving[step].any():
                 t = full[(axis, step)]
                 line = t.dst_y if axis == "x" else t.dst_x
-                if moving[step].any():
-                    ts.append(t.subset(moving[step][line], f"{t.key}@{r}"))
-            per_axis.append(tuple(ts))
-        rounds.append(tuple(per_axis))
-    return rounds, _ring_shift(mesh, "x", ring, +1, f"{algo}_ring_x"), _ring_shift(mesh, "y", ring, +1, f"{algo}_ring_y")
+                ts.append(t.subset(moving[step][line], f"{t.key}@{r}"))
+        per_axis.append(tuple(ts))
+    return tuple(per_axis)
 
 
 def summa_casts(mesh: Mesh, relay: bool, k: int) -> tuple[Transfer, ...]:
@@ -128,8 +138,8 @@ def _routes(mesh: Mesh, *, a: str, b: str, c: str, algo: str = "meshgemm", relay
     if algo == "summa":
         check_square(mesh, algo)
         return _summa_routes(mesh, relay)
-    rounds, ring_x, ring_y = cannon_plan(mesh, algo)
-    aligning = list(rounds[0][0] + rounds[0][1]) if rounds else []  # later rounds move a subset of these lines
+    full, moving, ring_x, ring_y = cannon_plan(mesh, algo)
+    aligning = [t for xs_ys in align_round(full, moving[0], 0) for t in xs_ys] if moving else []  # later rounds move fewer lines
     by_route = {}
     for t in aligning + ([_reverse(t) for t in aligning] if restore else []) + [ring_x, ring_y]:
         by_route.setdefault(t.route, []).append(t)
@@ -160,7 +170,8 @@ async def mesh_gemm(tile, *, a: str, b: str, c: str, algo: str = "meshgemm", rel
     if algo == "summa":
         return await _summa(tile, a, b, c, mt, kt, nt, relay)
     mesh = tile.tiling.mesh
-    rounds, ring_x, ring_y = cannon_plan(mesh, algo)
+    full, moving, ring_x, ring_y = cannon_plan(mesh, algo)
+    rounds = (align_round(full, m, r) for r, m in enumerate(moving))
     await _align(tile, rounds, a, b)  # A along x-rings, B along y-rings, each the shorter way
     dtype_a, dtype_b = tile.buffers[a].dtype.str, tile.buffers[b].dtype.str
     tile.alloc("_gemm_a2", (mt, kt), dtype_a)  # second buffers: receive while computing
@@ -183,7 +194,8 @@ async def mesh_gemm(tile, *, a: str, b: str, c: str, algo: str = "meshgemm", rel
     tile.free("_gemm_a2")
     tile.free("_gemm_b2")
     if restore:  # undo the alignment: the same rounds, the other way
-        await _align(tile, [(tuple(map(_reverse, xs)), tuple(map(_reverse, ys))) for xs, ys in rounds], a, b)
+        back = (align_round(full, m, r) for r, m in enumerate(moving))
+        await _align(tile, ((tuple(map(_reverse, xs)), tuple(map(_reverse, ys))) for xs, ys in back), a, b)
 
 
 async def _align(tile, rounds, a: str, b: str) -> None:
@@ -197,7 +209,6 @@ async def _align(tile, rounds, a: str, b: str) -> None:
         await tile.recv(ys, b)
 
 
-@lru_cache(maxsize=4096)
 def _reverse(t: Transfer) -> Transfer:
     """The same flows backwards, on the route of the opposite direction."""
     route = t.route[:-1] + (">" if t.route.endswith("<") else "<")
