@@ -1,0 +1,43 @@
+"""The wafer-llm command line, run in-process."""
+
+import json
+
+import pytest
+
+from llm.cli import main
+
+
+def test_bench_gemv_writes_the_documented_json_keys(tmp_path, capsys):
+    """A single bench run prints a table and writes one object with the issue's keys."""
+    out = tmp_path / "gemv.json"
+    assert main(["bench", "gemv", "--P", "8", "--M", "64", "--N", "64", "--algo", "meshgemv", "--dtype", "float32", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())
+    for key in ("algo", "P", "predicted_cycles", "predicted_us", "compute_cycles", "comm_cycles", "relay_stages",
+                "routes_per_core_max", "sram_peak_bytes_max", "host_wall_s"):
+        assert key in row, key
+    assert row["algo"] == "meshgemv" and row["P"] == 8 and row["max_abs_error"] < 1e-4
+    assert "meshgemv" in capsys.readouterr().out
+
+
+def test_bench_gemm_sweep_writes_a_list_and_a_plot(tmp_path):
+    """A sweep over P writes one row per (P, algo), records SUMMA's routing failure, and draws a PNG."""
+    out, png = tmp_path / "gemm.json", tmp_path / "gemm.png"
+    argv = ["bench", "gemm", "--sweep-P", "4,16", "--M", "64", "--K", "64", "--N", "64", "--algo", "meshgemm,cannon,summa",
+            "--cost-only", "--json", str(out), "--plot", str(png)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["P"], r["algo"]) for r in rows] == [(p, a) for p in (4, 16) for a in ("meshgemm", "cannon", "summa")]
+    assert "RoutingError" in rows[-1]["error"] and "error" not in rows[-2]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_refuses_unknown_algorithms(capsys):
+    """An unknown algorithm name is refused with the valid choices."""
+    assert main(["bench", "gemv", "--algo", "fastest"]) == 2
+    assert "unknown gemv algo 'fastest'; choose from meshgemv, ktree, pipeline, ring, chain" in capsys.readouterr().err
+
+
+def test_demo_runs_in_process(capsys):
+    """The demo checks its protocols against NumPy and reports predicted cycles."""
+    assert main(["demo", "--mesh", "4x4", "--tiles", "2x2", "--transport", "local", "--block", "8"]) == 0
+    assert "cycles" in capsys.readouterr().out
