@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .errors import ProtocolError, RoutingError
-from .mesh import Mesh, Tiling
+from .mesh import Mesh, Tiling, axis_index
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,18 @@ class Transfer:
         hops = np.abs(dy - sy) + np.abs(dx - sx)
         load = _link_load(mesh, sy, sx, dy, dx)
         return cls(key, route, mesh, sy, sx, dy, dx, hops, rl, load)
+
+    @classmethod
+    def along(cls, mesh: Mesh, axis: str, key: str, route: str, src: np.ndarray, dst: np.ndarray,
+              relays: np.ndarray | None = None) -> "Transfer":
+        """Flows ``src[i] -> dst[i]`` (indices along ``axis``), repeated on every line of the other axis."""
+        other = mesh.shape[1 - axis_index(axis)]
+        lines = np.repeat(np.arange(other), len(src))
+        s, d = np.tile(src, other), np.tile(dst, other)
+        r = None if relays is None else np.tile(relays, other)
+        if axis == "x":
+            return cls.build(key, route, mesh, (lines, s), (lines, d), r)
+        return cls.build(key, route, mesh, (s, lines), (d, lines), r)
 
     def __len__(self) -> int:
         return len(self.src_y)

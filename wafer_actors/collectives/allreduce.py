@@ -38,7 +38,6 @@ from ..mesh import Mesh
 from ..protocol import protocol
 from ..transfer import Route, Transfer
 from .interleave import ring_order
-from .shift import _along
 
 OPS = ("add", "max")
 ALGOS = ("ktree", "chain", "pipeline", "ring")
@@ -138,7 +137,7 @@ def _flows(mesh: Mesh, axis: str, key: str, route: str, flows: list, every_line:
     line, src, dst = (np.array(v) for v in zip(*flows))
     key = f"{key}:{zlib.crc32(np.stack([src, dst]).tobytes() + (b'' if every_line else line.tobytes()))}"
     if every_line:
-        return _along(mesh, axis, key, route, src, dst)
+        return Transfer.along(mesh, axis, key, route, src, dst)
     if axis == "x":
         return Transfer.build(key, route, mesh, (line, src), (line, dst))
     return Transfer.build(key, route, mesh, (src, line), (dst, line))
@@ -150,7 +149,7 @@ def multicast(mesh: Mesh, axis: str, root: int) -> tuple[Transfer, ...]:
     casts = []
     for route, dst in ((f"bcast_{axis}-", np.arange(root)), (f"bcast_{axis}+", np.arange(root + 1, n))):
         if len(dst):
-            casts.append(_along(mesh, axis, f"{route}:{root}", route, np.full(len(dst), root), dst))
+            casts.append(Transfer.along(mesh, axis, f"{route}:{root}", route, np.full(len(dst), root), dst))
     return tuple(casts)
 
 
@@ -186,7 +185,7 @@ def ring_plan(mesh: Mesh, axis: str) -> tuple[Transfer, np.ndarray]:
     src, dst = ring, np.roll(ring, -1)
     place = np.empty(n, dtype=np.int64)
     place[ring] = np.arange(n)
-    return _along(mesh, axis, f"ring_{axis}", f"ring_{axis}", src, dst), place
+    return Transfer.along(mesh, axis, f"ring_{axis}", f"ring_{axis}", src, dst), place
 
 
 def allreduce_routes(mesh: Mesh, *, axis: str, op: str = "add", algo: str = "ktree", K: int = 2,

@@ -25,11 +25,10 @@ import numpy as np
 from ..errors import ProtocolError
 from ..mesh import Mesh
 from ..protocol import protocol
-from ..transfer import Route
+from ..transfer import Route, Transfer
 from .allreduce import Step, chain_steps
 from .interleave import ring_order
 from .mesh_gemm import _ring_shift, check_square
-from .shift import _along
 
 
 @lru_cache(maxsize=8)
@@ -55,8 +54,8 @@ def _routes(mesh: Mesh, *, a: str, b: str, c: str) -> list[Route]:
     ring_y, _ = gemm_t_plan(mesh)
     hops = np.arange(mesh.width - 1)
     # over P steps every core is a chain end, a relay and a root: every neighbour hop, both ways
-    east = _along(mesh, "x", "gemm_t_reduce_x+:all", "gemm_t_reduce_x+", hops, hops + 1)
-    west = _along(mesh, "x", "gemm_t_reduce_x-:all", "gemm_t_reduce_x-", hops + 1, hops)
+    east = Transfer.along(mesh, "x", "gemm_t_reduce_x+:all", "gemm_t_reduce_x+", hops, hops + 1)
+    west = Transfer.along(mesh, "x", "gemm_t_reduce_x-:all", "gemm_t_reduce_x-", hops + 1, hops)
     return [Route(ring_y.route, (ring_y,)), Route(east.route, (east,)), Route(west.route, (west,))]
 
 

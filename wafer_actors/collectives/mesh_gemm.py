@@ -39,7 +39,6 @@ from ..mesh import Mesh
 from ..protocol import protocol
 from ..transfer import Route, Transfer
 from .interleave import ring_order
-from .shift import _along
 
 ALGOS = ("meshgemm", "cannon", "summa")
 
@@ -58,7 +57,7 @@ def ring_for(algo: str, p: int) -> np.ndarray:
 
 def _ring_shift(mesh: Mesh, axis: str, ring: np.ndarray, step: int, route: str) -> Transfer:
     """On every line, the core at ring place l receives from place l + step (wrapping)."""
-    return _along(mesh, axis, f"{route}:{step}", route, np.roll(ring, -step), ring)
+    return Transfer.along(mesh, axis, f"{route}:{step}", route, np.roll(ring, -step), ring)
 
 
 @lru_cache(maxsize=8)
@@ -112,10 +111,8 @@ def summa_casts(mesh: Mesh, relay: bool, k: int) -> tuple[Transfer, ...]:
                 continue
             route = f"summa_relay_{axis}{sign}" if relay else f"summa_{axis}{k}{sign}"
             src = np.full(len(dst), k)
-            t = _along(mesh, axis, f"{route}:{k}", route, src, dst)
-            if relay:  # every core between source and destination relays in software
-                t = Transfer.build(t.key, route, mesh, (t.src_y, t.src_x), (t.dst_y, t.dst_x), relays=t.hops - 1)
-            casts.append(t)
+            relays = np.abs(dst - k) - 1 if relay else None  # every core on the way relays in software
+            casts.append(Transfer.along(mesh, axis, f"{route}:{k}", route, src, dst, relays))
     return tuple(casts)
 
 
@@ -125,7 +122,7 @@ def _summa_routes(mesh: Mesh, relay: bool) -> Iterator[Route]:
         for axis in ("x", "y"):
             for sign, step, src in (("+", 1, lines[:-1]), ("-", -1, lines[1:])):
                 route = f"summa_relay_{axis}{sign}"
-                yield Route(route, (_along(mesh, axis, f"hop_{axis}{sign}", route, src, src + step),))
+                yield Route(route, (Transfer.along(mesh, axis, f"hop_{axis}{sign}", route, src, src + step),))
         return
     for k in range(mesh.height):  # one route per source and direction: yielded lazily, fails early
         for t in summa_casts(mesh, relay, k):

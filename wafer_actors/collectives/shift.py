@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..mesh import NO_CORE, Mesh, axis_index
+from ..mesh import NO_CORE, Mesh
 from ..protocol import protocol
 from ..transfer import Route, Transfer
 
@@ -46,18 +46,8 @@ def shift_transfers(mesh: Mesh, axis: str, disp: int, wrap: bool) -> tuple[Trans
     for route, along in plans:
         dst = idx[along]
         src = source[along]
-        transfers.append(_along(mesh, axis, f"{route}:{disp}", route, src, dst))
+        transfers.append(Transfer.along(mesh, axis, f"{route}:{disp}", route, src, dst))
     return tuple(transfers)
-
-
-def _along(mesh: Mesh, axis: str, key: str, route: str, src: np.ndarray, dst: np.ndarray) -> Transfer:
-    """Flows ``src[i] -> dst[i]`` along ``axis``, repeated on every line of the other axis."""
-    other = mesh.shape[1 - axis_index(axis)]
-    lines = np.repeat(np.arange(other), len(src))
-    s, d = np.tile(src, other), np.tile(dst, other)
-    if axis == "x":
-        return Transfer.build(key, route, mesh, (lines, s), (lines, d))
-    return Transfer.build(key, route, mesh, (s, lines), (d, lines))
 
 
 def _routes(mesh: Mesh, *, buffer: str, axis: str, disp: int = 1, wrap: bool = False) -> list[Route]:
