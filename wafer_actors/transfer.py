@@ -162,12 +162,15 @@ class Transfer:
         k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
         dy, dx = np.sign(ey - sy)[stream], np.sign(ex - sx)[stream]
         core = (sy[stream] + dy * k) * mesh.width + (sx[stream] + dx * k)
-        out_port = np.select([dy < 0, dy > 0, dx < 0], [0, 1, 2], 3)  # N, S, W, E
+        out_port = _ports(sy, sx, ey, ex)[stream]
         in_port = out_port ^ 1  # travelling east enters from the west, and so on
-        source = sy[stream] * mesh.width + sx[stream]
-        key = lambda src, port, dst: (src * 4 + port) * mesh.size + dst
-        dst_port = np.select([self.dst_y < self.src_y, self.dst_y > self.src_y, self.dst_x < self.src_x], [0, 1, 2], 3)
-        delivered = np.isin(key(source, out_port, core), key(self.src_y * mesh.width + self.src_x, dst_port, self.dst_y * mesh.width + self.dst_x))
+
+        def key(src: np.ndarray, port: np.ndarray, dst: np.ndarray) -> np.ndarray:
+            return (src * 4 + port) * mesh.size + dst
+
+        flows = key(self.src_y * mesh.width + self.src_x, _ports(self.src_y, self.src_x, self.dst_y, self.dst_x),
+                    self.dst_y * mesh.width + self.dst_x)
+        delivered = np.isin(key(sy[stream] * mesh.width + sx[stream], out_port, core), flows)  # a multicast stop
         first, last = k == 0, k == n[stream] - 1
         role = np.select([first, last, delivered], [0, 1, 2], 3)
         ramp = 4
