@@ -56,10 +56,12 @@ def main() -> None:
                 w.load("v", a, Spec("y", "x", None))
                 w.run(proto, buffer="v", **kwargs)  # warm-up: imports, plan caches
                 w.load("v", a, Spec("y", "x", None))
+                w.reset_clocks()  # time each operation alone, from a common start
                 runs = [w.run(proto, buffer="v", **kwargs)]
                 expected = ref_shift if name == "shift" else ref_sum
                 np.testing.assert_allclose(w.read("v"), expected, rtol=1e-5, atol=1e-5)
                 for _ in range(args.reps - 1):
+                    w.reset_clocks()
                     runs.append(w.run(proto, buffer="v", **kwargs))
                 wall = np.median([r.host_wall_s for r in runs])
                 s = runs[0]
