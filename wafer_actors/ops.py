@@ -8,6 +8,7 @@ product) and cut the result back, so any shape works. In a cost-only wafer, pass
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,20 +84,27 @@ def gemm(wafer: Wafer, a: np.ndarray | TensorShape, b: np.ndarray | TensorShape,
     """Compute ``a . b`` with MeshGEMM (or ``cannon`` / ``summa``); return (result, statistics).
 
     With ``transpose_b`` compute ``a . b^T`` with GEMM-T instead (b is (N, K), never
-    transposed). The core clocks are reset first, so the statistics time this GEMM alone.
+    transposed; square meshes only). On a non-square mesh M, K and N are padded to
+    multiples of lcm(height, width) and B's row blocks are loaded in the order the rings
+    need (as WaferLLM's host pre-arranges B). The core clocks are reset first, so the
+    statistics time this GEMM alone.
 
     Raises:
-        ValueError: the shapes do not chain, or the mesh is not square.
+        ValueError: the shapes do not chain, or GEMM-T on a mesh that is not square.
     """
     from .collectives.gemm_t import gemm_t
-    from .collectives.mesh_gemm import mesh_gemm
+    from .collectives.mesh_gemm import b_row_order, mesh_gemm
 
     (m, k), (k2, n) = _shape(a), _shape(b)[::-1] if transpose_b else _shape(b)
     if k != k2:
         raise ValueError(f"gemm: a is {m}x{k} but b{'^T' if transpose_b else ''} is {k2}x{n}; the inner sizes must match")
-    p_h, p_w = wafer.mesh.shape
-    mp, kp, np_ = _up(m, p_h), _up(k, p_w * p_h // np.gcd(p_h, p_w)), _up(n, p_w)
+    size = math.lcm(*wafer.mesh.shape)  # the grid of blocks: each core holds (size/height) x (size/width)
+    mp, kp, np_ = _up(m, size), _up(k, size), _up(n, size)
     _place(wafer, "_gemm_a", a, (mp, kp), Spec("y", "x"))
+    if not transpose_b and not isinstance(b, TensorShape) and not wafer.cost_only:
+        # the host lays B's k blocks out in the order the rings meet A's (identity on a square mesh)
+        b = np.pad(np.asarray(b), [(0, kp - k), (0, np_ - n)])
+        b = b.reshape(size, kp // size, np_)[b_row_order(wafer.mesh, algo)].reshape(kp, np_)
     _place(wafer, "_gemm_b", b, (np_, kp) if transpose_b else (kp, np_), Spec("y", "x"))
     dtype = a.dtype if isinstance(a, TensorShape) else np.asarray(a).dtype
     wafer.alloc("_gemm_c", (mp, np_), dtype, Spec("y", "x"))

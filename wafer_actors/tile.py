@@ -255,7 +255,7 @@ class Tile:
         self.path_compute[cores] += add
 
     # ---- fabric ---------------------------------------------------------------------------
-    def send(self, transfer: Transfer, name: str, *, stream: bool = False) -> None:
+    def send(self, transfer: Transfer, name: str, *, stream: bool = False, select: tuple[slice, ...] | None = None) -> None:
         """Start the flows of ``transfer`` whose sources are on this tile; never waits.
 
         Args:
@@ -264,15 +264,20 @@ class Tile:
             stream: sources that took a stream in their last receive forward it as it arrives
                 (head at their ``fwd_head``) instead of waiting for the whole block; other
                 sources send as usual.
+            select: send only this slice of each block (a DSD over part of the buffer).
         """
         self._check_route(transfer)
         tag = self._tag(transfer, self._sent)
         buf = self._buffer(name)
+        nbytes = buf.nbytes
+        if select is not None:
+            nbytes = math.prod(len(range(*s.indices(n))) for s, n in zip(select, buf.block)) * buf.dtype.itemsize
+            nbytes *= math.prod(buf.block[len(select):])
         dev = self.device
         for dest, part in transfer.view(self.tiling, self.index).outgoing.items():
             f = part.flows
             ly, lx = transfer.src_y[f] - self.rect.y0, transfer.src_x[f] - self.rect.x0
-            dur = buf.nbytes / dev.link_bytes_per_cycle * transfer.load[f]
+            dur = nbytes / dev.link_bytes_per_cycle * transfer.load[f]
             head = self.clock[ly, lx]
             if stream:
                 head = np.where(self.relaying[ly, lx], self.fwd_head[ly, lx], head)
@@ -284,9 +289,11 @@ class Tile:
             if buf.data is not None:
                 s = part.sources
                 data = buf.data[transfer.src_y[s] - self.rect.y0, transfer.src_x[s] - self.rect.x0]
+                if select is not None:
+                    data = data[(slice(None), *select)]
             record = (self.stages[ly, lx], self.path_compute[ly, lx])
             msg = Message(self._run_id, tag, self.index, data, head + latency, tail + latency, *record)
-            self._count(dest, len(f), len(f) * buf.nbytes)
+            self._count(dest, len(f), len(f) * nbytes)
             if dest == self.index:
                 self._slot(tag, dest).set_result(msg)
             else:

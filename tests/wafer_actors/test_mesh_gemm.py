@@ -23,12 +23,15 @@ def operands(m, k, n, transpose_b=False, seed=0):
     return a, b, a @ (b.T if transpose_b else b)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
-@pytest.mark.parametrize("p, m, k, n", [(4, 16, 16, 16), (5, 23, 31, 17), (3, 7, 40, 2)])
-def test_gemm_equals_numpy(config, p, m, k, n):
-    """Every GEMM algorithm equals NumPy, including sizes the mesh does not divide."""
+SHAPES = [((4, 4), 16, 16, 16), ((5, 5), 23, 31, 17), ((3, 3), 7, 40, 2), ((2, 4), 9, 13, 10), ((6, 4), 30, 41, 25), ((3, 1), 5, 7, 4)]
+CASES = [(c, *shape) for c in CONFIGS for shape in SHAPES if not (c.get("transpose_b") and shape[0][0] != shape[0][1])]  # GEMM-T: square only
+
+
+@pytest.mark.parametrize("config, mesh, m, k, n", CASES)
+def test_gemm_equals_numpy(config, mesh, m, k, n):
+    """Every GEMM algorithm equals NumPy on square and non-square meshes, including sizes the mesh does not divide."""
     a, b, ref = operands(m, k, n, config.get("transpose_b", False))
-    with Wafer((p, p), tiles=(2, 2)) as wafer:
+    with Wafer(mesh, tiles=(min(2, mesh[0]), min(2, mesh[1]))) as wafer:
         c, _ = gemm(wafer, a, b, **config)
     np.testing.assert_allclose(c, ref, rtol=1e-5, atol=1e-5, err_msg=f"{config}: emulator (actual) vs NumPy (desired)")
 
@@ -98,7 +101,7 @@ def test_meshgemm_routes_are_constant_and_summa_runs_out():
         _, small = gemm(wafer, TensorShape((6, 6)), TensorShape((6, 6)), algo="summa")
     assert small.routes_per_core_max > used[0]
     with Wafer((16, 16), cost_only=True) as wafer:
-        with pytest.raises(RoutingError, match=r"core \(y=1, x=1\) needs 25 routing entries \(at least\), the device has 24: routes summa_x0\+, summa_y0\+"):
+        with pytest.raises(RoutingError, match=r"core \(y=1, x=1\) needs 25 routing entries \(at least\), the device has 24: routes summa_x0\+, summa_x1-, summa_x1\+"):
             gemm(wafer, TensorShape((16, 16)), TensorShape((16, 16)), algo="summa")
         _, relayed = gemm(wafer, TensorShape((16, 16)), TensorShape((16, 16)), algo="summa", relay=True)
     assert relayed.routes_per_core_max <= 8
@@ -115,19 +118,19 @@ def test_summa_relays_pay_beta():
     assert cycles[50.0][1] == cycles[0.0][1]
 
 
-def test_gemm_refuses_non_square_meshes_and_bad_blocks():
-    """A non-square mesh, a mismatched inner size and unchained blocks are clear errors."""
+def test_gemm_refuses_bad_shapes_and_blocks():
+    """GEMM-T on a non-square mesh, a mismatched inner size and unchained blocks are clear errors."""
     with Wafer((2, 4)) as wafer:
-        with pytest.raises(ValueError, match=r"meshgemm needs a square mesh \(P x P cores\), got 2x4"):
-            gemm(wafer, np.ones((4, 4), np.float32), np.ones((4, 4), np.float32))
+        with pytest.raises(ValueError, match=r"gemm_t needs a square mesh \(P x P cores\), got 2x4"):
+            gemm(wafer, np.ones((4, 4), np.float32), np.ones((4, 4), np.float32), transpose_b=True)
     with Wafer((2, 2)) as wafer:
         with pytest.raises(ValueError, match=r"a is 4x3 but b is 4x4"):
             gemm(wafer, np.ones((4, 3), np.float32), np.ones((4, 4), np.float32))
         wafer.load("a", np.ones((4, 4), np.float32), Spec("y", "x"))
         wafer.load("b", np.ones((6, 4), np.float32), Spec("y", "x"))
         wafer.alloc("c", (4, 4), np.float32, Spec("y", "x"))
-        with pytest.raises(ProtocolError, match=r"blocks do not chain: A \(2, 2\), B \(3, 2\), C \(2, 2\)"):
+        with pytest.raises(ProtocolError, match=r"blocks do not chain: A \(2, 2\), B \(3, 2\), C \(2, 2\); expected A \(Mt, K/2\)"):
             wafer.run(mesh_gemm, a="a", b="b", c="c")
     with Wafer((2, 2), device=preset("wse2").replace(name="tiny", sram_bytes=192)) as wafer:  # A, B, C fit; the second buffers do not
-        with pytest.raises(CoreMemoryError, match=r"core \(y=0, x=0\): buffer '_gemm_a2' needs 64 B, budget 192 B, 192 B already in use"):
+        with pytest.raises(CoreMemoryError, match=r"core \(y=0, x=0\): buffer '_gemm_a_in' needs 64 B, budget 192 B, 192 B already in use"):
             gemm(wafer, np.ones((8, 8), np.float32), np.ones((8, 8), np.float32))
