@@ -12,7 +12,6 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from .mesh import Mesh
 from .transfer import Route
 
 
@@ -49,8 +48,3 @@ def resolve(path: str) -> Protocol:
     if not isinstance(obj, Protocol):
         raise TypeError(f"{path} is a {type(obj).__name__}, not a Protocol")
     return obj
-
-
-def routes_for(proto: Protocol, mesh: Mesh, kwargs: dict[str, Any]) -> list[Route]:
-    """Return the protocol's routes for these arguments."""
-    return list(proto.routes(mesh, **kwargs))

@@ -166,9 +166,6 @@ class Tile:
         """Give the tile a way to reach other tiles and the node each tile runs on."""
         self.post, self.nodes = post, list(nodes)
 
-    def info(self) -> dict[str, Any]:
-        return {"index": self.index, "rect": (self.rect.y0, self.rect.y1, self.rect.x0, self.rect.x1)}
-
     # ---- memory ---------------------------------------------------------------------------
     def alloc(self, name: str, block: tuple[int, ...], dtype: str, cores: np.ndarray | None = None) -> None:
         """Allocate a zeroed block on each core (or the cores in the local mask ``cores``).

@@ -37,7 +37,7 @@ import numpy as np
 from ..mesh import Mesh
 from ..protocol import protocol
 from ..transfer import Route, Transfer
-from .interleave import ring_order
+from .interleave import places, ring_order
 
 OPS = ("add", "max")
 ALGOS = ("ktree", "chain", "pipeline", "ring")
@@ -182,10 +182,7 @@ def ring_plan(mesh: Mesh, axis: str) -> tuple[Transfer, np.ndarray]:
     """The INTERLEAVE ring step (every core sends to its ring successor) and each core's ring place."""
     n = mesh.axis_size(axis)
     ring = ring_order(n)
-    src, dst = ring, np.roll(ring, -1)
-    place = np.empty(n, dtype=np.int64)
-    place[ring] = np.arange(n)
-    return Transfer.along(mesh, axis, f"ring_{axis}", f"ring_{axis}", src, dst), place
+    return Transfer.along(mesh, axis, f"ring_{axis}", f"ring_{axis}", ring, np.roll(ring, -1)), places(ring)
 
 
 def allreduce_routes(mesh: Mesh, *, axis: str, op: str = "add", algo: str = "ktree", K: int = 2,

@@ -27,7 +27,7 @@ from ..mesh import Mesh
 from ..protocol import protocol
 from ..transfer import Route, Transfer
 from .allreduce import Step, chain_steps
-from .interleave import ring_order
+from .interleave import places, ring_order
 from .mesh_gemm import _ring_shift, check_square
 
 
@@ -36,8 +36,7 @@ def gemm_t_plan(mesh: Mesh) -> tuple[object, list[np.ndarray]]:
     """The y-ring shift and, per step, the root column of every row."""
     p = check_square(mesh, "gemm_t")
     ring = ring_order(p)
-    place = np.empty(p, dtype=np.int64)
-    place[ring] = np.arange(p)
+    place = places(ring)
     roots = [ring[(place + s) % p] for s in range(p)]  # roots[s][py]: column holding C[py, n]
     return _ring_shift(mesh, "y", ring, +1, "gemm_t_ring_y"), roots
 

@@ -42,8 +42,8 @@ def ring_order(n: int) -> np.ndarray:
     return ring
 
 
-def ring_place(n: int) -> np.ndarray:
-    """Inverse of ``ring_order``: ``place[p]`` is the ring place of physical core p."""
-    place = np.empty(n, dtype=np.int64)
-    place[ring_order(n)] = np.arange(n)
+def places(ring: np.ndarray) -> np.ndarray:
+    """Inverse of a ring order: ``places(ring)[p]`` is the ring place of physical core p."""
+    place = np.empty(len(ring), dtype=np.int64)
+    place[ring] = np.arange(len(ring))
     return place

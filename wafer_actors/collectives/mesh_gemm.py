@@ -46,7 +46,7 @@ from ..errors import ProtocolError
 from ..mesh import Mesh
 from ..protocol import protocol
 from ..transfer import Route, Transfer
-from .interleave import ring_order
+from .interleave import places, ring_order
 
 ALGOS = ("meshgemm", "cannon", "summa")
 
@@ -111,8 +111,7 @@ def cannon_plan(mesh: Mesh, algo: str) -> CannonPlan:
     rh, rw = size // ph, size // pw
     vring_x = (ring_for(algo, pw)[:, None] * rw + np.arange(rw)).ravel()  # virtual columns in ring order
     vring_y = (ring_for(algo, ph)[:, None] * rh + np.arange(rh)).ravel()
-    place_x, place_y = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
-    place_x[vring_x], place_y[vring_y] = np.arange(size), np.arange(size)
+    place_x, place_y = places(vring_x), places(vring_y)
     full = {
         (axis, step): _ring_shift(mesh, axis, ring_for(algo, n), step, f"{algo}_align_{axis}{'<' if step > 0 else '>'}")
         for axis, n in (("x", pw), ("y", ph))
