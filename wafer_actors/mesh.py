@@ -137,8 +137,8 @@ def split_tiles(mesh: Mesh, tiles: tuple[int, int]) -> list[TileRect]:
             raise ValueError(f"tile count along {axis} must be a positive integer, got {count!r}")
         if count > size:
             raise ValueError(f"cannot split {size} cores along {axis} into {count} tiles; use at most {size}")
-    ys = _bounds(mesh.height, tiles[0])
-    xs = _bounds(mesh.width, tiles[1])
+    ys = even_bounds(mesh.height, tiles[0])
+    xs = even_bounds(mesh.width, tiles[1])
     rects = []
     for i in range(tiles[0]):
         for j in range(tiles[1]):
@@ -146,7 +146,8 @@ def split_tiles(mesh: Mesh, tiles: tuple[int, int]) -> list[TileRect]:
     return rects
 
 
-def _bounds(size: int, parts: int) -> list[int]:
+def even_bounds(size: int, parts: int) -> list[int]:
+    """Cut ``size`` consecutive items into ``parts`` runs whose lengths differ by one at most."""
     base, extra = divmod(size, parts)
     bounds = [0]
     for i in range(parts):

@@ -34,7 +34,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..mesh import Mesh
+from ..mesh import Mesh, even_bounds
 from ..protocol import protocol
 from ..transfer import Route, Transfer
 from .interleave import places, ring_order
@@ -46,15 +46,6 @@ Step = tuple[Transfer | None, Transfer | None]  # (toward higher index, toward l
 
 
 # ---- planning (pure functions of the mesh; the same on every tile) -------------------------
-def group_bounds(n: int, groups: int) -> list[int]:
-    """Cut ``n`` consecutive cores into ``groups`` runs whose sizes differ by one at most."""
-    base, extra = divmod(n, groups)
-    bounds = [0]
-    for i in range(groups):
-        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
-    return bounds
-
-
 def relay_stages(sizes: list[int]) -> int:
     """Relay stages of a chain phase whose groups have these sizes (root in the middle)."""
     return max(max(s // 2, s - 1 - s // 2) for s in sizes)
@@ -64,7 +55,7 @@ def default_group_num(n: int) -> int:
     """Pick the group count with the fewest relay stages over both phases, nearest sqrt(n) on ties."""
 
     def cost(g: int) -> tuple[int, float]:
-        b = group_bounds(n, g)
+        b = even_bounds(n, g)
         return relay_stages([b[i + 1] - b[i] for i in range(g)]) + relay_stages([g]), abs(g - math.sqrt(n))
 
     return min(range(1, n + 1), key=cost)
@@ -93,7 +84,7 @@ def tree_phases(n: int, k: int, group_num: int | None) -> tuple[tuple[tuple[np.n
             groups = default_group_num(n)
         else:
             groups = max(1, round(len(members) / branching))
-        b = group_bounds(len(members), groups)
+        b = even_bounds(len(members), groups)
         phase_groups = tuple((members[b[i] : b[i + 1]], (b[i + 1] - b[i]) // 2) for i in range(groups))
         phases.append(phase_groups)
         members = np.array([g[r] for g, r in phase_groups])
