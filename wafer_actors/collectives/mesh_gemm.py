@@ -139,7 +139,7 @@ def b_row_order(mesh: Mesh, algo: str) -> np.ndarray:
     return cannon_plan(mesh, algo).b_order
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=4)  # consecutive k blocks share a source core; whole-mesh multicasts are large
 def _summa_cast(mesh: Mesh, relay: bool, axis: str, src: int) -> tuple[Transfer, ...]:
     """The multicast of core ``src`` along ``axis`` to the rest of every line, both ways."""
     casts = []
