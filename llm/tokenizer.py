@@ -1,0 +1,83 @@
+"""A byte-level BPE tokenizer built with ``tokenizers`` from GGUF metadata.
+
+Control tokens (``<|im_start|>``, ``<|endoftext|>``, ...) are special tokens: written in
+the prompt text they become their own ids instead of being split into bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import CheckpointError
+
+CONTROL = 3  # GGUF token type of control tokens
+
+
+class Tokenizer:
+    """Encode text to ids and back.
+
+    Attributes:
+        bos_id, eos_id: beginning- and end-of-sequence ids.
+        chat_template: the model's Jinja chat template, if the file has one.
+    """
+
+    def __init__(self, backend, bos_id: int, eos_id: int, chat_template: str | None):
+        self.backend, self.bos_id, self.eos_id, self.chat_template = backend, bos_id, eos_id, chat_template
+
+    @classmethod
+    def from_gguf(cls, reader, path: str | Path = "model") -> "Tokenizer":
+        """Build the tokenizer a GGUF file describes (``tokenizer.ggml.model`` = gpt2).
+
+        Raises:
+            CheckpointError: another tokenizer model, or missing vocabulary.
+        """
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as Backend
+
+        def strings(key: str) -> list[str]:
+            field = reader.fields.get(key)
+            if field is None:
+                raise CheckpointError(f"{path}: metadata key {key!r} is missing")
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+
+        def scalar(key: str, default=None):
+            field = reader.fields.get(key)
+            return default if field is None else field.parts[field.data[0]].tolist()[0]
+
+        kind = bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() if "tokenizer.ggml.model" in reader.fields else None
+        if kind != "gpt2":
+            raise CheckpointError(f"{path}: tokenizer model {kind!r} is not supported; expected a byte-level BPE ('gpt2')")
+        tokens = strings("tokenizer.ggml.tokens")
+        merges = [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")]
+        types_field = reader.fields.get("tokenizer.ggml.token_type")
+        types = [int(types_field.parts[i][0]) for i in types_field.data] if types_field else [1] * len(tokens)
+        backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        )
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL])
+        template = reader.fields.get("tokenizer.chat_template")
+        return cls(
+            backend,
+            bos_id=int(scalar("tokenizer.ggml.bos_token_id", 1)),
+            eos_id=int(scalar("tokenizer.ggml.eos_token_id", 2)),
+            chat_template=None if template is None else bytes(template.parts[template.data[0]]).decode("utf-8"),
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special tokens written in it are parsed as such."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``, special tokens included."""
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def chat(self, user: str) -> str:
+        """Wrap one user message in the model's chat template (ChatML for SmolLM2)."""
+        if self.chat_template is None:
+            return user
+        import jinja2
+
+        template = jinja2.Environment(loader=jinja2.BaseLoader()).from_string(self.chat_template)
+        return template.render(messages=[{"role": "user", "content": user}], add_generation_prompt=True)
