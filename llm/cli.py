@@ -89,7 +89,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for a in algos:
         if a not in valid:
             raise ValueError(f"unknown {args.op} algo {a!r}; choose from {', '.join(valid)}")
-    header = " ".join(f"{h:>{len(fmt.format(0)) if 'f' in fmt or '>' in fmt else 10}}" for h, (_, fmt) in zip(HEADERS, COLUMNS))
+    header = " ".join(f"{h:>{len(fmt.format(0))}}" for h, (_, fmt) in zip(HEADERS, COLUMNS))
     print(f"{args.op}: device {device.name}, dtype {args.dtype}, {'cost-only' if args.cost_only else 'full numerics'}, tiles {args.tiles}")
     print(header + ("  effic." if args.op == "gemm" else ""))
     rows = []
