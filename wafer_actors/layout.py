@@ -21,7 +21,6 @@ import numpy as np
 from .errors import LayoutError
 from .mesh import AXES, Mesh
 
-Entry = "str | tuple[str, ...] | None"
 
 
 class Spec(tuple):

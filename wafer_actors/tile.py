@@ -205,7 +205,7 @@ class Tile:
 
     def free(self, name: str) -> None:
         """Release buffer ``name``."""
-        buf = self._buffer(name)
+        buf = self.buffer(name)
         self.used = self.used - buf.nbytes * buf.cores
         del self.buffers[name]
 
@@ -215,12 +215,17 @@ class Tile:
 
     def data(self, name: str) -> np.ndarray:
         """Return the data of buffer ``name``: ``[h, w, *block]``."""
-        buf = self._buffer(name)
+        buf = self.buffer(name)
         if buf.data is None:
             raise ProtocolError(f"buffer {name!r} has no data: this wafer runs cost-only (shapes, no tensors)")
         return buf.data
 
-    def _buffer(self, name: str) -> Buffer:
+    def buffer(self, name: str) -> Buffer:
+        """Return the buffer ``name`` (its block shape, dtype and data).
+
+        Raises:
+            ProtocolError: no such buffer on this tile.
+        """
         try:
             return self.buffers[name]
         except KeyError:
@@ -265,7 +270,7 @@ class Tile:
         """
         self._check_route(transfer)
         tag = self._tag(transfer, self._sent)
-        buf = self._buffer(name)
+        buf = self.buffer(name)
         nbytes = buf.nbytes
         if select is not None:
             nbytes = math.prod(len(range(*s.indices(n))) for s, n in zip(select, buf.block)) * buf.dtype.itemsize
@@ -312,7 +317,7 @@ class Tile:
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
         transfers = [transfers] if isinstance(transfers, Transfer) else list(transfers)
-        buf = self._buffer(name)
+        buf = self.buffer(name)
         arrivals = _Arrivals(self)
         for transfer in transfers:
             self._check_route(transfer)

@@ -61,7 +61,7 @@ def _routes(mesh: Mesh, *, a: str, b: str, c: str) -> list[Route]:
 @protocol(routes=_routes)
 async def gemm_t(tile, *, a: str, b: str, c: str) -> None:
     """C += A . B^T with B's rows moving along the y-ring and partial sums reduced along x."""
-    ba, bb, bc = (tile._buffer(n) for n in (a, b, c))
+    ba, bb, bc = (tile.buffer(n) for n in (a, b, c))
     mt, kt = ba.block
     nt = bb.block[0]
     if bb.block != (nt, kt) or bc.block != (mt, nt):

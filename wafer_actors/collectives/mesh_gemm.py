@@ -195,7 +195,7 @@ def _routes(mesh: Mesh, *, a: str, b: str, c: str, algo: str = "meshgemm", relay
 
 def _blocks(tile, a: str, b: str, c: str) -> tuple[int, int, int]:
     """Return (Mt, K, Nt): A's rows and B's columns per core, and the full inner size K."""
-    ba, bb, bc = (tile._buffer(n) for n in (a, b, c))
+    ba, bb, bc = (tile.buffer(n) for n in (a, b, c))
     ph, pw = tile.tiling.mesh.shape
     if len(ba.block) != 2 or len(bb.block) != 2 or ba.block[1] * pw != bb.block[0] * ph or bc.block != (ba.block[0], bb.block[1]):
         raise ProtocolError(
