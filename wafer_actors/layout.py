@@ -136,11 +136,13 @@ def scatter(array: np.ndarray, layout: Layout) -> np.ndarray:
 def gather(blocks: np.ndarray, layout: Layout, shape: Sequence[int]) -> np.ndarray:
     """Inverse of ``scatter``: rebuild a tensor of ``shape`` from per-core blocks.
 
-    Along replicated mesh axes the copy on core index 0 is read.
+    Along replicated mesh axes the copy on core index 0 is read; ``blocks`` may hold just
+    that copy (size 1 along those axes).
     """
     parts, mesh_pos, block_pos = _split_shape(layout, shape)
     expect = layout.mesh.shape + layout.block_shape(shape)
-    if tuple(blocks.shape) != expect:
+    reduced = tuple(1 if a not in mesh_pos else n for a, n in zip(AXES, layout.mesh.shape)) + expect[2:]
+    if tuple(blocks.shape) not in (expect, reduced):
         raise LayoutError(f"per-core blocks have shape {tuple(blocks.shape)}, expected {expect} for {layout!r}")
     used = [a for a in AXES if a in mesh_pos]
     sel = tuple(slice(None) if a in mesh_pos else 0 for a in AXES)

@@ -199,9 +199,14 @@ class Tile:
         if not self.cost_only:
             self.buffers[name].data[...] = blocks
 
-    def get(self, name: str) -> np.ndarray:
-        """Return buffer ``name`` as ``[h, w, *block]``."""
-        return self.data(name)
+    def get(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> np.ndarray:
+        """Return buffer ``name`` as ``[h, w, *block]``, or only the local ``rows`` / ``cols`` ranges."""
+        data = self.data(name)
+        if rows is not None:
+            data = data[rows[0] : rows[1]]
+        if cols is not None:
+            data = data[:, cols[0] : cols[1]]
+        return data
 
     def free(self, name: str) -> None:
         """Release buffer ``name``."""

@@ -141,11 +141,18 @@ class Wafer:
         if self.cost_only:
             raise ValueError("a cost-only wafer holds shapes, not values; nothing to read")
         shape, layout = self._tensors[name]
-        parts = self.transport.call("get", [(name,)] * len(self.tiling))
-        first = parts[0]
-        blocks = np.empty(self.mesh.shape + first.shape[2:], dtype=first.dtype)
-        for t, p in zip(self.tiling.rects, parts):
-            blocks[t.y0 : t.y1, t.x0 : t.x1] = p
+        # only the copy at index 0 of each replicated mesh axis travels back to the host
+        replicated = layout.replicated_axes()
+        wanted = [t for t in self.tiling.rects if ("y" not in replicated or t.y0 == 0) and ("x" not in replicated or t.x0 == 0)]
+        parts = self.transport.call_some(
+            "get", {self.tiling.rects.index(t): (name, (0, 1) if "y" in replicated else None, (0, 1) if "x" in replicated else None) for t in wanted}
+        )
+        first = next(iter(parts.values()))
+        out_shape = tuple(1 if a in replicated else n for a, n in zip("yx", self.mesh.shape))
+        blocks = np.empty(out_shape + first.shape[2:], dtype=first.dtype)
+        for i, p in parts.items():
+            t = self.tiling.rects[i]
+            blocks[t.y0 : t.y0 + p.shape[0], t.x0 : t.x0 + p.shape[1]] = p
         return gather(blocks, layout, shape)
 
     def free(self, name: str) -> None:

@@ -26,6 +26,10 @@ class Transport(ABC):
         """Call ``Tile.method(*args[i])`` on every tile i at once; return the results in tile order."""
 
     @abstractmethod
+    def call_some(self, method: str, args: dict[int, tuple]) -> dict[int, Any]:
+        """Call ``Tile.method(*args[i])`` on the tiles i in ``args`` only; return {i: result}."""
+
+    @abstractmethod
     def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
         """Run a protocol on every tile; if one tile fails, abort the others and raise its error."""
 

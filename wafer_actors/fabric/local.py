@@ -36,6 +36,9 @@ class LocalTransport(Transport):
     def call(self, method: str, args: list[tuple]) -> list[Any]:
         return [getattr(t, method)(*a) for t, a in zip(self.tiles, args)]
 
+    def call_some(self, method: str, args: dict[int, tuple]) -> dict[int, Any]:
+        return {i: getattr(self.tiles[i], method)(*a) for i, a in args.items()}
+
     def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
         return self._loop.run_until_complete(self._run(path, run_id, routes, kwargs))
 

@@ -103,6 +103,13 @@ class RayTransport(Transport):
         except ray.exceptions.RayTaskError as err:
             raise _unwrap(err) from None
 
+    def call_some(self, method: str, args: dict[int, tuple]) -> dict[int, Any]:
+        refs = {i: self.actors[i].call.remote(method, *a) for i, a in args.items()}
+        try:
+            return dict(zip(refs, ray.get(list(refs.values()))))
+        except ray.exceptions.RayTaskError as err:
+            raise _unwrap(err) from None
+
     def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
         refs = [a.run.remote(path, run_id, routes, kwargs) for a in self.actors]
         pending = list(refs)
