@@ -1,0 +1,276 @@
+"""One decode step of a Llama on a region of cores (WaferLLM §4.2), as a wafer protocol.
+
+Layout on an H x W region. The hidden size is padded to D (a multiple of H), the K/V
+width to KV (a multiple of 2W, so RoPE pairs never straddle two cores), the FFN size to F
+and the vocabulary to V (multiples of W). G = query heads per KV head. Query heads are
+regrouped as (G, KV): q[g, kvh * head_dim + d] is query head kvh * G + g, so column px
+holds the queries that read the K/V columns it holds (GQA without copies).
+
+    x, h        (D,)                 Spec("y")              dims of block py on every px
+    wqkv        (L, D, G + 2, KV)    Spec(None, "y", None, "x")  reduce over y -> qkv
+    qkv         (G + 2, KV)          Spec(None, "x")        q (G rows), k, v; on every py
+    k/v cache   (L, cap, KV)         Spec(None, None, "x")  sequence along y: row py keeps
+                                                            its tokens in slots j mod cap
+    scores      (n_kv, G, cmax)      row py's tokens        reduce over x
+    o           (G, KV)              Spec(None, "x")        reduce over y
+    wo          (L, G, KV, D)        Spec(None, None, "x", "y")  reduce over x -> back to x's layout
+    w13         (L, D, 2, F)         Spec(None, "y", None, "x")  gate and up, reduce over y
+    w2          (L, F, D)            Spec(None, "x", "y")   reduce over x
+    lm_head     (D, V)               Spec("y", "x")         reduce over y -> logits (V,) Spec("x")
+
+Reductions alternate between the axes so every GEMV's output is already laid out for the
+next one: no transpose ever runs. Ten allreduces per layer (seven along y, three along x),
+all with the same algorithm (the K-tree by default).
+
+KV cache. After T tokens, ``kv_rows`` says how many tokens each row holds and where its
+oldest one starts. ``shift``: rows hold floor or ceil of T / H tokens (the bottom T mod H
+rows one more), oldest in row 0, newest in the tail row; a new entry enters at the tail
+row and each of the fuller rows passes its oldest entry one hop north (one transfer along
+y, all columns at once), so the rows stay balanced. ``concat``: every entry
+stays in the tail row (the PagedAttention-style baseline), so one row's memory bounds the
+context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from wafer_actors.collectives.allreduce import allreduce_routes, run_allreduce
+from wafer_actors.mesh import Mesh
+from wafer_actors.protocol import protocol
+from wafer_actors.transfer import Route, Transfer
+
+KV_MODES = ("shift", "concat")
+
+
+@dataclass(frozen=True)
+class RegionPlan:
+    """What the cores of one region need to know to run their layers (sent with every run)."""
+
+    layers: int  # decoder layers on this region
+    dim: int  # real hidden size (for the RMSNorm mean)
+    groups: int  # query heads per KV head
+    n_kv: int
+    head_dim: int
+    kv_dim: int  # real K/V width
+    eps: float
+    rope_base: float
+    cap: int  # KV slots per core
+    kv_mode: str = "shift"
+    head: bool = False  # final norm and LM head on this region
+    algo: str = "ktree"
+    K: int = 2
+    group_num: int | None = None
+
+    def as_kwargs(self) -> dict:
+        return asdict(self)
+
+
+def kv_rows(mode: str, rows: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens each row holds after ``tokens`` entries, and the index of its oldest: (counts, starts)."""
+    r = np.arange(rows)
+    if mode == "concat":
+        counts = np.where(r == rows - 1, tokens, 0)
+        return counts, np.zeros(rows, dtype=np.int64)
+    n, m = divmod(tokens, rows)  # the bottom m rows hold one more
+    return np.where(r >= rows - m, n + 1, n), r * n + np.maximum(0, r - (rows - m))
+
+
+@lru_cache(maxsize=None)
+def kv_shift_transfer(mesh: Mesh, first: int) -> Transfer:
+    """Rows ``first + 1 .. H - 1`` each pass one entry to the row above, on every column."""
+    h = mesh.height
+    return Transfer.along(mesh, "y", f"kv_north:{first}", "kv_north", np.arange(first + 1, h), np.arange(first, h - 1))
+
+
+@lru_cache(maxsize=64)
+def _routes_cached(mesh: Mesh, algo: str, K: int, group_num: int | None, shift: bool) -> tuple[Route, ...]:
+    routes = allreduce_routes(mesh, axis="y", algo=algo, K=K, group_num=group_num)
+    routes += allreduce_routes(mesh, axis="x", algo=algo, K=K, group_num=group_num)
+    if shift and mesh.height > 1:
+        routes.append(Route("kv_north", (kv_shift_transfer(mesh, 0),)))
+    return tuple(routes)
+
+
+def _routes(mesh: Mesh, *, plan: dict, pos: int) -> list[Route]:
+    return list(_routes_cached(mesh, plan["algo"], plan["K"], plan["group_num"], plan["kv_mode"] == "shift"))
+
+
+@lru_cache(maxsize=256)
+def _columns(p: RegionPlan, x0: int, x1: int, width: int, pos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per local column: one-hot KV head of each K/V column (w, kvt, n_kv), and RoPE cos/sin (w, kvt/2)."""
+    kv_pad = _pad(p.kv_dim, 2 * width)
+    kvt = kv_pad // width
+    j = np.arange(x0 * kvt, x1 * kvt).reshape(x1 - x0, kvt)  # global K/V column
+    head = np.where(j < p.kv_dim, j // p.head_dim, -1)
+    onehot = (head[..., None] == np.arange(p.n_kv)).astype(np.float32)
+    d = (j % p.head_dim)[:, 0::2]  # even element of each RoPE pair
+    angle = pos * p.rope_base ** (-d.astype(np.float64) / p.head_dim)
+    return onehot, np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+
+
+def _pad(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _rope(t: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Rotate adjacent pairs of the last axis in place (cos/sin broadcast from (w, kvt/2))."""
+    even, odd = t[..., 0::2].copy(), t[..., 1::2].copy()
+    t[..., 0::2] = even * cos - odd * sin
+    t[..., 1::2] = even * sin + odd * cos
+
+
+async def _allreduce(tile, p: RegionPlan, buffer: str, axis: str, op: str = "add") -> None:
+    await run_allreduce(tile, buffer=buffer, axis=axis, op=op, algo=p.algo, K=p.K, group_num=p.group_num)
+
+
+async def _rmsnorm(tile, p: RegionPlan, weight: np.ndarray | None, dt: int) -> None:
+    """h = x / rms(x) * weight, the sum of squares allreduced along y (one scalar)."""
+    if not tile.cost_only:
+        x = tile.data("x")
+        tile.data("ss")[..., 0] = np.einsum("yxd,yxd->yx", x, x)
+    tile.charge(dt, "float32")
+    await _allreduce(tile, p, "ss", "y")
+    if not tile.cost_only:
+        scale = 1.0 / np.sqrt(tile.data("ss") / np.float32(p.dim) + np.float32(p.eps))
+        tile.data("h")[...] = tile.data("x") * scale * weight
+    tile.charge(2 * dt, "float32")
+
+
+@protocol(routes=_routes)
+async def decode_step(tile, *, plan: dict, pos: int) -> None:
+    """Run the token whose embedding is in ``x`` at position ``pos`` through this region's layers."""
+    p = RegionPlan(**plan)
+    full = not tile.cost_only
+    h_rows, w_cols = tile.tiling.mesh.shape
+    r = tile.rect
+    rows = np.arange(r.y0, r.y1)
+    G, nkv = p.groups, p.n_kv
+    counts, starts = kv_rows(p.kv_mode, h_rows, pos + 1)
+    cmax = int(counts.max())
+    here = counts[rows]  # tokens held by each local row
+    act = np.flatnonzero(here > 0)  # local rows that hold tokens
+    slots = (starts[rows[act], None] + np.arange(cmax)) % p.cap  # (a, cmax)
+    valid = np.arange(cmax) < here[:, None]  # (h, cmax)
+    onehot, cos, sin = _columns(p, r.x0, r.x1, w_cols, pos)
+    dt = tile.buffer("x").block[0]
+    kvt = tile.buffer("qkv").block[1]
+    ft = tile.buffer("ff").block[1]
+    per_row = here[:, None] * np.ones(r.shape)  # attention work per core follows its row's tokens
+    tile.alloc("scores", (nkv, G, cmax), "float32")
+    for layer in range(p.layers):
+        # attention RMSNorm, then q, k, v in one fused GEMV reduced along y
+        await _rmsnorm(tile, p, tile.data("attn_norm")[:, :, layer] if full else None, dt)
+        if full:
+            w = tile.data("wqkv")[:, :, layer]
+            tile.data("qkv")[...] = np.einsum("yxd,yxdck->yxck", tile.data("h"), w)
+        tile.charge(dt * (G + 2) * kvt, "float32", calls=dt)
+        await _allreduce(tile, p, "qkv", "y")
+        if full:  # RoPE on q and k
+            qkv = tile.data("qkv")
+            _rope(qkv[:, :, : G + 1], cos[:, None], sin[:, None])
+        tile.charge(3 * (G + 1) * kvt, "float32")
+        await _kv_append(tile, p, layer, pos, h_rows, counts, starts)
+        # scores of each query head over the row's tokens, reduced along x
+        if full:
+            kc = tile.data("k_cache")[:, :, layer][act]  # (a, w, cap, kvt)
+            keys = np.take_along_axis(kc, slots[:, None, :, None], axis=2)
+            sc = tile.data("scores")
+            sc[...] = 0.0
+            sc[act] = np.einsum("yxgj,yxij,xjk->yxkgi", tile.data("qkv")[act, :, :G], keys, onehot, optimize=True)
+        tile.charge(per_row * G * kvt, "float32", calls=G)
+        await _allreduce(tile, p, "scores", "x")
+        # softmax over the whole sequence: max and sum allreduced along y
+        if full:
+            sc = tile.data("scores")
+            sc /= np.float32(np.sqrt(p.head_dim))
+            sc[...] = np.where(valid[:, None, None, None, :], sc, -np.inf)
+            tile.data("att_m")[...] = sc.max(axis=-1)
+        tile.charge(per_row * G * nkv, "float32")
+        await _allreduce(tile, p, "att_m", "y", op="max")
+        if full:
+            sc = tile.data("scores")
+            sc[...] = np.exp(sc - tile.data("att_m")[..., None])
+            tile.data("att_s")[...] = sc.sum(axis=-1)
+        tile.charge(2 * per_row * G * nkv, "float32")
+        await _allreduce(tile, p, "att_s", "y")
+        # o = softmax . V, reduced along y
+        if full:
+            sc = tile.data("scores")
+            sc /= tile.data("att_s")[..., None]
+            vc = tile.data("v_cache")[:, :, layer][act]
+            values = np.take_along_axis(vc, slots[:, None, :, None], axis=2)
+            o = tile.data("o")
+            o[...] = 0.0
+            o[act] = np.einsum("yxkgi,xjk,yxij->yxgj", sc[act], onehot, values, optimize=True)
+        tile.charge(per_row * G * (kvt + nkv), "float32", calls=G)
+        await _allreduce(tile, p, "o", "y")
+        # output projection reduced along x lands in x's layout; residual
+        if full:
+            tile.data("y")[...] = np.einsum("yxgj,yxgjd->yxd", tile.data("o"), tile.data("wo")[:, :, layer])
+        tile.charge(G * kvt * dt, "float32", calls=G * kvt)
+        await _allreduce(tile, p, "y", "x")
+        if full:
+            tile.data("x")[...] += tile.data("y")
+        # FFN RMSNorm, gate and up in one GEMV reduced along y, SwiGLU
+        await _rmsnorm(tile, p, tile.data("ffn_norm")[:, :, layer] if full else None, dt)
+        if full:
+            tile.data("ff")[...] = np.einsum("yxd,yxdcf->yxcf", tile.data("h"), tile.data("w13")[:, :, layer])
+        tile.charge(dt * 2 * ft, "float32", calls=dt)
+        await _allreduce(tile, p, "ff", "y")
+        if full:
+            ff = tile.data("ff")
+            gate, up = ff[:, :, 0], ff[:, :, 1]
+            tile.data("z")[...] = gate / (1 + np.exp(-gate)) * up
+        tile.charge(3 * ft, "float32")
+        # down projection reduced along x; residual
+        if full:
+            tile.data("y")[...] = np.einsum("yxf,yxfd->yxd", tile.data("z"), tile.data("w2")[:, :, layer])
+        tile.charge(ft * dt, "float32", calls=ft)
+        await _allreduce(tile, p, "y", "x")
+        if full:
+            tile.data("x")[...] += tile.data("y")
+    tile.free("scores")
+    if p.head:  # final norm and LM head: logits reduced along y
+        await _rmsnorm(tile, p, tile.data("final_norm") if full else None, dt)
+        vt = tile.buffer("logits").block[0]
+        if full:
+            tile.data("logits")[...] = np.einsum("yxd,yxdv->yxv", tile.data("h"), tile.data("lm_head"))
+        tile.charge(dt * vt, "float32", calls=dt)
+        await _allreduce(tile, p, "logits", "y")
+
+
+async def _kv_append(tile, p: RegionPlan, layer: int, pos: int, h_rows: int, counts: np.ndarray, starts: np.ndarray) -> None:
+    """Store the new token's k and v (held by every row after the QKV allreduce) in the cache."""
+    full = not tile.cost_only
+    r = tile.rect
+    G = p.groups
+    if p.kv_mode == "shift" and h_rows > 1:
+        m = pos % h_rows  # before this token the bottom m rows hold one entry more than the others
+        if m:  # those rows pass their oldest entry north, so the tail row has room again
+            first = h_rows - m - 1  # the row that receives without sending
+            oldest = kv_rows("shift", h_rows, pos)[1]
+            transfer = kv_shift_transfer(tile.tiling.mesh, first)
+            if full:
+                send = np.arange(max(r.y0, first + 1), r.y1)
+                if len(send):
+                    ly, slot = send - r.y0, oldest[send] % p.cap
+                    out = tile.data("kv_out")
+                    out[ly, :, 0] = tile.data("k_cache")[ly, :, layer, slot]  # (rows, w, kvt)
+                    out[ly, :, 1] = tile.data("v_cache")[ly, :, layer, slot]
+            tile.send(transfer, "kv_out")
+            await tile.recv(transfer, "kv_in")
+            if full:
+                take = np.arange(max(r.y0, first), min(r.y1, h_rows - 1))
+                if len(take):
+                    ly, slot = take - r.y0, oldest[take + 1] % p.cap
+                    kin = tile.data("kv_in")
+                    tile.data("k_cache")[ly, :, layer, slot] = kin[ly, :, 0]
+                    tile.data("v_cache")[ly, :, layer, slot] = kin[ly, :, 1]
+    if r.y1 == h_rows and full:  # the tail row takes the new entry
+        qkv = tile.data("qkv")
+        tile.data("k_cache")[-1, :, layer, pos % p.cap] = qkv[-1, :, G]
+        tile.data("v_cache")[-1, :, layer, pos % p.cap] = qkv[-1, :, G + 1]

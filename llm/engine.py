@@ -1,0 +1,226 @@
+"""Llama decode on an emulated wafer: place the weights once, then one protocol run per token.
+
+The host writes the token's embedding into region 0 and reads the logits from the last
+region. Between regions (models that one region cannot hold) the activation crosses from
+one region's east edge to the next region's west edge; regions are laid out in a snake so
+consecutive ones are neighbours. That hand-off is charged as one transfer of a row's block
+(``width + 1`` hops, one relay) per row at once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from wafer_actors import Wafer
+from wafer_actors.device import DeviceSpec, resolve
+from wafer_actors.layout import Spec
+
+from .checkpoint import LlamaWeights
+from .config import LlamaConfig
+from .decode_protocol import KV_MODES, RegionPlan, decode_step
+from .placement import F32, Placement, place
+
+SPECS = {
+    "attn_norm": Spec(None, "y"),
+    "wqkv": Spec(None, "y", None, "x"),
+    "wo": Spec(None, None, "x", "y"),
+    "ffn_norm": Spec(None, "y"),
+    "w13": Spec(None, "y", None, "x"),
+    "w2": Spec(None, "x", "y"),
+    "final_norm": Spec("y"),
+    "lm_head": Spec("y", "x"),
+}
+
+
+@dataclass
+class StepStats:
+    """What one token cost: predicted device cycles (all regions and hand-offs) and host time."""
+
+    cycles: float
+    region_cycles: list[float]
+    handoff_cycles: float
+    host_s: float
+
+
+@dataclass
+class DecodeTotals:
+    """Sums over the tokens run so far."""
+
+    tokens: int = 0
+    cycles: float = 0.0
+    host_s: float = 0.0
+    steps: list[StepStats] = field(default_factory=list, repr=False)
+
+
+class WaferLlama:
+    """A Llama placed on one or more regions of an emulated wafer.
+
+    Args:
+        cfg, weights: the model (weights may be None with ``cost_only``).
+        mesh: ``(height, width)`` of one region, in cores.
+        device: preset, device file or ``DeviceSpec``.
+        tiles: ``(rows, cols)`` of tiles (actors) per region.
+        transport: ``"ray"`` or ``"local"``.
+        kv: ``"shift"`` (WaferLLM) or ``"concat"`` (the baseline).
+        tokens: KV entries the cache must hold (the placement refuses a mesh that cannot).
+        algo: allreduce algorithm of every GEMV (``ktree``, ``pipeline``, ``ring``, ``chain``).
+
+    Raises:
+        PlacementError: the model does not fit (bytes needed and available in the message).
+        ValueError: bad ``kv`` or ``algo``.
+    """
+
+    def __init__(self, cfg: LlamaConfig, weights: LlamaWeights | None, *, mesh: tuple[int, int],
+                 device: str | DeviceSpec = "wse2", tiles: tuple[int, int] = (1, 1), transport: str = "ray",
+                 kv: str = "shift", tokens: int = 1, algo: str = "ktree", cost_only: bool = False):
+        if kv not in KV_MODES:
+            raise ValueError(f"kv must be one of {KV_MODES}, got {kv!r}")
+        if weights is None and not cost_only:
+            raise ValueError("weights are needed unless cost_only=True")
+        self.cfg, self.weights = cfg, weights
+        self.device: DeviceSpec = resolve(device)
+        self.placement: Placement = place(cfg, self.device, *mesh, kv_mode=kv, tokens=tokens)
+        self.mesh, self.tiles, self.kv, self.algo = tuple(mesh), tuple(tiles), kv, algo
+        self.cost_only = cost_only
+        self.plans = [
+            RegionPlan(r.layers, cfg.dim, cfg.n_heads // cfg.n_kv_heads, cfg.n_kv_heads, cfg.head_dim, cfg.kv_dim,
+                       cfg.norm_eps, cfg.rope_base, r.cap, kv, r.head, algo)
+            for r in self.placement.regions
+        ]
+        self.wafers: list[Wafer] = []
+        self.pos = 0
+        self.totals = DecodeTotals()
+        try:
+            for region in self.placement.regions:
+                self.wafers.append(Wafer(mesh, device=self.device, tiles=tiles, transport=transport, cost_only=cost_only))
+                self._load(self.wafers[-1], region)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- placement ------------------------------------------------------------------------
+    def _load(self, wafer: Wafer, region) -> None:
+        from .placement import region_weights
+
+        cfg, s = self.cfg, self.placement.shape
+        g = cfg.n_heads // cfg.n_kv_heads
+        if self.cost_only:
+            shapes = _weight_shapes(cfg, s, region.layers, region.head)
+            for name, shape in shapes.items():
+                wafer.alloc(name, shape, "float32", SPECS[name])
+        else:
+            for name, array in region_weights(cfg, self.weights, s, region).items():
+                wafer.load(name, array, SPECS[name])
+        work = {
+            "x": ((s.dim,), Spec("y")), "h": ((s.dim,), Spec("y")), "y": ((s.dim,), Spec("y")),
+            "ss": ((1,), Spec(None)), "qkv": ((g + 2, s.kv), Spec(None, "x")), "o": ((g, s.kv), Spec(None, "x")),
+            "ff": ((2, s.ffn), Spec(None, "x")), "z": ((s.ffn,), Spec("x")),
+            "att_m": ((cfg.n_kv_heads, g), Spec(None, None)), "att_s": ((cfg.n_kv_heads, g), Spec(None, None)),
+            "kv_out": ((2, s.kv), Spec(None, "x")), "kv_in": ((2, s.kv), Spec(None, "x")),
+            "k_cache": ((region.layers, region.cap, s.kv), Spec(None, None, "x")),
+            "v_cache": ((region.layers, region.cap, s.kv), Spec(None, None, "x")),
+        }
+        if region.head:
+            work["logits"] = ((s.vocab,), Spec("x"))
+        for name, (shape, spec) in work.items():
+            wafer.alloc(name, shape, "float32", spec)
+
+    # ---- decode ---------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Start a new sequence (the cache slots are reused; positions start again at 0)."""
+        self.pos = 0
+        self.totals = DecodeTotals()
+
+    def step(self, token: int) -> tuple[np.ndarray | None, StepStats]:
+        """Run ``token`` at the next position; return (logits (vocab,) or None when cost-only, stats).
+
+        Raises:
+            PlacementError: the KV cache (or the model's context) has no room for another token.
+            ValueError: a token id outside the vocabulary.
+        """
+        if not 0 <= int(token) < self.cfg.vocab_size:
+            raise ValueError(f"token id {token} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        self.placement.check_tokens(self.pos + 1)
+        t0 = time.perf_counter()
+        s = self.placement.shape
+        if self.cost_only:
+            x = None
+        else:
+            x = np.zeros(s.dim, np.float32)
+            x[: self.cfg.dim] = self.weights.tok_embeddings[int(token)]
+        cycles, handoff = [], 0.0
+        for i, (wafer, plan) in enumerate(zip(self.wafers, self.plans)):
+            if i:
+                handoff += self._handoff_cycles()
+                x = None if self.cost_only else self.wafers[i - 1].read("x")
+            if x is not None:
+                wafer.load("x", x, Spec("y"))
+            wafer.reset_clocks()
+            stats = wafer.run(decode_step, plan=plan.as_kwargs(), pos=self.pos)
+            cycles.append(stats.cycles)
+        logits = None if self.cost_only else self.wafers[-1].read("logits")[: self.cfg.vocab_size]
+        self.pos += 1
+        st = StepStats(sum(cycles) + handoff, cycles, handoff, time.perf_counter() - t0)
+        self.totals.tokens += 1
+        self.totals.cycles += st.cycles
+        self.totals.host_s += st.host_s
+        self.totals.steps.append(st)
+        return logits, st
+
+    def _handoff_cycles(self) -> float:
+        """One row block of x crossing into the next region and spreading along its rows."""
+        d, s = self.device, self.placement.shape
+        return (s.width + 1) * d.alpha + d.beta + s.dt * F32 / d.link_bytes_per_cycle
+
+    # ---- reports --------------------------------------------------------------------------
+    def sram_high_water(self) -> int:
+        """Highest SRAM high-water mark of any core, in bytes."""
+        return max(int(w.memory()[1].max()) for w in self.wafers)
+
+    def summary(self) -> dict[str, Any]:
+        """Predicted and emulation figures for the tokens run so far."""
+        t = self.totals
+        cpt = t.cycles / t.tokens if t.tokens else 0.0
+        return {
+            "predicted": {
+                "cycles_per_token": cpt,
+                "tokens_per_s": self.device.clock_hz / cpt if cpt else 0.0,
+                "device": self.device.name,
+                "regions": len(self.wafers),
+                "handoff_cycles_per_token": t.steps[-1].handoff_cycles if t.steps else 0.0,
+            },
+            "emulation": {
+                "ms_per_token": 1e3 * t.host_s / t.tokens if t.tokens else 0.0,
+                "tiles": list(self.tiles),
+                "mesh": list(self.mesh),
+                "sram_high_water_bytes": self.sram_high_water(),
+                "sram_bytes": self.device.sram_bytes,
+            },
+            "kv": {"mode": self.kv, "slots_per_core": self.placement.cap, "capacity_tokens": self.placement.capacity()},
+        }
+
+    def close(self) -> None:
+        for w in self.wafers:
+            w.shutdown()
+        self.wafers = []
+
+    def __enter__(self) -> "WaferLlama":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _weight_shapes(cfg: LlamaConfig, s, layers: int, head: bool) -> dict[str, tuple[int, ...]]:
+    g = cfg.n_heads // cfg.n_kv_heads
+    shapes = {
+        "attn_norm": (layers, s.dim), "wqkv": (layers, s.dim, g + 2, s.kv), "wo": (layers, g, s.kv, s.dim),
+        "ffn_norm": (layers, s.dim), "w13": (layers, s.dim, 2, s.ffn), "w2": (layers, s.ffn, s.dim),
+    }
+    if head:
+        shapes.update(final_norm=(s.dim,), lm_head=(s.dim, s.vocab))
+    return shapes

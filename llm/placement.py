@@ -1,0 +1,215 @@
+"""Where a model goes on the wafer: padded sizes, per-core bytes, regions and KV capacity.
+
+Everything here is host-side arithmetic, done before any tile starts, so a model that does
+not fit is refused with the numbers instead of failing halfway through loading.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from wafer_actors.device import DeviceSpec
+from wafer_actors.errors import CoreMemoryError
+from wafer_actors.mesh import even_bounds
+
+from .checkpoint import LlamaWeights
+from .config import LlamaConfig
+
+F32 = 4  # the wafer holds float32 weights, activations and KV entries
+
+
+class PlacementError(ValueError):
+    """The model cannot be placed as asked: the message gives bytes needed and available."""
+
+
+def _up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@dataclass(frozen=True)
+class RegionShape:
+    """Padded sizes and per-core block sizes of a model on an ``height x width`` region."""
+
+    height: int
+    width: int
+    dim: int  # D, multiple of height
+    kv: int  # KV, multiple of 2 * width
+    ffn: int  # F, multiple of width
+    vocab: int  # V, multiple of width
+
+    @classmethod
+    def of(cls, cfg: LlamaConfig, height: int, width: int) -> "RegionShape":
+        return cls(height, width, _up(cfg.dim, height), _up(cfg.kv_dim, 2 * width), _up(cfg.ffn_dim, width), _up(cfg.vocab_size, width))
+
+    @property
+    def dt(self) -> int:
+        return self.dim // self.height
+
+    @property
+    def kvt(self) -> int:
+        return self.kv // self.width
+
+    @property
+    def ft(self) -> int:
+        return self.ffn // self.width
+
+    @property
+    def vt(self) -> int:
+        return self.vocab // self.width
+
+
+def layer_bytes(cfg: LlamaConfig, s: RegionShape) -> int:
+    """Weight bytes of one decoder layer on one core."""
+    g = cfg.n_heads // cfg.n_kv_heads
+    return F32 * (2 * s.dt + s.dt * (g + 2) * s.kvt + g * s.kvt * s.dt + s.dt * 2 * s.ft + s.ft * s.dt)
+
+
+def work_bytes(cfg: LlamaConfig, s: RegionShape, head: bool) -> int:
+    """Activation buffers of one core (x, h, y, qkv, o, ff, z, softmax scalars, KV hand-over), plus the LM head."""
+    g = cfg.n_heads // cfg.n_kv_heads
+    n = 3 * s.dt + 1 + (g + 2) * s.kvt + g * s.kvt + 3 * s.ft + 2 * cfg.n_kv_heads * g + 4 * s.kvt
+    if head:
+        n += s.dt + s.dt * s.vt + s.vt
+    return F32 * n
+
+
+def slot_bytes(cfg: LlamaConfig, s: RegionShape, layers: int) -> int:
+    """Bytes one KV slot (one token, all of the region's layers, K and V) costs a core, plus its score."""
+    return F32 * (2 * layers * s.kvt + cfg.n_heads)
+
+
+@dataclass(frozen=True)
+class Region:
+    """One region: which layers it runs and how many KV slots each of its cores has."""
+
+    index: int
+    first_layer: int
+    layers: int
+    head: bool
+    cap: int
+    bytes_fixed: int  # per core: weights and activations
+    bytes_slot: int  # per core: one KV slot
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A model on one or more ``height x width`` regions of the device."""
+
+    cfg: LlamaConfig
+    shape: RegionShape
+    regions: tuple[Region, ...]
+    kv_mode: str
+
+    @property
+    def cap(self) -> int:
+        """KV slots per core (the smallest over the regions)."""
+        return min(r.cap for r in self.regions)
+
+    def capacity(self) -> int:
+        """Tokens the KV cache holds: every row's slots (shift) or the tail row's only (concat)."""
+        return self.cap * (self.shape.height if self.kv_mode == "shift" else 1)
+
+    def check_tokens(self, tokens: int) -> None:
+        """Refuse a sequence of ``tokens`` tokens that the KV cache or the model context cannot hold."""
+        if tokens > self.cfg.max_seq_len:
+            raise PlacementError(f"{tokens} tokens exceed the model's context of {self.cfg.max_seq_len} tokens")
+        if tokens <= self.capacity():
+            return
+        s = self.shape
+        if self.kv_mode == "concat":
+            raise PlacementError(
+                f"KV cache full: with --kv concat every entry stays in row {s.height - 1} (the tail row) of each "
+                f"{s.height}x{s.width} region, whose cores have room for {self.cap} tokens "
+                f"({self.regions[0].bytes_slot} bytes each); {tokens} tokens needed. "
+                f"--kv shift spreads them over all {s.height} rows and fits {self.cap * s.height}"
+            )
+        raise PlacementError(
+            f"KV cache full: each of the {s.height} rows of a {s.height}x{s.width} region holds {self.cap} tokens, "
+            f"{self.capacity()} in all; {tokens} tokens needed. Use a larger --mesh"
+        )
+
+
+def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_mode: str = "shift",
+          tokens: int = 1, max_slots: int | None = None) -> Placement:
+    """Assign the model's layers to as few ``height x width`` regions as hold them with room for ``tokens``.
+
+    Args:
+        tokens: KV entries the cache must hold (per row: ceil(tokens / height) with shift).
+        max_slots: allocate at most this many KV slots per core (default: all that fit).
+
+    Raises:
+        PlacementError: the region is larger than the device, or even one layer per region
+            does not fit, or the model needs more regions than the device has.
+    """
+    device.check_mesh(height, width)
+    s = RegionShape.of(cfg, height, width)
+    need = math.ceil(tokens / height) if kv_mode == "shift" else tokens
+    available = (device.height // height) * (device.width // width)
+    budget = device.sram_bytes
+    for n in range(1, cfg.n_layers + 1):
+        bounds = even_bounds(cfg.n_layers, n)
+        regions, ok = [], True
+        for i in range(n):
+            layers, head = bounds[i + 1] - bounds[i], i == n - 1
+            fixed = layers * layer_bytes(cfg, s) + work_bytes(cfg, s, head)
+            slot = slot_bytes(cfg, s, layers)
+            cap = (budget - fixed) // slot
+            if cap < need:
+                ok = False
+                break
+            regions.append(Region(i, bounds[i], layers, head, int(min(cap, max_slots or cap)), fixed, slot))
+        if ok:
+            if n > available:
+                total = sum(r.bytes_fixed + need * r.bytes_slot for r in regions) * height * width
+                raise PlacementError(
+                    f"model {cfg.name} needs {n} regions of {height}x{width} cores ({total / 2**20:.1f} MiB of SRAM "
+                    f"for weights, activations and {tokens} tokens of KV cache); the {device.name} wafer "
+                    f"({device.height}x{device.width}) has room for {available} ({available * height * width * budget / 2**20:.1f} MiB)"
+                )
+            return Placement(cfg, s, tuple(regions), kv_mode)
+    one = layer_bytes(cfg, s) + work_bytes(cfg, s, True) + need * slot_bytes(cfg, s, 1)
+    raise PlacementError(
+        f"one layer of {cfg.name} needs {one} bytes per core on a {height}x{width} region "
+        f"(with its LM head and {tokens} tokens of KV cache); a core has {budget}. Use a larger --mesh"
+    )
+
+
+def default_mesh(cfg: LlamaConfig, device: DeviceSpec, tokens: int) -> tuple[int, int]:
+    """The smallest square region (side a multiple of 8) that holds the whole model and ``tokens`` KV entries."""
+    for side in range(8, min(device.height, device.width) + 1, 8):
+        try:
+            p = place(cfg, device, side, side, tokens=tokens)
+        except PlacementError:
+            continue
+        if len(p.regions) == 1:
+            return side, side
+    raise PlacementError(f"model {cfg.name} does not fit one square region of the {device.name} wafer; give --mesh")
+
+
+def region_weights(cfg: LlamaConfig, w: LlamaWeights, s: RegionShape, region: Region) -> dict[str, np.ndarray]:
+    """The region's weights, regrouped (GQA) and zero-padded to the decode layout's global shapes."""
+    g, nkv, hd, d = cfg.n_heads // cfg.n_kv_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
+    sl = slice(region.first_layer, region.first_layer + region.layers)
+    L = region.layers
+
+    def pad(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return np.pad(a, [(0, t - n) for n, t in zip(a.shape, shape)]).astype(np.float32, copy=False)
+
+    wq = w.wq[sl].reshape(L, d, nkv, g, hd).transpose(0, 1, 3, 2, 4).reshape(L, d, g, nkv * hd)
+    wqkv = np.concatenate([wq, w.wk[sl][:, :, None], w.wv[sl][:, :, None]], axis=2)
+    wo = w.wo[sl].reshape(L, nkv, g, hd, d).transpose(0, 2, 1, 3, 4).reshape(L, g, nkv * hd, d)
+    out = {
+        "attn_norm": pad(w.attn_norm[sl], (L, s.dim)),
+        "wqkv": pad(wqkv, (L, s.dim, g + 2, s.kv)),
+        "wo": pad(wo, (L, g, s.kv, s.dim)),
+        "ffn_norm": pad(w.ffn_norm[sl], (L, s.dim)),
+        "w13": pad(np.stack([w.w_gate[sl], w.w_up[sl]], axis=2), (L, s.dim, 2, s.ffn)),
+        "w2": pad(w.w_down[sl], (L, s.ffn, s.dim)),
+    }
+    if region.head:
+        out["final_norm"] = pad(w.final_norm, (s.dim,))
+        out["lm_head"] = pad(w.lm_head, (s.dim, s.vocab))
+    return out
