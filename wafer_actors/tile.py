@@ -55,16 +55,29 @@ class Buffer:
         return math.prod(self.block) * self.dtype.itemsize
 
 
-def _combine(buf: Buffer, ly: np.ndarray, lx: np.ndarray, incoming: np.ndarray, op: str) -> None:
-    """Write (or add, or max) received blocks into the cores (ly, lx) of ``buf``."""
+def _combine(buf: Buffer, fi: np.ndarray, incoming: np.ndarray, op: str) -> None:
+    """Write (or add, or max) received blocks into the cores ``fi`` (flat local indices, distinct) of ``buf``."""
     if incoming.shape[1:] != buf.block:
         raise ProtocolError(f"received blocks of shape {incoming.shape[1:]} into a buffer with blocks {buf.block}")
+    flat = buf.data.reshape((-1,) + buf.block)
     if op == "store":
-        buf.data[ly, lx] = incoming
+        flat[fi] = incoming
     elif op == "add":
-        buf.data[ly, lx] = buf.data[ly, lx] + incoming
+        flat[fi] += incoming
     else:
-        buf.data[ly, lx] = np.maximum(buf.data[ly, lx], incoming)
+        flat[fi] = np.maximum(flat[fi], incoming)
+
+
+@dataclass(frozen=True)
+class _Local:
+    """A transfer part in this tile's flat core indices (cached per transfer, peer and direction)."""
+
+    fi: np.ndarray  # per flow: flat index of the local source (outgoing) or destination (incoming) core
+    fi_src: np.ndarray  # outgoing: flat index of each distinct source, in message order
+    distinct: bool  # outgoing: no two flows share a source (no multicast)
+    load: np.ndarray
+    latency_hops: np.ndarray
+    relays: np.ndarray
 
 
 class _Arrivals:
@@ -74,58 +87,62 @@ class _Arrivals:
     a streaming receive starts ``s = max(c0, h) + beta`` and ends ``max(s + max(t - h, E),
     t + beta)`` (E: cycles to combine one block); a plain receive ends ``max(c0, t)``.
     The core goes on after its last input ends, and not before it has combined them all.
-    The input that ends last is on the critical path: its record is inherited.
+    The input that ends last (the first of them on ties) is on the critical path: its
+    record is inherited. The clocks do not move while a tile waits in a receive.
     """
 
     def __init__(self, tile: "Tile"):
         self.tile = tile
-        self.c0 = tile.clock.copy()
-        shape = self.c0.shape
-        self.got = np.zeros(shape, dtype=bool)
-        self.end = np.full(shape, -np.inf)
-        self.fwd = np.full(shape, -np.inf)
-        self.combine = np.zeros(shape)
-        self.stages = tile.stages.copy()
-        self.compute = tile.path_compute.copy()
+        self.inputs: list[tuple] = []
 
-    def add(self, ly: np.ndarray, lx: np.ndarray, msg: Message, combine: float, stream: bool) -> None:
-        i = ly * self.c0.shape[1] + lx  # flat core indices: cheaper than 2-D fancy indexing
-        c0, beta = self.c0.ravel()[i], self.tile.device.beta
+    def add(self, fi: np.ndarray, msg: Message, combine: float, stream: bool) -> None:
+        t = self.tile
+        c0, beta = t.clock.ravel()[fi], t.device.beta
         if stream:
             start = np.maximum(c0, msg.head) + beta
             end = np.maximum(start + np.maximum(msg.tail - msg.head, combine), msg.tail + beta)
-            fwd = self.fwd.ravel()
-            fwd[i] = np.maximum(fwd[i], start)
             waited = msg.head > c0
         else:
+            start = np.full(len(fi), -np.inf)
             end = np.maximum(c0, msg.tail)
             waited = msg.tail > c0
-        ends, stages, compute = self.end.ravel(), self.stages.ravel(), self.compute.ravel()
-        later = end > ends[i]
-        if later.any():
-            own_stages, own_compute = self.tile.stages.ravel()[i], self.tile.path_compute.ravel()[i]
-            stages[i] = np.where(later, np.where(waited, msg.stages, own_stages), stages[i])
-            compute[i] = np.where(later, np.where(waited, msg.compute, own_compute), compute[i])
-            ends[i] = np.maximum(ends[i], end)
-        if combine:
-            self.combine.ravel()[i] += combine
-        self.got.ravel()[i] = True
+        stages = np.where(waited, msg.stages, t.stages.ravel()[fi])
+        compute = np.where(waited, msg.compute, t.path_compute.ravel()[fi])
+        self.inputs.append((fi, end, start, stages, compute, combine))
 
     def settle(self, stream: bool) -> None:
-        t, g = self.tile, self.got
-        self.end[g] = np.maximum(self.end[g], t.sent[g])  # a step ends when its own sends have landed too
+        if not self.inputs:
+            return
+        t = self.tile
+        if len(self.inputs) == 1:
+            fi, end, fwd, stages, compute, combine = self.inputs[0]
+        else:  # cores fed by several inputs: the latest input wins, starts max, combines add up
+            n = t.clock.size
+            fi = np.concatenate([i[0] for i in self.inputs])  # repeats write equal values below
+            acc_end, acc_fwd, acc_comb = np.full(n, -np.inf), np.full(n, -np.inf), np.zeros(n)
+            acc_stages, acc_compute = np.zeros(n, dtype=np.int64), np.zeros(n)
+            for f, e, st, sg, cp, cb in self.inputs:
+                later = e > acc_end[f]
+                acc_stages[f] = np.where(later, sg, acc_stages[f])
+                acc_compute[f] = np.where(later, cp, acc_compute[f])
+                acc_end[f] = np.maximum(acc_end[f], e)
+                acc_fwd[f] = np.maximum(acc_fwd[f], st)
+                acc_comb[f] += cb
+            end, fwd, stages, compute, combine = acc_end[fi], acc_fwd[fi], acc_stages[fi], acc_compute[fi], acc_comb[fi]
+        clock, c0 = t.clock.ravel(), t.clock.ravel()[fi]
+        end = np.maximum(end, t.sent.ravel()[fi])  # a step ends when its own sends have landed too
         if stream:
-            t.clock[g] = np.maximum(self.end[g], self.c0[g] + t.device.beta + self.combine[g])
-            t.fwd_head[g] = self.fwd[g]
-            t.relaying[g] = True
-            t.stages[g] = self.stages[g] + 1
-            t.path_compute[g] = self.compute[g]
+            clock[fi] = np.maximum(end, c0 + t.device.beta + combine)
+            t.fwd_head.ravel()[fi] = fwd
+            t.relaying.ravel()[fi] = True
+            t.stages.ravel()[fi] = stages + 1
+            t.path_compute.ravel()[fi] = compute
         else:
-            extra = np.where(self.combine[g] > 0, self.combine[g] + t.device.call_overhead, 0.0)
-            t.clock[g] = np.maximum(self.end[g], self.c0[g]) + extra
-            t.relaying[g] = False
-            t.stages[g] = self.stages[g]
-            t.path_compute[g] = self.compute[g] + extra
+            extra = np.where(combine > 0, combine + t.device.call_overhead, 0.0)
+            clock[fi] = np.maximum(end, c0) + extra
+            t.relaying.ravel()[fi] = False
+            t.stages.ravel()[fi] = stages
+            t.path_compute.ravel()[fi] = compute + extra
 
 
 class Tile:
@@ -160,6 +177,8 @@ class Tile:
         self._routes: frozenset[str] = frozenset()
         self._sent: Counter = Counter()
         self._received: Counter = Counter()
+        self._rates: dict[Any, float] = {}
+        self._local_parts: dict[tuple[str, str], tuple[Transfer, dict[int, _Local]]] = {}
 
     # ---- wiring ---------------------------------------------------------------------------
     def connect(self, post: Callable[[int, bytes], None], nodes: list[str]) -> None:
@@ -253,13 +272,20 @@ class Tile:
 
     def charge(self, fmacs: float | np.ndarray, dtype: str, cores: np.ndarray | None = None, calls: int = 1) -> None:
         """Advance the clocks of ``cores`` (local mask; default all) by ``fmacs`` FMACs issued in ``calls`` calls."""
-        rate = self.device.rate(np.dtype(dtype).name)
+        rate = self._rate(dtype)
         cycles = np.asarray(fmacs, dtype=float) / rate + calls * self.device.call_overhead
         if cores is None:
             cores = np.ones(self.rect.shape, dtype=bool)
         add = cycles if np.ndim(cycles) == 0 else cycles[cores]
         self.clock[cores] += add
         self.path_compute[cores] += add
+
+    def _rate(self, dtype: Any) -> float:
+        """FMACs per cycle for ``dtype`` (memoised: dtype names are slow to build)."""
+        rate = self._rates.get(dtype)
+        if rate is None:
+            rate = self._rates[dtype] = self.device.rate(np.dtype(dtype).name)
+        return rate
 
     # ---- fabric ---------------------------------------------------------------------------
     def send(self, transfer: Transfer, name: str, *, stream: bool = False, select: tuple[slice, ...] | None = None) -> None:
@@ -281,32 +307,58 @@ class Tile:
             nbytes = math.prod(len(range(*s.indices(n))) for s, n in zip(select, buf.block)) * buf.dtype.itemsize
             nbytes *= math.prod(buf.block[len(select):])
         dev = self.device
-        for dest, part in transfer.view(self.tiling, self.index).outgoing.items():
-            f = part.flows
-            ly, lx = transfer.src_y[f] - self.rect.y0, transfer.src_x[f] - self.rect.x0
-            dur = nbytes / dev.link_bytes_per_cycle * transfer.load[f]
-            head = self.clock[ly, lx]
-            if stream:
-                head = np.where(self.relaying[ly, lx], self.fwd_head[ly, lx], head)
-            tail = np.maximum(head + dur, self.clock[ly, lx])
-            self.relaying[ly, lx] = False
-            latency = transfer.hops[f] * dev.alpha + transfer.relays[f] * dev.beta
-            np.maximum.at(self.sent, (ly, lx), tail + latency)
+        clock, sent, relaying = self.clock.ravel(), self.sent.ravel(), self.relaying.ravel()
+        for dest, lp in self._parts(transfer, "out").items():
+            fi = lp.fi
+            dur = nbytes / dev.link_bytes_per_cycle * lp.load
+            own = clock[fi]
+            head = np.where(relaying[fi], self.fwd_head.ravel()[fi], own) if stream else own
+            tail = np.maximum(head + dur, own)
+            relaying[fi] = False
+            latency = lp.latency_hops * dev.alpha + lp.relays * dev.beta
+            if lp.distinct:
+                sent[fi] = np.maximum(sent[fi], tail + latency)
+            else:
+                np.maximum.at(sent, fi, tail + latency)
             data = None
             if buf.data is not None:
-                s = part.sources
-                data = buf.data[transfer.src_y[s] - self.rect.y0, transfer.src_x[s] - self.rect.x0]
+                data = buf.data.reshape((-1,) + buf.block)[lp.fi_src]
                 if select is not None:
                     data = data[(slice(None), *select)]
-            record = (self.stages[ly, lx], self.path_compute[ly, lx])
+            record = (self.stages.ravel()[fi], self.path_compute.ravel()[fi])
             msg = Message(self._run_id, tag, self.index, data, head + latency, tail + latency, *record)
-            self._count(dest, len(f), len(f) * nbytes)
+            self._count(dest, len(fi), len(fi) * nbytes)
             if dest == self.index:
                 self._slot(tag, dest).set_result(msg)
             else:
                 raw = encode(msg)
                 self._count_actor(dest, len(raw))
                 self.post(dest, raw)
+
+    def _parts(self, transfer: Transfer, way: str) -> dict[int, _Local]:
+        """The transfer's parts on this tile (``out``: what it sends, ``in``: what it receives), in flat indices."""
+        key = (transfer.key, way)
+        cached = self._local_parts.get(key)
+        if cached is not None and cached[0] is transfer:
+            return cached[1]
+        view = transfer.view(self.tiling, self.index)
+        w, y0, x0 = self.rect.shape[1], self.rect.y0, self.rect.x0
+        parts = {}
+        if way == "out":
+            for dest, part in view.outgoing.items():
+                f, s = part.flows, part.sources
+                fi = (transfer.src_y[f] - y0) * w + transfer.src_x[f] - x0
+                fi_src = (transfer.src_y[s] - y0) * w + transfer.src_x[s] - x0
+                parts[dest] = _Local(fi, fi_src, len(s) == len(f), transfer.load[f], transfer.hops[f], transfer.relays[f])
+        else:
+            for src, part in view.incoming.items():
+                f = part.flows
+                fi = (transfer.dst_y[f] - y0) * w + transfer.dst_x[f] - x0
+                parts[src] = _Local(fi, part.inverse, True, transfer.load[f], transfer.hops[f], transfer.relays[f])
+        if len(self._local_parts) > 4096:  # transfers built afresh on every call would pile up
+            self._local_parts.clear()
+        self._local_parts[key] = (transfer, parts)
+        return parts
 
     async def recv(self, transfers: Transfer | Sequence[Transfer], name: str, *, op: str = "store", stream: bool = False) -> None:
         """Receive the flows of one step's transfers that end on this tile into buffer ``name``.
@@ -327,14 +379,12 @@ class Tile:
         for transfer in transfers:
             self._check_route(transfer)
             tag = self._tag(transfer, self._received)
-            for src, part in transfer.view(self.tiling, self.index).incoming.items():
+            for src, lp in self._parts(transfer, "in").items():
                 msg = await self._take(tag, src)
-                f = part.flows
-                ly, lx = transfer.dst_y[f] - self.rect.y0, transfer.dst_x[f] - self.rect.x0
                 if buf.data is not None:
-                    _combine(buf, ly, lx, msg.data[part.inverse], op)
-                combine = 0.0 if op == "store" else math.prod(buf.block) / self.device.rate(buf.dtype.name)
-                arrivals.add(ly, lx, msg, combine, stream)
+                    _combine(buf, lp.fi, msg.data[lp.fi_src], op)
+                combine = 0.0 if op == "store" else math.prod(buf.block) / self._rate(buf.dtype)
+                arrivals.add(lp.fi, msg, combine, stream)
         arrivals.settle(stream)
 
     def _check_route(self, transfer: Transfer) -> None:
