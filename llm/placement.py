@@ -174,9 +174,11 @@ def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_m
                 )
             return Placement(cfg, s, tuple(regions), kv_mode)
     one = layer_bytes(cfg, s) + work_bytes(cfg, s, True) + need * slot_bytes(cfg, s, 1)
+    hint = (f"; --kv concat keeps all {tokens} entries in the tail row, --kv shift would need {math.ceil(tokens / height)} per row"
+            if kv_mode == "concat" else "")
     raise PlacementError(
         f"one layer of {cfg.name} needs {one} bytes per core on a {height}x{width} region "
-        f"(with its LM head and {tokens} tokens of KV cache); a core has {budget}. Use a larger --mesh"
+        f"(with its LM head and {tokens} tokens of KV cache); a core has {budget}. Use a larger --mesh{hint}"
     )
 
 

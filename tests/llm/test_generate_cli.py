@@ -1,0 +1,47 @@
+"""``wafer-llm generate`` end to end, and its refusals: each a one-line message, exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llm.cli import main
+
+
+def test_generate_writes_json_report(tmp_path, capsys):
+    out = tmp_path / "g.json"
+    code = main(["generate", "--prompt", "The capital of France is", "--max-new-tokens", "3", "--mesh", "64x64",
+                 "--transport", "local", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["output_ids"][:2] == [7042, 30]  # " Paris."
+    assert report["text"].startswith(" Paris.")
+    assert report["predicted"]["device"] == "wse2" and report["predicted"]["cycles_per_token"] > 0
+    assert report["emulation"]["mesh"] == [64, 64] and report["emulation"]["tiles"] == [1, 1]
+    assert len(report["prompt_ids"]) == 5
+    captured = capsys.readouterr()
+    assert "The capital of France is Paris." in captured.out
+    assert "tokens/s" in captured.err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--top-k", "-2"], "top_k must be >= 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["--mesh", "16x16"], "Use a larger --mesh"),
+        (["--mesh", "64x64", "--kv", "concat", "--max-new-tokens", "3000"], "--kv concat keeps all 3000 entries in the tail row"),
+        (["--mesh", "64x64", "--max-new-tokens", "9000"], "exceed the model's context of 8192 tokens"),
+        (["--mesh", "1000x1000"], "1000"),
+    ],
+)
+def test_generate_refusals(args, message, capsys):
+    code = main(["generate", "--prompt", "Hi", "--transport", "local", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
