@@ -18,7 +18,7 @@ from wafer_actors.mesh import even_bounds
 from .checkpoint import LlamaWeights
 from .config import LlamaConfig
 
-F32 = 4  # the wafer holds float32 weights, activations and KV entries
+F32 = 4  # full numerics hold float32 weights, activations and KV entries
 
 
 class PlacementError(ValueError):
@@ -61,24 +61,24 @@ class RegionShape:
         return self.vocab // self.width
 
 
-def layer_bytes(cfg: LlamaConfig, s: RegionShape) -> int:
+def layer_bytes(cfg: LlamaConfig, s: RegionShape, elem: int = F32) -> int:
     """Weight bytes of one decoder layer on one core."""
     g = cfg.n_heads // cfg.n_kv_heads
-    return F32 * (2 * s.dt + s.dt * (g + 2) * s.kvt + g * s.kvt * s.dt + s.dt * 2 * s.ft + s.ft * s.dt)
+    return elem * (2 * s.dt + s.dt * (g + 2) * s.kvt + g * s.kvt * s.dt + s.dt * 2 * s.ft + s.ft * s.dt)
 
 
-def work_bytes(cfg: LlamaConfig, s: RegionShape, head: bool) -> int:
+def work_bytes(cfg: LlamaConfig, s: RegionShape, head: bool, elem: int = F32) -> int:
     """Activation buffers of one core (x, h, y, qkv, o, ff, z, softmax scalars, KV hand-over), plus the LM head."""
     g = cfg.n_heads // cfg.n_kv_heads
     n = 3 * s.dt + 1 + (g + 2) * s.kvt + g * s.kvt + 3 * s.ft + 2 * cfg.n_kv_heads * g + 4 * s.kvt
     if head:
         n += s.dt + s.dt * s.vt + s.vt
-    return F32 * n
+    return elem * n
 
 
-def slot_bytes(cfg: LlamaConfig, s: RegionShape, layers: int) -> int:
+def slot_bytes(cfg: LlamaConfig, s: RegionShape, layers: int, elem: int = F32) -> int:
     """Bytes one KV slot (one token, all of the region's layers, K and V) costs a core, plus its score."""
-    return F32 * (2 * layers * s.kvt + cfg.n_heads)
+    return elem * (2 * layers * s.kvt + cfg.n_heads)
 
 
 @dataclass(frozen=True)
@@ -133,13 +133,14 @@ class Placement:
 
 
 def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_mode: str = "shift",
-          tokens: int = 1, regions: int = 1, max_slots: int | None = None) -> Placement:
+          tokens: int = 1, regions: int = 1, max_slots: int | None = None, elem_bytes: int = F32) -> Placement:
     """Assign the model's layers to as few ``height x width`` regions as hold them with room for ``tokens``.
 
     Args:
         tokens: KV entries the cache must hold (per row: ceil(tokens / height) with shift).
         regions: use at least this many regions (fewer layers each leaves more room for KV).
         max_slots: allocate at most this many KV slots per core (default: all that fit).
+        elem_bytes: bytes per element (4: float32 as full numerics runs; 2: the paper's float16).
 
     Raises:
         PlacementError: the region is larger than the device, or even one layer per region
@@ -157,8 +158,8 @@ def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_m
         regions, ok = [], True
         for i in range(n):
             layers, head = bounds[i + 1] - bounds[i], i == n - 1
-            fixed = layers * layer_bytes(cfg, s) + work_bytes(cfg, s, head)
-            slot = slot_bytes(cfg, s, layers)
+            fixed = layers * layer_bytes(cfg, s, elem_bytes) + work_bytes(cfg, s, head, elem_bytes)
+            slot = slot_bytes(cfg, s, layers, elem_bytes)
             cap = (budget - fixed) // slot
             if cap < need:
                 ok = False
@@ -173,7 +174,7 @@ def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_m
                     f"({device.height}x{device.width}) has room for {available} ({available * height * width * budget / 2**20:.1f} MiB)"
                 )
             return Placement(cfg, s, tuple(regions), kv_mode)
-    one = layer_bytes(cfg, s) + work_bytes(cfg, s, True) + need * slot_bytes(cfg, s, 1)
+    one = layer_bytes(cfg, s, elem_bytes) + work_bytes(cfg, s, True, elem_bytes) + need * slot_bytes(cfg, s, 1, elem_bytes)
     hint = (f"; --kv concat keeps all {tokens} entries in the tail row, --kv shift would need {math.ceil(tokens / height)} per row"
             if kv_mode == "concat" else "")
     raise PlacementError(

@@ -1,0 +1,110 @@
+"""Decode of the default model on its default mesh: emulation speed and memory vs the NumPy reference.
+
+Prints, in one run: NumPy reference ms/token; emulation ms/token with 1 and 4 tiles (local
+in-process tiles and Ray actors); their ratio to the reference; the predicted device speed;
+the peak resident memory of all processes (driver and Ray workers) against the model's bytes;
+and the KV capacity of shift vs concat for LLaMA3-8B on a 360x360 region (float16, the
+paper's setting; shapes only).
+
+    python benchmarks/bench_decode.py [--tokens 8] [--mesh 120x120] [--skip-ray]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import numpy as np
+import psutil
+
+from llm.config import preset
+from llm.engine import WaferLlama
+from llm.models import load_model
+from llm.placement import default_mesh, place
+from llm.reference import ReferenceModel
+from wafer_actors.device import resolve
+from wafer_actors.mesh import parse_grid
+
+
+class PeakRSS:
+    """Samples the resident memory of this process and all its descendants every 50 ms."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self._sample())
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=8, help="tokens timed per configuration (after one warm-up)")
+    ap.add_argument("--mesh", default=None, help="region ROWSxCOLS (default: the model's default mesh)")
+    ap.add_argument("--skip-ray", action="store_true")
+    args = ap.parse_args()
+    device = resolve("wse2")
+    cfg, w, _ = load_model()
+    model_bytes = sum(a.nbytes for a in vars(w).values() if isinstance(a, np.ndarray) and a.base is None)
+    mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, args.tokens + 1)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, args.tokens + 1).tolist()
+
+    ref = ReferenceModel(cfg, w, len(tokens))
+    ref.forward(tokens[0], 0)
+    t0 = time.perf_counter()
+    for i, t in enumerate(tokens[1:], start=1):
+        ref.forward(t, i)
+    ref_ms = (time.perf_counter() - t0) / args.tokens * 1e3
+    print(f"model {cfg.name}: {model_bytes / 2**20:.0f} MiB of float32 weights; mesh {mesh[0]}x{mesh[1]} on {device.name}")
+    print(f"numpy reference: {ref_ms:.1f} ms/token")
+    print(f"{'tiles':>5} {'transport':>9} {'ms/token':>9} {'x ref':>6} {'cycles/token':>13} {'tok/s (device)':>15} {'peak RSS MiB':>13} {'x model':>8}")
+    transports = ["local"] if args.skip_ray else ["local", "ray"]
+    for transport in transports:
+        for tiles in ((1, 1), (2, 2)):
+            if transport == "ray":
+                import ray
+
+                ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            with PeakRSS() as rss:
+                with WaferLlama(cfg, w, mesh=mesh, tiles=tiles, transport=transport, tokens=len(tokens)) as m:
+                    m.step(tokens[0])  # warm-up: plans and caches
+                    t0 = time.perf_counter()
+                    for t in tokens[1:]:
+                        _, st = m.step(t)
+                    ms = (time.perf_counter() - t0) / args.tokens * 1e3
+                    cycles = st.cycles
+            if transport == "ray":
+                ray.shutdown()
+            print(f"{tiles[0] * tiles[1]:>5} {transport:>9} {ms:>9.0f} {ms / ref_ms:>6.0f} {cycles:>13,.0f} "
+                  f"{device.clock_hz / cycles:>15,.0f} {rss.peak / 2**20:>13,.0f} {rss.peak / model_bytes:>8.1f}")
+
+    llama = preset("llama3-8b")
+    print("KV capacity, LLaMA3-8B (float16) on the four 360x360-core regions of wse2, context limit lifted:")
+    unlimited = llama.__class__(**{**vars(llama), "max_seq_len": 10**9})
+    caps = {kv: place(unlimited, device, 360, 360, kv_mode=kv, regions=4, elem_bytes=2).capacity() for kv in ("concat", "shift")}
+    print(f"  concat {caps['concat']:,} tokens, shift {caps['shift']:,} tokens: {caps['shift'] / caps['concat']:.0f}x")
+
+
+if __name__ == "__main__":
+    main()
