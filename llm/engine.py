@@ -22,7 +22,7 @@ from wafer_actors.layout import Spec
 from .checkpoint import LlamaWeights
 from .config import LlamaConfig
 from .decode_protocol import KV_MODES, RegionPlan, decode_step
-from .placement import F32, Placement, place
+from .placement import F32, Placement, Region, place, region_weights
 
 SPECS = {
     "attn_norm": Spec(None, "y"),
@@ -104,9 +104,8 @@ class WaferLlama:
             raise
 
     # ---- placement ------------------------------------------------------------------------
-    def _load(self, wafer: Wafer, region) -> None:
-        from .placement import region_weights
-
+    def _load(self, wafer: Wafer, region: Region) -> None:
+        """Place the region's weights once (decode layout) and allocate its activations and KV cache."""
         cfg, s = self.cfg, self.placement.shape
         g = cfg.n_heads // cfg.n_kv_heads
         if self.cost_only:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from wafer_actors.device import DeviceSpec
-from wafer_actors.errors import CoreMemoryError
 from wafer_actors.mesh import even_bounds
 
 from .checkpoint import LlamaWeights

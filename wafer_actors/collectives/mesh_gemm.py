@@ -210,7 +210,7 @@ def _multiply(tile, a: str, b: str, c: str, rh: int = 1, rw: int = 1) -> None:
 
     With one block per core this is the plain Mt x Kt x Nt product (Kt rank-1 updates).
     """
-    (mt, kt), (kb, nt) = tile.buffers[a].block, tile.buffers[b].block
+    (mt, kt), (_, nt) = tile.buffers[a].block, tile.buffers[b].block
     m, k, n = mt // rh, kt // rw, nt // rw
     if not tile.cost_only:
         h, w = tile.rect.shape
@@ -346,7 +346,7 @@ async def _summa(tile, a: str, b: str, c: str, relay: bool) -> None:
     mesh, r = tile.tiling.mesh, tile.rect
     size = math.lcm(*mesh.shape)
     rh, rw = size // mesh.height, size // mesh.width
-    (mt, kt), (kb, nt) = tile.buffers[a].block, tile.buffers[b].block
+    (mt, kt), (_, nt) = tile.buffers[a].block, tile.buffers[b].block
     k = kt // rw
     if kt % rw or kb % rh:
         raise ProtocolError(f"summa: K must split into {size} blocks on this mesh; pad K to a multiple of {size}")
