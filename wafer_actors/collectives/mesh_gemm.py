@@ -346,7 +346,7 @@ async def _summa(tile, a: str, b: str, c: str, relay: bool) -> None:
     mesh, r = tile.tiling.mesh, tile.rect
     size = math.lcm(*mesh.shape)
     rh, rw = size // mesh.height, size // mesh.width
-    (mt, kt), (_, nt) = tile.buffers[a].block, tile.buffers[b].block
+    (mt, kt), (kb, nt) = tile.buffers[a].block, tile.buffers[b].block
     k = kt // rw
     if kt % rw or kb % rh:
         raise ProtocolError(f"summa: K must split into {size} blocks on this mesh; pad K to a multiple of {size}")
