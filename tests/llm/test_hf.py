@@ -121,3 +121,17 @@ def test_truncated_gguf_is_refused(tmp_path):
         cut.write_bytes(f.read(5_000_000))
     with pytest.raises(CheckpointError, match="cannot read GGUF file"):
         load_model(str(cut))
+
+
+def test_tokenizer_json_matches_the_gguf_tokenizer(tmp_path, tokenizer):
+    from llm.tokenizer import Tokenizer
+
+    tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "chat_template": tokenizer.chat_template}))
+    hf = Tokenizer.from_hf(tmp_path)
+    text = "<|im_start|>user\nWhat is 12345 + 678?<|im_end|>"
+    assert hf.encode(text) == tokenizer.encode(text)
+    assert hf.encode("<|im_start|>")[0] == hf.bos_id and len(hf.encode("<|im_start|>")) == 1
+    assert hf.eos_id == tokenizer.eos_id
+    assert hf.chat("hi") == tokenizer.chat("hi")
