@@ -127,3 +127,14 @@ def test_generate_on_ray_tiles_matches_reference(ray_local):
         out = generate(m, prompt, max_new_tokens=5)
         assert len({n for wf in m.wafers for n in wf.nodes()}) == 1
     assert out.output_ids == expected
+
+
+@pytest.mark.parametrize("kv", ["shift", "concat"])
+def test_cost_only_predicts_the_same_cycles(kv):
+    w = random_weights(TINY, seed=1)
+    runs = []
+    for cost_only in (False, True):
+        with WaferLlama(TINY, None if cost_only else w, mesh=(4, 6), transport="local", kv=kv, tokens=12,
+                        regions=2, cost_only=cost_only) as m:
+            runs.append([m.step(3)[1].cycles for _ in range(12)])
+    assert runs[0] == runs[1]
