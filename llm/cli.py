@@ -132,6 +132,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     tiles, device = parse_grid(args.tiles), resolve(args.device)
+    if args.mesh:
+        device.check_mesh(*parse_grid(args.mesh))
     t0 = time.perf_counter()
     cfg, weights, tok = load_model(args.model)
     if tok is None:

@@ -27,16 +27,17 @@ def test_generate_writes_json_report(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "args, message",
-    [
+    [  # refused before the model loads
         (["--model", "nope"], "unknown model 'nope'"),
         (["--temperature", "-1"], "temperature must be >= 0"),
         (["--top-p", "1.5"], "top_p must be in (0, 1]"),
         (["--top-k", "-2"], "top_k must be >= 0"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-        (["--mesh", "16x16"], "Use a larger --mesh"),
-        (["--mesh", "64x64", "--kv", "concat", "--max-new-tokens", "3000"], "--kv concat keeps all 3000 entries in the tail row"),
-        (["--mesh", "64x64", "--max-new-tokens", "9000"], "exceed the model's context of 8192 tokens"),
         (["--mesh", "1000x1000"], "1000"),
+        (["--mesh", "8"], "ROWSxCOLS"),
+        # refused once the model's size is known, before any token runs
+        (["--mesh", "16x16"], "Use a larger --mesh"),
+        (["--mesh", "64x64", "--max-new-tokens", "9000"], "exceed the model's context of 8192 tokens"),
     ],
 )
 def test_generate_refusals(args, message, capsys):

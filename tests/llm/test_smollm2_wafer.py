@@ -1,5 +1,6 @@
 """The default model, SmolLM2-135M, decoded on the wafer: greedy ids identical to the NumPy
-reference for 32 new tokens, on several prompts, 1 and 4 tiles, shift and concat KV caches."""
+reference for 32 new tokens, on several prompts, 1 and 4 tiles, shift and concat KV caches.
+(Shift on 4 tiles is covered with small models in test_wafer_decode.py; every run here takes a minute.)"""
 
 from __future__ import annotations
 
@@ -32,9 +33,8 @@ def reference_greedy(cfg, w, prompt, new):
     "prompt, tiles, kv, regions",
     [
         ("The capital of France is", (1, 1), "shift", 1),
-        ("def fibonacci(n):", (2, 2), "shift", 1),
+        ("def fibonacci(n):", (2, 2), "concat", 15),  # 15 regions: room for 40 entries in one row
         ("Once upon a time, a robot", (1, 1), "concat", 15),
-        ("Water boils at", (2, 2), "concat", 15),
     ],
 )
 def test_greedy_ids_and_logits_match_reference(smollm2, tokenizer, prompt, tiles, kv, regions):
