@@ -187,6 +187,63 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Predict the paper's settings with the calibrated device; compare the calibration rows."""
+    from tqdm import tqdm
+
+    from . import validate
+
+    device = resolve(args.device)
+    models = [m.strip() for m in args.models.split(",")]
+    for m in models:
+        if m not in validate.MODELS:
+            raise ValueError(f"unknown model {m!r} for validate; choose from {', '.join(validate.MODELS)}")
+    grids = [int(g) for g in args.grids.split(",")]
+    for g in grids + [args.gemv_grid, args.kv_grid] + ([args.gemm_grid] if args.gemm_grid else []):
+        device.check_mesh(g, g)
+    steps = len(models) * len(grids) + 2 + (1 if args.gemm_grid else 0)
+    bar = tqdm(total=steps, desc="validate", unit="step", leave=False, file=sys.stderr)
+
+    def progress(what: str) -> None:
+        bar.set_postfix_str(what)
+        bar.update(1)
+
+    rows = validate.run(device, models=models, grids=grids, gemv_grid=args.gemv_grid,
+                        gemv_sizes=tuple(int(n) for n in args.gemv_sizes.split(",")), gemm_grid=args.gemm_grid or None,
+                        gemm_n=args.gemm_n, kv_grid=args.kv_grid, progress=progress)
+    bar.close()
+    print(f"device {device.name}: beta {device.beta:g}, float16 {device.rate('float16'):g} FMAC/cycle, "
+          f"call overhead {device.call_overhead:g} cycles, alpha {device.alpha:g}")
+    print(f"{'model':<14} {'phase':<7} {'grid':>5} {'cycles/layer':>13} {'tok/s':>9} {'paper':>8} {'error':>7} "
+          f"{'SRAM B':>7} {'regions':>8}  note")
+    for r in rows:
+        if r.get("phase") and "error" in r:
+            print(f"{r['model']:<14} {r['phase']:<7} {r['grid']:>5}  {r['error']}")
+        elif r.get("phase"):
+            paper = f"{r['paper_tps']:8.1f}" if r["paper_tps"] else f"{'-':>8}"
+            err = f"{r['relative_error']:+7.1%}" if r["relative_error"] is not None else f"{'-':>7}"
+            print(f"{r['model']:<14} {r['phase']:<7} {r['grid']:>5} {r['predicted_cycles_per_layer']:>13,.0f} "
+                  f"{r['predicted_tps']:>9.1f} {paper} {err} {r['sram_high_water_bytes']:>7} {r['regions_needed']:>8}  {r['note']}")
+    print("prefill rows: not predicted yet (needs the prefill protocol)")
+    for r in rows:
+        if r.get("kind") == "gemv":
+            print(f"GEMV {r['N'] // 1024}K on {r['grid']}x{r['grid']}: MeshGEMV {r['meshgemv_cycles']:,.0f} cycles, "
+                  f"pipeline allreduce {r['pipeline_cycles']:,.0f} cycles: {r['ratio']:.2f}x")
+        elif r.get("kind") == "gemm":
+            detail = r["error"].split(";")[0] if "error" in r else f"{r['cycles']:,.0f} cycles, efficiency {r['efficiency']:.1%}"
+            print(f"GEMM {r['N']}^3 on {r['grid']}x{r['grid']}: {r['algo']:<12} {detail}")
+        elif r.get("kind") == "kv_capacity" and "error" in r:
+            print(f"KV capacity, LLaMA3-8B on {r['grid']}x{r['grid']}: {r['error']}")
+        elif r.get("kind") == "kv_capacity":
+            print(f"KV capacity, LLaMA3-8B float16 on {r['regions']} regions of {r['grid']}x{r['grid']}: concat {r['concat']:,} "
+                  f"tokens, shift {r['shift']:,} tokens ({r['ratio']:.0f}x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.plot:
+        validate.plot(rows, args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="wafer-llm", description="Wafer-scale LLM inference on an emulated wafer.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -219,6 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", default=None, help="write prompt/output ids, text and the predicted and emulation figures here")
     gen.set_defaults(fn=cmd_generate)
+
+    val = sub.add_parser("validate", help="predict the paper's decode settings with the calibrated cost model")
+    val.add_argument("--device", default="wse2", help="preset name or a .toml/.json device file")
+    val.add_argument("--models", default="llama3-8b,llama2-13b,codellama-34b,qwen2-72b")
+    val.add_argument("--grids", default="420,540,660", help="decode grids P (P x P cores)")
+    val.add_argument("--gemv-grid", type=int, default=720, help="grid of the MeshGEMV vs pipeline comparison")
+    val.add_argument("--gemv-sizes", default="16384,32768", help="GEMV sizes N ([1,N] x [N,N]) of that comparison")
+    val.add_argument("--gemm-grid", type=int, default=720, help="grid of the MeshGEMM vs Cannon/SUMMA comparison (0: skip; 720 takes minutes)")
+    val.add_argument("--gemm-n", type=int, default=2048, help="GEMM size N (N x N times N x N)")
+    val.add_argument("--kv-grid", type=int, default=360, help="region side for the KV capacity of LLaMA3-8B")
+    val.add_argument("--json", default=None, help="write the rows as a JSON list")
+    val.add_argument("--plot", default=None, help="draw predicted vs paper tokens/s to this PNG")
+    val.set_defaults(fn=cmd_validate)
 
     bench = sub.add_parser("bench", help="predicted cost of GEMV/GEMM protocols on the device")
     ops = bench.add_subparsers(dest="op", required=True)

@@ -64,6 +64,7 @@ class RegionPlan:
     algo: str = "ktree"
     K: int = 2
     group_num: int | None = None
+    dtype: str = "float32"  # what the cores hold and compute in (cost-only runs may use float16)
 
     def as_kwargs(self) -> dict:
         return asdict(self)
@@ -132,12 +133,12 @@ async def _rmsnorm(tile, p: RegionPlan, weight: np.ndarray | None, dt: int) -> N
     if not tile.cost_only:
         x = tile.data("x")
         tile.data("ss")[..., 0] = np.einsum("yxd,yxd->yx", x, x)
-    tile.charge(dt, "float32")
+    tile.charge(dt, p.dtype)
     await _allreduce(tile, p, "ss", "y")
     if not tile.cost_only:
         scale = 1.0 / np.sqrt(tile.data("ss") / np.float32(p.dim) + np.float32(p.eps))
         tile.data("h")[...] = tile.data("x") * scale * weight
-    tile.charge(2 * dt, "float32")
+    tile.charge(2 * dt, p.dtype)
 
 
 @protocol(routes=_routes)
@@ -160,19 +161,19 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
     kvt = tile.buffer("qkv").block[1]
     ft = tile.buffer("ff").block[1]
     per_row = here[:, None] * np.ones(r.shape)  # attention work per core follows its row's tokens
-    tile.alloc("scores", (nkv, G, cmax), "float32")
+    tile.alloc("scores", (nkv, G, cmax), p.dtype)
     for layer in range(p.layers):
         # attention RMSNorm, then q, k, v in one fused GEMV reduced along y
         await _rmsnorm(tile, p, tile.data("attn_norm")[:, :, layer] if full else None, dt)
         if full:
             w = tile.data("wqkv")[:, :, layer]
             tile.data("qkv")[...] = np.einsum("yxd,yxdck->yxck", tile.data("h"), w)
-        tile.charge(dt * (G + 2) * kvt, "float32", calls=dt)
+        tile.charge(dt * (G + 2) * kvt, p.dtype, calls=dt)
         await _allreduce(tile, p, "qkv", "y")
         if full:  # RoPE on q and k
             qkv = tile.data("qkv")
             _rope(qkv[:, :, : G + 1], cos[:, None], sin[:, None])
-        tile.charge(3 * (G + 1) * kvt, "float32")
+        tile.charge(3 * (G + 1) * kvt, p.dtype)
         await _kv_append(tile, p, layer, pos, h_rows, counts, starts)
         # scores of each query head over the row's tokens, reduced along x
         if full:
@@ -181,7 +182,7 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
             sc = tile.data("scores")
             sc[...] = 0.0
             sc[act] = np.einsum("yxgj,yxij,xjk->yxkgi", tile.data("qkv")[act, :, :G], keys, onehot, optimize=True)
-        tile.charge(per_row * G * kvt, "float32", calls=G)
+        tile.charge(per_row * G * kvt, p.dtype, calls=G)
         await _allreduce(tile, p, "scores", "x")
         # softmax over the whole sequence: max and sum allreduced along y
         if full:
@@ -189,13 +190,13 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
             sc /= np.float32(np.sqrt(p.head_dim))
             sc[...] = np.where(valid[:, None, None, None, :], sc, -np.inf)
             tile.data("att_m")[...] = sc.max(axis=-1)
-        tile.charge(per_row * G * nkv, "float32")
+        tile.charge(per_row * G * nkv, p.dtype)
         await _allreduce(tile, p, "att_m", "y", op="max")
         if full:
             sc = tile.data("scores")
             sc[...] = np.exp(sc - tile.data("att_m")[..., None])
             tile.data("att_s")[...] = sc.sum(axis=-1)
-        tile.charge(2 * per_row * G * nkv, "float32")
+        tile.charge(2 * per_row * G * nkv, p.dtype)
         await _allreduce(tile, p, "att_s", "y")
         # o = softmax . V, reduced along y
         if full:
@@ -206,12 +207,12 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
             o = tile.data("o")
             o[...] = 0.0
             o[act] = np.einsum("yxkgi,xjk,yxij->yxgj", sc[act], onehot, values, optimize=True)
-        tile.charge(per_row * G * (kvt + nkv), "float32", calls=G)
+        tile.charge(per_row * G * (kvt + nkv), p.dtype, calls=G)
         await _allreduce(tile, p, "o", "y")
         # output projection reduced along x lands in x's layout; residual
         if full:
             tile.data("y")[...] = np.einsum("yxgj,yxgjd->yxd", tile.data("o"), tile.data("wo")[:, :, layer])
-        tile.charge(G * kvt * dt, "float32", calls=G * kvt)
+        tile.charge(G * kvt * dt, p.dtype, calls=G * kvt)
         await _allreduce(tile, p, "y", "x")
         if full:
             tile.data("x")[...] += tile.data("y")
@@ -219,17 +220,17 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         await _rmsnorm(tile, p, tile.data("ffn_norm")[:, :, layer] if full else None, dt)
         if full:
             tile.data("ff")[...] = np.einsum("yxd,yxdcf->yxcf", tile.data("h"), tile.data("w13")[:, :, layer])
-        tile.charge(dt * 2 * ft, "float32", calls=dt)
+        tile.charge(dt * 2 * ft, p.dtype, calls=dt)
         await _allreduce(tile, p, "ff", "y")
         if full:
             ff = tile.data("ff")
             gate, up = ff[:, :, 0], ff[:, :, 1]
             tile.data("z")[...] = gate / (1 + np.exp(-gate)) * up
-        tile.charge(3 * ft, "float32")
+        tile.charge(3 * ft, p.dtype)
         # down projection reduced along x; residual
         if full:
             tile.data("y")[...] = np.einsum("yxf,yxfd->yxd", tile.data("z"), tile.data("w2")[:, :, layer])
-        tile.charge(ft * dt, "float32", calls=ft)
+        tile.charge(ft * dt, p.dtype, calls=ft)
         await _allreduce(tile, p, "y", "x")
         if full:
             tile.data("x")[...] += tile.data("y")
@@ -239,7 +240,7 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         vt = tile.buffer("logits").block[0]
         if full:
             tile.data("logits")[...] = np.einsum("yxd,yxdv->yxv", tile.data("h"), tile.data("lm_head"))
-        tile.charge(dt * vt, "float32", calls=dt)
+        tile.charge(dt * vt, p.dtype, calls=dt)
         await _allreduce(tile, p, "logits", "y")
 
 

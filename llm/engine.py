@@ -22,7 +22,7 @@ from wafer_actors.layout import Spec
 from .checkpoint import LlamaWeights
 from .config import LlamaConfig
 from .decode_protocol import KV_MODES, RegionPlan, decode_step
-from .placement import F32, Placement, Region, place, region_weights
+from .placement import Placement, Region, place, region_weights
 
 SPECS = {
     "attn_norm": Spec(None, "y"),
@@ -68,7 +68,11 @@ class WaferLlama:
         kv: ``"shift"`` (WaferLLM) or ``"concat"`` (the baseline).
         tokens: KV entries the cache must hold (the placement refuses a mesh that cannot).
         regions: spread the layers over at least this many regions.
-        algo: allreduce algorithm of every GEMV (``ktree``, ``pipeline``, ``ring``, ``chain``).
+        algo: allreduce algorithm of every GEMV (``ktree``, ``pipeline``, ``ring``, ``chain``);
+            ``group_num``: K-tree groups (default near sqrt of the axis).
+        cost_only: shapes only (no weights, no logits), same protocols and cycles.
+        dtype: element type on the cores; full numerics run in float32, cost-only may use float16.
+        lm_head: place the final norm and LM head (off to time decoder layers alone).
 
     Raises:
         PlacementError: the model does not fit (bytes needed and available in the message).
@@ -77,19 +81,24 @@ class WaferLlama:
 
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights | None, *, mesh: tuple[int, int],
                  device: str | DeviceSpec = "wse2", tiles: tuple[int, int] = (1, 1), transport: str = "ray",
-                 kv: str = "shift", tokens: int = 1, regions: int = 1, algo: str = "ktree", cost_only: bool = False):
+                 kv: str = "shift", tokens: int = 1, regions: int = 1, algo: str = "ktree", group_num: int | None = None,
+                 cost_only: bool = False, dtype: str = "float32", lm_head: bool = True):
         if kv not in KV_MODES:
             raise ValueError(f"kv must be one of {KV_MODES}, got {kv!r}")
         if weights is None and not cost_only:
             raise ValueError("weights are needed unless cost_only=True")
+        if dtype not in ("float32", "float16") or (dtype != "float32" and not cost_only):
+            raise ValueError(f"dtype must be float32, or float16 with cost_only=True (numerics are float32); got {dtype!r}")
         self.cfg, self.weights = cfg, weights
         self.device: DeviceSpec = resolve(device)
-        self.placement: Placement = place(cfg, self.device, *mesh, kv_mode=kv, tokens=tokens, regions=regions)
+        self.dtype = dtype
+        self.placement: Placement = place(cfg, self.device, *mesh, kv_mode=kv, tokens=tokens, regions=regions,
+                                          elem_bytes=np.dtype(dtype).itemsize, head=lm_head)
         self.mesh, self.tiles, self.kv, self.algo = tuple(mesh), tuple(tiles), kv, algo
         self.cost_only = cost_only
         self.plans = [
             RegionPlan(r.layers, cfg.dim, cfg.n_heads // cfg.n_kv_heads, cfg.n_kv_heads, cfg.head_dim, cfg.kv_dim,
-                       cfg.norm_eps, cfg.rope_base, r.cap, kv, r.head, algo)
+                       cfg.norm_eps, cfg.rope_base, r.cap, kv, r.head, algo, group_num=group_num, dtype=dtype)
             for r in self.placement.regions
         ]
         self.wafers: list[Wafer] = []
@@ -111,7 +120,7 @@ class WaferLlama:
         if self.cost_only:
             shapes = _weight_shapes(cfg, s, region.layers, region.head)
             for name, shape in shapes.items():
-                wafer.alloc(name, shape, "float32", SPECS[name])
+                wafer.alloc(name, shape, self.dtype, SPECS[name])
         else:
             for name, array in region_weights(cfg, self.weights, s, region).items():
                 wafer.load(name, array, SPECS[name])
@@ -127,13 +136,24 @@ class WaferLlama:
         if region.head:
             work["logits"] = ((s.vocab,), Spec("x"))
         for name, (shape, spec) in work.items():
-            wafer.alloc(name, shape, "float32", spec)
+            wafer.alloc(name, shape, self.dtype, spec)
 
     # ---- decode ---------------------------------------------------------------------------
     def reset(self) -> None:
         """Start a new sequence (the cache slots are reused; positions start again at 0)."""
         self.pos = 0
         self.totals = DecodeTotals()
+
+    def seek(self, pos: int) -> None:
+        """Cost-only: continue at position ``pos`` as if a context of ``pos`` tokens were cached.
+
+        Raises:
+            ValueError: on a wafer with numerics (its cache would hold no real entries).
+        """
+        if not self.cost_only:
+            raise ValueError("seek() is for cost-only runs; with numerics, feed the tokens")
+        self.placement.check_tokens(pos + 1)
+        self.pos = int(pos)
 
     def step(self, token: int) -> tuple[np.ndarray | None, StepStats]:
         """Run ``token`` at the next position; return (logits (vocab,) or None when cost-only, stats).
@@ -162,7 +182,7 @@ class WaferLlama:
             wafer.reset_clocks()
             stats = wafer.run(decode_step, plan=plan.as_kwargs(), pos=self.pos)
             cycles.append(stats.cycles)
-        logits = None if self.cost_only else self.wafers[-1].read("logits")[: self.cfg.vocab_size]
+        logits = None if self.cost_only or not self.plans[-1].head else self.wafers[-1].read("logits")[: self.cfg.vocab_size]
         self.pos += 1
         st = StepStats(sum(cycles) + handoff, cycles, handoff, time.perf_counter() - t0)
         self.totals.tokens += 1
@@ -174,7 +194,7 @@ class WaferLlama:
     def _handoff_cycles(self) -> float:
         """One row block of x crossing into the next region and spreading along its rows."""
         d, s = self.device, self.placement.shape
-        return (s.width + 1) * d.alpha + d.beta + s.dt * F32 / d.link_bytes_per_cycle
+        return (s.width + 1) * d.alpha + d.beta + s.dt * np.dtype(self.dtype).itemsize / d.link_bytes_per_cycle
 
     # ---- reports --------------------------------------------------------------------------
     def sram_high_water(self) -> int:

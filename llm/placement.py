@@ -132,7 +132,8 @@ class Placement:
 
 
 def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_mode: str = "shift",
-          tokens: int = 1, regions: int = 1, max_slots: int | None = None, elem_bytes: int = F32) -> Placement:
+          tokens: int = 1, regions: int = 1, max_slots: int | None = None, elem_bytes: int = F32,
+          head: bool = True) -> Placement:
     """Assign the model's layers to as few ``height x width`` regions as hold them with room for ``tokens``.
 
     Args:
@@ -140,6 +141,7 @@ def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_m
         regions: use at least this many regions (fewer layers each leaves more room for KV).
         max_slots: allocate at most this many KV slots per core (default: all that fit).
         elem_bytes: bytes per element (4: float32 as full numerics runs; 2: the paper's float16).
+        head: the last region also holds the final norm and the LM head.
 
     Raises:
         PlacementError: the region is larger than the device, or even one layer per region
@@ -156,14 +158,14 @@ def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_m
         bounds = even_bounds(cfg.n_layers, n)
         regions, ok = [], True
         for i in range(n):
-            layers, head = bounds[i + 1] - bounds[i], i == n - 1
-            fixed = layers * layer_bytes(cfg, s, elem_bytes) + work_bytes(cfg, s, head, elem_bytes)
+            layers, last = bounds[i + 1] - bounds[i], head and i == n - 1
+            fixed = layers * layer_bytes(cfg, s, elem_bytes) + work_bytes(cfg, s, last, elem_bytes)
             slot = slot_bytes(cfg, s, layers, elem_bytes)
             cap = (budget - fixed) // slot
             if cap < need:
                 ok = False
                 break
-            regions.append(Region(i, bounds[i], layers, head, int(min(cap, max_slots or cap)), fixed, slot))
+            regions.append(Region(i, bounds[i], layers, last, int(min(cap, max_slots or cap)), fixed, slot))
         if ok:
             if n > available:
                 total = sum(r.bytes_fixed + need * r.bytes_slot for r in regions) * height * width
@@ -173,12 +175,12 @@ def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_m
                     f"({device.height}x{device.width}) has room for {available} ({available * height * width * budget / 2**20:.1f} MiB)"
                 )
             return Placement(cfg, s, tuple(regions), kv_mode)
-    one = layer_bytes(cfg, s, elem_bytes) + work_bytes(cfg, s, True, elem_bytes) + need * slot_bytes(cfg, s, 1, elem_bytes)
+    one = layer_bytes(cfg, s, elem_bytes) + work_bytes(cfg, s, head, elem_bytes) + need * slot_bytes(cfg, s, 1, elem_bytes)
     hint = (f"; --kv concat keeps all {tokens} entries in the tail row, --kv shift would need {math.ceil(tokens / height)} per row"
             if kv_mode == "concat" else "")
     raise PlacementError(
         f"one layer of {cfg.name} needs {one} bytes per core on a {height}x{width} region "
-        f"(with its LM head and {tokens} tokens of KV cache); a core has {budget}. Use a larger --mesh{hint}"
+        f"(with {'its LM head and ' if head else ''}{tokens} tokens of KV cache); a core has {budget}. Use a larger --mesh{hint}"
     )
 
 

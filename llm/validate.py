@@ -1,0 +1,153 @@
+"""The validation report: predictions of the calibrated cost model at the paper's settings.
+
+Decode rows follow the paper's measurement: one decoder layer at a 4K context on a P x P
+region (float16, cost-only, the same protocols and per-core memory and routing checks as
+full numerics), scaled by the number of layers: TPR = clock / (cycles per layer x layers).
+Each row also says how many P x P regions the whole model needs and the hand-off cycles
+between them per token (not in the paper's TPR). Only LLaMA3-8B's decode rows carry the
+paper's figure: they are the calibration set. Prefill rows need the prefill protocol,
+which is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from wafer_actors import Wafer
+from wafer_actors.device import DeviceSpec
+from wafer_actors.errors import RoutingError
+from wafer_actors.ops import TensorShape, gemm
+
+from .calibration import CONTEXT, DECODE_ROWS, decode_layer, gemv_cycles
+from .config import preset
+from .placement import PlacementError, place
+
+MODELS = ("llama3-8b", "llama2-13b", "codellama-34b", "qwen2-72b")
+DECODE_GRIDS = (420, 540, 660)
+PAPER_TPS = {("llama3-8b", "decode", g): tps for g, tps in DECODE_ROWS}
+
+
+def decode_row(model: str, device: DeviceSpec, grid: int) -> dict[str, Any]:
+    """One decode row: predicted cycles per layer and tokens/s, memory, regions and hand-off."""
+    cfg = preset(model)
+    cycles, sram, _ = decode_layer(cfg, device, grid)
+    try:
+        regions = len(place(cfg, device, grid, grid, tokens=CONTEXT, elem_bytes=2).regions)
+        fits = True
+    except PlacementError:
+        regions, fits = math.ceil(cfg.n_layers / max(1, _layers_per_region(cfg, device, grid))), False
+    handoff = (regions - 1) * ((grid + 1) * device.alpha + device.beta + math.ceil(cfg.dim / grid) * 2 / device.link_bytes_per_cycle)
+    paper = PAPER_TPS.get((model, "decode", grid))
+    tps = device.clock_hz / (cycles * cfg.n_layers)
+    return {
+        "model": model, "phase": "decode", "grid": grid, "context": CONTEXT,
+        "predicted_cycles_per_layer": cycles, "predicted_tps": tps, "paper_tps": paper,
+        "relative_error": None if paper is None else tps / paper - 1,
+        "sram_high_water_bytes": sram, "sram_bytes": device.sram_bytes,
+        "regions_needed": regions, "fits_wafer": fits, "handoff_cycles_per_token": handoff,
+        "note": "one layer measured and scaled" + ("" if fits else "; the whole model exceeds the wafer at this grid"),
+    }
+
+
+def _layers_per_region(cfg, device: DeviceSpec, grid: int) -> int:
+    """Most layers one region holds (float16, 4K context), for models larger than the wafer."""
+    import dataclasses
+
+    for n in range(cfg.n_layers, 0, -1):
+        try:
+            place(dataclasses.replace(cfg, n_layers=n), device, grid, grid, tokens=CONTEXT, elem_bytes=2, regions=1,
+                  head=False)
+            return n
+        except PlacementError:
+            continue
+    return 0
+
+
+def gemv_rows(device: DeviceSpec, grid: int, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
+    """MeshGEMV (K-tree) against the pipeline allreduce GEMV at ``grid``."""
+    rows = []
+    for n in sizes:
+        ktree, pipe = gemv_cycles(device, n, grid, "ktree"), gemv_cycles(device, n, grid, "pipeline")
+        rows.append({"kind": "gemv", "N": n, "grid": grid, "meshgemv_cycles": ktree, "pipeline_cycles": pipe, "ratio": pipe / ktree})
+    return rows
+
+
+def gemm_rows(device: DeviceSpec, grid: int, n: int) -> list[dict[str, Any]]:
+    """MeshGEMM against Cannon and SUMMA (relayed broadcasts when SUMMA runs out of routes) at ``grid``."""
+    rows = []
+    for algo, opts in (("meshgemm", {}), ("cannon", {}), ("summa", {}), ("summa", {"relay": True})):
+        name = algo + (" relay" if opts else "")
+        with Wafer((grid, grid), device=device, cost_only=True) as w:
+            try:
+                _, st = gemm(w, TensorShape((n, n), "float16"), TensorShape((n, n), "float16"), algo=algo, **opts)
+            except RoutingError as err:
+                rows.append({"kind": "gemm", "algo": name, "grid": grid, "N": n, "error": str(err)})
+                continue
+        ideal = math.ceil(n / grid) ** 3 * grid / device.rate("float16")
+        rows.append({"kind": "gemm", "algo": name, "grid": grid, "N": n, "cycles": st.cycles, "efficiency": ideal / st.cycles})
+    return rows
+
+
+def kv_capacity(device: DeviceSpec, grid: int = 360) -> dict[str, Any]:
+    """Tokens the KV cache of LLaMA3-8B holds (float16) on the wafer's grid x grid regions, shift vs concat."""
+    import dataclasses
+
+    cfg = dataclasses.replace(preset("llama3-8b"), max_seq_len=10**9)
+    regions = min((device.height // grid) * (device.width // grid), cfg.n_layers)
+    try:
+        caps = {kv: place(cfg, device, grid, grid, kv_mode=kv, regions=regions, elem_bytes=2).capacity() for kv in ("concat", "shift")}
+    except PlacementError as err:
+        return {"kind": "kv_capacity", "model": "llama3-8b", "grid": grid, "regions": regions, "error": str(err)}
+    return {"kind": "kv_capacity", "model": "llama3-8b", "grid": grid, "regions": regions, **caps, "ratio": caps["shift"] / caps["concat"]}
+
+
+def run(device: DeviceSpec, *, models=MODELS, grids=DECODE_GRIDS, gemv_grid: int = 720, gemv_sizes=(16384, 32768),
+        gemm_grid: int | None = 720, gemm_n: int = 2048, kv_grid: int = 360,
+        progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Every row of the report, in order: decode rows, GEMV ratios, GEMM comparison, KV capacity."""
+    rows = []
+
+    def done(what: str) -> None:
+        if progress:
+            progress(what)
+
+    for model in models:
+        for grid in grids:
+            try:
+                rows.append(decode_row(model, device, grid))
+            except PlacementError as err:  # one layer does not fit this grid
+                rows.append({"model": model, "phase": "decode", "grid": grid, "error": str(err)})
+            done(f"{model} decode {grid}x{grid}")
+    rows += gemv_rows(device, gemv_grid, tuple(gemv_sizes))
+    done(f"GEMV {gemv_grid}x{gemv_grid}")
+    if gemm_grid:
+        rows += gemm_rows(device, gemm_grid, gemm_n)
+        done(f"GEMM {gemm_grid}x{gemm_grid}")
+    rows.append(kv_capacity(device, kv_grid))
+    done("KV capacity")
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    """Predicted decode tokens/s against the grid, per model, with the paper's calibration points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    decode = [r for r in rows if r.get("phase") == "decode" and "error" not in r]
+    for model in dict.fromkeys(r["model"] for r in decode):
+        rs = [r for r in decode if r["model"] == model]
+        ax.plot([r["grid"] for r in rs], [r["predicted_tps"] for r in rs], marker="o", label=f"{model} predicted")
+        paper = [r for r in rs if r["paper_tps"]]
+        if paper:
+            ax.plot([r["grid"] for r in paper], [r["paper_tps"] for r in paper], "k*", markersize=10, label=f"{model} paper (calibration)")
+    ax.set_xlabel("decode grid P (P x P cores)")
+    ax.set_ylabel("tokens/s per request")
+    ax.set_title("Decode on WSE-2, 4K context: predicted vs paper")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
