@@ -1,0 +1,47 @@
+"""The validation report on a reduced set (small grids), and the calibration targets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from llm.calibration import decode_layer, paper_cycles
+from llm.cli import main
+from llm.config import preset
+from wafer_actors.device import resolve
+
+
+def test_calibration_targets_are_the_papers_llama3_8b_and_gemv_rows():
+    np.testing.assert_allclose(paper_cycles(), [12_732, 13_742, 15_323, 1_320, 2_233], rtol=1e-3)
+
+
+def test_decode_layer_cost_grows_with_context_and_fits_sram():
+    cfg, dev = preset("llama3-8b"), resolve("wse2")
+    short, sram_short, _ = decode_layer(cfg, dev, 160, context=160)
+    long, sram_long, cap = decode_layer(cfg, dev, 160, context=4096)
+    assert long > short
+    assert sram_short <= sram_long <= dev.sram_bytes
+    assert cap >= 4096 // 160
+
+
+def test_validate_runs_end_to_end_on_a_reduced_set(tmp_path, capsys):
+    out, png = tmp_path / "v.json", tmp_path / "v.png"
+    code = main(["validate", "--models", "llama3-8b,llama2-13b", "--grids", "160,200", "--gemv-grid", "64",
+                 "--gemv-sizes", "1024,2048", "--gemm-grid", "16", "--gemm-n", "256", "--kv-grid", "240",
+                 "--json", str(out), "--plot", str(png)])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    decode = [r for r in rows if r.get("phase") == "decode"]
+    assert {(r["model"], r["grid"]) for r in decode} == {(m, g) for m in ("llama3-8b", "llama2-13b") for g in (160, 200)}
+    for r in decode:
+        assert r["predicted_cycles_per_layer"] > 0 and r["paper_tps"] is None  # no calibration row at these grids
+        n_layers = preset(r["model"]).n_layers
+        assert abs(r["predicted_tps"] * r["predicted_cycles_per_layer"] * n_layers - resolve("wse2").clock_hz) < 1e-3 * resolve("wse2").clock_hz
+        assert r["sram_high_water_bytes"] <= r["sram_bytes"]
+    gemv = [r for r in rows if r.get("kind") == "gemv"]
+    assert len(gemv) == 2 and all(r["ratio"] > 1 for r in gemv)  # the K-tree beats the pipeline allreduce
+    kv = next(r for r in rows if r.get("kind") == "kv_capacity")
+    assert kv["shift"] == 240 * kv["concat"]
+    assert png.stat().st_size > 1000
+    assert "prefill rows: not predicted yet" in capsys.readouterr().out
