@@ -244,6 +244,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+ADDRESS_HELP = "Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start Ray on this machine)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="wafer-llm", description="Wafer-scale LLM inference on an emulated wafer.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -252,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mesh", default="32x32", help="cores, ROWSxCOLS (default 32x32)")
     demo.add_argument("--tiles", default="2x2", help="tile actors, ROWSxCOLS (default 2x2)")
     demo.add_argument("--transport", default="ray", choices=["ray", "local"])
+    demo.add_argument("--address", default=None, help=ADDRESS_HELP)
     demo.add_argument("--device", default="wse2", help="preset name or a .toml/.json device file")
     demo.add_argument("--block", type=int, default=64, help="float32 elements per core")
     demo.add_argument("--seed", type=int, default=0)
@@ -267,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--regions", type=int, default=1, help="spread the layers over at least this many regions")
     gen.add_argument("--tiles", default="1x1", help="tile actors per region, ROWSxCOLS")
     gen.add_argument("--transport", default="ray", choices=["ray", "local"])
+    gen.add_argument("--address", default=None, help=ADDRESS_HELP)
     gen.add_argument("--device", default="wse2", help="preset name or a .toml/.json device file")
     gen.add_argument("--kv", default="shift", choices=["shift", "concat"], help="KV cache: WaferLLM's shift or the concat baseline")
     gen.add_argument("--algo", default="ktree", choices=["ktree", "pipeline", "ring", "chain"], help="allreduce of every GEMV")
@@ -306,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--device", default="wse2", help="preset name or a .toml/.json device file")
         b.add_argument("--tiles", default="1x1", help="tile actors, ROWSxCOLS")
         b.add_argument("--transport", default="local", choices=["local", "ray"])
+        b.add_argument("--address", default=None, help=ADDRESS_HELP)
         b.add_argument("--dtype", default="float16", choices=["float16", "float32"])
         b.add_argument("--cost-only", action="store_true", help="shapes only, no tensors (for 360x360 and larger meshes)")
         b.add_argument("--sweep-P", default=None, help="comma-separated P values, e.g. 64,128,256,360,720")
@@ -315,11 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _connect(address: str | None) -> None:
+    """Join the Ray cluster at ``address`` (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``)."""
+    if address:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _connect(getattr(args, "address", None))
         return args.fn(args)
-    except (ValueError, MemoryError, RuntimeError) as err:
+    except (ValueError, MemoryError, RuntimeError, ConnectionError) as err:
         print(f"wafer-llm: error: {err}", file=sys.stderr)
         return 2
 
