@@ -244,6 +244,36 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    """Strong or weak scaling of a workload over tile actors on the connected Ray cluster."""
+    from tqdm import tqdm
+
+    from . import scale
+
+    counts = [int(c) for c in args.nodes_or_tiles.split(",")]
+    bar = tqdm(total=len(counts), desc="scale", unit="point", leave=False, file=sys.stderr)
+
+    def progress(what: str) -> None:
+        bar.set_postfix_str(what)
+        bar.update(1)
+
+    rows = scale.run(args.mode, counts, args.workload, side=args.mesh_side, per_core=args.per_core, tokens=args.tokens,
+                     progress=progress)
+    bar.close()
+    print(f"{args.mode} scaling, {args.workload}: host wall time, speedup, actor messages inside/across nodes, invariance")
+    print(f"{'tiles':>5} {'mesh':>9} {'nodes':>5} {'wall s':>8} {'speedup':>7} {'effic.':>7} {'msgs in':>8} {'msgs across':>11} "
+          f"{'MB in':>7} {'MB across':>9} {'cycles':>10}  same result/cycles")
+    for r in rows:
+        print(f"{r['tiles']:>5} {r['mesh'][0]:>4}x{r['mesh'][1]:<4} {r['nodes']:>5} {r['wall_s']:>8.2f} {r['speedup']:>7.2f} "
+              f"{r['efficiency']:>7.2f} {r['messages_inside_nodes']:>8} {r['messages_across_nodes']:>11} "
+              f"{r['bytes_inside_nodes'] / 1e6:>7.2f} {r['bytes_across_nodes'] / 1e6:>9.2f} {r['cycles']:>10,.0f}  {r['invariant']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.plot:
+        scale.plot(rows, args.plot)
+    return 0 if all(r["invariant"] for r in rows) else 1
+
+
 ADDRESS_HELP = "Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start Ray on this machine)"
 
 
@@ -294,6 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--json", default=None, help="write the rows as a JSON list")
     val.add_argument("--plot", default=None, help="draw predicted vs paper tokens/s to this PNG")
     val.set_defaults(fn=cmd_validate)
+
+    sc = sub.add_parser("scale", help="strong/weak scaling of a workload over tile actors and cluster nodes")
+    sc.add_argument("--mode", default="strong", choices=["strong", "weak"])
+    sc.add_argument("--nodes-or-tiles", default="1,2,4", help="tile-actor counts, comma-separated (tiles spread over all nodes)")
+    sc.add_argument("--workload", default="gemv", choices=["gemv", "gemm", "decode"])
+    sc.add_argument("--mesh-side", type=int, default=32, help="mesh side at the first point (decode needs at least 64)")
+    sc.add_argument("--per-core", type=int, default=8, help="GEMV/GEMM matrix side per mesh side")
+    sc.add_argument("--tokens", type=int, default=3, help="new tokens per decode point")
+    sc.add_argument("--address", default=None, help=ADDRESS_HELP)
+    sc.add_argument("--json", default=None)
+    sc.add_argument("--plot", default=None)
+    sc.set_defaults(fn=cmd_scale)
 
     bench = sub.add_parser("bench", help="predicted cost of GEMV/GEMM protocols on the device")
     ops = bench.add_subparsers(dest="op", required=True)

@@ -10,6 +10,7 @@ consecutive ones are neighbours. That hand-off is charged as one transfer of a r
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,8 @@ class StepStats:
     region_cycles: list[float]
     handoff_cycles: float
     host_s: float
+    counts: dict[str, int] = field(default_factory=dict)  # messages and bytes, summed over regions
+    per_tile: list[dict] = field(default_factory=list, repr=False)  # each tile's statistics, with its region and node
 
 
 @dataclass
@@ -172,7 +175,7 @@ class WaferLlama:
         else:
             x = np.zeros(s.dim, np.float32)
             x[: self.cfg.dim] = self.weights.tok_embeddings[int(token)]
-        cycles, handoff = [], 0.0
+        cycles, handoff, counts, per_tile = [], 0.0, Counter(), []
         for i, (wafer, plan) in enumerate(zip(self.wafers, self.plans)):
             if i:
                 handoff += self._handoff_cycles()
@@ -182,9 +185,12 @@ class WaferLlama:
             wafer.reset_clocks()
             stats = wafer.run(decode_step, plan=plan.as_kwargs(), pos=self.pos)
             cycles.append(stats.cycles)
+            counts.update(stats.counts)
+            nodes = wafer.nodes()
+            per_tile += [{"region": i, "tile": t, "node": nodes[t], **d} for t, d in enumerate(stats.per_tile)]
         logits = None if self.cost_only or not self.plans[-1].head else self.wafers[-1].read("logits")[: self.cfg.vocab_size]
         self.pos += 1
-        st = StepStats(sum(cycles) + handoff, cycles, handoff, time.perf_counter() - t0)
+        st = StepStats(sum(cycles) + handoff, cycles, handoff, time.perf_counter() - t0, dict(counts), per_tile)
         self.totals.tokens += 1
         self.totals.cycles += st.cycles
         self.totals.host_s += st.host_s

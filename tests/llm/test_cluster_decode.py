@@ -24,3 +24,16 @@ def test_default_model_tokens_match_a_single_process_run(ray_cluster_3_nodes, sm
         runs[name + "_cycles"] = cycles
     assert runs["cluster"] == runs["local"]
     assert runs["cluster_cycles"] == runs["local_cycles"]
+
+
+def test_scale_strong_gemv_over_three_nodes(ray_cluster_3_nodes):
+    from llm import scale
+
+    rows = scale.run("strong", [1, 4], "gemv", side=32, per_core=4)
+    one, four = rows
+    assert one["invariant"] and four["invariant"]  # same result and cycles as one tile, and NumPy's
+    assert four["nodes"] == 3 and len(four["per_node"]) == 3
+    assert one["messages_across_nodes"] == 0 and four["messages_across_nodes"] > 0
+    assert four["messages_inside_nodes"] + four["messages_across_nodes"] > 0
+    assert {"wall_s", "wait_s", "tile_messages"} <= set(four["per_tile"][0])
+    assert one["speedup"] == 1.0 and four["efficiency"] == four["speedup"] / 4

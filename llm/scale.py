@@ -1,0 +1,157 @@
+"""Scaling experiments: the same workload on more tile actors (strong) or a mesh that grows
+with them (weak), on whatever Ray cluster the driver is connected to.
+
+For every point: host wall time of the workload itself (``wall_s``; starting the actors and
+loading the operands is ``setup_s``), speedup and efficiency against the first point, actor
+messages and bytes inside a node and across nodes, per-node and per-tile statistics
+(messages, bytes, seconds computing vs waiting), and an invariance check: with the same
+mesh (strong) the result and the predicted cycles must not change with the tiling; with a
+growing mesh (weak) the result must match NumPy (GEMV/GEMM) or the reference (decode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+import numpy as np
+
+from wafer_actors import Wafer
+from wafer_actors.ops import gemm, gemv
+
+WORKLOADS = ("gemv", "gemm", "decode")
+MODES = ("strong", "weak")
+
+
+def tile_grid(n: int) -> tuple[int, int]:
+    """The most square rows x cols with rows * cols = n (rows <= cols)."""
+    rows = max(r for r in range(1, int(math.isqrt(n)) + 1) if n % r == 0)
+    return rows, n // rows
+
+
+def _digest(a: np.ndarray | list[int]) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+
+
+def _node_stats(per_tile: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    keys = ("tile_messages", "tile_bytes", "node_messages", "node_bytes", "wall_s", "wait_s")
+    out: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(keys, 0))
+    for t in per_tile:
+        for k in keys:
+            out[t["node"]][k] += t.get(k, 0)
+    return dict(out)
+
+
+def _matrix_point(workload: str, side: int, tiles: tuple[int, int], per_core: int, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    n = side * per_core
+    t0 = time.perf_counter()
+    with Wafer((side, side), tiles=tiles, transport="ray") as wafer:
+        if workload == "gemv":
+            x, w = rng.standard_normal(n).astype(np.float32), rng.standard_normal((n, n)).astype(np.float32)
+            out, stats = gemv(wafer, x, w)
+            expected = x @ w
+        else:
+            a, b = rng.standard_normal((n, n)).astype(np.float32), rng.standard_normal((n, n)).astype(np.float32)
+            out, stats = gemm(wafer, a, b)
+            expected = a @ b
+        nodes = wafer.nodes()
+    total = time.perf_counter() - t0
+    per_tile = [{"tile": i, "node": nodes[i], **d} for i, d in enumerate(stats.per_tile)]
+    return {"cycles": stats.cycles, "digest": _digest(out), "matches_reference": bool(np.allclose(out, expected, rtol=1e-3, atol=1e-3)),
+            "counts": stats.counts, "per_tile": per_tile, "wall_s": stats.host_wall_s, "setup_s": total - stats.host_wall_s, "size": n}
+
+
+def _decode_point(side: int, tiles: tuple[int, int], tokens: int, model) -> dict[str, Any]:
+    from .engine import WaferLlama
+    from .generate import generate
+    from .reference import ReferenceModel
+
+    cfg, w, prompt = model
+    t0 = time.perf_counter()
+    with WaferLlama(cfg, w, mesh=(side, side), tiles=tiles, transport="ray", tokens=len(prompt) + tokens) as m:
+        out = generate(m, prompt, max_new_tokens=tokens)
+        steps = m.totals.steps
+    total = time.perf_counter() - t0
+    wall = sum(st.host_s for st in steps)
+    ref = ReferenceModel(cfg, w, len(prompt) + tokens)
+    ids = []
+    for i, t in enumerate(prompt + out.output_ids[:-1]):
+        logits = ref.forward(t, i)
+        if i >= len(prompt) - 1:
+            ids.append(int(np.argmax(logits)))
+    counts: dict[str, int] = defaultdict(int)
+    for st in steps:
+        for k, v in st.counts.items():
+            counts[k] += v
+    return {"cycles": sum(st.cycles for st in steps) / len(steps), "digest": _digest(out.output_ids),
+            "matches_reference": ids == out.output_ids, "counts": dict(counts),
+            "per_tile": [t for st in steps for t in st.per_tile], "wall_s": wall, "setup_s": total - wall, "size": side}
+
+
+def run(mode: str, counts: list[int], workload: str, *, side: int = 32, per_core: int = 8, tokens: int = 3, seed: int = 0,
+        progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """One row per tile count; ``side`` is the mesh side at the first count (weak mode grows it as sqrt)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
+    if not counts or any(not isinstance(c, int) or c < 1 for c in counts):
+        raise ValueError(f"tile counts must be positive integers, got {counts!r}")
+    import ray
+
+    if not ray.is_initialized():  # start Ray once, outside the timed points
+        ray.init(include_dashboard=False, log_to_driver=False)
+    model = None
+    if workload == "decode":
+        from .models import load_model
+
+        cfg, w, tok = load_model()
+        model = (cfg, w, tok.encode("The capital of France is"))
+    rows = []
+    for c in counts:
+        tiles = tile_grid(c)
+        grow = math.sqrt(c / counts[0]) if mode == "weak" else 1.0
+        s = max(tiles[0], tiles[1], int(round(side * grow / 8)) * 8) if mode == "weak" else side
+        point = _decode_point(s, tiles, tokens, model) if workload == "decode" else _matrix_point(workload, s, tiles, per_core, seed)
+        cnt = point.pop("counts")
+        row = {"mode": mode, "workload": workload, "tiles": c, "tile_grid": list(tiles), "mesh": [s, s], **point,
+               "nodes": len({t["node"] for t in point["per_tile"]}),
+               "messages_inside_nodes": cnt.get("tile_messages", 0) - cnt.get("node_messages", 0),
+               "messages_across_nodes": cnt.get("node_messages", 0),
+               "bytes_inside_nodes": cnt.get("tile_bytes", 0) - cnt.get("node_bytes", 0),
+               "bytes_across_nodes": cnt.get("node_bytes", 0),
+               "core_messages_inside_tiles": cnt.get("core_messages_local", 0),
+               "core_messages_across_tiles": cnt.get("core_messages_remote", 0)}
+        row["per_node"] = _node_stats(point["per_tile"])
+        rows.append(row)
+        if progress:
+            progress(f"{workload} {c} tiles")
+    base = rows[0]
+    for r in rows:
+        r["speedup"] = base["wall_s"] / r["wall_s"]
+        r["efficiency"] = r["speedup"] / (r["tiles"] / base["tiles"]) if mode == "strong" else r["speedup"]
+        r["invariant"] = r["matches_reference"] and (mode == "weak" or (r["digest"] == base["digest"] and r["cycles"] == base["cycles"]))
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    """Speedup and efficiency against tile count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    x = [r["tiles"] for r in rows]
+    ax.plot(x, [r["speedup"] for r in rows], marker="o", label="speedup")
+    ax.plot(x, [r["efficiency"] for r in rows], marker="s", label="efficiency")
+    ax.set_xlabel("tile actors")
+    ax.set_title(f"{rows[0]['mode']} scaling, {rows[0]['workload']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
