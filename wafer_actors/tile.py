@@ -38,6 +38,7 @@ from .protocol import resolve
 from .transfer import Transfer
 
 OPS = ("store", "add", "max")
+LOCAL_PARTS_BUDGET = 4_000_000  # flows of cached transfer parts per tile (about 150 MB of index arrays)
 
 
 @dataclass
@@ -178,6 +179,7 @@ class Tile:
         self._sent: Counter = Counter()
         self._received: Counter = Counter()
         self._rates: dict[Any, float] = {}
+        self._local_size = 0  # flows held in _local_parts
         self._local_parts: dict[tuple[str, str], tuple[Transfer, dict[int, _Local]]] = {}
 
     # ---- wiring ---------------------------------------------------------------------------
@@ -355,9 +357,12 @@ class Tile:
                 f = part.flows
                 fi = (transfer.dst_y[f] - y0) * w + transfer.dst_x[f] - x0
                 parts[src] = _Local(fi, part.inverse, True, transfer.load[f], transfer.hops[f], transfer.relays[f])
-        if len(self._local_parts) > 4096:  # transfers built afresh on every call would pile up
+        size = sum(len(lp.fi) for lp in parts.values())
+        if self._local_size + size > LOCAL_PARTS_BUDGET:  # many large one-off transfers (SUMMA's casts) would pile up
             self._local_parts.clear()
+            self._local_size = 0
         self._local_parts[key] = (transfer, parts)
+        self._local_size += size
         return parts
 
     async def recv(self, transfers: Transfer | Sequence[Transfer], name: str, *, op: str = "store", stream: bool = False) -> None:
