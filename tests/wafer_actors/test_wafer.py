@@ -80,3 +80,12 @@ def test_stats_report_cycles_seconds_and_memory():
     assert s.sram_peak_bytes_max == 40
     assert s.protocol == "shift"
     assert s.host_wall_s > 0
+
+
+def test_ray_placement_refuses_a_node_without_memory_for_its_tiles(ray_local):
+    from wafer_actors.device import resolve
+
+    huge = resolve("wse2").replace(sram_bytes=2**30)  # 1 GiB per core: 4 TiB for 64x64 cores
+    with pytest.raises(MemoryError, match=r"would hold 4 tile\(s\) with up to 4096.0 GiB .* Ray gives it"):
+        Wafer((64, 64), device=huge, tiles=(2, 2), transport="ray")
+    Wafer((64, 64), device=huge, tiles=(2, 2), transport="ray", cost_only=True).shutdown()  # shapes only: no check

@@ -62,6 +62,31 @@ class RayOptions:
     num_cpus: float = 0.0
 
 
+def _check_node_memory(tiling: Tiling, device: DeviceSpec, where: list[str]) -> None:
+    """Refuse a placement whose tiles could hold more bytes than their node has for actors.
+
+    A tile holds at most its cores' SRAM (every buffer is charged against it), so a node
+    needs up to cores x sram_bytes for the tiles placed on it; Ray's ``memory`` resource of
+    the node is what it has.
+
+    Raises:
+        MemoryError: naming the node, its tiles, the bytes needed and available.
+    """
+    have = {n["NodeID"]: n["Resources"].get("memory", 0.0) for n in ray.nodes() if n["Alive"]}
+    need: dict[str, int] = {}
+    tiles: dict[str, int] = {}
+    for rect, node in zip(tiling.rects, where):
+        need[node] = need.get(node, 0) + rect.shape[0] * rect.shape[1] * device.sram_bytes
+        tiles[node] = tiles.get(node, 0) + 1
+    for node, nbytes in need.items():
+        if node in have and nbytes > have[node]:
+            raise MemoryError(
+                f"node {node[:12]} would hold {tiles[node]} tile(s) with up to {nbytes / 2**30:.1f} GiB of core memory "
+                f"({device.sram_bytes} B per core); Ray gives it {have[node] / 2**30:.1f} GiB. Use more nodes, "
+                f"a smaller mesh, or cost_only=True"
+            )
+
+
 def _unwrap(err: BaseException) -> BaseException:
     """Turn Ray's wrapper back into the error the tile raised."""
     cause = getattr(err, "cause", None)
@@ -81,9 +106,12 @@ class RayTransport(Transport):
             ray.init(include_dashboard=False, log_to_driver=False)
         nodes = list(self.options.nodes or self._alive_nodes())
         n = len(tiling)
+        where = [nodes[i * len(nodes) // n] for i in range(n)]
+        if not cost_only:
+            _check_node_memory(tiling, device, where)
         cls = ray.remote(TileActor)
         for i in range(n):
-            node = nodes[i * len(nodes) // n]
+            node = where[i]
             strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
             opts = cls.options(num_cpus=self.options.num_cpus, scheduling_strategy=strategy)
             self.actors.append(opts.remote(i, tiling.mesh.shape, tiling.tiles, device, cost_only))
