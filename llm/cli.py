@@ -223,7 +223,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             paper = f"{r['paper_tps']:8.1f}" if r["paper_tps"] else f"{'-':>8}"
             err = f"{r['relative_error']:+7.1%}" if r["relative_error"] is not None else f"{'-':>7}"
             print(f"{r['model']:<14} {r['phase']:<7} {r['grid']:>5} {r['predicted_cycles_per_layer']:>13,.0f} "
-                  f"{r['predicted_tps']:>9.1f} {paper} {err} {r['sram_high_water_bytes']:>7} {r['regions_needed']:>8}  {r['note']}")
+                  f"{r['predicted_tps']:>9.1f} {paper} {err} {r['sram_high_water_bytes']:>7} {r['regions_needed'] or '-':>8}  {r['note']}")
     print("prefill rows: not predicted yet (needs the prefill protocol)")
     for r in rows:
         if r.get("kind") == "gemv":

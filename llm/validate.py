@@ -32,12 +32,14 @@ def decode_row(model: str, device: DeviceSpec, grid: int) -> dict[str, Any]:
     """One decode row: predicted cycles per layer and tokens/s, memory, regions and hand-off."""
     cfg = preset(model)
     cycles, sram, _ = decode_layer(cfg, device, grid)
+    unbounded = device.replace(width=grid * cfg.n_layers, height=grid)  # room for one region per layer
     try:
-        regions = len(place(cfg, device, grid, grid, tokens=CONTEXT, elem_bytes=2).regions)
-        fits = True
-    except PlacementError:
-        regions, fits = math.ceil(cfg.n_layers / max(1, _layers_per_region(cfg, device, grid))), False
-    handoff = (regions - 1) * ((grid + 1) * device.alpha + device.beta + math.ceil(cfg.dim / grid) * 2 / device.link_bytes_per_cycle)
+        regions = len(place(cfg, unbounded, grid, grid, tokens=CONTEXT, elem_bytes=2).regions)
+    except PlacementError:  # the LM head and a layer do not fit one region together
+        regions = None
+    fits = regions is not None and regions <= (device.height // grid) * (device.width // grid)
+    hop = (grid + 1) * device.alpha + device.beta + math.ceil(cfg.dim / grid) * 2 / device.link_bytes_per_cycle
+    handoff = None if regions is None else (regions - 1) * hop
     paper = PAPER_TPS.get((model, "decode", grid))
     tps = device.clock_hz / (cycles * cfg.n_layers)
     return {
@@ -46,22 +48,9 @@ def decode_row(model: str, device: DeviceSpec, grid: int) -> dict[str, Any]:
         "relative_error": None if paper is None else tps / paper - 1,
         "sram_high_water_bytes": sram, "sram_bytes": device.sram_bytes,
         "regions_needed": regions, "fits_wafer": fits, "handoff_cycles_per_token": handoff,
-        "note": "one layer measured and scaled" + ("" if fits else "; the whole model exceeds the wafer at this grid"),
+        "note": "one layer measured and scaled" + ("" if fits else "; the whole model exceeds the wafer at this grid"
+                                                   if regions else "; the LM head does not fit a region with a layer"),
     }
-
-
-def _layers_per_region(cfg, device: DeviceSpec, grid: int) -> int:
-    """Most layers one region holds (float16, 4K context), for models larger than the wafer."""
-    import dataclasses
-
-    for n in range(cfg.n_layers, 0, -1):
-        try:
-            place(dataclasses.replace(cfg, n_layers=n), device, grid, grid, tokens=CONTEXT, elem_bytes=2, regions=1,
-                  head=False)
-            return n
-        except PlacementError:
-            continue
-    return 0
 
 
 def gemv_rows(device: DeviceSpec, grid: int, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
