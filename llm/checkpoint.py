@@ -88,6 +88,15 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
     )
 
 
+GGUF_NAMES = {
+    "tok_embeddings": "token_embd.weight", "attn_norm": "blk.{i}.attn_norm.weight", "wq": "blk.{i}.attn_q.weight",
+    "wk": "blk.{i}.attn_k.weight", "wv": "blk.{i}.attn_v.weight", "wo": "blk.{i}.attn_output.weight",
+    "ffn_norm": "blk.{i}.ffn_norm.weight", "w_gate": "blk.{i}.ffn_gate.weight", "w_up": "blk.{i}.ffn_up.weight",
+    "w_down": "blk.{i}.ffn_down.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight",
+}
+LAYER_FIELDS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
+
+
 def load_gguf(path: str | Path) -> tuple[LlamaConfig, LlamaWeights, object]:
     """Read a Llama GGUF file: (config, float32 weights, the open ``gguf.GGUFReader``).
 
@@ -116,28 +125,31 @@ def load_gguf(path: str | Path) -> tuple[LlamaConfig, LlamaWeights, object]:
             raise CheckpointError(f"{path}: tensor {name!r} has shape {data.shape}, expected {shape}")
         return np.ascontiguousarray(data)
 
-    q, kv, d, f = cfg.n_heads * cfg.head_dim, cfg.kv_dim, cfg.dim, cfg.ffn_dim
+    return cfg, assemble(cfg, get, GGUF_NAMES), reader
 
-    def layers(suffix: str, shape: tuple[int, ...]) -> np.ndarray:
-        return np.stack([get(f"blk.{i}.{suffix}", shape) for i in range(cfg.n_layers)])
 
-    emb = get("token_embd.weight", (d, cfg.vocab_size)).T  # stored (vocab, dim) in numpy order
-    w = LlamaWeights(
-        tok_embeddings=np.ascontiguousarray(emb),
-        attn_norm=layers("attn_norm.weight", (d,)),
-        wq=layers("attn_q.weight", (d, q)),
-        wk=layers("attn_k.weight", (d, kv)),
-        wv=layers("attn_v.weight", (d, kv)),
-        wo=layers("attn_output.weight", (q, d)),
-        ffn_norm=layers("ffn_norm.weight", (d,)),
-        w_gate=layers("ffn_gate.weight", (d, f)),
-        w_up=layers("ffn_up.weight", (d, f)),
-        w_down=layers("ffn_down.weight", (f, d)),
-        final_norm=get("output_norm.weight", (d,)),
-        lm_head=None,  # set below
-    )
-    w.lm_head = w.tok_embeddings.T if cfg.tied_embeddings else get("output.weight", (d, cfg.vocab_size))
-    return cfg, w, reader
+def assemble(cfg: LlamaConfig, get, names: dict[str, str], cols: dict[str, np.ndarray] | None = None) -> LlamaWeights:
+    """Build the weights from a checkpoint format's reader and tensor names.
+
+    Args:
+        get: ``get(name, shape)`` returns one tensor as float32 in (in, out) order, or raises
+            ``CheckpointError`` (missing tensor, wrong shape).
+        names: the format's tensor name of each ``LlamaWeights`` field; ``{i}`` is the layer.
+        cols: output-column permutations of some per-layer fields (RoPE layouts).
+    """
+    q, kv, d, f, v = cfg.n_heads * cfg.head_dim, cfg.kv_dim, cfg.dim, cfg.ffn_dim, cfg.vocab_size
+    shapes = {"attn_norm": (d,), "wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "ffn_norm": (d,),
+              "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
+    cols = cols or {}
+
+    def layers(field: str) -> np.ndarray:
+        out = np.stack([get(names[field].format(i=i), shapes[field]) for i in range(cfg.n_layers)])
+        return np.ascontiguousarray(out[..., cols[field]]) if field in cols else out
+
+    emb = np.ascontiguousarray(get(names["tok_embeddings"], (d, v)).T)  # kept (vocab, dim)
+    lm_head = emb.T if cfg.tied_embeddings else get(names["lm_head"], (d, v))
+    return LlamaWeights(tok_embeddings=emb, **{field: layers(field) for field in LAYER_FIELDS},
+                        final_norm=get(names["final_norm"], (d,)), lm_head=lm_head)
 
 
 def random_weights(cfg: LlamaConfig, seed: int = 0) -> LlamaWeights:

@@ -100,17 +100,15 @@ def _routes(mesh: Mesh, *, plan: dict, pos: int) -> list[Route]:
     return list(_routes_cached(mesh, plan["algo"], plan["K"], plan["group_num"], plan["kv_mode"] == "shift"))
 
 
-@lru_cache(maxsize=256)
-def _columns(p: RegionPlan, x0: int, x1: int, width: int, pos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per local column: one-hot KV head of each K/V column (w, kvt, n_kv), and RoPE cos/sin (w, kvt/2)."""
-    kv_pad = _pad(p.kv_dim, 2 * width)
-    kvt = kv_pad // width
+@lru_cache(maxsize=64)
+def _columns(p: RegionPlan, x0: int, x1: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per local column: one-hot KV head of each K/V column (w, kvt, n_kv) and RoPE frequency (w, kvt/2)."""
+    kvt = _pad(p.kv_dim, 2 * width) // width
     j = np.arange(x0 * kvt, x1 * kvt).reshape(x1 - x0, kvt)  # global K/V column
     head = np.where(j < p.kv_dim, j // p.head_dim, -1)
     onehot = (head[..., None] == np.arange(p.n_kv)).astype(np.float32)
     d = (j % p.head_dim)[:, 0::2]  # even element of each RoPE pair
-    angle = pos * p.rope_base ** (-d.astype(np.float64) / p.head_dim)
-    return onehot, np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    return onehot, p.rope_base ** (-d.astype(np.float64) / p.head_dim)
 
 
 def _pad(n: int, m: int) -> int:
@@ -156,7 +154,8 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
     act = np.flatnonzero(here > 0)  # local rows that hold tokens
     slots = (starts[rows[act], None] + np.arange(cmax)) % p.cap  # (a, cmax)
     valid = np.arange(cmax) < here[:, None]  # (h, cmax)
-    onehot, cos, sin = _columns(p, r.x0, r.x1, w_cols, pos)
+    onehot, freq = _columns(p, r.x0, r.x1, w_cols)
+    cos, sin = np.cos(pos * freq).astype(np.float32), np.sin(pos * freq).astype(np.float32)
     dt = tile.buffer("x").block[0]
     kvt = tile.buffer("qkv").block[1]
     ft = tile.buffer("ff").block[1]

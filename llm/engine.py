@@ -23,7 +23,7 @@ from wafer_actors.layout import Spec
 from .checkpoint import LlamaWeights
 from .config import LlamaConfig
 from .decode_protocol import KV_MODES, RegionPlan, decode_step
-from .placement import Placement, Region, place, region_weights
+from .placement import Placement, Region, place, region_weights, weight_shapes
 
 SPECS = {
     "attn_norm": Spec(None, "y"),
@@ -121,8 +121,7 @@ class WaferLlama:
         cfg, s = self.cfg, self.placement.shape
         g = cfg.n_heads // cfg.n_kv_heads
         if self.cost_only:
-            shapes = _weight_shapes(cfg, s, region.layers, region.head)
-            for name, shape in shapes.items():
+            for name, shape in weight_shapes(cfg, s, region).items():
                 wafer.alloc(name, shape, self.dtype, SPECS[name])
         else:
             for name, array in region_weights(cfg, self.weights, s, region).items():
@@ -240,13 +239,3 @@ class WaferLlama:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-
-def _weight_shapes(cfg: LlamaConfig, s, layers: int, head: bool) -> dict[str, tuple[int, ...]]:
-    g = cfg.n_heads // cfg.n_kv_heads
-    shapes = {
-        "attn_norm": (layers, s.dim), "wqkv": (layers, s.dim, g + 2, s.kv), "wo": (layers, g, s.kv, s.dim),
-        "ffn_norm": (layers, s.dim), "w13": (layers, s.dim, 2, s.ffn), "w2": (layers, s.ffn, s.dim),
-    }
-    if head:
-        shapes.update(final_norm=(s.dim,), lm_head=(s.dim, s.vocab))
-    return shapes

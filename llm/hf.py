@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import LlamaWeights
+from .checkpoint import LlamaWeights, assemble
 from .config import LlamaConfig
 from .errors import CheckpointError
 
@@ -101,6 +101,16 @@ def _interleave(heads: int, head_dim: int) -> np.ndarray:
     return (np.arange(heads)[:, None] * head_dim + per_head).ravel()
 
 
+HF_NAMES = {
+    "tok_embeddings": "model.embed_tokens.weight", "attn_norm": "model.layers.{i}.input_layernorm.weight",
+    "wq": "model.layers.{i}.self_attn.q_proj.weight", "wk": "model.layers.{i}.self_attn.k_proj.weight",
+    "wv": "model.layers.{i}.self_attn.v_proj.weight", "wo": "model.layers.{i}.self_attn.o_proj.weight",
+    "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight", "w_gate": "model.layers.{i}.mlp.gate_proj.weight",
+    "w_up": "model.layers.{i}.mlp.up_proj.weight", "w_down": "model.layers.{i}.mlp.down_proj.weight",
+    "final_norm": "model.norm.weight", "lm_head": "lm_head.weight",
+}
+
+
 def load_hf(path: str | Path) -> tuple[LlamaConfig, LlamaWeights]:
     """Read a Hugging Face Llama directory: (config, float32 weights in this package's layout).
 
@@ -110,8 +120,6 @@ def load_hf(path: str | Path) -> tuple[LlamaConfig, LlamaWeights]:
     path = Path(path)
     cfg = hf_config(path)
     files = _shards(path)
-    d, f, hd = cfg.dim, cfg.ffn_dim, cfg.head_dim
-    q, kv = cfg.n_heads * hd, cfg.kv_dim
 
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in files:
@@ -122,24 +130,5 @@ def load_hf(path: str | Path) -> tuple[LlamaConfig, LlamaWeights]:
             raise CheckpointError(f"{path}: tensor {name!r} has shape {a.shape} (as (in, out)), expected {shape}")
         return np.ascontiguousarray(a)
 
-    def layers(suffix: str, shape: tuple[int, ...], cols: np.ndarray | None = None) -> np.ndarray:
-        out = np.stack([get(f"model.layers.{i}.{suffix}", shape) for i in range(cfg.n_layers)])
-        return out if cols is None else np.ascontiguousarray(out[..., cols])
-
-    emb = get("model.embed_tokens.weight", (d, cfg.vocab_size)).T
-    w = LlamaWeights(
-        tok_embeddings=np.ascontiguousarray(emb),
-        attn_norm=layers("input_layernorm.weight", (d,)),
-        wq=layers("self_attn.q_proj.weight", (d, q), _interleave(cfg.n_heads, hd)),
-        wk=layers("self_attn.k_proj.weight", (d, kv), _interleave(cfg.n_kv_heads, hd)),
-        wv=layers("self_attn.v_proj.weight", (d, kv)),
-        wo=layers("self_attn.o_proj.weight", (q, d)),
-        ffn_norm=layers("post_attention_layernorm.weight", (d,)),
-        w_gate=layers("mlp.gate_proj.weight", (d, f)),
-        w_up=layers("mlp.up_proj.weight", (d, f)),
-        w_down=layers("mlp.down_proj.weight", (f, d)),
-        final_norm=get("model.norm.weight", (d,)),
-        lm_head=None,
-    )
-    w.lm_head = w.tok_embeddings.T if cfg.tied_embeddings else get("lm_head.weight", (d, cfg.vocab_size))
-    return cfg, w
+    cols = {"wq": _interleave(cfg.n_heads, cfg.head_dim), "wk": _interleave(cfg.n_kv_heads, cfg.head_dim)}
+    return cfg, assemble(cfg, get, HF_NAMES, cols)

@@ -196,27 +196,36 @@ def default_mesh(cfg: LlamaConfig, device: DeviceSpec, tokens: int) -> tuple[int
     raise PlacementError(f"model {cfg.name} does not fit one square region of the {device.name} wafer; give --mesh")
 
 
+def weight_shapes(cfg: LlamaConfig, s: RegionShape, region: Region) -> dict[str, tuple[int, ...]]:
+    """Global (padded) shapes of the region's weights in the decode layout."""
+    g, L = cfg.n_heads // cfg.n_kv_heads, region.layers
+    shapes = {
+        "attn_norm": (L, s.dim), "wqkv": (L, s.dim, g + 2, s.kv), "wo": (L, g, s.kv, s.dim),
+        "ffn_norm": (L, s.dim), "w13": (L, s.dim, 2, s.ffn), "w2": (L, s.ffn, s.dim),
+    }
+    if region.head:
+        shapes.update(final_norm=(s.dim,), lm_head=(s.dim, s.vocab))
+    return shapes
+
+
 def region_weights(cfg: LlamaConfig, w: LlamaWeights, s: RegionShape, region: Region) -> dict[str, np.ndarray]:
-    """The region's weights, regrouped (GQA) and zero-padded to the decode layout's global shapes."""
+    """The region's weights, regrouped (GQA) and zero-padded to ``weight_shapes``."""
     g, nkv, hd, d = cfg.n_heads // cfg.n_kv_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
     sl = slice(region.first_layer, region.first_layer + region.layers)
     L = region.layers
-
-    def pad(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        return np.pad(a, [(0, t - n) for n, t in zip(a.shape, shape)]).astype(np.float32, copy=False)
-
     wq = w.wq[sl].reshape(L, d, nkv, g, hd).transpose(0, 1, 3, 2, 4).reshape(L, d, g, nkv * hd)
-    wqkv = np.concatenate([wq, w.wk[sl][:, :, None], w.wv[sl][:, :, None]], axis=2)
     wo = w.wo[sl].reshape(L, nkv, g, hd, d).transpose(0, 2, 1, 3, 4).reshape(L, g, nkv * hd, d)
-    out = {
-        "attn_norm": pad(w.attn_norm[sl], (L, s.dim)),
-        "wqkv": pad(wqkv, (L, s.dim, g + 2, s.kv)),
-        "wo": pad(wo, (L, g, s.kv, s.dim)),
-        "ffn_norm": pad(w.ffn_norm[sl], (L, s.dim)),
-        "w13": pad(np.stack([w.w_gate[sl], w.w_up[sl]], axis=2), (L, s.dim, 2, s.ffn)),
-        "w2": pad(w.w_down[sl], (L, s.ffn, s.dim)),
+    real = {
+        "attn_norm": w.attn_norm[sl],
+        "wqkv": np.concatenate([wq, w.wk[sl][:, :, None], w.wv[sl][:, :, None]], axis=2),
+        "wo": wo,
+        "ffn_norm": w.ffn_norm[sl],
+        "w13": np.stack([w.w_gate[sl], w.w_up[sl]], axis=2),
+        "w2": w.w_down[sl],
+        "final_norm": w.final_norm,
+        "lm_head": w.lm_head,
     }
-    if region.head:
-        out["final_norm"] = pad(w.final_norm, (s.dim,))
-        out["lm_head"] = pad(w.lm_head, (s.dim, s.vocab))
-    return out
+    return {
+        name: np.pad(real[name], [(0, t - n) for n, t in zip(real[name].shape, shape)]).astype(np.float32, copy=False)
+        for name, shape in weight_shapes(cfg, s, region).items()
+    }

@@ -11,6 +11,7 @@ which is not implemented yet.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -80,8 +81,6 @@ def gemm_rows(device: DeviceSpec, grid: int, n: int) -> list[dict[str, Any]]:
 
 def kv_capacity(device: DeviceSpec, grid: int = 360) -> dict[str, Any]:
     """Tokens the KV cache of LLaMA3-8B holds (float16) on the wafer's grid x grid regions, shift vs concat."""
-    import dataclasses
-
     cfg = dataclasses.replace(preset("llama3-8b"), max_seq_len=10**9)
     regions = min((device.height // grid) * (device.width // grid), cfg.n_layers)
     try:

@@ -104,7 +104,7 @@ class _Arrivals:
             end = np.maximum(start + np.maximum(msg.tail - msg.head, combine), msg.tail + beta)
             waited = msg.head > c0
         else:
-            start = np.full(len(fi), -np.inf)
+            start = -np.inf  # plain receives forward nothing
             end = np.maximum(c0, msg.tail)
             waited = msg.tail > c0
         stages = np.where(waited, msg.stages, t.stages.ravel()[fi])
@@ -276,8 +276,10 @@ class Tile:
         """Advance the clocks of ``cores`` (local mask; default all) by ``fmacs`` FMACs issued in ``calls`` calls."""
         rate = self._rate(dtype)
         cycles = np.asarray(fmacs, dtype=float) / rate + calls * self.device.call_overhead
-        if cores is None:
-            cores = np.ones(self.rect.shape, dtype=bool)
+        if cores is None:  # every core: no mask to build or apply
+            self.clock += cycles
+            self.path_compute += cycles
+            return
         add = cycles if np.ndim(cycles) == 0 else cycles[cores]
         self.clock[cores] += add
         self.path_compute[cores] += add
