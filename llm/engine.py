@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from wafer_actors import Wafer
+from wafer_actors.collectives.block_gemm import skew_index
 from wafer_actors.device import DeviceSpec, resolve
 from wafer_actors.layout import Spec
 
@@ -24,6 +25,7 @@ from .checkpoint import LlamaWeights
 from .config import LlamaConfig
 from .decode_protocol import KV_MODES, RegionPlan, decode_step
 from .placement import Placement, Region, place, region_weights, weight_shapes
+from .prefill_protocol import kv_handover, prefill, relayout
 
 SPECS = {
     "attn_norm": Spec(None, "y"),
@@ -50,6 +52,29 @@ class StepStats:
 
 
 @dataclass
+class PrefillStats:
+    """What prefilling a prompt cost, in predicted device cycles, phase by phase.
+
+    ``ttft_cycles`` (time to first token) covers skewing the weights, every region's
+    layers, the activations crossing between regions and the LM head; ``handover_cycles``
+    (moving the KV cache into decode's rows and un-skewing the weights) is paid before the
+    second token, so it counts as decode time.
+    """
+
+    tokens: int
+    relayout_cycles: float  # weights skewed for prefill (all regions in parallel: the slowest)
+    region_cycles: list[float]  # each region's layers (and the LM head on the last)
+    crossing_cycles: float  # the prompt's activations crossing from region to region
+    handover_cycles: float  # KV cache to decode rows, weights un-skewed (slowest region)
+    host_s: float
+    sram_high_water_bytes: int
+
+    @property
+    def ttft_cycles(self) -> float:
+        return self.relayout_cycles + sum(self.region_cycles) + self.crossing_cycles
+
+
+@dataclass
 class DecodeTotals:
     """Sums over the tokens run so far."""
 
@@ -57,6 +82,13 @@ class DecodeTotals:
     cycles: float = 0.0
     host_s: float = 0.0
     steps: list[StepStats] = field(default_factory=list, repr=False)
+
+
+def skew_rows(x: np.ndarray, p: int) -> np.ndarray:
+    """Lay out a (S, D) activation x-skewed for a P x P region (see ``block_gemm``): block (r, c) <- (r, skew[r, c])."""
+    m, k = x.shape
+    blocks = x.reshape(p, m // p, p, k // p).transpose(0, 2, 1, 3)
+    return blocks[np.arange(p)[:, None], skew_index(p)].transpose(0, 2, 1, 3).reshape(m, k)
 
 
 class WaferLlama:
@@ -76,6 +108,8 @@ class WaferLlama:
         cost_only: shapes only (no weights, no logits), same protocols and cycles.
         dtype: element type on the cores; full numerics run in float32, cost-only may use float16.
         lm_head: place the final norm and LM head (off to time decoder layers alone).
+        prefill_tokens: keep room on the cores to prefill prompts up to this long with
+            ``prefill`` (square regions only); 0 feeds prompts token by token.
 
     Raises:
         PlacementError: the model does not fit (bytes needed and available in the message).
@@ -85,7 +119,7 @@ class WaferLlama:
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights | None, *, mesh: tuple[int, int],
                  device: str | DeviceSpec = "wse2", tiles: tuple[int, int] = (1, 1), transport: str = "ray",
                  kv: str = "shift", tokens: int = 1, regions: int = 1, algo: str = "ktree", group_num: int | None = None,
-                 cost_only: bool = False, dtype: str = "float32", lm_head: bool = True):
+                 cost_only: bool = False, dtype: str = "float32", lm_head: bool = True, prefill_tokens: int = 0):
         if kv not in KV_MODES:
             raise ValueError(f"kv must be one of {KV_MODES}, got {kv!r}")
         if weights is None and not cost_only:
@@ -96,7 +130,7 @@ class WaferLlama:
         self.device: DeviceSpec = resolve(device)
         self.dtype = dtype
         self.placement: Placement = place(cfg, self.device, *mesh, kv_mode=kv, tokens=tokens, regions=regions,
-                                          elem_bytes=np.dtype(dtype).itemsize, head=lm_head)
+                                          elem_bytes=np.dtype(dtype).itemsize, head=lm_head, prefill_tokens=prefill_tokens)
         self.mesh, self.tiles, self.kv, self.algo = tuple(mesh), tuple(tiles), kv, algo
         self.cost_only = cost_only
         self.plans = [
@@ -105,8 +139,7 @@ class WaferLlama:
             for r in self.placement.regions
         ]
         self.wafers: list[Wafer] = []
-        self.pos = 0
-        self.totals = DecodeTotals()
+        self.reset()
         try:
             for region in self.placement.regions:
                 self.wafers.append(Wafer(mesh, device=self.device, tiles=tiles, transport=transport, cost_only=cost_only))
@@ -145,6 +178,7 @@ class WaferLlama:
         """Start a new sequence (the cache slots are reused; positions start again at 0)."""
         self.pos = 0
         self.totals = DecodeTotals()
+        self.prefill_stats: PrefillStats | None = None
 
     def seek(self, pos: int) -> None:
         """Cost-only: continue at position ``pos`` as if a context of ``pos`` tokens were cached.
@@ -195,6 +229,80 @@ class WaferLlama:
         self.totals.host_s += st.host_s
         self.totals.steps.append(st)
         return logits, st
+
+    def prefill(self, prompt_ids: list[int] | int) -> tuple[np.ndarray | None, PrefillStats]:
+        """Run a whole prompt at positions 0.. at once (WaferLLM's prefill) and leave the cache ready for ``step``.
+
+        Pass the token ids, or (cost-only) just the prompt length. Returns the logits of
+        every prompt position ``(tokens, vocab)`` (None when cost-only or without an LM
+        head) and the predicted cycles of each phase.
+
+        Raises:
+            PlacementError: the prompt is longer than the room kept (``prefill_tokens``), or
+                the KV cache cannot hold it.
+            ValueError: an empty prompt or a token id outside the vocabulary.
+        """
+        ids = None if isinstance(prompt_ids, (int, np.integer)) else [int(t) for t in prompt_ids]
+        n = int(prompt_ids) if ids is None else len(ids)
+        if ids is None and not self.cost_only:
+            raise ValueError("prefill() needs the prompt's token ids unless the wafer is cost-only")
+        if n < 1:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = [t for t in ids or [] if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.cfg.vocab_size})")
+        self.placement.check_prefill(n)
+        self.placement.check_tokens(n)
+        t0 = time.perf_counter()
+        self.reset()
+        s, p = self.placement.shape, self.mesh[0]
+        st = -(-n // p)
+        x = None
+        if not self.cost_only:
+            x = np.zeros((st * p, s.dim), np.float32)
+            x[:n, : self.cfg.dim] = self.weights.tok_embeddings[ids]
+            x = skew_rows(x, p)
+        relay = [w.run(relayout, layers=r.layers, head=r.head, to="prefill").cycles for w, r in self._regions()]
+        cycles, crossing = [], 0.0
+        for i, (wafer, region) in enumerate(self._regions()):
+            wafer.alloc("kv_p", (st * p, region.layers, 2, s.kv), self.dtype, Spec("y", None, None, "x"))
+            if region.head:
+                wafer.alloc("logits_p", (st * p, s.vocab), self.dtype, Spec("y", "x"))
+            if i:
+                crossing += self._crossing_cycles(st)
+                x = None if self.cost_only else self.wafers[i - 1].read("xp")
+                self.wafers[i - 1].free("xp")
+            if x is None:
+                wafer.alloc("xp", (st * p, s.dim), self.dtype, Spec("y", "x"))
+            else:
+                wafer.load("xp", x, Spec("y", "x"))
+            wafer.reset_clocks()
+            cycles.append(wafer.run(prefill, plan=self.plans[i].as_kwargs(), tokens=n).cycles)
+        last = self.wafers[-1]
+        logits = None
+        if not self.cost_only and self.plans[-1].head:
+            logits = last.read("logits_p")[:n, : self.cfg.vocab_size]
+        last.free("xp")
+        if self.plans[-1].head:
+            last.free("logits_p")
+        handover = []
+        for wafer, region in self._regions():
+            wafer.reset_clocks()
+            c = wafer.run(kv_handover, st=st, tokens=n, mode=self.kv, cap=region.cap).cycles
+            wafer.free("kv_p")
+            handover.append(c + wafer.run(relayout, layers=region.layers, head=region.head, to="decode").cycles)
+        self.pos = n
+        stats = PrefillStats(n, max(relay), cycles, crossing, max(handover), time.perf_counter() - t0, self.sram_high_water())
+        self.prefill_stats = stats
+        return logits, stats
+
+    def _regions(self):
+        return zip(self.wafers, self.placement.regions)
+
+    def _crossing_cycles(self, st: int) -> float:
+        """Every row's prompt activations leaving through the region's east edge, one block per core of the row."""
+        d, s = self.device, self.placement.shape
+        return (s.width + 1) * d.alpha + d.beta + s.width * st * s.dt * np.dtype(self.dtype).itemsize / d.link_bytes_per_cycle
 
     def _handoff_cycles(self) -> float:
         """One row block of x crossing into the next region and spreading along its rows."""

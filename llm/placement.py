@@ -80,6 +80,35 @@ def slot_bytes(cfg: LlamaConfig, s: RegionShape, layers: int, elem: int = F32) -
     return elem * (2 * layers * s.kvt + cfg.n_heads)
 
 
+def prefill_bytes(cfg: LlamaConfig, s: RegionShape, layers: int, head: bool, tokens: int, elem: int = F32) -> int:
+    """Peak bytes one core needs on top of decode's buffers to prefill ``tokens`` tokens (0: none).
+
+    The largest of the three phases (``llm.prefill_protocol``): the weight re-layout (one
+    layer's blocks double-buffered), prefill itself (residual, K/V for the hand-over, work
+    buffers and the largest pair of second buffers of any GEMM or skew), and the KV hand-over.
+    """
+    if tokens <= 0:
+        return 0
+    if s.height != s.width:
+        raise PlacementError(f"prefill on the wafer needs a square region (P x P cores), got {s.height}x{s.width}")
+    g, nkv = cfg.n_heads // cfg.n_kv_heads, cfg.n_kv_heads
+    st = -(-tokens // s.height)
+    dt, kvt, ft, vt = s.dt, s.kvt, s.ft, s.vt
+    relayout = layer_bytes(cfg, s, elem) // elem
+    if head:
+        relayout = max(relayout, dt + dt * vt)
+    kv_p = st * layers * 2 * kvt
+    scores = st * g * nkv * st
+    work = (2 * st * dt + st + st * (g + 2) * kvt + 2 * st * kvt + scores + 2 * st * g * nkv + st * g * kvt
+            + st * dt + 3 * st * ft)
+    twins = max(st * dt + dt * (g + 2) * kvt, 2 * st * kvt, st * kvt + scores, g * kvt * dt + st * dt,
+                st * dt + dt * 2 * ft, ft * dt + st * dt, st * dt + dt * vt if head else 0)
+    logits = st * vt if head else 0
+    during = st * dt + kv_p + logits + work + twins  # xp, kv_p, logits_p, the work buffers, the GEMM in flight
+    handover = kv_p + 2 * layers * 2 * kvt
+    return elem * max(relayout, during, handover)
+
+
 @dataclass(frozen=True)
 class Region:
     """One region: which layers it runs and how many KV slots each of its cores has."""
@@ -91,6 +120,7 @@ class Region:
     cap: int
     bytes_fixed: int  # per core: weights and activations
     bytes_slot: int  # per core: one KV slot
+    bytes_prefill: int = 0  # per core: the most a prefill of the planned prompt adds
 
 
 @dataclass(frozen=True)
@@ -101,6 +131,17 @@ class Placement:
     shape: RegionShape
     regions: tuple[Region, ...]
     kv_mode: str
+    prefill_tokens: int = 0  # longest prompt the cores keep room to prefill
+
+    def check_prefill(self, tokens: int) -> None:
+        """Refuse a prompt longer than the prefill room the placement kept."""
+        if tokens > self.prefill_tokens:
+            s = self.shape
+            raise PlacementError(
+                f"a {tokens}-token prompt is too long to prefill on this {s.height}x{s.width} region: the cores kept room "
+                f"for {self.prefill_tokens} tokens ({-(-self.prefill_tokens // s.height)} per row); place the model with "
+                f"prefill_tokens >= {tokens} (a larger --mesh if that does not fit), or use --prefill token"
+            )
 
     @property
     def cap(self) -> int:
@@ -133,7 +174,7 @@ class Placement:
 
 def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_mode: str = "shift",
           tokens: int = 1, regions: int = 1, max_slots: int | None = None, elem_bytes: int = F32,
-          head: bool = True) -> Placement:
+          head: bool = True, prefill_tokens: int = 0) -> Placement:
     """Assign the model's layers to as few ``height x width`` regions as hold them with room for ``tokens``.
 
     Args:
@@ -142,6 +183,8 @@ def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_m
         max_slots: allocate at most this many KV slots per core (default: all that fit).
         elem_bytes: bytes per element (4: float32 as full numerics runs; 2: the paper's float16).
         head: the last region also holds the final norm and the LM head.
+        prefill_tokens: keep room on every core to prefill a prompt this long on the wafer
+            (its transient buffers), at the cost of KV slots.
 
     Raises:
         PlacementError: the region is larger than the device, or even one layer per region
@@ -161,11 +204,12 @@ def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_m
             layers, last = bounds[i + 1] - bounds[i], head and i == n - 1
             fixed = layers * layer_bytes(cfg, s, elem_bytes) + work_bytes(cfg, s, last, elem_bytes)
             slot = slot_bytes(cfg, s, layers, elem_bytes)
-            cap = (budget - fixed) // slot
+            transient = prefill_bytes(cfg, s, layers, last, prefill_tokens, elem_bytes)
+            cap = (budget - fixed - transient) // slot
             if cap < need:
                 ok = False
                 break
-            regions.append(Region(i, bounds[i], layers, last, int(min(cap, max_slots or cap)), fixed, slot))
+            regions.append(Region(i, bounds[i], layers, last, int(min(cap, max_slots or cap)), fixed, slot, transient))
         if ok:
             if n > available:
                 total = sum(r.bytes_fixed + need * r.bytes_slot for r in regions) * height * width
@@ -174,21 +218,25 @@ def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_m
                     f"for weights, activations and {tokens} tokens of KV cache); the {device.name} wafer "
                     f"({device.height}x{device.width}) has room for {available} ({available * height * width * budget / 2**20:.1f} MiB)"
                 )
-            return Placement(cfg, s, tuple(regions), kv_mode)
-    one = layer_bytes(cfg, s, elem_bytes) + work_bytes(cfg, s, head, elem_bytes) + need * slot_bytes(cfg, s, 1, elem_bytes)
+            return Placement(cfg, s, tuple(regions), kv_mode, prefill_tokens)
+    one = (layer_bytes(cfg, s, elem_bytes) + work_bytes(cfg, s, head, elem_bytes) + need * slot_bytes(cfg, s, 1, elem_bytes)
+           + prefill_bytes(cfg, s, 1, head, prefill_tokens, elem_bytes))
     hint = (f"; --kv concat keeps all {tokens} entries in the tail row, --kv shift would need {math.ceil(tokens / height)} per row"
             if kv_mode == "concat" else "")
+    if prefill_tokens:
+        hint += f"; this counts a {prefill_tokens}-token prefill on the wafer ({-(-prefill_tokens // height)} tokens per row; --prefill token needs none)"
     raise PlacementError(
         f"one layer of {cfg.name} needs {one} bytes per core on a {height}x{width} region "
         f"(with {'its LM head and ' if head else ''}{tokens} tokens of KV cache); a core has {budget}. Use a larger --mesh{hint}"
     )
 
 
-def default_mesh(cfg: LlamaConfig, device: DeviceSpec, tokens: int) -> tuple[int, int]:
-    """The smallest square region (side a multiple of 8) that holds the whole model and ``tokens`` KV entries."""
+def default_mesh(cfg: LlamaConfig, device: DeviceSpec, tokens: int, prefill_tokens: int = 0) -> tuple[int, int]:
+    """The smallest square region (side a multiple of 8) that holds the whole model, ``tokens`` KV entries
+    and room to prefill ``prefill_tokens`` tokens."""
     for side in range(8, min(device.height, device.width) + 1, 8):
         try:
-            p = place(cfg, device, side, side, tokens=tokens)
+            p = place(cfg, device, side, side, tokens=tokens, prefill_tokens=prefill_tokens)
         except PlacementError:
             continue
         if len(p.regions) == 1:

@@ -49,6 +49,7 @@ class Buffer:
     dtype: np.dtype
     cores: np.ndarray  # bool [h, w]: cores charged for (and meant to hold) the block
     data: np.ndarray | None  # [h, w, *block]; None in cost-only runs
+    alias: bool = False  # a name for part of another buffer: shares its memory, charges nothing
 
     @property
     def nbytes(self) -> int:
@@ -199,7 +200,7 @@ class Tile:
         mask = np.ones(self.rect.shape, dtype=bool) if cores is None else np.asarray(cores, dtype=bool)
         buf = Buffer(block, dtype, mask, None)
         old = self.buffers.get(name)
-        used = self.used - (old.nbytes * old.cores if old else 0)
+        used = self.used - (old.nbytes * old.cores if old and not old.alias else 0)
         after = used + buf.nbytes * mask
         over = np.argwhere(after > self.device.sram_bytes)
         if len(over):
@@ -229,10 +230,21 @@ class Tile:
             data = data[:, cols[0] : cols[1]]
         return data
 
+    def alias(self, name: str, of: str, index: tuple[int, ...]) -> None:
+        """Name the part ``index`` of every block of ``of`` (one layer of stacked weights) ``name``.
+
+        The alias shares ``of``'s memory and charges none; send from it and compute on it,
+        but receive into a real buffer (receives write through flat block indices).
+        """
+        src = self.buffer(of)
+        data = None if src.data is None else src.data[(slice(None), slice(None), *index)]
+        self.buffers[name] = Buffer(src.block[len(index):], src.dtype, src.cores, data, alias=True)
+
     def free(self, name: str) -> None:
-        """Release buffer ``name``."""
+        """Release buffer ``name`` (an alias only drops its name)."""
         buf = self.buffer(name)
-        self.used = self.used - buf.nbytes * buf.cores
+        if not buf.alias:
+            self.used = self.used - buf.nbytes * buf.cores
         del self.buffers[name]
 
     def memory(self) -> tuple[np.ndarray, np.ndarray]:
@@ -382,6 +394,8 @@ class Tile:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
         transfers = [transfers] if isinstance(transfers, Transfer) else list(transfers)
         buf = self.buffer(name)
+        if buf.alias:
+            raise ProtocolError(f"cannot receive into {name!r}: it is an alias of part of another buffer; receive into a real one")
         arrivals = _Arrivals(self)
         for transfer in transfers:
             self._check_route(transfer)

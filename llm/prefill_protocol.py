@@ -1,0 +1,263 @@
+"""Prefill of a whole prompt on a P x P region (WaferLLM §4.1), and the hand-over to decode.
+
+Prefill layout: the sequence (padded to S, a multiple of P) is split along y and every
+other dimension along x, so core (py, px) holds ``st = S / P`` tokens. The weights stay
+where decode put them (decode's layout already splits every matrix over both axes); they
+are only skewed along y by ``relayout`` (MeshGEMM's host pre-skew, here done over the
+fabric and undone at the hand-over). The residual stream ``xp`` is kept x-skewed (see
+``wafer_actors.collectives.block_gemm``), so no GEMM ever aligns an operand:
+
+    RMSNorm      xp (x-skewed)  sum of squares allreduced along x          -> hp (x-skewed)
+    QKV          MeshGEMM hp . wqkv (D, G+2, KV)                           -> qkvp (natural), RoPE
+    K, V         kept for the hand-over (``kv_p``), copies skewed along y   -> k_s, v_s
+    scores       GEMM-T q . k_s^T per head (no transpose), causal mask      -> sc (x-skewed)
+    softmax      max and sum allreduced along x
+    P . V        MeshGEMM sc . v_s                                          -> op (natural)
+    W_O          GEMM-T op . wo^T (wo is decode's (G, KV, D) split x, y)     -> yp (x-skewed), xp += yp
+    FFN          RMSNorm, MeshGEMM hp . w13, SwiGLU, GEMM-T z . w2^T         -> xp += yp
+    LM head      RMSNorm, MeshGEMM hp . lm_head                             -> logits_p (S, V) natural
+
+The norm weights (decode: split along y, the same on every column) skewed along y hold
+exactly the dims each core of x-skewed ``xp`` needs.
+
+Hand-over: prefill leaves token t's K and V in ``kv_p`` on row t // st; decode's cache
+wants them on the row ``kv_rows`` gives (shift: rows of n or n + 1 tokens; concat: the
+tail row), slot t mod cap. ``kv_handover`` moves them south along the columns in rounds
+in which no row sends or receives twice, then ``relayout`` un-skews the weights.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from wafer_actors.collectives.allreduce import allreduce_routes, run_allreduce
+from wafer_actors.collectives.block_gemm import block_gemm_routes, gemm_t_skewed, mesh_gemm_skewed, skew, skew_index
+from wafer_actors.mesh import Mesh
+from wafer_actors.protocol import protocol
+from wafer_actors.transfer import Route, Transfer
+
+from .decode_protocol import RegionPlan, _columns, _rope, kv_rows
+
+LAYER_WEIGHTS = ("attn_norm", "wqkv", "wo", "ffn_norm", "w13", "w2")
+
+
+def _routes(mesh: Mesh, *, plan: dict, tokens: int) -> list[Route]:
+    return block_gemm_routes(mesh) + allreduce_routes(mesh, axis="x", algo=plan["algo"], K=plan["K"], group_num=plan["group_num"])
+
+
+async def _allreduce_x(tile, p: RegionPlan, buffer: str, op: str = "add") -> None:
+    await run_allreduce(tile, buffer=buffer, axis="x", op=op, algo=p.algo, K=p.K, group_num=p.group_num)
+
+
+async def _rmsnorm(tile, p: RegionPlan, weight: np.ndarray | None, st: int, dt: int) -> None:
+    """hp = xp / rms(xp) * weight per token, the sums of squares allreduced along x."""
+    if not tile.cost_only:
+        x = tile.data("xp")
+        tile.data("ssp")[...] = np.einsum("yxid,yxid->yxi", x, x)
+    tile.charge(st * dt, p.dtype)
+    await _allreduce_x(tile, p, "ssp")
+    if not tile.cost_only:
+        scale = 1.0 / np.sqrt(tile.data("ssp") / np.float32(p.dim) + np.float32(p.eps))
+        tile.data("hp")[...] = tile.data("xp") * scale[..., None] * weight[:, :, None, :]
+    tile.charge(2 * st * dt, p.dtype)
+
+
+def _add(c: np.ndarray, part: np.ndarray) -> None:
+    c += part
+
+
+@protocol(routes=_routes)
+async def prefill(tile, *, plan: dict, tokens: int) -> None:
+    """Run the ``tokens`` prompt tokens in ``xp`` (x-skewed) through the region's layers (weights y-skewed)."""
+    p = RegionPlan(**plan)
+    full = not tile.cost_only
+    mesh, r = tile.tiling.mesh, tile.rect
+    P = mesh.height
+    G, nkv = p.groups, p.n_kv
+    st, dt = tile.buffer("xp").block
+    kvt, ft = tile.buffer("wqkv").block[-1], tile.buffer("w13").block[-1]
+    rows, cols = np.arange(r.y0, r.y1), np.arange(r.x0, r.x1)
+    qpos = rows[:, None] * st + np.arange(st)  # (h, st): positions of each row's queries
+    kpos = skew_index(P)[r.y0 : r.y1, r.x0 : r.x1, None] * st + np.arange(st)  # keys of each core's x-skewed scores
+    allowed = (kpos[:, :, None, :] <= qpos[:, None, :, None]) & (kpos[:, :, None, :] < tokens)  # (h, w, st_q, st_k)
+    onehot, freq = _columns(p, r.x0, r.x1, P)  # (w, kvt, nkv), (w, kvt / 2)
+    angle = qpos[:, None, :, None, None] * freq[None, :, None, None, :]  # (h, w, st, 1, kvt / 2)
+    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    work = {"hp": (st, dt), "ssp": (st,), "qkvp": (st, G + 2, kvt), "k_s": (st, kvt), "v_s": (st, kvt),
+            "sc": (st, G, nkv, st), "att_mp": (st, G, nkv), "att_sp": (st, G, nkv), "op": (st, G, kvt),
+            "yp": (st, dt), "ffp": (st, 2, ft), "zp": (st, ft)}
+    for name, block in work.items():
+        tile.alloc(name, block, p.dtype)
+    per_step = st * st  # query x key pairs of one block
+
+    def scores(q, k, c):
+        c += np.einsum("yxigj,yxnj,xjh->yxighn", q[:, :, :, :G], k, onehot, optimize=True)
+
+    def attend(pr, v, c):
+        c += np.einsum("yxighn,yxnj,xjh->yxigj", pr, v, onehot, optimize=True)
+
+    for layer in range(p.layers):
+        weights = {n: f"{n}@" for n in LAYER_WEIGHTS}
+        for n, alias in weights.items():
+            tile.alias(alias, n, (layer,))
+        await _rmsnorm(tile, p, tile.data(weights["attn_norm"]) if full else None, st, dt)
+        await mesh_gemm_skewed(tile, a="hp", b=weights["wqkv"], c="qkvp",
+                               product=lambda a, b, c: _add(c, np.einsum("yxid,yxdck->yxick", a, b)),
+                               fmacs=st * dt * (G + 2) * kvt, calls=dt)
+        if full:
+            qkv = tile.data("qkvp")
+            _rope(qkv[:, :, :, : G + 1], cos, sin)
+            tile.data("kv_p")[:, :, :, layer] = qkv[:, :, :, G:]  # natural layout, kept for the hand-over
+            tile.data("k_s")[...] = qkv[:, :, :, G]
+            tile.data("v_s")[...] = qkv[:, :, :, G + 1]
+        tile.charge(3 * st * (G + 1) * kvt, p.dtype)
+        await skew(tile, ["k_s", "v_s"], axis="y")
+        await gemm_t_skewed(tile, a="qkvp", b="k_s", c="sc", product=scores, fmacs=per_step * G * kvt, calls=G * st)
+        if full:  # causal softmax over the row's keys, max and sum allreduced along x
+            sc = tile.data("sc")
+            sc /= np.float32(np.sqrt(p.head_dim))
+            sc[...] = np.where(allowed[:, :, :, None, None, :], sc, -np.inf)
+            tile.data("att_mp")[...] = sc.max(axis=-1)
+        tile.charge(per_step * G * nkv, p.dtype)
+        await _allreduce_x(tile, p, "att_mp", op="max")
+        if full:
+            sc = tile.data("sc")
+            sc[...] = np.exp(sc - tile.data("att_mp")[..., None])
+            tile.data("att_sp")[...] = sc.sum(axis=-1)
+        tile.charge(2 * per_step * G * nkv, p.dtype)
+        await _allreduce_x(tile, p, "att_sp")
+        if full:
+            tile.data("sc")[...] /= tile.data("att_sp")[..., None]
+        tile.charge(per_step * G * nkv, p.dtype)
+        await mesh_gemm_skewed(tile, a="sc", b="v_s", c="op", product=attend, fmacs=per_step * G * kvt, calls=G * st)
+        await gemm_t_skewed(tile, a="op", b=weights["wo"], c="yp",
+                            product=lambda a, b, c: _add(c, np.einsum("yxigj,yxgjn->yxin", a, b)),
+                            fmacs=st * G * kvt * dt, calls=G * kvt)
+        if full:
+            tile.data("xp")[...] += tile.data("yp")
+        tile.charge(st * dt, p.dtype)
+        await _rmsnorm(tile, p, tile.data(weights["ffn_norm"]) if full else None, st, dt)
+        await mesh_gemm_skewed(tile, a="hp", b=weights["w13"], c="ffp",
+                               product=lambda a, b, c: _add(c, np.einsum("yxid,yxdcf->yxicf", a, b)),
+                               fmacs=st * dt * 2 * ft, calls=dt)
+        if full:
+            ff = tile.data("ffp")
+            gate, up = ff[:, :, :, 0], ff[:, :, :, 1]
+            tile.data("zp")[...] = gate / (1 + np.exp(-gate)) * up
+        tile.charge(3 * st * ft, p.dtype)
+        await gemm_t_skewed(tile, a="zp", b=weights["w2"], c="yp",
+                            product=lambda a, b, c: _add(c, np.einsum("yxif,yxfn->yxin", a, b)),
+                            fmacs=st * ft * dt, calls=ft)
+        if full:
+            tile.data("xp")[...] += tile.data("yp")
+        tile.charge(st * dt, p.dtype)
+        for alias in weights.values():
+            tile.free(alias)
+    if p.head:
+        await _rmsnorm(tile, p, tile.data("final_norm") if full else None, st, dt)
+        await mesh_gemm_skewed(tile, a="hp", b="lm_head", c="logits_p",
+                               product=lambda a, b, c: _add(c, np.einsum("yxid,yxdv->yxiv", a, b)),
+                               fmacs=st * dt * tile.buffer("lm_head").block[1], calls=dt)
+    for name in work:
+        tile.free(name)
+
+
+def _relayout_routes(mesh: Mesh, *, layers: int, head: bool, to: str) -> list[Route]:
+    return block_gemm_routes(mesh)
+
+
+@protocol(routes=_relayout_routes)
+async def relayout(tile, *, layers: int, head: bool, to: str) -> None:
+    """Skew the weights along y for prefill (``to="prefill"``) or undo it for decode (``to="decode"``), layer by layer."""
+    if to not in ("prefill", "decode"):
+        raise ValueError(f"relayout: to must be 'prefill' or 'decode', got {to!r}")
+    for layer in range(layers):
+        names = []
+        for n in LAYER_WEIGHTS:
+            tile.alias(f"{n}@", n, (layer,))
+            names.append(f"{n}@")
+        await skew(tile, names, axis="y", reverse=to == "decode")
+        for n in names:
+            tile.free(n)
+    if head:
+        await skew(tile, ["final_norm", "lm_head"], axis="y", reverse=to == "decode")
+
+
+@lru_cache(maxsize=64)
+def handover_rounds(height: int, st: int, tokens: int, mode: str, cap: int) -> tuple[np.ndarray, ...]:
+    """Rounds of the KV hand-over: per round an int array of (src_row, src_slot, dst_row, dst_slot) rows.
+
+    Token t sits in row t // st, slot t mod st after prefill and must go to the row that
+    ``kv_rows(mode, height, tokens)`` gives, slot t mod cap. Greedy: each token takes the
+    first round in which neither its source nor its destination row is busy (shift: one
+    round per prefill slot; concat: one round per token, all going to the tail row).
+    """
+    counts, starts = kv_rows(mode, height, tokens)
+    dst_row = np.repeat(np.arange(height), counts)
+    busy_src: list[set] = []
+    busy_dst: list[set] = []
+    rounds: list[list] = []
+    order = sorted(range(tokens), key=lambda t: (t % st, t // st))
+    for t in order:
+        src, dst = t // st, int(dst_row[t])
+        k = 0
+        while k < len(rounds) and (src in busy_src[k] or dst in busy_dst[k]):
+            k += 1
+        if k == len(rounds):
+            rounds.append([]), busy_src.append(set()), busy_dst.append(set())
+        rounds[k].append((src, t % st, dst, t % cap))
+        busy_src[k].add(src)
+        busy_dst[k].add(dst)
+    return tuple(np.array(rd, dtype=np.int64).reshape(-1, 4) for rd in rounds)
+
+
+def _handover_transfer(mesh: Mesh, moves: np.ndarray, key: str) -> Transfer | None:
+    far = moves[moves[:, 0] != moves[:, 2]]
+    if not len(far):
+        return None
+    w = mesh.width
+    cols = np.tile(np.arange(w), len(far))
+    return Transfer.build(key, "kv_handover", mesh, (np.repeat(far[:, 0], w), cols), (np.repeat(far[:, 2], w), cols))
+
+
+def _handover_routes(mesh: Mesh, *, st: int, tokens: int, mode: str, cap: int) -> list[Route]:
+    rounds = handover_rounds(mesh.height, st, tokens, mode, cap)
+    ts = [t for i, m in enumerate(rounds) if (t := _handover_transfer(mesh, m, f"kv_handover:{i}")) is not None]
+    return [Route("kv_handover", tuple(ts))] if ts else []
+
+
+@protocol(routes=_handover_routes)
+async def kv_handover(tile, *, st: int, tokens: int, mode: str, cap: int) -> None:
+    """Move the prompt's K and V from ``kv_p`` (prefill rows) into ``k_cache``/``v_cache`` (decode rows)."""
+    mesh, r = tile.tiling.mesh, tile.rect
+    full = not tile.cost_only
+    lp = tile.buffer("kv_p").block  # (st, L, 2, kvt)
+    tile.alloc("kv_send", lp[1:], tile.buffer("kv_p").dtype.str)
+    tile.alloc("kv_recv", lp[1:], tile.buffer("kv_p").dtype.str)
+    for i, moves in enumerate(handover_rounds(mesh.height, st, tokens, mode, cap)):
+        here = (moves[:, 0] >= r.y0) & (moves[:, 0] < r.y1)
+        if full:
+            for src, sslot, dst, dslot in moves[here & (moves[:, 0] == moves[:, 2])]:  # stays on its row
+                _store(tile, "kv_p", (src - r.y0, slice(None), sslot), dst - r.y0, dslot)
+            send = moves[here & (moves[:, 0] != moves[:, 2])]
+            tile.data("kv_send")[send[:, 0] - r.y0] = tile.data("kv_p")[send[:, 0] - r.y0, :, send[:, 1]]
+        t = _handover_transfer(mesh, moves, f"kv_handover:{i}")
+        if t is None:
+            continue
+        tile.send(t, "kv_send")
+        await tile.recv(t, "kv_recv")
+        if full:
+            into = moves[(moves[:, 2] >= r.y0) & (moves[:, 2] < r.y1) & (moves[:, 0] != moves[:, 2])]
+            for _, _, dst, dslot in into:
+                _store(tile, "kv_recv", (dst - r.y0,), dst - r.y0, dslot)
+    tile.free("kv_send")
+    tile.free("kv_recv")
+
+
+def _store(tile, source: str, index: tuple, row: int, slot: int) -> None:
+    """Write one token's K and V (``[w, L, 2, kvt]`` at ``index`` of ``source``) into the cache slot of a local row."""
+    kv = tile.data(source)[index]
+    tile.data("k_cache")[row, :, :, slot] = kv[:, :, 0]
+    tile.data("v_cache")[row, :, :, slot] = kv[:, :, 1]
