@@ -143,10 +143,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     tokens = len(prompt_ids) + args.max_new_tokens - 1
-    mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, tokens)
+    room = len(prompt_ids) if args.prefill == "mesh" else 0
+    mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, tokens, prefill_tokens=room)
     print(f"{cfg.name}: {cfg.n_layers} layers, dim {cfg.dim}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     with WaferLlama(cfg, weights, mesh=mesh, device=device, tiles=tiles, transport=args.transport, kv=args.kv,
-                    tokens=tokens, regions=args.regions, algo=args.algo) as engine:
+                    tokens=tokens, regions=args.regions, algo=args.algo, prefill_tokens=room) as engine:
         p = engine.placement
         print(f"placed on {len(p.regions)} region(s) of {mesh[0]}x{mesh[1]} cores of {device.name}, {tiles[0]}x{tiles[1]} "
               f"tiles per region ({args.transport}); KV {args.kv}: {p.cap} slots per core, {p.capacity()} tokens",
@@ -169,15 +170,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out_ids: list[int] = []
         print(text, end="", flush=True)
         result = generate(engine, prompt_ids, max_new_tokens=args.max_new_tokens, sampler=sampler,
-                          eos_id=tok.eos_id, on_token=on_token)
+                          eos_id=tok.eos_id, prefill=args.prefill, on_token=on_token)
         bar.close()
         print()
         summary = engine.summary()
     pred, emu = summary["predicted"], summary["emulation"]
+    timing = result.timing(device.clock_hz)
+    pred.update(timing)
+    if result.prefill:
+        emu["prefill_s"] = result.prefill.host_s
     print(
-        f"predicted on {pred['device']}: {pred['cycles_per_token']:,.0f} cycles/token = {pred['tokens_per_s']:,.0f} tokens/s "
-        f"({pred['regions']} region(s)) | emulation: {emu['ms_per_token']:.0f} ms/token | "
-        f"SRAM high-water {emu['sram_high_water_bytes']} of {emu['sram_bytes']} B per core | stop: {result.stop}",
+        f"predicted on {pred['device']} ({pred['regions']} region(s)): prefill ({args.prefill}) of {len(prompt_ids)} tokens "
+        f"{1e3 * timing['ttft_s']:.3f} ms to first token | decode {pred['cycles_per_token']:,.0f} cycles/token = "
+        f"{pred['tokens_per_s']:,.0f} tokens/s | end to end {timing['e2e_tokens_per_s']:,.0f} tokens/s | emulation: "
+        + (f"prefill {result.prefill.host_s:.1f} s, " if result.prefill else "")
+        + f"{emu['ms_per_token']:.0f} ms/decode step | SRAM high-water {emu['sram_high_water_bytes']} of "
+        f"{emu['sram_bytes']} B per core | stop: {result.stop}",
         file=sys.stderr,
     )
     if args.json:
@@ -305,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="wse2", help="preset name or a .toml/.json device file")
     gen.add_argument("--kv", default="shift", choices=["shift", "concat"], help="KV cache: WaferLLM's shift or the concat baseline")
     gen.add_argument("--algo", default="ktree", choices=["ktree", "pipeline", "ring", "chain"], help="allreduce of every GEMV")
+    gen.add_argument("--prefill", default="mesh", choices=["mesh", "token"],
+                     help="mesh (default): the whole prompt at once with MeshGEMM (square regions); token: one decode step per prompt token")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)

@@ -1,4 +1,4 @@
-"""Generation: feed the prompt through the wafer one token at a time, then sample until done."""
+"""Generation: run the prompt through the wafer (prefill, or one token at a time), then sample until done."""
 
 from __future__ import annotations
 
@@ -7,33 +7,62 @@ from typing import Callable
 
 import numpy as np
 
-from .engine import WaferLlama
+from .engine import PrefillStats, WaferLlama
 from .sampling import Sampler
+
+PREFILL_MODES = ("mesh", "token")
 
 
 @dataclass
 class Generation:
-    """A finished generation: ids, why it stopped, and (if asked) the logits of every step."""
+    """A finished generation: ids, why it stopped, predicted cycles and (if asked) the logits of every step.
+
+    ``ttft_cycles``: until the first new token's logits (the prompt: prefill, or one decode
+    step per prompt token). ``decode_cycles``: everything after (the KV hand-over after a
+    prefill, then one decode step per further token).
+    """
 
     prompt_ids: list[int]
     output_ids: list[int]
     stop: str  # "eos" or "length"
+    prefill_mode: str = "token"
+    ttft_cycles: float = 0.0
+    decode_cycles: float = 0.0
+    decode_steps: int = 0
+    prefill: PrefillStats | None = None
     logits: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    def timing(self, clock_hz: float) -> dict:
+        """Predicted time to first token, decode speed and end-to-end tokens/s per request (WaferLLM's TPR)."""
+        ttft, dec = self.ttft_cycles / clock_hz, self.decode_cycles / clock_hz
+        return {
+            "prefill": self.prefill_mode,
+            "ttft_s": ttft,
+            "prefill_tokens_per_s": len(self.prompt_ids) / ttft if ttft else 0.0,
+            "decode_tokens_per_s": self.decode_steps / dec if dec else 0.0,
+            "e2e_tokens_per_s": len(self.output_ids) / (ttft + dec) if ttft + dec else 0.0,
+            "handover_s": self.prefill.handover_cycles / clock_hz if self.prefill else 0.0,
+        }
 
 
 def generate(engine: WaferLlama, prompt_ids: list[int], *, max_new_tokens: int, sampler: Sampler | None = None,
-             eos_id: int | None = None, keep_logits: bool = False,
+             eos_id: int | None = None, keep_logits: bool = False, prefill: str = "token",
              on_token: Callable[[int, int], None] | None = None) -> Generation:
     """Decode ``max_new_tokens`` tokens (fewer at end-of-sequence) after ``prompt_ids``.
 
-    ``on_token(i, token_id)`` is called for every step: prompt tokens (i < len(prompt)) as they
-    are fed, then each new token as it is chosen.
+    ``prefill="mesh"`` runs the whole prompt at once with ``WaferLlama.prefill`` (the engine
+    must have been placed with ``prefill_tokens`` >= the prompt's length); ``"token"``
+    feeds it one decode step per token. ``on_token(i, token_id)`` is called for every
+    prompt token (i < len(prompt)), then for each new token as it is chosen.
 
     Raises:
-        ValueError: an empty prompt, max_new_tokens < 1, or a token id outside the vocabulary.
-        PlacementError: prompt plus new tokens exceed the KV cache or the model's context
-            (checked before the first token runs).
+        ValueError: an empty prompt, max_new_tokens < 1, a token id outside the vocabulary, or
+            an unknown ``prefill``.
+        PlacementError: prompt plus new tokens exceed the KV cache or the model's context, or
+            the prompt is longer than the prefill room (checked before the first token runs).
     """
+    if prefill not in PREFILL_MODES:
+        raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -45,14 +74,26 @@ def generate(engine: WaferLlama, prompt_ids: list[int], *, max_new_tokens: int, 
     sampler = sampler or Sampler()
     engine.reset()
     engine.placement.check_tokens(len(prompt_ids) + max_new_tokens - 1)  # the last new token is never fed
-    out = Generation(list(map(int, prompt_ids)), [], "length")
-    logits = None
-    for i, tok in enumerate(out.prompt_ids):
-        logits, _ = engine.step(tok)
-        if keep_logits and i == len(out.prompt_ids) - 1:
+    if prefill == "mesh":
+        engine.placement.check_prefill(len(prompt_ids))
+    out = Generation(list(map(int, prompt_ids)), [], "length", prefill)
+    if prefill == "mesh":
+        all_logits, out.prefill = engine.prefill(out.prompt_ids)
+        logits = all_logits[-1]
+        out.ttft_cycles, out.decode_cycles = out.prefill.ttft_cycles, out.prefill.handover_cycles
+        if keep_logits:
             out.logits.append(logits)
-        if on_token:
-            on_token(i, tok)
+        for i, tok in enumerate(out.prompt_ids):
+            if on_token:
+                on_token(i, tok)
+    else:
+        for i, tok in enumerate(out.prompt_ids):
+            logits, st = engine.step(tok)
+            out.ttft_cycles += st.cycles
+            if keep_logits and i == len(out.prompt_ids) - 1:
+                out.logits.append(logits)
+            if on_token:
+                on_token(i, tok)
     while True:
         tok = sampler(logits)
         out.output_ids.append(tok)
@@ -63,7 +104,9 @@ def generate(engine: WaferLlama, prompt_ids: list[int], *, max_new_tokens: int, 
             break
         if len(out.output_ids) == max_new_tokens:
             break
-        logits, _ = engine.step(tok)
+        logits, st = engine.step(tok)
+        out.decode_cycles += st.cycles
+        out.decode_steps += 1
         if keep_logits:
             out.logits.append(logits)
     return out

@@ -99,8 +99,7 @@ def prefill_bytes(cfg: LlamaConfig, s: RegionShape, layers: int, head: bool, tok
         relayout = max(relayout, dt + dt * vt)
     kv_p = st * layers * 2 * kvt
     scores = st * g * nkv * st
-    work = (2 * st * dt + st + st * (g + 2) * kvt + 2 * st * kvt + scores + 2 * st * g * nkv + st * g * kvt
-            + st * dt + 3 * st * ft)
+    work = 2 * st * dt + st + st * (g + 2) * kvt + 2 * st * kvt + scores + 2 * st * g * nkv + st * g * kvt + 3 * st * ft
     twins = max(st * dt + dt * (g + 2) * kvt, 2 * st * kvt, st * kvt + scores, g * kvt * dt + st * dt,
                 st * dt + dt * 2 * ft, ft * dt + st * dt, st * dt + dt * vt if head else 0)
     logits = st * vt if head else 0

@@ -155,6 +155,18 @@ class Wafer:
             blocks[t.y0 : t.y0 + p.shape[0], t.x0 : t.x0 + p.shape[1]] = p
         return gather(blocks, layout, shape)
 
+    def blocks(self, name: str) -> np.ndarray:
+        """Every core's block of ``name`` as ``[height, width, *block]``, replicated copies included."""
+        if self.cost_only:
+            raise ValueError("a cost-only wafer holds shapes, not values; nothing to read")
+        parts = self.transport.call_some("get", {i: (name, None, None) for i in range(len(self.tiling.rects))})
+        first = next(iter(parts.values()))
+        out = np.empty(self.mesh.shape + first.shape[2:], dtype=first.dtype)
+        for i, p in parts.items():
+            t = self.tiling.rects[i]
+            out[t.y0 : t.y1, t.x0 : t.x1] = p
+        return out
+
     def free(self, name: str) -> None:
         """Release tensor ``name`` on every core."""
         self.transport.call("free", [(name,)] * len(self.tiling))
