@@ -16,6 +16,7 @@ from wafer_actors.mesh import even_bounds
 
 from .checkpoint import LlamaWeights
 from .config import LlamaConfig
+from .prefill_protocol import head_chunks
 
 F32 = 4  # full numerics hold float32 weights, activations and KV entries
 
@@ -95,13 +96,14 @@ def prefill_bytes(cfg: LlamaConfig, s: RegionShape, layers: int, head: bool, tok
     st = -(-tokens // s.height)
     dt, kvt, ft, vt = s.dt, s.kvt, s.ft, s.vt
     relayout = layer_bytes(cfg, s, elem) // elem
+    head_cols = max(b - a for a, b in head_chunks(dt, vt, 2 * ft))  # the LM head moves in column chunks
     if head:
-        relayout = max(relayout, dt + dt * vt)
+        relayout = max(relayout, dt * head_cols)
     kv_p = st * layers * 2 * kvt
     scores = st * g * nkv * st
     work = 2 * st * dt + st + st * (g + 2) * kvt + 2 * st * kvt + scores + 2 * st * g * nkv + st * g * kvt + 3 * st * ft
     twins = max(st * dt + dt * (g + 2) * kvt, 2 * st * kvt, st * kvt + scores, g * kvt * dt + st * dt,
-                st * dt + dt * 2 * ft, ft * dt + st * dt, st * dt + dt * vt if head else 0)
+                st * dt + dt * 2 * ft, ft * dt + st * dt, st * dt + dt * head_cols if head else 0)
     logits = st * vt if head else 0
     during = st * dt + kv_p + logits + work + twins  # xp, kv_p, logits_p, the work buffers, the GEMM in flight
     handover = kv_p + 2 * layers * 2 * kvt
@@ -190,6 +192,8 @@ def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_m
             does not fit, or the model needs more regions than the device has.
     """
     device.check_mesh(height, width)
+    if tokens > cfg.max_seq_len:
+        raise PlacementError(f"{tokens} tokens exceed the model's context of {cfg.max_seq_len} tokens")
     s = RegionShape.of(cfg, height, width)
     need = math.ceil(tokens / height) if kv_mode == "shift" else tokens
     available = (device.height // height) * (device.width // width)

@@ -28,6 +28,7 @@ in which no row sends or receives twice, then ``relayout`` un-skews the weights.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -64,10 +65,6 @@ async def _rmsnorm(tile, p: RegionPlan, weight: np.ndarray | None, st: int, dt: 
     tile.charge(2 * st * dt, p.dtype)
 
 
-def _add(c: np.ndarray, part: np.ndarray) -> None:
-    c += part
-
-
 @protocol(routes=_routes)
 async def prefill(tile, *, plan: dict, tokens: int) -> None:
     """Run the ``tokens`` prompt tokens in ``xp`` (x-skewed) through the region's layers (weights y-skewed)."""
@@ -92,11 +89,19 @@ async def prefill(tile, *, plan: dict, tokens: int) -> None:
         tile.alloc(name, block, p.dtype)
     per_step = st * st  # query x key pairs of one block
 
-    def scores(q, k, c):
-        c += np.einsum("yxigj,yxnj,xjh->yxighn", q[:, :, :, :G], k, onehot, optimize=True)
+    heads = onehot.transpose(0, 2, 1)[None, :, :, None, :]  # (1, w, nkv, 1, kvt): which K/V columns each KV head owns
+
+    def scores(q, k, c):  # per KV head: the query rows against that head's key columns
+        kh = (k[:, :, None] * heads).reshape(k.shape[0], k.shape[1], nkv * st, kvt)
+        c += (q[:, :, :, :G].reshape(*q.shape[:2], st * G, kvt) @ np.swapaxes(kh, -1, -2)).reshape(c.shape)
 
     def attend(pr, v, c):
-        c += np.einsum("yxighn,yxnj,xjh->yxigj", pr, v, onehot, optimize=True)
+        vh = (v[:, :, None] * heads).reshape(v.shape[0], v.shape[1], nkv * st, kvt)
+        c += (pr.reshape(*pr.shape[:2], st * G, nkv * st) @ vh).reshape(c.shape)
+
+    def matmul(a, b, c):  # c (.., rows, n...) += a (.., rows, k...) @ b (.., k..., n...), contracting a's trailing axes
+        k = math.prod(b.shape[2 : 2 + (a.ndim - 3)])
+        c += (a.reshape(*a.shape[:3], k) @ b.reshape(*b.shape[:2], k, -1)).reshape(c.shape)
 
     for layer in range(p.layers):
         weights = {n: f"{n}@" for n in LAYER_WEIGHTS}
@@ -104,7 +109,7 @@ async def prefill(tile, *, plan: dict, tokens: int) -> None:
             tile.alias(alias, n, (layer,))
         await _rmsnorm(tile, p, tile.data(weights["attn_norm"]) if full else None, st, dt)
         await mesh_gemm_skewed(tile, a="hp", b=weights["wqkv"], c="qkvp",
-                               product=lambda a, b, c: _add(c, np.einsum("yxid,yxdck->yxick", a, b)),
+                               product=matmul,
                                fmacs=st * dt * (G + 2) * kvt, calls=dt)
         if full:
             qkv = tile.data("qkvp")
@@ -133,14 +138,14 @@ async def prefill(tile, *, plan: dict, tokens: int) -> None:
         tile.charge(per_step * G * nkv, p.dtype)
         await mesh_gemm_skewed(tile, a="sc", b="v_s", c="op", product=attend, fmacs=per_step * G * kvt, calls=G * st)
         await gemm_t_skewed(tile, a="op", b=weights["wo"], c="yp",
-                            product=lambda a, b, c: _add(c, np.einsum("yxigj,yxgjn->yxin", a, b)),
+                            product=matmul,
                             fmacs=st * G * kvt * dt, calls=G * kvt)
         if full:
             tile.data("xp")[...] += tile.data("yp")
         tile.charge(st * dt, p.dtype)
         await _rmsnorm(tile, p, tile.data(weights["ffn_norm"]) if full else None, st, dt)
         await mesh_gemm_skewed(tile, a="hp", b=weights["w13"], c="ffp",
-                               product=lambda a, b, c: _add(c, np.einsum("yxid,yxdcf->yxicf", a, b)),
+                               product=matmul,
                                fmacs=st * dt * 2 * ft, calls=dt)
         if full:
             ff = tile.data("ffp")
@@ -148,18 +153,21 @@ async def prefill(tile, *, plan: dict, tokens: int) -> None:
             tile.data("zp")[...] = gate / (1 + np.exp(-gate)) * up
         tile.charge(3 * st * ft, p.dtype)
         await gemm_t_skewed(tile, a="zp", b=weights["w2"], c="yp",
-                            product=lambda a, b, c: _add(c, np.einsum("yxif,yxfn->yxin", a, b)),
+                            product=matmul,
                             fmacs=st * ft * dt, calls=ft)
         if full:
             tile.data("xp")[...] += tile.data("yp")
         tile.charge(st * dt, p.dtype)
         for alias in weights.values():
             tile.free(alias)
-    if p.head:
+    if p.head:  # the vocabulary in column chunks, so the LM head's second buffer is no larger than the FFN's
         await _rmsnorm(tile, p, tile.data("final_norm") if full else None, st, dt)
-        await mesh_gemm_skewed(tile, a="hp", b="lm_head", c="logits_p",
-                               product=lambda a, b, c: _add(c, np.einsum("yxid,yxdv->yxiv", a, b)),
-                               fmacs=st * dt * tile.buffer("lm_head").block[1], calls=dt)
+        for c0, c1 in head_chunks(dt, tile.buffer("lm_head").block[1], 2 * ft):
+            tile.alias("lm_head@", "lm_head", (slice(None), slice(c0, c1)))
+            tile.alias("logits@", "logits_p", (slice(None), slice(c0, c1)))
+            await mesh_gemm_skewed(tile, a="hp", b="lm_head@", c="logits@", product=matmul, fmacs=st * dt * (c1 - c0), calls=dt)
+            tile.free("lm_head@")
+            tile.free("logits@")
     for name in work:
         tile.free(name)
 
@@ -182,7 +190,18 @@ async def relayout(tile, *, layers: int, head: bool, to: str) -> None:
         for n in names:
             tile.free(n)
     if head:
-        await skew(tile, ["final_norm", "lm_head"], axis="y", reverse=to == "decode")
+        await skew(tile, ["final_norm"], axis="y", reverse=to == "decode")
+        for c0, c1 in head_chunks(*tile.buffer("lm_head").block, 2 * tile.buffer("w13").block[-1]):
+            tile.alias("lm_head@", "lm_head", (slice(None), slice(c0, c1)))
+            await skew(tile, ["lm_head@"], axis="y", reverse=to == "decode")
+            tile.free("lm_head@")
+
+
+def head_chunks(dt: int, vt: int, cols: int) -> list[tuple[int, int]]:
+    """Column ranges of a core's (dt, vt) LM head block, each at most ``cols`` wide (at least one range)."""
+    n = -(-vt // max(cols, 1))
+    bounds = [vt * i // n for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 @lru_cache(maxsize=64)

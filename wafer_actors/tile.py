@@ -61,7 +61,10 @@ def _combine(buf: Buffer, fi: np.ndarray, incoming: np.ndarray, op: str) -> None
     """Write (or add, or max) received blocks into the cores ``fi`` (flat local indices, distinct) of ``buf``."""
     if incoming.shape[1:] != buf.block:
         raise ProtocolError(f"received blocks of shape {incoming.shape[1:]} into a buffer with blocks {buf.block}")
-    flat = buf.data.reshape((-1,) + buf.block)
+    if buf.alias:  # a strided view (one layer of a stack): index it by (row, column), never through a copy
+        flat, fi = buf.data, np.unravel_index(fi, buf.data.shape[:2])
+    else:
+        flat = buf.data.reshape((-1,) + buf.block)
     if op == "store":
         flat[fi] = incoming
     elif op == "add":
@@ -230,15 +233,15 @@ class Tile:
             data = data[:, cols[0] : cols[1]]
         return data
 
-    def alias(self, name: str, of: str, index: tuple[int, ...]) -> None:
-        """Name the part ``index`` of every block of ``of`` (one layer of stacked weights) ``name``.
+    def alias(self, name: str, of: str, index: tuple) -> None:
+        """Name the part ``index`` of every block of ``of`` (one layer of stacked weights, a range of columns) ``name``.
 
-        The alias shares ``of``'s memory and charges none; send from it and compute on it,
-        but receive into a real buffer (receives write through flat block indices).
+        The alias shares ``of``'s memory and charges none.
         """
         src = self.buffer(of)
+        block = np.broadcast_to(np.zeros((), dtype=np.int8), src.block)[index].shape
         data = None if src.data is None else src.data[(slice(None), slice(None), *index)]
-        self.buffers[name] = Buffer(src.block[len(index):], src.dtype, src.cores, data, alias=True)
+        self.buffers[name] = Buffer(block, src.dtype, src.cores, data, alias=True)
 
     def free(self, name: str) -> None:
         """Release buffer ``name`` (an alias only drops its name)."""
@@ -394,8 +397,6 @@ class Tile:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
         transfers = [transfers] if isinstance(transfers, Transfer) else list(transfers)
         buf = self.buffer(name)
-        if buf.alias:
-            raise ProtocolError(f"cannot receive into {name!r}: it is an alias of part of another buffer; receive into a real one")
         arrivals = _Arrivals(self)
         for transfer in transfers:
             self._check_route(transfer)

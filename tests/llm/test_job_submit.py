@@ -38,7 +38,7 @@ def test_job_submit_runs_decode_and_returns_its_report(head, tmp_path, smollm2, 
     job = subprocess.run(
         [ray, "job", "submit", "--address", "http://127.0.0.1:8291", "--working-dir", str(REPO), "--",
          sys.executable, "cluster_configs/decode_job.py", "--prompt", "The capital of France is", "--mesh", "64x64",
-         "--max-new-tokens", "2", "--json", str(out)],
+         "--max-new-tokens", "2", "--prefill", "token", "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]

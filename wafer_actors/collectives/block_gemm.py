@@ -76,50 +76,58 @@ def _shift(tile, transfer, name: str, twin: str) -> None:
         tile.data(twin)[...] = tile.data(name)
 
 
-async def _land(tile, transfer, name: str, twin: str) -> None:
-    """Receive into the second buffer, which becomes current (on a core: a pointer swap; here a copy)."""
+async def _land(tile, transfer, twin: str) -> None:
     if transfer is not None:
         await tile.recv(transfer, twin)
-    if not tile.cost_only:
-        tile.data(name)[...] = tile.data(twin)
+
+
+def _settle(tile, name: str, current: str, twin: str) -> None:
+    """Leave the data under ``name`` (on a core this is only which of the two buffers is current)."""
+    if current != name and not tile.cost_only:
+        tile.data(name)[...] = tile.data(current)
+    tile.free(twin)
 
 
 async def mesh_gemm_skewed(tile, *, a: str, b: str, c: str, product: Product, fmacs: float, calls: int) -> None:
     """c = a . b with a x-skewed and b y-skewed (c natural); ``product`` adds one step's share."""
     plan = skewed_plan(tile.tiling.mesh)
     ta, tb = _twin(tile, a), _twin(tile, b)
+    cur_a, nxt_a, cur_b, nxt_b = a, ta, b, tb
     full = not tile.cost_only
     if full:
         tile.data(c)[...] = 0
     for _ in range(tile.tiling.mesh.height):
-        _shift(tile, plan.ring_x, a, ta)
-        _shift(tile, plan.ring_y, b, tb)
+        _shift(tile, plan.ring_x, cur_a, nxt_a)
+        _shift(tile, plan.ring_y, cur_b, nxt_b)
         if full:
-            product(tile.data(a), tile.data(b), tile.data(c))
+            product(tile.data(cur_a), tile.data(cur_b), tile.data(c))
         tile.charge(fmacs, tile.buffer(c).dtype.name, calls=calls)
-        await _land(tile, plan.ring_x, a, ta)
-        await _land(tile, plan.ring_y, b, tb)
-    tile.free(ta)
-    tile.free(tb)
+        await _land(tile, plan.ring_x, nxt_a)
+        await _land(tile, plan.ring_y, nxt_b)
+        cur_a, nxt_a, cur_b, nxt_b = nxt_a, cur_a, nxt_b, cur_b
+    _settle(tile, a, cur_a, ta)
+    _settle(tile, b, cur_b, tb)
 
 
 async def gemm_t_skewed(tile, *, a: str, b: str, c: str, product: Product, fmacs: float, calls: int) -> None:
     """c = a . b^T with a natural, b (N, K) y-skewed, c x-skewed; ``product`` adds one step's share."""
     plan = skewed_plan(tile.tiling.mesh)
     tb, tc = _twin(tile, b), _twin(tile, c)
+    cur_b, nxt_b, cur_c, nxt_c = b, tb, c, tc
     full = not tile.cost_only
     if full:
         tile.data(c)[...] = 0
     for _ in range(tile.tiling.mesh.height):
-        _shift(tile, plan.ring_y, b, tb)  # the next B block, hidden behind the product
+        _shift(tile, plan.ring_y, cur_b, nxt_b)  # the next B block, hidden behind the product
         if full:
-            product(tile.data(a), tile.data(b), tile.data(c))
+            product(tile.data(a), tile.data(cur_b), tile.data(cur_c))
         tile.charge(fmacs, tile.buffer(c).dtype.name, calls=calls)
-        _shift(tile, plan.ring_x, c, tc)  # the partial moves on once this core's share is in
-        await _land(tile, plan.ring_y, b, tb)
-        await _land(tile, plan.ring_x, c, tc)
-    tile.free(tb)
-    tile.free(tc)
+        _shift(tile, plan.ring_x, cur_c, nxt_c)  # the partial moves on once this core's share is in
+        await _land(tile, plan.ring_y, nxt_b)
+        await _land(tile, plan.ring_x, nxt_c)
+        cur_b, nxt_b, cur_c, nxt_c = nxt_b, cur_b, nxt_c, cur_c
+    _settle(tile, b, cur_b, tb)
+    _settle(tile, c, cur_c, tc)
 
 
 async def skew(tile, names: list[str], *, axis: str, reverse: bool = False) -> None:
@@ -138,12 +146,12 @@ async def skew(tile, names: list[str], *, axis: str, reverse: bool = False) -> N
             if t is None:
                 continue
             t = t.subset(lines[t.dst_x if axis == "y" else t.dst_y], f"{t.key}@{rnd}{'r' if reverse else ''}")
-            here = np.broadcast_to(lines[r.x0 : r.x1][None, :] if axis == "y" else lines[r.y0 : r.y1][:, None], r.shape)
+            here = (slice(None), np.flatnonzero(lines[r.x0 : r.x1])) if axis == "y" else (np.flatnonzero(lines[r.y0 : r.y1]),)
             for n in names:
                 tile.send(t, n)
             for n in names:
                 await tile.recv(t, twins[n])
-                if not tile.cost_only:
+                if not tile.cost_only:  # only the moving lines took a block
                     tile.data(n)[here] = tile.data(twins[n])[here]
     for twin in twins.values():
         tile.free(twin)
