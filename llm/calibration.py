@@ -31,6 +31,7 @@ from .engine import WaferLlama
 
 CLOCK_HZ = 1.1e9
 DECODE_ROWS = ((420, 2699.9), (540, 2501.5), (660, 2243.3))  # LLaMA3-8B, Table 4: (grid, tokens/s)
+PREFILL_ROWS = ((480, 20320.6), (600, 25037.2), (720, 27686.5))  # LLaMA3-8B, Table 3: 4096-token prompt (grid, tokens/s)
 GEMV_ROWS = ((16384, 1.2e-6), (32768, 2.03e-6))  # Table 6: (N, seconds) for [1,N] x [N,N]
 GEMV_GRID = 720
 CONTEXT = 4096
@@ -53,6 +54,16 @@ def decode_layer(cfg: LlamaConfig, device: DeviceSpec, grid: int, *, context: in
         m.seek(context - 1)
         _, stats = m.step(0)
         return stats.cycles, m.sram_high_water(), m.placement.cap
+
+
+def prefill_layer(cfg: LlamaConfig, device: DeviceSpec, grid: int, *, tokens: int = CONTEXT) -> tuple[float, int, float, float]:
+    """One decoder layer of ``cfg`` prefilling ``tokens`` tokens on a grid x grid region, float16, cost-only:
+    (layer cycles, SRAM high-water bytes per core, weight skew cycles, KV hand-over + un-skew cycles)."""
+    one = dataclasses.replace(cfg, n_layers=1, max_seq_len=max(cfg.max_seq_len, tokens))
+    with WaferLlama(one, None, mesh=(grid, grid), device=device, cost_only=True, dtype="float16", lm_head=False,
+                    tokens=tokens, prefill_tokens=tokens, transport="local") as m:
+        _, st = m.prefill(tokens)
+        return st.region_cycles[0], st.sram_high_water_bytes, st.relayout_cycles, st.handover_cycles
 
 
 def gemv_cycles(device: DeviceSpec, n: int, grid: int = GEMV_GRID, algo: str = "ktree") -> float:

@@ -207,16 +207,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if m not in validate.MODELS:
             raise ValueError(f"unknown model {m!r} for validate; choose from {', '.join(validate.MODELS)}")
     grids = [int(g) for g in args.grids.split(",")]
-    for g in grids + [args.gemv_grid, args.kv_grid] + ([args.gemm_grid] if args.gemm_grid else []):
+    prefill_grids = [int(g) for g in args.prefill_grids.split(",") if g.strip()]
+    for g in grids + prefill_grids + [args.gemv_grid, args.kv_grid] + ([args.gemm_grid] if args.gemm_grid else []):
         device.check_mesh(g, g)
-    steps = len(models) * len(grids) + 2 + (1 if args.gemm_grid else 0)
+    steps = len(models) * (len(grids) + len(prefill_grids)) + 2 + (1 if args.gemm_grid else 0)
     bar = tqdm(total=steps, desc="validate", unit="step", leave=False, file=sys.stderr)
 
     def progress(what: str) -> None:
         bar.set_postfix_str(what)
         bar.update(1)
 
-    rows = validate.run(device, models=models, grids=grids, gemv_grid=args.gemv_grid,
+    rows = validate.run(device, models=models, grids=grids, prefill_grids=prefill_grids, prefill_tokens=args.prefill_tokens,
+                        gemv_grid=args.gemv_grid,
                         gemv_sizes=tuple(int(n) for n in args.gemv_sizes.split(",")), gemm_grid=args.gemm_grid or None,
                         gemm_n=args.gemm_n, kv_grid=args.kv_grid, progress=progress)
     bar.close()
@@ -232,7 +234,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
             err = f"{r['relative_error']:+7.1%}" if r["relative_error"] is not None else f"{'-':>7}"
             print(f"{r['model']:<14} {r['phase']:<7} {r['grid']:>5} {r['predicted_cycles_per_layer']:>13,.0f} "
                   f"{r['predicted_tps']:>9.1f} {paper} {err} {r['sram_high_water_bytes']:>7} {r['regions_needed'] or '-':>8}  {r['note']}")
-    print("prefill rows: not predicted yet (needs the prefill protocol)")
     for r in rows:
         if r.get("kind") == "gemv":
             print(f"GEMV {r['N'] // 1024}K on {r['grid']}x{r['grid']}: MeshGEMV {r['meshgemv_cycles']:,.0f} cycles, "
@@ -322,10 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", default=None, help="write prompt/output ids, text and the predicted and emulation figures here")
     gen.set_defaults(fn=cmd_generate)
 
-    val = sub.add_parser("validate", help="predict the paper's decode settings with the calibrated cost model")
+    val = sub.add_parser("validate", help="predict the paper's decode and prefill settings with the calibrated cost model")
     val.add_argument("--device", default="wse2", help="preset name or a .toml/.json device file")
     val.add_argument("--models", default="llama3-8b,llama2-13b,codellama-34b,qwen2-72b")
     val.add_argument("--grids", default="420,540,660", help="decode grids P (P x P cores)")
+    val.add_argument("--prefill-grids", default="480,600,720", help="prefill grids P ('' for none; 720 takes minutes per model)")
+    val.add_argument("--prefill-tokens", type=int, default=4096, help="prompt length of the prefill rows (the paper's 4096)")
     val.add_argument("--gemv-grid", type=int, default=720, help="grid of the MeshGEMV vs pipeline comparison")
     val.add_argument("--gemv-sizes", default="16384,32768", help="GEMV sizes N ([1,N] x [N,N]) of that comparison")
     val.add_argument("--gemm-grid", type=int, default=720, help="grid of the MeshGEMM vs Cannon/SUMMA comparison (0: skip; 720 takes minutes)")

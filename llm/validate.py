@@ -5,8 +5,14 @@ region (float16, cost-only, the same protocols and per-core memory and routing c
 full numerics), scaled by the number of layers: TPR = clock / (cycles per layer x layers).
 Each row also says how many P x P regions the whole model needs and the hand-off cycles
 between them per token (not in the paper's TPR). Only LLaMA3-8B's decode rows carry the
-paper's figure: they are the calibration set. Prefill rows need the prefill protocol,
-which is not implemented yet.
+paper's figure: they are the calibration set.
+
+Prefill rows measure one decoder layer prefilling a 4K prompt on a P x P region the same way
+(``llm.prefill_protocol``: MeshGEMM and GEMM-T on skewed operands), with TPR = prompt tokens
+x clock / (cycles per layer x layers), the paper's prefill TPR; the weight skew before and the
+KV hand-over after are reported beside it, per layer, not in the TPR. The prefill
+calibration rows are compared with the decode-fitted device: the fit does not include them
+(one evaluation at 720 x 720 takes minutes on a laptop).
 """
 
 from __future__ import annotations
@@ -20,13 +26,15 @@ from wafer_actors.device import DeviceSpec
 from wafer_actors.errors import RoutingError
 from wafer_actors.ops import TensorShape, gemm
 
-from .calibration import CONTEXT, DECODE_ROWS, decode_layer, gemv_cycles
+from .calibration import CONTEXT, DECODE_ROWS, PREFILL_ROWS, decode_layer, gemv_cycles, prefill_layer
 from .config import preset
 from .placement import PlacementError, place
 
 MODELS = ("llama3-8b", "llama2-13b", "codellama-34b", "qwen2-72b")
 DECODE_GRIDS = (420, 540, 660)
+PREFILL_GRIDS = (480, 600, 720)
 PAPER_TPS = {("llama3-8b", "decode", g): tps for g, tps in DECODE_ROWS}
+PAPER_TPS.update({("llama3-8b", "prefill", g): tps for g, tps in PREFILL_ROWS})
 
 
 def decode_row(model: str, device: DeviceSpec, grid: int) -> dict[str, Any]:
@@ -51,6 +59,22 @@ def decode_row(model: str, device: DeviceSpec, grid: int) -> dict[str, Any]:
         "regions_needed": regions, "fits_wafer": fits, "handoff_cycles_per_token": handoff,
         "note": "one layer measured and scaled" + ("" if fits else "; the whole model exceeds the wafer at this grid"
                                                    if regions else "; the LM head does not fit a region with a layer"),
+    }
+
+
+def prefill_row(model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT) -> dict[str, Any]:
+    """One prefill row: predicted cycles per layer and prompt tokens/s for a ``tokens``-token prompt."""
+    cfg = preset(model)
+    cycles, sram, skew, handover = prefill_layer(cfg, device, grid, tokens=tokens)
+    paper = PAPER_TPS.get((model, "prefill", grid)) if tokens == CONTEXT else None
+    tps = tokens * device.clock_hz / (cycles * cfg.n_layers)
+    return {
+        "model": model, "phase": "prefill", "grid": grid, "context": tokens,
+        "predicted_cycles_per_layer": cycles, "predicted_tps": tps, "paper_tps": paper,
+        "relative_error": None if paper is None else tps / paper - 1,
+        "sram_high_water_bytes": sram, "sram_bytes": device.sram_bytes, "regions_needed": None,
+        "skew_cycles_per_layer": skew, "handover_cycles_per_layer": handover,
+        "note": f"one layer measured and scaled; weight skew {skew:,.0f} and KV hand-over {handover:,.0f} cycles per layer not in TPR",
     }
 
 
@@ -90,10 +114,10 @@ def kv_capacity(device: DeviceSpec, grid: int = 360) -> dict[str, Any]:
     return {"kind": "kv_capacity", "model": "llama3-8b", "grid": grid, "regions": regions, **caps, "ratio": caps["shift"] / caps["concat"]}
 
 
-def run(device: DeviceSpec, *, models=MODELS, grids=DECODE_GRIDS, gemv_grid: int = 720, gemv_sizes=(16384, 32768),
-        gemm_grid: int | None = 720, gemm_n: int = 2048, kv_grid: int = 360,
+def run(device: DeviceSpec, *, models=MODELS, grids=DECODE_GRIDS, prefill_grids=PREFILL_GRIDS, prefill_tokens: int = CONTEXT,
+        gemv_grid: int = 720, gemv_sizes=(16384, 32768), gemm_grid: int | None = 720, gemm_n: int = 2048, kv_grid: int = 360,
         progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Every row of the report, in order: decode rows, GEMV ratios, GEMM comparison, KV capacity."""
+    """Every row of the report, in order: decode and prefill rows, GEMV ratios, GEMM comparison, KV capacity."""
     rows = []
 
     def done(what: str) -> None:
@@ -107,6 +131,12 @@ def run(device: DeviceSpec, *, models=MODELS, grids=DECODE_GRIDS, gemv_grid: int
             except PlacementError as err:  # one layer does not fit this grid
                 rows.append({"model": model, "phase": "decode", "grid": grid, "error": str(err)})
             done(f"{model} decode {grid}x{grid}")
+        for grid in prefill_grids:
+            try:
+                rows.append(prefill_row(model, device, grid, prefill_tokens))
+            except PlacementError as err:
+                rows.append({"model": model, "phase": "prefill", "grid": grid, "error": str(err)})
+            done(f"{model} prefill {grid}x{grid}")
     rows += gemv_rows(device, gemv_grid, tuple(gemv_sizes))
     done(f"GEMV {gemv_grid}x{gemv_grid}")
     if gemm_grid:
