@@ -75,7 +75,7 @@ async def prefill(tile, *, plan: dict, tokens: int) -> None:
     G, nkv = p.groups, p.n_kv
     st, dt = tile.buffer("xp").block
     kvt, ft = tile.buffer("wqkv").block[-1], tile.buffer("w13").block[-1]
-    rows, cols = np.arange(r.y0, r.y1), np.arange(r.x0, r.x1)
+    rows = np.arange(r.y0, r.y1)
     qpos = rows[:, None] * st + np.arange(st)  # (h, st): positions of each row's queries
     kpos = skew_index(P)[r.y0 : r.y1, r.x0 : r.x1, None] * st + np.arange(st)  # keys of each core's x-skewed scores
     allowed = (kpos[:, :, None, :] <= qpos[:, None, :, None]) & (kpos[:, :, None, :] < tokens)  # (h, w, st_q, st_k)
