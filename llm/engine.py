@@ -178,7 +178,6 @@ class WaferLlama:
         """Start a new sequence (the cache slots are reused; positions start again at 0)."""
         self.pos = 0
         self.totals = DecodeTotals()
-        self.prefill_stats: PrefillStats | None = None
 
     def seek(self, pos: int) -> None:
         """Cost-only: continue at position ``pos`` as if a context of ``pos`` tokens were cached.
@@ -292,9 +291,7 @@ class WaferLlama:
             wafer.free("kv_p")
             handover.append(c + wafer.run(relayout, layers=region.layers, head=region.head, to="decode").cycles)
         self.pos = n
-        stats = PrefillStats(n, max(relay), cycles, crossing, max(handover), time.perf_counter() - t0, self.sram_high_water())
-        self.prefill_stats = stats
-        return logits, stats
+        return logits, PrefillStats(n, max(relay), cycles, crossing, max(handover), time.perf_counter() - t0, self.sram_high_water())
 
     def _regions(self):
         return zip(self.wafers, self.placement.regions)

@@ -232,51 +232,52 @@ def handover_rounds(height: int, st: int, tokens: int, mode: str, cap: int) -> t
     return tuple(np.array(rd, dtype=np.int64).reshape(-1, 4) for rd in rounds)
 
 
-def _handover_transfer(mesh: Mesh, moves: np.ndarray, key: str) -> Transfer | None:
-    far = moves[moves[:, 0] != moves[:, 2]]
-    if not len(far):
-        return None
-    w = mesh.width
-    cols = np.tile(np.arange(w), len(far))
-    return Transfer.build(key, "kv_handover", mesh, (np.repeat(far[:, 0], w), cols), (np.repeat(far[:, 2], w), cols))
+@lru_cache(maxsize=16)
+def handover_plan(mesh: Mesh, st: int, tokens: int, mode: str, cap: int) -> tuple[tuple[np.ndarray, Transfer | None], ...]:
+    """Per round: the moves and the transfer of those that leave their row (every column at once), or None."""
+    plan, w = [], mesh.width
+    for i, moves in enumerate(handover_rounds(mesh.height, st, tokens, mode, cap)):
+        far = moves[moves[:, 0] != moves[:, 2]]
+        cols = np.tile(np.arange(w), len(far))
+        t = None if not len(far) else Transfer.build(
+            f"kv_handover:{i}", "kv_handover", mesh, (np.repeat(far[:, 0], w), cols), (np.repeat(far[:, 2], w), cols))
+        plan.append((moves, t))
+    return tuple(plan)
 
 
 def _handover_routes(mesh: Mesh, *, st: int, tokens: int, mode: str, cap: int) -> list[Route]:
-    rounds = handover_rounds(mesh.height, st, tokens, mode, cap)
-    ts = [t for i, m in enumerate(rounds) if (t := _handover_transfer(mesh, m, f"kv_handover:{i}")) is not None]
-    return [Route("kv_handover", tuple(ts))] if ts else []
+    ts = tuple(t for _, t in handover_plan(mesh, st, tokens, mode, cap) if t is not None)
+    return [Route("kv_handover", ts)] if ts else []
 
 
 @protocol(routes=_handover_routes)
 async def kv_handover(tile, *, st: int, tokens: int, mode: str, cap: int) -> None:
     """Move the prompt's K and V from ``kv_p`` (prefill rows) into ``k_cache``/``v_cache`` (decode rows)."""
-    mesh, r = tile.tiling.mesh, tile.rect
+    r = tile.rect
     full = not tile.cost_only
-    lp = tile.buffer("kv_p").block  # (st, L, 2, kvt)
-    tile.alloc("kv_send", lp[1:], tile.buffer("kv_p").dtype.str)
-    tile.alloc("kv_recv", lp[1:], tile.buffer("kv_p").dtype.str)
-    for i, moves in enumerate(handover_rounds(mesh.height, st, tokens, mode, cap)):
-        here = (moves[:, 0] >= r.y0) & (moves[:, 0] < r.y1)
+    kv_p = tile.buffer("kv_p")  # block (st, L, 2, kvt)
+    tile.alloc("kv_send", kv_p.block[1:], kv_p.dtype.str)
+    tile.alloc("kv_recv", kv_p.block[1:], kv_p.dtype.str)
+    for moves, t in handover_plan(tile.tiling.mesh, st, tokens, mode, cap):
+        src, sslot, dst, dslot = moves.T
+        leaves = src != dst
         if full:
-            for src, sslot, dst, dslot in moves[here & (moves[:, 0] == moves[:, 2])]:  # stays on its row
-                _store(tile, "kv_p", (src - r.y0, slice(None), sslot), dst - r.y0, dslot)
-            send = moves[here & (moves[:, 0] != moves[:, 2])]
-            tile.data("kv_send")[send[:, 0] - r.y0] = tile.data("kv_p")[send[:, 0] - r.y0, :, send[:, 1]]
-        t = _handover_transfer(mesh, moves, f"kv_handover:{i}")
+            stay = (src >= r.y0) & (src < r.y1) & ~leaves
+            _store(tile, tile.data("kv_p")[src[stay] - r.y0, :, sslot[stay]], dst[stay] - r.y0, dslot[stay])
+            out = (src >= r.y0) & (src < r.y1) & leaves
+            tile.data("kv_send")[src[out] - r.y0] = tile.data("kv_p")[src[out] - r.y0, :, sslot[out]]
         if t is None:
             continue
         tile.send(t, "kv_send")
         await tile.recv(t, "kv_recv")
         if full:
-            into = moves[(moves[:, 2] >= r.y0) & (moves[:, 2] < r.y1) & (moves[:, 0] != moves[:, 2])]
-            for _, _, dst, dslot in into:
-                _store(tile, "kv_recv", (dst - r.y0,), dst - r.y0, dslot)
+            into = (dst >= r.y0) & (dst < r.y1) & leaves
+            _store(tile, tile.data("kv_recv")[dst[into] - r.y0], dst[into] - r.y0, dslot[into])
     tile.free("kv_send")
     tile.free("kv_recv")
 
 
-def _store(tile, source: str, index: tuple, row: int, slot: int) -> None:
-    """Write one token's K and V (``[w, L, 2, kvt]`` at ``index`` of ``source``) into the cache slot of a local row."""
-    kv = tile.data(source)[index]
-    tile.data("k_cache")[row, :, :, slot] = kv[:, :, 0]
-    tile.data("v_cache")[row, :, :, slot] = kv[:, :, 1]
+def _store(tile, kv: np.ndarray, rows: np.ndarray, slots: np.ndarray) -> None:
+    """Write K and V entries ``kv`` (n, w, L, 2, kvt) into the cache slots ``slots`` of the local ``rows``."""
+    tile.data("k_cache")[rows, :, :, slots] = kv[..., 0, :]
+    tile.data("v_cache")[rows, :, :, slots] = kv[..., 1, :]

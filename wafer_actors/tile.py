@@ -238,6 +238,8 @@ class Tile:
 
         The alias shares ``of``'s memory and charges none.
         """
+        if name in self.buffers and not self.buffers[name].alias:
+            raise ProtocolError(f"tile {self.index}: cannot alias {name!r}: a buffer of that name exists")
         src = self.buffer(of)
         block = np.broadcast_to(np.zeros((), dtype=np.int8), src.block)[index].shape
         data = None if src.data is None else src.data[(slice(None), slice(None), *index)]

@@ -151,3 +151,18 @@ def test_handover_rounds_move_every_token_once_to_its_decode_row(height, tokens,
             seen.append(t)
     assert sorted(seen) == list(range(tokens))
     assert len(rounds) == (tokens if mode == "concat" else st)
+
+
+def test_lm_head_in_column_chunks_matches_reference_and_reserved_memory():
+    """A vocabulary wider than the FFN makes the LM head run (and skew) in several column chunks."""
+    from llm.prefill_protocol import head_chunks
+
+    cfg = LlamaConfig("wide-vocab", 2, 48, 80, 6, 2, 8, 300, 10000.0, 1e-5, 4096)
+    assert len(head_chunks(12, 75, 2 * 20)) == 2  # 4x4: 75 vocab and 20 FFN columns per core
+    w = random_weights(cfg, seed=5)
+    ref = ReferenceModel(cfg, w, 16)
+    want = np.stack([ref.forward(t, i) for i, t in enumerate(PROMPT)])
+    with WaferLlama(cfg, w, mesh=(4, 4), transport="local", tokens=16, prefill_tokens=14) as m:
+        before, r = m.sram_high_water(), m.placement.regions[0]
+        close(m.prefill(PROMPT)[0], want)
+        assert m.sram_high_water() == before + r.bytes_prefill
