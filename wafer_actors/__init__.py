@@ -1,6 +1,7 @@
 """An emulated wafer-scale accelerator: a core mesh spread over (Ray) actors."""
 
 from .device import DeviceSpec, preset
+from .heap import keep_temporaries_in_heap
 from .errors import CoreMemoryError, DeviceSpecError, LayoutError, ProtocolAborted, ProtocolError, RoutingError
 from .layout import Layout, Spec, gather, scatter
 from .mesh import Core, Dir, Mesh, Tiling
@@ -11,3 +12,5 @@ __all__ = [
     "ProtocolAborted", "ProtocolError", "RoutingError", "RunStats", "Spec", "Tiling", "Wafer",
     "gather", "preset", "scatter",
 ]
+
+keep_temporaries_in_heap()  # in every process that imports the emulator, Ray workers included
