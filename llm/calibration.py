@@ -1,23 +1,34 @@
 """Calibrate the PLMR cost model on the calibration set, and only on it.
 
-Calibration set (WaferLLM, WSE-2, float16): LLaMA3-8B decode cycles per layer at a 4K
-context on 420, 540 and 660 square grids (Table 4: 2699.9 / 2501.5 / 2243.3 tokens/s with
-32 layers at 1.1 GHz), and the GEMV latencies of Table 6 (1.2 us and 2.03 us for 16K and 32K
-square matrices; the paper does not state the grid, 720 x 720 is assumed here). Every other
-model's figure is a validation target and never enters this file.
+Calibration set (WaferLLM, WSE-2, float16, all LLaMA3-8B or GEMV): decode cycles per layer at
+a 4K context on 420, 540 and 660 square grids (Table 4: 2699.9 / 2501.5 / 2243.3 tokens/s with
+32 layers at 1.1 GHz); prefill cycles per layer for a 4096-token prompt on 480, 600 and 720
+square grids (Table 3: 20320.6 / 25037.2 / 27686.5 prompt tokens/s); and the GEMV latencies of
+Table 6 (1.2 us and 2.03 us for 16K and 32K square matrices; the paper does not state the grid,
+720 x 720 is assumed here). Every other model's figure is a validation target and never enters
+this file.
 
 Free parameters: ``beta`` (cycles per software relay), the float16 compute rate and the
 per-call overhead. ``alpha`` = 1 cycle per hop and the 4-byte link stay at their hardware
-values. The fit is a pattern search on relative errors: every evaluation runs the real
-protocols cost-only (one decoder layer, as the paper measured, and the MeshGEMV), so the
-fitted numbers are what the emulator itself predicts.
+values. Every evaluation runs the real protocols cost-only (one decoder layer, as the paper
+measured, and the MeshGEMV), so the fitted numbers are what the emulator itself predicts.
 
-    python -m llm.calibration        # prints the fit; the result is copied into the wse2 preset
+Predicted cycles are piecewise linear in z = (beta, 1 / rate, call overhead): linear while the
+critical path stays the same, with kinks where it changes. The fit is therefore Gauss-Newton on
+the relative errors with a finite-difference Jacobian in z, the step solved as a bounded linear
+least-squares problem and halved until the real (re-run) loss falls. A prefill evaluation at
+720 x 720 takes minutes, so this needs a handful of evaluations where a pattern search needed
+dozens.
+
+    python -m llm.calibration [--workers 2]   # prints the fit; the result is copied into the wse2 preset
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import itertools
+from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -38,10 +49,18 @@ CONTEXT = 4096
 
 
 def paper_cycles() -> np.ndarray:
-    """The calibration targets in cycles: three decode layers, then the two GEMVs."""
+    """The calibration targets in cycles: three decode layers, two GEMVs, three prefill layers."""
     n_layers = preset("llama3-8b").n_layers
     decode = [CLOCK_HZ / (tps * n_layers) for _, tps in DECODE_ROWS]
-    return np.array(decode + [s * CLOCK_HZ for _, s in GEMV_ROWS])
+    prefill = [CONTEXT * CLOCK_HZ / (tps * n_layers) for _, tps in PREFILL_ROWS]
+    return np.array(decode + [s * CLOCK_HZ for _, s in GEMV_ROWS] + prefill)
+
+
+def row_names() -> list[str]:
+    """Names of the calibration rows, in the order of ``paper_cycles``."""
+    return ([f"LLaMA3-8B decode layer {g}x{g}" for g, _ in DECODE_ROWS]
+            + [f"GEMV {n // 1024}K {GEMV_GRID}x{GEMV_GRID}" for n, _ in GEMV_ROWS]
+            + [f"LLaMA3-8B prefill layer {g}x{g}" for g, _ in PREFILL_ROWS])
 
 
 def decode_layer(cfg: LlamaConfig, device: DeviceSpec, grid: int, *, context: int = CONTEXT, kv: str = "shift",
@@ -73,11 +92,26 @@ def gemv_cycles(device: DeviceSpec, n: int, grid: int = GEMV_GRID, algo: str = "
     return stats.cycles
 
 
-def predict(device: DeviceSpec) -> np.ndarray:
-    """The emulator's cycles for the calibration set, in the order of ``paper_cycles``."""
+def _row(device: DeviceSpec, i: int) -> float:
+    """Predicted cycles of calibration row ``i`` (the order of ``paper_cycles``)."""
     cfg = preset("llama3-8b")
-    decode = [decode_layer(cfg, device, grid)[0] for grid, _ in DECODE_ROWS]
-    return np.array(decode + [gemv_cycles(device, n) for n, _ in GEMV_ROWS])
+    if i < len(DECODE_ROWS):
+        return decode_layer(cfg, device, DECODE_ROWS[i][0])[0]
+    i -= len(DECODE_ROWS)
+    if i < len(GEMV_ROWS):
+        return gemv_cycles(device, GEMV_ROWS[i][0])
+    return prefill_layer(cfg, device, PREFILL_ROWS[i - len(GEMV_ROWS)][0])[0]
+
+
+def predict(device: DeviceSpec, workers: int = 1) -> np.ndarray:
+    """The emulator's cycles for the calibration set, in the order of ``paper_cycles``, on ``workers`` processes."""
+    rows = range(len(paper_cycles()))
+    if workers <= 1:
+        return np.array([_row(device, i) for i in rows])
+    order = sorted(rows, reverse=True)  # the prefill rows, the slowest, first
+    with ProcessPoolExecutor(workers) as pool:
+        done = dict(zip(order, pool.map(_row, [device] * len(order), order)))
+    return np.array([done[i] for i in rows])
 
 
 def with_params(base: DeviceSpec, theta: np.ndarray) -> DeviceSpec:
@@ -86,64 +120,100 @@ def with_params(base: DeviceSpec, theta: np.ndarray) -> DeviceSpec:
     return base.replace(beta=beta, call_overhead=overhead, fmacs_per_cycle={**base.fmacs_per_cycle, "float16": rate16})
 
 
-def fit(base: DeviceSpec | str = "wse2", *, start: tuple[float, float, float] | None = None, rounds: int = 12,
-        progress: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> tuple[DeviceSpec, np.ndarray]:
+def _z(theta: np.ndarray) -> np.ndarray:
+    return np.array([theta[0], 1 / theta[1], theta[2]])
+
+
+def _theta(z: np.ndarray) -> np.ndarray:
+    return np.array([z[0], 1 / z[1], z[2]])
+
+
+Z_LOWER = np.array([1.0, 1 / 16, 0.0])  # beta >= alpha (the paper: alpha < beta), rate <= 16 FMACs per cycle, overhead >= 0
+Z_UPPER = np.array([np.inf, 4.0, np.inf])  # rate >= 0.25
+Z_STEP = np.array([2.0, 0.02, 1.0])  # finite-difference steps in z
+
+
+def bounded_lstsq(a: np.ndarray, b: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """argmin |a x - b|^2 subject to lower <= x <= upper, for a few variables: every choice of
+    variables held at a bound is solved, the best feasible solution kept (x = 0 must be feasible)."""
+    n = a.shape[1]
+    best, best_cost = np.zeros(n), float(np.sum(b**2))
+    for held in itertools.product((None, "lower", "upper"), repeat=n):
+        x = np.array([0.0 if h is None else (lower if h == "lower" else upper)[j] for j, h in enumerate(held)])
+        if not np.isfinite(x).all():
+            continue
+        free = [j for j, h in enumerate(held) if h is None]
+        if free:
+            x[free] = np.linalg.lstsq(a[:, free], b - a @ x, rcond=None)[0]
+        if (x < lower - 1e-12).any() or (x > upper + 1e-12).any():
+            continue
+        cost = float(np.sum((a @ x - b) ** 2))
+        if cost < best_cost:
+            best, best_cost = x, cost
+    return best
+
+
+def fit(base: DeviceSpec | str = "wse2", *, start: tuple[float, float, float] | None = None, iterations: int = 6,
+        workers: int = 1, progress: Callable[[str], None] | None = None) -> tuple[DeviceSpec, np.ndarray]:
     """Fit (beta, float16 rate, call overhead) to the calibration set; return (device, predicted cycles).
 
-    A pattern search on the sum of squared relative errors: try each parameter one step up
-    and down, keep the first improvement, halve the steps when none improves. (Predicted
-    cycles are piecewise linear in the parameters, with kinks where the critical path
-    changes, so a derivative-free search is the robust choice.) ``start`` (default: the
-    base device's values) only sets where the search begins.
+    Gauss-Newton in z = (beta, 1 / rate, overhead) on the relative errors: a forward
+    difference per parameter gives the Jacobian, the bounded linear least-squares step is
+    halved (up to four times) until the re-run loss falls; the fit stops when the step is
+    negligible or no halving helps. ``start`` (default: the base device's values) only sets where it begins.
     """
     base = resolve(base)
     target = paper_cycles()
     theta = np.array(start if start is not None else [base.beta, base.rate("float16"), base.call_overhead], dtype=float)
-    lower = np.array([0.0, 0.25, 0.0])
-    steps = np.array([4.0, 0.5, 2.0])
-    smallest = steps / 16
 
     def loss(pred: np.ndarray) -> float:
         return float(np.sum((pred / target - 1) ** 2))
 
-    pred = predict(with_params(base, theta))
-    for it in range(rounds):
+    def say(text: str) -> None:
         if progress:
-            progress(it, theta, pred)
-        improved = False
-        for j in range(len(theta)):
-            for sign in (1, -1):
-                t = theta.copy()
-                t[j] = max(lower[j], t[j] + sign * steps[j])
-                if t[j] == theta[j]:
-                    continue
-                p = predict(with_params(base, t))
-                if loss(p) < loss(pred):
-                    theta, pred, improved = t, p, True
-                    break
-        if not improved:
-            steps = steps / 2
-            if (steps < smallest).all():
+            progress(text)
+
+    pred = predict(with_params(base, theta), workers)
+    for it in range(iterations):
+        say(f"iteration {it}: {_params(theta)}; rms error {np.sqrt(loss(pred) / len(target)):.1%}")
+        z = _z(theta)
+        jac = np.empty((len(target), len(z)))
+        for j in range(len(z)):
+            zj = z.copy()
+            zj[j] += Z_STEP[j]
+            jac[:, j] = (predict(with_params(base, _theta(zj)), workers) - pred) / Z_STEP[j]
+        dz = bounded_lstsq(jac / target[:, None], 1 - pred / target, Z_LOWER - z, Z_UPPER - z)
+        if (np.abs(dz) < Z_STEP / 100).all():  # the linear model has nothing left to gain
+            break
+        for _ in range(5):
+            trial = _theta(z + dz)
+            p = predict(with_params(base, trial), workers)
+            say(f"  try {_params(trial)}: rms error {np.sqrt(loss(p) / len(target)):.1%}")
+            if loss(p) < loss(pred):
+                theta, pred = trial, p
                 break
+            dz = dz / 2
+        else:
+            break
     return with_params(base, theta), pred
+
+
+def _params(theta: np.ndarray) -> str:
+    return f"beta {theta[0]:.2f}, float16 rate {theta[1]:.3f}, call overhead {theta[2]:.2f}"
 
 
 def report(pred: np.ndarray) -> list[str]:
     """Lines comparing predicted and paper cycles for the calibration set."""
-    target = paper_cycles()
-    names = [f"LLaMA3-8B decode layer {g}x{g}" for g, _ in DECODE_ROWS] + [f"GEMV {n // 1024}K {GEMV_GRID}x{GEMV_GRID}" for n, _ in GEMV_ROWS]
-    return [f"{n:<32} paper {t:>8,.0f}  predicted {p:>8,.0f}  error {p / t - 1:+6.1%}" for n, t, p in zip(names, target, pred)]
+    return [f"{n:<34} paper {t:>10,.0f}  predicted {p:>10,.0f}  error {p / t - 1:+6.1%}"
+            for n, t, p in zip(row_names(), paper_cycles(), pred)]
 
 
 def main() -> None:
-    def progress(it: int, theta: np.ndarray, pred: np.ndarray) -> None:
-        err = pred / paper_cycles() - 1
-        print(f"round {it}: beta {theta[0]:.2f}, float16 rate {theta[1]:.3f}, call overhead {theta[2]:.2f}; "
-              f"rms error {np.sqrt(np.mean(err**2)):.1%}", flush=True)
-
-    # a coarse look at the error surface put the search's start near beta 30, two float16 FMACs per cycle
-    device, pred = fit(start=(30.0, 2.0, 0.0), progress=progress)
-    print(f"fitted: beta {device.beta:.2f}, fmacs_per_cycle float16 {device.rate('float16'):.3f}, call_overhead {device.call_overhead:.2f}")
+    ap = argparse.ArgumentParser(description="Fit the wse2 preset's free parameters to the calibration set.")
+    ap.add_argument("--workers", type=int, default=2, help="processes evaluating calibration rows at once")
+    args = ap.parse_args()
+    device, pred = fit(workers=args.workers, progress=lambda text: print(text, flush=True))
+    print(f"fitted: {_params(np.array([device.beta, device.rate('float16'), device.call_overhead]))}")
     print("\n".join(report(pred)))
 
 

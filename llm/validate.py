@@ -10,9 +10,8 @@ paper's figure: they are the calibration set.
 Prefill rows measure one decoder layer prefilling a 4K prompt on a P x P region the same way
 (``llm.prefill_protocol``: MeshGEMM and GEMM-T on skewed operands), with TPR = prompt tokens
 x clock / (cycles per layer x layers), the paper's prefill TPR; the weight skew before and the
-KV hand-over after are reported beside it, per layer, not in the TPR. The prefill
-calibration rows are compared with the decode-fitted device: the fit does not include them
-(one evaluation at 720 x 720 takes minutes on a laptop).
+KV hand-over after are reported beside it, per layer, not in the TPR. Only LLaMA3-8B's
+prefill rows carry the paper's figure: they are in the calibration set too.
 """
 
 from __future__ import annotations
@@ -148,24 +147,26 @@ def run(device: DeviceSpec, *, models=MODELS, grids=DECODE_GRIDS, prefill_grids=
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
-    """Predicted decode tokens/s against the grid, per model, with the paper's calibration points."""
+    """Predicted tokens/s against the grid, decode and prefill side by side, per model, with the paper's calibration points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    decode = [r for r in rows if r.get("phase") == "decode" and "error" not in r]
-    for model in dict.fromkeys(r["model"] for r in decode):
-        rs = [r for r in decode if r["model"] == model]
-        ax.plot([r["grid"] for r in rs], [r["predicted_tps"] for r in rs], marker="o", label=f"{model} predicted")
-        paper = [r for r in rs if r["paper_tps"]]
-        if paper:
-            ax.plot([r["grid"] for r in paper], [r["paper_tps"] for r in paper], "k*", markersize=10, label=f"{model} paper (calibration)")
-    ax.set_xlabel("decode grid P (P x P cores)")
-    ax.set_ylabel("tokens/s per request")
-    ax.set_title("Decode on WSE-2, 4K context: predicted vs paper")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, phase in zip(axes, ("decode", "prefill")):
+        done = [r for r in rows if r.get("phase") == phase and "error" not in r]
+        for model in dict.fromkeys(r["model"] for r in done):
+            rs = [r for r in done if r["model"] == model]
+            ax.plot([r["grid"] for r in rs], [r["predicted_tps"] for r in rs], marker="o", label=f"{model} predicted")
+            paper = [r for r in rs if r["paper_tps"]]
+            if paper:
+                ax.plot([r["grid"] for r in paper], [r["paper_tps"] for r in paper], "k*", markersize=10,
+                        label=f"{model} paper (calibration)")
+        ax.set_xlabel(f"{phase} grid P (P x P cores)")
+        ax.set_ylabel("tokens/s per request" if phase == "decode" else "prompt tokens/s")
+        ax.set_title(f"{phase.capitalize()} on WSE-2, 4K: predicted vs paper")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
