@@ -91,6 +91,12 @@ def skew_rows(x: np.ndarray, p: int) -> np.ndarray:
     return blocks[np.arange(p)[:, None], skew_index(p)].transpose(0, 2, 1, 3).reshape(m, k)
 
 
+def crossing_cycles(device: DeviceSpec, width: int, block_bytes: int, blocks: int = 1) -> float:
+    """``blocks`` blocks of a row crossing a ``width``-core region's east edge into the next region:
+    the hops across, one software relay, and the bytes through the link."""
+    return (width + 1) * device.alpha + device.beta + blocks * block_bytes / device.link_bytes_per_cycle
+
+
 class WaferLlama:
     """A Llama placed on one or more regions of an emulated wafer.
 
@@ -298,13 +304,13 @@ class WaferLlama:
 
     def _crossing_cycles(self, st: int) -> float:
         """Every row's prompt activations leaving through the region's east edge, one block per core of the row."""
-        d, s = self.device, self.placement.shape
-        return (s.width + 1) * d.alpha + d.beta + s.width * st * s.dt * np.dtype(self.dtype).itemsize / d.link_bytes_per_cycle
+        s = self.placement.shape
+        return crossing_cycles(self.device, s.width, st * s.dt * np.dtype(self.dtype).itemsize, s.width)
 
     def _handoff_cycles(self) -> float:
         """One row block of x crossing into the next region and spreading along its rows."""
-        d, s = self.device, self.placement.shape
-        return (s.width + 1) * d.alpha + d.beta + s.dt * np.dtype(self.dtype).itemsize / d.link_bytes_per_cycle
+        s = self.placement.shape
+        return crossing_cycles(self.device, s.width, s.dt * np.dtype(self.dtype).itemsize)
 
     # ---- reports --------------------------------------------------------------------------
     def sram_high_water(self) -> int:

@@ -27,6 +27,7 @@ from wafer_actors.ops import TensorShape, gemm
 
 from .calibration import CONTEXT, DECODE_ROWS, PREFILL_ROWS, decode_layer, gemv_cycles, prefill_layer
 from .config import preset
+from .engine import crossing_cycles
 from .placement import PlacementError, place
 
 MODELS = ("llama3-8b", "llama2-13b", "codellama-34b", "qwen2-72b")
@@ -40,13 +41,8 @@ def decode_row(model: str, device: DeviceSpec, grid: int) -> dict[str, Any]:
     """One decode row: predicted cycles per layer and tokens/s, memory, regions and hand-off."""
     cfg = preset(model)
     cycles, sram, _ = decode_layer(cfg, device, grid)
-    unbounded = device.replace(width=grid * cfg.n_layers, height=grid)  # room for one region per layer
-    try:
-        regions = len(place(cfg, unbounded, grid, grid, tokens=CONTEXT, elem_bytes=2).regions)
-    except PlacementError:  # the LM head and a layer do not fit one region together
-        regions = None
-    fits = regions is not None and regions <= (device.height // grid) * (device.width // grid)
-    hop = (grid + 1) * device.alpha + device.beta + math.ceil(cfg.dim / grid) * 2 / device.link_bytes_per_cycle
+    regions, fits = _regions(cfg, device, grid, CONTEXT, 0)
+    hop = crossing_cycles(device, grid, math.ceil(cfg.dim / grid) * 2)
     handoff = None if regions is None else (regions - 1) * hop
     paper = PAPER_TPS.get((model, "decode", grid))
     tps = device.clock_hz / (cycles * cfg.n_layers)
@@ -56,24 +52,45 @@ def decode_row(model: str, device: DeviceSpec, grid: int) -> dict[str, Any]:
         "relative_error": None if paper is None else tps / paper - 1,
         "sram_high_water_bytes": sram, "sram_bytes": device.sram_bytes,
         "regions_needed": regions, "fits_wafer": fits, "handoff_cycles_per_token": handoff,
-        "note": "one layer measured and scaled" + ("" if fits else "; the whole model exceeds the wafer at this grid"
-                                                   if regions else "; the LM head does not fit a region with a layer"),
+        "note": "one layer measured and scaled" + _fit_note(regions, fits),
     }
+
+
+def _regions(cfg, device: DeviceSpec, grid: int, tokens: int, prefill_tokens: int) -> tuple[int | None, bool]:
+    """(grid x grid regions the whole model needs, float16, or None when the LM head and a layer
+    do not fit one region together; whether that many fit the wafer)."""
+    unbounded = device.replace(width=grid * cfg.n_layers, height=grid)  # room for one region per layer
+    try:
+        regions = len(place(cfg, unbounded, grid, grid, tokens=tokens, prefill_tokens=prefill_tokens, elem_bytes=2).regions)
+    except PlacementError:
+        return None, False
+    return regions, regions <= (device.height // grid) * (device.width // grid)
+
+
+def _fit_note(regions: int | None, fits: bool) -> str:
+    if regions is None:
+        return "; the LM head does not fit a region with a layer"
+    return "" if fits else "; the whole model exceeds the wafer at this grid"
 
 
 def prefill_row(model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT) -> dict[str, Any]:
     """One prefill row: predicted cycles per layer and prompt tokens/s for a ``tokens``-token prompt."""
     cfg = preset(model)
     cycles, sram, skew, handover = prefill_layer(cfg, device, grid, tokens=tokens)
+    regions, fits = _regions(cfg, device, grid, tokens, tokens)
+    crossing = crossing_cycles(device, grid, -(-tokens // grid) * math.ceil(cfg.dim / grid) * 2, grid)
     paper = PAPER_TPS.get((model, "prefill", grid)) if tokens == CONTEXT else None
     tps = tokens * device.clock_hz / (cycles * cfg.n_layers)
     return {
         "model": model, "phase": "prefill", "grid": grid, "context": tokens,
         "predicted_cycles_per_layer": cycles, "predicted_tps": tps, "paper_tps": paper,
         "relative_error": None if paper is None else tps / paper - 1,
-        "sram_high_water_bytes": sram, "sram_bytes": device.sram_bytes, "regions_needed": None,
+        "sram_high_water_bytes": sram, "sram_bytes": device.sram_bytes,
+        "regions_needed": regions, "fits_wafer": fits,
+        "crossing_cycles": None if regions is None else (regions - 1) * crossing,
         "skew_cycles_per_layer": skew, "handover_cycles_per_layer": handover,
-        "note": f"one layer measured and scaled; weight skew {skew:,.0f} and KV hand-over {handover:,.0f} cycles per layer not in TPR",
+        "note": f"one layer measured and scaled; weight skew {skew:,.0f} and KV hand-over {handover:,.0f} cycles per layer "
+                "and the prompt's region crossings not in TPR" + _fit_note(regions, fits),
     }
 
 
