@@ -210,6 +210,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     prefill_grids = [int(g) for g in args.prefill_grids.split(",") if g.strip()]
     for g in grids + prefill_grids + [args.gemv_grid, args.kv_grid] + ([args.gemm_grid] if args.gemm_grid else []):
         device.check_mesh(g, g)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
     steps = len(models) * (len(grids) + len(prefill_grids)) + 2 + (1 if args.gemm_grid else 0)
     bar = tqdm(total=steps, desc="validate", unit="step", leave=False, file=sys.stderr)
 
@@ -220,7 +222,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     rows = validate.run(device, models=models, grids=grids, prefill_grids=prefill_grids, prefill_tokens=args.prefill_tokens,
                         gemv_grid=args.gemv_grid,
                         gemv_sizes=tuple(int(n) for n in args.gemv_sizes.split(",")), gemm_grid=args.gemm_grid or None,
-                        gemm_n=args.gemm_n, kv_grid=args.kv_grid, progress=progress)
+                        gemm_n=args.gemm_n, kv_grid=args.kv_grid, workers=args.workers, progress=progress)
     bar.close()
     print(f"device {device.name}: beta {device.beta:g}, float16 {device.rate('float16'):g} FMAC/cycle, "
           f"call overhead {device.call_overhead:g} cycles, alpha {device.alpha:g}")
@@ -334,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--gemm-grid", type=int, default=720, help="grid of the MeshGEMM vs Cannon/SUMMA comparison (0: skip; 720 takes minutes)")
     val.add_argument("--gemm-n", type=int, default=2048, help="GEMM size N (N x N times N x N)")
     val.add_argument("--kv-grid", type=int, default=360, help="region side for the KV capacity of LLaMA3-8B")
+    val.add_argument("--workers", type=int, default=1, help="processes computing rows at once (one per core helps)")
     val.add_argument("--json", default=None, help="write the rows as a JSON list")
     val.add_argument("--plot", default=None, help="draw predicted vs paper tokens/s to this PNG")
     val.set_defaults(fn=cmd_validate)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import partial
 from typing import Any, Callable
 
 from wafer_actors import Wafer
@@ -130,36 +132,48 @@ def kv_capacity(device: DeviceSpec, grid: int = 360) -> dict[str, Any]:
     return {"kind": "kv_capacity", "model": "llama3-8b", "grid": grid, "regions": regions, **caps, "ratio": caps["shift"] / caps["concat"]}
 
 
+def model_row(phase: str, model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT) -> dict[str, Any]:
+    """A decode or prefill row, or the reason one layer does not fit the grid."""
+    try:
+        return decode_row(model, device, grid) if phase == "decode" else prefill_row(model, device, grid, tokens)
+    except PlacementError as err:
+        return {"model": model, "phase": phase, "grid": grid, "error": str(err)}
+
+
 def run(device: DeviceSpec, *, models=MODELS, grids=DECODE_GRIDS, prefill_grids=PREFILL_GRIDS, prefill_tokens: int = CONTEXT,
         gemv_grid: int = 720, gemv_sizes=(16384, 32768), gemm_grid: int | None = 720, gemm_n: int = 2048, kv_grid: int = 360,
-        progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Every row of the report, in order: decode and prefill rows, GEMV ratios, GEMM comparison, KV capacity."""
-    rows = []
+        workers: int = 1, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Every row of the report, in order: decode and prefill rows, GEMV ratios, GEMM comparison, KV capacity.
+
+    ``workers`` > 1 computes the rows on that many processes (each row is an independent run).
+    """
+    jobs: list[tuple[str, Callable[[], Any]]] = []
+    for model in models:
+        jobs += [(f"{model} decode {g}x{g}", partial(model_row, "decode", model, device, g)) for g in grids]
+        jobs += [(f"{model} prefill {g}x{g}", partial(model_row, "prefill", model, device, g, prefill_tokens)) for g in prefill_grids]
+    jobs.append((f"GEMV {gemv_grid}x{gemv_grid}", partial(gemv_rows, device, gemv_grid, tuple(gemv_sizes))))
+    if gemm_grid:
+        jobs.append((f"GEMM {gemm_grid}x{gemm_grid}", partial(gemm_rows, device, gemm_grid, gemm_n)))
+    jobs.append(("KV capacity", partial(kv_capacity, device, kv_grid)))
 
     def done(what: str) -> None:
         if progress:
             progress(what)
 
-    for model in models:
-        for grid in grids:
-            try:
-                rows.append(decode_row(model, device, grid))
-            except PlacementError as err:  # one layer does not fit this grid
-                rows.append({"model": model, "phase": "decode", "grid": grid, "error": str(err)})
-            done(f"{model} decode {grid}x{grid}")
-        for grid in prefill_grids:
-            try:
-                rows.append(prefill_row(model, device, grid, prefill_tokens))
-            except PlacementError as err:
-                rows.append({"model": model, "phase": "prefill", "grid": grid, "error": str(err)})
-            done(f"{model} prefill {grid}x{grid}")
-    rows += gemv_rows(device, gemv_grid, tuple(gemv_sizes))
-    done(f"GEMV {gemv_grid}x{gemv_grid}")
-    if gemm_grid:
-        rows += gemm_rows(device, gemm_grid, gemm_n)
-        done(f"GEMM {gemm_grid}x{gemm_grid}")
-    rows.append(kv_capacity(device, kv_grid))
-    done("KV capacity")
+    results: list[Any] = [None] * len(jobs)
+    if workers <= 1:
+        for i, (what, job) in enumerate(jobs):
+            results[i] = job()
+            done(what)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            futures = {pool.submit(job): i for i, (_, job) in enumerate(jobs)}
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                done(jobs[futures[fut]][0])
+    rows = []
+    for r in results:
+        rows += r if isinstance(r, list) else [r]
     return rows
 
 

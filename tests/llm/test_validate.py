@@ -47,7 +47,7 @@ def test_validate_runs_end_to_end_on_a_reduced_set(tmp_path, capsys):
     out, png = tmp_path / "v.json", tmp_path / "v.png"
     code = main(["validate", "--models", "llama3-8b,llama2-13b", "--grids", "160,200", "--prefill-grids", "240",
                  "--prefill-tokens", "320", "--gemv-grid", "64",
-                 "--gemv-sizes", "1024,2048", "--gemm-grid", "16", "--gemm-n", "256", "--kv-grid", "240",
+                 "--gemv-sizes", "1024,2048", "--gemm-grid", "16", "--gemm-n", "256", "--kv-grid", "240", "--workers", "2",
                  "--json", str(out), "--plot", str(png)])
     assert code == 0
     rows = json.loads(out.read_text())
