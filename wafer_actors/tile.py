@@ -390,14 +390,12 @@ class Tile:
                 parts[dest] = _Local(fi, fi_src, len(s) == len(f), transfer.load[f], transfer.hops[f], transfer.relays[f])
         else:
             for src, part in view.incoming.items():
-                f = part.flows
+                f, inverse, order = part.flows, part.inverse, None
                 fi = (transfer.dst_y[f] - y0) * w + transfer.dst_x[f] - x0
-                order = np.argsort(fi)
-                if _every_core(fi[order], n):  # every core takes one flow: receive in core order
-                    parts[src] = _Local(slice(None), part.inverse[order], True, transfer.load[f], transfer.hops[f],
-                                        transfer.relays[f], order)
-                else:
-                    parts[src] = _Local(fi, part.inverse, True, transfer.load[f], transfer.hops[f], transfer.relays[f])
+                sort = np.argsort(fi)
+                if _every_core(fi[sort], n):  # every core takes one flow: take them in core order, through slices
+                    f, inverse, fi, order = f[sort], inverse[sort], slice(None), sort
+                parts[src] = _Local(fi, inverse, True, transfer.load[f], transfer.hops[f], transfer.relays[f], order)
         size = sum(len(lp.load) for lp in parts.values())
         if self._local_size + size > LOCAL_PARTS_BUDGET:  # many large one-off transfers (SUMMA's casts) would pile up
             self._local_parts.clear()
