@@ -153,10 +153,14 @@ def _field_names() -> list[str]:
 
 # Figures from the WaferLLM reference digest (§1.3, §10). alpha = 1 cycle/hop follows from the
 # single-cycle neighbour transfer and the link carries one 32-bit wavelet per cycle. wse2's beta,
-# float16 rate and call overhead are FITTED by `python -m llm.calibration` to the calibration set
-# only (LLaMA3-8B decode cycles per layer at 420/540/660, Table 4; 16K and 32K GEMV, Table 6, on an
-# assumed 720x720 grid): rms error 11.9%. float32's rate (one MAC per cycle on two 32-bit operands)
-# is the paper's statement, not fitted. wse3 keeps starting values: no WSE-3 data is calibrated.
+# float16 rate and call overhead are FITTED to the decode and GEMV rows of the calibration set
+# only (LLaMA3-8B decode cycles per layer at 420/540/660, Table 4; 16K and 32K GEMV, Table 6, on
+# an assumed 720x720 grid): rms error 11.9%. `python -m llm.calibration --rows decode,gemv` fits
+# those rows (these values came from an earlier pattern search over them). With the LLaMA3-8B
+# prefill rows (Table 3) in the fit, these three parameters give 26.5% rms and lose the decode
+# trend (see llm/calibration.py), so the prefill rows are not in it yet. float32's rate (one MAC
+# per cycle on two 32-bit operands) is the paper's statement, not fitted. wse3 keeps starting
+# values: no WSE-3 data is calibrated.
 _PRESETS: dict[str, DeviceSpec] = {
     "wse2": DeviceSpec(
         name="wse2",

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from llm.calibration import bounded_lstsq, decode_layer, paper_cycles, row_names
+from llm.calibration import bounded_lstsq, decode_layer, paper_cycles, row_names, selected
 from llm.cli import main
 from llm.config import preset
 from wafer_actors.device import resolve
@@ -18,6 +18,13 @@ def test_calibration_targets_are_the_papers_llama3_8b_and_gemv_rows():
     want = [12_732, 13_742, 15_323, 1_320, 2_233, 6_928_865, 5_623_663, 5_085_512]
     np.testing.assert_allclose(paper_cycles(), want, rtol=1e-3)
     assert len(row_names()) == len(want) and "prefill" in row_names()[-1]
+
+
+def test_calibration_rows_are_chosen_by_kind_and_bad_kinds_are_refused():
+    assert [row_names()[i] for i in selected(("gemv",))] == ["GEMV 16K 720x720", "GEMV 32K 720x720"]
+    assert selected(("prefill", "decode")) == [0, 1, 2, 5, 6, 7]
+    with pytest.raises(ValueError, match="decode, gemv, prefill"):
+        selected(("decoder",))
 
 
 def test_bounded_least_squares_matches_a_brute_force_search():
