@@ -8,25 +8,27 @@ Table 6 (1.2 us and 2.03 us for 16K and 32K square matrices; the paper does not 
 720 x 720 is assumed here). Every other model's figure is a validation target and never enters
 this file.
 
-Free parameters: ``beta`` (cycles per software relay), the float16 compute rate and the
-per-call overhead. ``alpha`` = 1 cycle per hop and the 4-byte link stay at their hardware
-values. Every evaluation runs the real protocols cost-only (one decoder layer, as the paper
-measured, and the MeshGEMV), so the fitted numbers are what the emulator itself predicts.
+Free parameters: ``beta`` (cycles per software relay), the float16 compute rate, the call
+overhead (cycles per vector instruction: a GEMV row, or one Mt-long column update of a tile
+GEMM, as the CSL issues them) and the GEMM step overhead (cycles of task chaining between two
+compute-shift steps of a MeshGEMM or GEMM-T). ``alpha`` = 1 cycle per hop and the 4-byte link
+stay at their hardware values. Every evaluation runs the real protocols cost-only (one decoder
+layer, as the paper measured, and the MeshGEMV), so the fitted numbers are what the emulator
+itself predicts.
 
-Predicted cycles are piecewise linear in z = (beta, 1 / rate, call overhead): linear while the
-critical path stays the same, with kinks where it changes. The fit is therefore Gauss-Newton on
-the relative errors with a finite-difference Jacobian in z, the step solved as a bounded linear
-least-squares problem and halved until the real (re-run) loss falls. A prefill evaluation at
-720 x 720 takes minutes, so this needs a handful of evaluations where a pattern search needed
-dozens.
+Predicted cycles are piecewise linear in z = (beta, 1 / rate, call overhead, step overhead):
+linear while the critical path stays the same, with kinks where it changes. The fit is
+therefore Gauss-Newton on the relative errors with a finite-difference Jacobian in z, the step
+solved as a bounded linear least-squares problem and halved until the real (re-run) loss
+falls. A prefill evaluation at 720 x 720 takes minutes, so this needs a handful of evaluations
+where a pattern search needed dozens.
 
-What the fit found: on all eight rows it settles at beta 10.33, float16 rate 1.019, overhead
-0 with 26.5% rms error, and there the decode TPR no longer falls from 420 to 660 (the paper's
-trend). The paper's prefill cycles fall only 1.36x from 480 to 720 (2.25x the cores): they
-look like A / P^2 + B * P, a cost that grows with the number of MeshGEMM steps, which none of
-these three parameters gives (per-call overhead times calls per step is constant in P). The
-wse2 preset therefore keeps the fit to the decode and GEMV rows (``--rows decode,gemv``); a
-per-step GEMM overhead is the missing parameter.
+Why the step overhead: the paper's prefill cycles fall only 1.36x from 480 to 720 (2.25x the
+cores); through the three rows they are A / P^2 + B * P, a cost growing with the number of
+MeshGEMM steps (P per GEMM). Without it, the other three parameters reach only 26.5% rms on
+the eight rows and the decode TPR stops falling with the grid; with it, the fit (two
+iterations from beta 27, rate 3.344, overheads 0) reaches 10.5% rms and keeps the decode trend.
+The step overhead changes neither decode nor GEMV rows (they run no compute-shift steps).
 
     python -m llm.calibration [--workers 2] [--rows decode,gemv]   # prints the fit
 """
@@ -132,23 +134,30 @@ def predict(device: DeviceSpec, workers: int = 1, kinds: tuple[str, ...] = KINDS
     return np.array([done[i] for i in rows])
 
 
+def params(device: DeviceSpec) -> np.ndarray:
+    """The fitted parameters of ``device``: (beta, float16 FMACs per cycle, call overhead, GEMM step overhead)."""
+    return np.array([device.beta, device.rate("float16"), device.call_overhead, device.gemm_step_overhead])
+
+
 def with_params(base: DeviceSpec, theta: np.ndarray) -> DeviceSpec:
-    """``base`` with (beta, float16 FMACs per cycle, call overhead) = theta."""
-    beta, rate16, overhead = (float(v) for v in theta)
-    return base.replace(beta=beta, call_overhead=overhead, fmacs_per_cycle={**base.fmacs_per_cycle, "float16": rate16})
+    """``base`` with (beta, float16 FMACs per cycle, call overhead, GEMM step overhead) = theta."""
+    beta, rate16, call, step = (float(v) for v in theta)
+    return base.replace(beta=beta, call_overhead=call, gemm_step_overhead=step,
+                        fmacs_per_cycle={**base.fmacs_per_cycle, "float16": rate16})
 
 
 def _z(theta: np.ndarray) -> np.ndarray:
-    return np.array([theta[0], 1 / theta[1], theta[2]])
+    return np.array([theta[0], 1 / theta[1], *theta[2:]])
 
 
 def _theta(z: np.ndarray) -> np.ndarray:
-    return np.array([z[0], 1 / z[1], z[2]])
+    return np.array([z[0], 1 / z[1], *z[2:]])
 
 
-Z_LOWER = np.array([1.0, 1 / 16, 0.0])  # beta >= alpha (the paper: alpha < beta), rate <= 16 FMACs per cycle, overhead >= 0
-Z_UPPER = np.array([np.inf, 4.0, np.inf])  # rate >= 0.25
-Z_STEP = np.array([2.0, 0.02, 1.0])  # finite-difference steps in z
+# beta >= alpha (the paper: alpha < beta), 0.25 <= rate <= 16 FMACs per cycle, overheads >= 0
+Z_LOWER = np.array([1.0, 1 / 16, 0.0, 0.0])
+Z_UPPER = np.array([np.inf, 4.0, np.inf, np.inf])
+Z_STEP = np.array([2.0, 0.02, 1.0, 20.0])  # finite-difference steps in z
 
 
 def bounded_lstsq(a: np.ndarray, b: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
@@ -171,19 +180,20 @@ def bounded_lstsq(a: np.ndarray, b: np.ndarray, lower: np.ndarray, upper: np.nda
     return best
 
 
-def fit(base: DeviceSpec | str = "wse2", *, start: tuple[float, float, float] | None = None, iterations: int = 6,
+def fit(base: DeviceSpec | str = "wse2", *, start: tuple[float, ...] | None = None, iterations: int = 6,
         workers: int = 1, kinds: tuple[str, ...] = KINDS,
         progress: Callable[[str], None] | None = None) -> tuple[DeviceSpec, np.ndarray]:
-    """Fit (beta, float16 rate, call overhead) to the calibration rows of ``kinds``; return (device, their predicted cycles).
+    """Fit (beta, float16 rate, call overhead, GEMM step overhead) to the calibration rows of ``kinds``;
+    return (device, their predicted cycles).
 
-    Gauss-Newton in z = (beta, 1 / rate, overhead) on the relative errors: a forward
+    Gauss-Newton in z = (beta, 1 / rate, call overhead, step overhead) on the relative errors: a forward
     difference per parameter gives the Jacobian, the bounded linear least-squares step is
     halved (up to four times) until the re-run loss falls; the fit stops when the step is
     negligible or no halving helps. ``start`` (default: the base device's values) only sets where it begins.
     """
     base = resolve(base)
     target = paper_cycles()[selected(kinds)]
-    theta = np.array(start if start is not None else [base.beta, base.rate("float16"), base.call_overhead], dtype=float)
+    theta = np.array(start if start is not None else params(base), dtype=float)
 
     def loss(pred: np.ndarray) -> float:
         return float(np.sum((pred / target - 1) ** 2))
@@ -218,7 +228,7 @@ def fit(base: DeviceSpec | str = "wse2", *, start: tuple[float, float, float] | 
 
 
 def _params(theta: np.ndarray) -> str:
-    return f"beta {theta[0]:.2f}, float16 rate {theta[1]:.3f}, call overhead {theta[2]:.2f}"
+    return f"beta {theta[0]:.2f}, float16 rate {theta[1]:.3f}, call overhead {theta[2]:.2f}, GEMM step overhead {theta[3]:.1f}"
 
 
 def report(pred: np.ndarray, kinds: tuple[str, ...] = KINDS) -> list[str]:
@@ -236,7 +246,7 @@ def main() -> None:
     kinds = tuple(k.strip() for k in args.rows.split(",") if k.strip())
     selected(kinds)  # a bad --rows fails here, before any run
     device, pred = fit(workers=args.workers, kinds=kinds, progress=lambda text: print(text, flush=True))
-    print(f"fitted: {_params(np.array([device.beta, device.rate('float16'), device.call_overhead]))}")
+    print(f"fitted: {_params(params(device))}")
     print("\n".join(report(pred, kinds)))
 
 

@@ -225,7 +225,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                         gemm_n=args.gemm_n, kv_grid=args.kv_grid, workers=args.workers, progress=progress)
     bar.close()
     print(f"device {device.name}: beta {device.beta:g}, float16 {device.rate('float16'):g} FMAC/cycle, "
-          f"call overhead {device.call_overhead:g} cycles, alpha {device.alpha:g}")
+          f"call overhead {device.call_overhead:g} cycles, GEMM step overhead {device.gemm_step_overhead:g} cycles, "
+          f"alpha {device.alpha:g}")
     print(f"{'model':<14} {'phase':<7} {'grid':>5} {'cycles/layer':>13} {'tok/s':>9} {'paper':>8} {'error':>7} "
           f"{'SRAM B':>7} {'regions':>8}  note")
     for r in rows:

@@ -89,6 +89,9 @@ async def prefill(tile, *, plan: dict, tokens: int) -> None:
         tile.alloc(name, block, p.dtype)
     per_step = st * st  # query x key pairs of one block
 
+    def cost(fmacs: int) -> dict:  # every GEMM's vector instructions are one st-row column long (Mt = st)
+        return {"fmacs": fmacs, "calls": fmacs // st}
+
     heads = onehot.transpose(0, 2, 1)[None, :, :, None, :]  # (1, w, nkv, 1, kvt): which K/V columns each KV head owns
 
     def scores(q, k, c):  # per KV head: the query rows against that head's key columns
@@ -110,7 +113,7 @@ async def prefill(tile, *, plan: dict, tokens: int) -> None:
         await _rmsnorm(tile, p, tile.data(weights["attn_norm"]) if full else None, st, dt)
         await mesh_gemm_skewed(tile, a="hp", b=weights["wqkv"], c="qkvp",
                                product=matmul,
-                               fmacs=st * dt * (G + 2) * kvt, calls=dt)
+                               **cost(st * dt * (G + 2) * kvt))
         if full:
             qkv = tile.data("qkvp")
             _rope(qkv[:, :, :, : G + 1], cos, sin)
@@ -119,7 +122,7 @@ async def prefill(tile, *, plan: dict, tokens: int) -> None:
             tile.data("v_s")[...] = qkv[:, :, :, G + 1]
         tile.charge(3 * st * (G + 1) * kvt, p.dtype)
         await skew(tile, ["k_s", "v_s"], axis="y")
-        await gemm_t_skewed(tile, a="qkvp", b="k_s", c="sc", product=scores, fmacs=per_step * G * kvt, calls=G * st)
+        await gemm_t_skewed(tile, a="qkvp", b="k_s", c="sc", product=scores, **cost(per_step * G * kvt))
         if full:  # causal softmax over the row's keys, max and sum allreduced along x
             sc = tile.data("sc")
             sc /= np.float32(np.sqrt(p.head_dim))
@@ -136,17 +139,17 @@ async def prefill(tile, *, plan: dict, tokens: int) -> None:
         if full:
             tile.data("sc")[...] /= tile.data("att_sp")[..., None]
         tile.charge(per_step * G * nkv, p.dtype)
-        await mesh_gemm_skewed(tile, a="sc", b="v_s", c="op", product=attend, fmacs=per_step * G * kvt, calls=G * st)
+        await mesh_gemm_skewed(tile, a="sc", b="v_s", c="op", product=attend, **cost(per_step * G * kvt))
         await gemm_t_skewed(tile, a="op", b=weights["wo"], c="yp",
                             product=matmul,
-                            fmacs=st * G * kvt * dt, calls=G * kvt)
+                            **cost(st * G * kvt * dt))
         if full:
             tile.data("xp")[...] += tile.data("yp")
         tile.charge(st * dt, p.dtype)
         await _rmsnorm(tile, p, tile.data(weights["ffn_norm"]) if full else None, st, dt)
         await mesh_gemm_skewed(tile, a="hp", b=weights["w13"], c="ffp",
                                product=matmul,
-                               fmacs=st * dt * 2 * ft, calls=dt)
+                               **cost(st * dt * 2 * ft))
         if full:
             ff = tile.data("ffp")
             gate, up = ff[:, :, :, 0], ff[:, :, :, 1]
@@ -154,7 +157,7 @@ async def prefill(tile, *, plan: dict, tokens: int) -> None:
         tile.charge(3 * st * ft, p.dtype)
         await gemm_t_skewed(tile, a="zp", b=weights["w2"], c="yp",
                             product=matmul,
-                            fmacs=st * ft * dt, calls=ft)
+                            **cost(st * ft * dt))
         if full:
             tile.data("xp")[...] += tile.data("yp")
         tile.charge(st * dt, p.dtype)
@@ -165,7 +168,7 @@ async def prefill(tile, *, plan: dict, tokens: int) -> None:
         for c0, c1 in head_chunks(dt, tile.buffer("lm_head").block[1], 2 * ft):
             tile.alias("lm_head@", "lm_head", (slice(None), slice(c0, c1)))
             tile.alias("logits@", "logits_p", (slice(None), slice(c0, c1)))
-            await mesh_gemm_skewed(tile, a="hp", b="lm_head@", c="logits@", product=matmul, fmacs=st * dt * (c1 - c0), calls=dt)
+            await mesh_gemm_skewed(tile, a="hp", b="lm_head@", c="logits@", product=matmul, **cost(st * dt * (c1 - c0)))
             tile.free("lm_head@")
             tile.free("logits@")
     for name in work:

@@ -35,7 +35,10 @@ class DeviceSpec:
         beta: cycles per software relay (a core receives, combines and forwards).
         routes_per_core: routing entries (colours) one router can hold.
         power_watts: power of the whole device, for energy estimates.
-        call_overhead: fixed cycles a core spends to start one compute call.
+        call_overhead: fixed cycles a core spends to start one compute call (one vector
+            instruction: a GEMV row, or one Mt-long column update of a tile GEMM).
+        gemm_step_overhead: fixed cycles a core spends between two compute-shift steps of a
+            MeshGEMM-family loop (the task chain that waits for both shifts and the product).
     """
 
     name: str
@@ -50,6 +53,7 @@ class DeviceSpec:
     routes_per_core: int
     power_watts: float
     call_overhead: float = 0.0
+    gemm_step_overhead: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("width", "height", "sram_bytes", "routes_per_core"):
@@ -58,7 +62,7 @@ class DeviceSpec:
                 raise DeviceSpecError(f"device {self.name!r}: field {name!r} must be a positive integer, got {value!r}")
         for name in ("clock_hz", "link_bytes_per_cycle", "power_watts"):
             _check_number(self.name, name, getattr(self, name), positive=True)
-        for name in ("alpha", "beta", "call_overhead"):
+        for name in ("alpha", "beta", "call_overhead", "gemm_step_overhead"):
             _check_number(self.name, name, getattr(self, name), positive=False)
         if not isinstance(self.fmacs_per_cycle, Mapping) or not self.fmacs_per_cycle:
             raise DeviceSpecError(
@@ -153,13 +157,12 @@ def _field_names() -> list[str]:
 
 # Figures from the WaferLLM reference digest (§1.3, §10). alpha = 1 cycle/hop follows from the
 # single-cycle neighbour transfer and the link carries one 32-bit wavelet per cycle. wse2's beta,
-# float16 rate and call overhead are FITTED to the decode and GEMV rows of the calibration set
-# only (LLaMA3-8B decode cycles per layer at 420/540/660, Table 4; 16K and 32K GEMV, Table 6, on
-# an assumed 720x720 grid): rms error 11.9%. `python -m llm.calibration --rows decode,gemv` fits
-# those rows (these values came from an earlier pattern search over them). With the LLaMA3-8B
-# prefill rows (Table 3) in the fit, these three parameters give 26.5% rms and lose the decode
-# trend (see llm/calibration.py), so the prefill rows are not in it yet. float32's rate (one MAC
-# per cycle on two 32-bit operands) is the paper's statement, not fitted. wse3 keeps starting
+# float16 rate, call overhead and GEMM step overhead are FITTED to the calibration set only
+# (LLaMA3-8B decode cycles per layer at 420/540/660, Table 4; LLaMA3-8B prefill cycles per layer
+# for a 4096-token prompt at 480/600/720, Table 3; 16K and 32K GEMV, Table 6, on an assumed
+# 720x720 grid): `python -m llm.calibration --workers 2`, Gauss-Newton from beta 27, rate 3.344,
+# overheads 0, two iterations, rms error 10.5% over the eight rows. float32's rate (one MAC per
+# cycle on two 32-bit operands) is the paper's statement, not fitted. wse3 keeps starting
 # values: no WSE-3 data is calibrated.
 _PRESETS: dict[str, DeviceSpec] = {
     "wse2": DeviceSpec(
@@ -168,11 +171,12 @@ _PRESETS: dict[str, DeviceSpec] = {
         height=996,
         sram_bytes=48 * 1024,
         clock_hz=1.1e9,
-        fmacs_per_cycle={"float16": 3.344, "float32": 1.0},  # float16: fitted
+        fmacs_per_cycle={"float16": 3.699, "float32": 1.0},  # float16: fitted
         link_bytes_per_cycle=4.0,  # one 32-bit wavelet per cycle per link
         alpha=1.0,
-        beta=27.0,  # fitted
-        call_overhead=0.0,  # fitted (the fit drove it to zero)
+        beta=25.34,  # fitted
+        call_overhead=3.64,  # fitted
+        gemm_step_overhead=568.1,  # fitted
         routes_per_core=24,  # routable colours 0-23
         power_watts=15_000.0,  # 37.5 x a 400 W A100, the ratio behind the paper's energy tables
     ),

@@ -315,6 +315,11 @@ class Tile:
         self.clock[cores] += add
         self.path_compute[cores] += add
 
+    def end_step(self) -> None:
+        """Charge every core the task overhead between two compute-shift steps of a GEMM loop."""
+        self.clock += self.device.gemm_step_overhead
+        self.path_compute += self.device.gemm_step_overhead
+
     def _rate(self, dtype: Any) -> float:
         """FMACs per cycle for ``dtype`` (memoised: dtype names are slow to build)."""
         rate = self._rates.get(dtype)

@@ -166,3 +166,16 @@ def test_lm_head_in_column_chunks_matches_reference_and_reserved_memory():
         before, r = m.sram_high_water(), m.placement.regions[0]
         close(m.prefill(PROMPT)[0], want)
         assert m.sram_high_water() == before + r.bytes_prefill
+
+
+def test_step_overhead_adds_six_gemms_of_p_steps_per_layer_and_leaves_decode_alone():
+    """Per layer, prefill runs three MeshGEMMs and three GEMM-Ts of P steps each; decode runs none."""
+    runs = {}
+    for o in (0.0, 25.0):
+        dev = resolve("wse2").replace(name="o", gemm_step_overhead=o)
+        with WaferLlama(TINY, None, mesh=(4, 4), device=dev, transport="local", tokens=24, prefill_tokens=14,
+                        cost_only=True, lm_head=False) as m:
+            _, s = m.prefill(len(PROMPT))
+            runs[o] = (s.region_cycles[0], m.step(0)[1].cycles)
+    assert runs[25.0][0] - runs[0.0][0] == pytest.approx(TINY.n_layers * 6 * 4 * 25.0)
+    assert runs[25.0][1] == runs[0.0][1]

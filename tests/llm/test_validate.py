@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from llm.calibration import bounded_lstsq, decode_layer, paper_cycles, row_names, selected
+from llm.calibration import bounded_lstsq, decode_layer, paper_cycles, params, row_names, selected, with_params
 from llm.cli import main
 from llm.config import preset
 from wafer_actors.device import resolve
@@ -25,6 +25,13 @@ def test_calibration_rows_are_chosen_by_kind_and_bad_kinds_are_refused():
     assert selected(("prefill", "decode")) == [0, 1, 2, 5, 6, 7]
     with pytest.raises(ValueError, match="decode, gemv, prefill"):
         selected(("decoder",))
+
+
+def test_fitted_parameters_round_trip_through_a_device():
+    theta = np.array([12.5, 2.25, 1.5, 300.0])
+    dev = with_params(resolve("wse2"), theta)
+    np.testing.assert_array_equal(params(dev), theta)
+    assert dev.rate("float32") == resolve("wse2").rate("float32")  # only float16's rate is fitted
 
 
 def test_bounded_least_squares_matches_a_brute_force_search():

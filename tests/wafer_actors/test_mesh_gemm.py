@@ -78,7 +78,7 @@ def test_restore_leaves_the_operands_where_they_were_loaded():
 
 def per_step_cycles(algo, p):
     """Cycles per compute-shift step when compute is nearly free (1x1 blocks, fast cores)."""
-    fast = preset("wse2").replace(name="fast", fmacs_per_cycle={"float32": 1e6})
+    fast = preset("wse2").replace(name="fast", fmacs_per_cycle={"float32": 1e6}, call_overhead=0.0, gemm_step_overhead=0.0)
     with Wafer((p, p), device=fast, cost_only=True) as wafer:
         _, s = gemm(wafer, TensorShape((p, p)), TensorShape((p, p)), algo=algo)
     return s.cycles / p, s
@@ -134,3 +134,14 @@ def test_gemm_refuses_bad_shapes_and_blocks():
     with Wafer((2, 2), device=preset("wse2").replace(name="tiny", sram_bytes=192)) as wafer:  # A, B, C fit; the second buffers do not
         with pytest.raises(CoreMemoryError, match=r"core \(y=0, x=0\): buffer '_gemm_a_in' needs 64 B, budget 192 B, 192 B already in use"):
             gemm(wafer, np.ones((8, 8), np.float32), np.ones((8, 8), np.float32))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_step_overhead_adds_once_per_compute_shift_step(config):
+    """The task overhead between steps is paid once per step on every core, so it adds steps x o exactly."""
+    cycles = {}
+    for o in (0.0, 40.0):
+        dev = preset("wse2").replace(name="o", gemm_step_overhead=o)
+        with Wafer((4, 4), device=dev, cost_only=True) as wafer:
+            cycles[o] = gemm(wafer, TensorShape((16, 16)), TensorShape((16, 16)), **config)[1].cycles
+    assert cycles[40.0] - cycles[0.0] == pytest.approx(4 * 40.0)

@@ -104,6 +104,7 @@ async def mesh_gemm_skewed(tile, *, a: str, b: str, c: str, product: Product, fm
         tile.charge(fmacs, tile.buffer(c).dtype.name, calls=calls)
         await _land(tile, plan.ring_x, nxt_a)
         await _land(tile, plan.ring_y, nxt_b)
+        tile.end_step()
         cur_a, nxt_a, cur_b, nxt_b = nxt_a, cur_a, nxt_b, cur_b
     _settle(tile, a, cur_a, ta)
     _settle(tile, b, cur_b, tb)
@@ -125,6 +126,7 @@ async def gemm_t_skewed(tile, *, a: str, b: str, c: str, product: Product, fmacs
         _shift(tile, plan.ring_x, cur_c, nxt_c)  # the partial moves on once this core's share is in
         await _land(tile, plan.ring_y, nxt_b)
         await _land(tile, plan.ring_x, nxt_c)
+        tile.end_step()
         cur_b, nxt_b, cur_c, nxt_c = nxt_b, cur_b, nxt_c, cur_c
     _settle(tile, b, cur_b, tb)
     _settle(tile, c, cur_c, tc)
