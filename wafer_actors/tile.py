@@ -57,14 +57,11 @@ class Buffer:
         return math.prod(self.block) * self.dtype.itemsize
 
 
-def _combine(buf: Buffer, fi: np.ndarray | slice, incoming: np.ndarray, op: str) -> None:
-    """Write (or add, or max) received blocks into the cores ``fi`` (flat local indices, distinct; or a slice
-    meaning every core in order) of ``buf``."""
+def _combine(buf: Buffer, fi: np.ndarray, incoming: np.ndarray, op: str) -> None:
+    """Write (or add, or max) received blocks into the cores ``fi`` (flat local indices, distinct) of ``buf``."""
     if incoming.shape[1:] != buf.block:
         raise ProtocolError(f"received blocks of shape {incoming.shape[1:]} into a buffer with blocks {buf.block}")
-    if isinstance(fi, slice):
-        flat, fi, incoming = buf.data, (slice(None), slice(None)), incoming.reshape(buf.data.shape)
-    elif buf.alias:  # a strided view (one layer of a stack): index it by (row, column), never through a copy
+    if buf.alias:  # a strided view (one layer of a stack): index it by (row, column), never through a copy
         flat, fi = buf.data, np.unravel_index(fi, buf.data.shape[:2])
     else:
         flat = buf.data.reshape((-1,) + buf.block)
@@ -80,18 +77,12 @@ def _combine(buf: Buffer, fi: np.ndarray | slice, incoming: np.ndarray, op: str)
 class _Local:
     """A transfer part in this tile's flat core indices (cached per transfer, peer and direction)."""
 
-    fi: np.ndarray | slice  # per flow: flat index of the local source (outgoing) or destination (incoming) core;
-    # a slice when the flows are every core of the tile in order (views instead of gathers and scatters)
-    fi_src: np.ndarray  # outgoing: flat index of each distinct source, in message order; incoming: per flow, its block in the message
+    fi: np.ndarray  # per flow: flat index of the local source (outgoing) or destination (incoming) core
+    fi_src: np.ndarray  # outgoing: flat index of each distinct source, in message order
     distinct: bool  # outgoing: no two flows share a source (no multicast)
     load: np.ndarray
     latency_hops: np.ndarray
     relays: np.ndarray
-    order: np.ndarray | None = None  # incoming: the message's flows in the order of ``fi`` (None: as sent)
-
-
-def _every_core(fi: np.ndarray, n: int) -> bool:
-    return len(fi) == n and bool((fi == np.arange(n)).all())
 
 
 class _Arrivals:
@@ -109,23 +100,19 @@ class _Arrivals:
         self.tile = tile
         self.inputs: list[tuple] = []
 
-    def add(self, fi: np.ndarray | slice, msg: Message, combine: float, stream: bool, order: np.ndarray | None = None) -> None:
+    def add(self, fi: np.ndarray, msg: Message, combine: float, stream: bool) -> None:
         t = self.tile
-        head, tail, msg_stages, msg_compute = (
-            (msg.head, msg.tail, msg.stages, msg.compute) if order is None
-            else (msg.head[order], msg.tail[order], msg.stages[order], msg.compute[order])
-        )
         c0, beta = t.clock.ravel()[fi], t.device.beta
         if stream:
-            start = np.maximum(c0, head) + beta
-            end = np.maximum(start + np.maximum(tail - head, combine), tail + beta)
-            waited = head > c0
+            start = np.maximum(c0, msg.head) + beta
+            end = np.maximum(start + np.maximum(msg.tail - msg.head, combine), msg.tail + beta)
+            waited = msg.head > c0
         else:
             start = -np.inf  # plain receives forward nothing
-            end = np.maximum(c0, tail)
-            waited = tail > c0
-        stages = np.where(waited, msg_stages, t.stages.ravel()[fi])
-        compute = np.where(waited, msg_compute, t.path_compute.ravel()[fi])
+            end = np.maximum(c0, msg.tail)
+            waited = msg.tail > c0
+        stages = np.where(waited, msg.stages, t.stages.ravel()[fi])
+        compute = np.where(waited, msg.compute, t.path_compute.ravel()[fi])
         self.inputs.append((fi, end, start, stages, compute, combine))
 
     def settle(self, stream: bool) -> None:
@@ -136,8 +123,7 @@ class _Arrivals:
             fi, end, fwd, stages, compute, combine = self.inputs[0]
         else:  # cores fed by several inputs: the latest input wins, starts max, combines add up
             n = t.clock.size
-            every = np.arange(n)
-            fi = np.concatenate([every[i[0]] for i in self.inputs])  # repeats write equal values below
+            fi = np.concatenate([i[0] for i in self.inputs])  # repeats write equal values below
             acc_end, acc_fwd, acc_comb = np.full(n, -np.inf), np.full(n, -np.inf), np.zeros(n)
             acc_stages, acc_compute = np.zeros(n, dtype=np.int64), np.zeros(n)
             for f, e, st, sg, cp, cb in self.inputs:
@@ -365,9 +351,9 @@ class Tile:
                 data = buf.data.reshape((-1,) + buf.block)[lp.fi_src]
                 if select is not None:
                     data = data[(slice(None), *select)]
-            record = (self.stages.ravel()[fi].copy(), self.path_compute.ravel()[fi].copy())  # a slice gives views
+            record = (self.stages.ravel()[fi], self.path_compute.ravel()[fi])
             msg = Message(self._run_id, tag, self.index, data, head + latency, tail + latency, *record)
-            self._count(dest, len(lp.load), len(lp.load) * nbytes)
+            self._count(dest, len(fi), len(fi) * nbytes)
             if dest == self.index:
                 self._slot(tag, dest).set_result(msg)
             else:
@@ -383,25 +369,19 @@ class Tile:
             return cached[1]
         view = transfer.view(self.tiling, self.index)
         w, y0, x0 = self.rect.shape[1], self.rect.y0, self.rect.x0
-        n = self.clock.size
         parts = {}
         if way == "out":
             for dest, part in view.outgoing.items():
                 f, s = part.flows, part.sources
                 fi = (transfer.src_y[f] - y0) * w + transfer.src_x[f] - x0
                 fi_src = (transfer.src_y[s] - y0) * w + transfer.src_x[s] - x0
-                if _every_core(fi, n):
-                    fi = slice(None)
                 parts[dest] = _Local(fi, fi_src, len(s) == len(f), transfer.load[f], transfer.hops[f], transfer.relays[f])
         else:
             for src, part in view.incoming.items():
-                f, inverse, order = part.flows, part.inverse, None
+                f = part.flows
                 fi = (transfer.dst_y[f] - y0) * w + transfer.dst_x[f] - x0
-                sort = np.argsort(fi)
-                if _every_core(fi[sort], n):  # every core takes one flow: take them in core order, through slices
-                    f, inverse, fi, order = f[sort], inverse[sort], slice(None), sort
-                parts[src] = _Local(fi, inverse, True, transfer.load[f], transfer.hops[f], transfer.relays[f], order)
-        size = sum(len(lp.load) for lp in parts.values())
+                parts[src] = _Local(fi, part.inverse, True, transfer.load[f], transfer.hops[f], transfer.relays[f])
+        size = sum(len(lp.fi) for lp in parts.values())
         if self._local_size + size > LOCAL_PARTS_BUDGET:  # many large one-off transfers (SUMMA's casts) would pile up
             self._local_parts.clear()
             self._local_size = 0
@@ -433,7 +413,7 @@ class Tile:
                 if buf.data is not None:
                     _combine(buf, lp.fi, msg.data[lp.fi_src], op)
                 combine = 0.0 if op == "store" else math.prod(buf.block) / self._rate(buf.dtype)
-                arrivals.add(lp.fi, msg, combine, stream, lp.order)
+                arrivals.add(lp.fi, msg, combine, stream)
         arrivals.settle(stream)
 
     def _check_route(self, transfer: Transfer) -> None:
