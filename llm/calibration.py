@@ -30,7 +30,7 @@ the eight rows and the decode TPR stops falling with the grid; with it, the fit 
 iterations from beta 27, rate 3.344, overheads 0) reaches 10.5% rms and keeps the decode trend.
 The step overhead changes neither decode nor GEMV rows (they run no compute-shift steps).
 
-    python -m llm.calibration [--workers 2] [--rows decode,gemv]   # prints the fit
+    python -m llm.calibration [--workers 2] [--rows decode,gemv,prefill]   # prints the fit
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def report(pred: np.ndarray, kinds: tuple[str, ...] = KINDS) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description="Fit the wse2 preset's free parameters to the calibration set.")
     ap.add_argument("--workers", type=int, default=2, help="processes evaluating calibration rows at once")
-    ap.add_argument("--rows", default=",".join(KINDS), help="kinds of calibration rows to fit (the wse2 preset: decode,gemv)")
+    ap.add_argument("--rows", default=",".join(KINDS), help="kinds of calibration rows to fit (the wse2 preset fits all three)")
     args = ap.parse_args()
     kinds = tuple(k.strip() for k in args.rows.split(",") if k.strip())
     selected(kinds)  # a bad --rows fails here, before any run
