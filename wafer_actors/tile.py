@@ -78,7 +78,7 @@ class _Local:
     """A transfer part in this tile's flat core indices (cached per transfer, peer and direction)."""
 
     fi: np.ndarray  # per flow: flat index of the local source (outgoing) or destination (incoming) core
-    fi_src: np.ndarray  # outgoing: flat index of each distinct source, in message order
+    fi_src: np.ndarray  # outgoing: flat index of each distinct source, in message order; incoming: per flow, its block in the message
     distinct: bool  # outgoing: no two flows share a source (no multicast)
     load: np.ndarray
     latency_hops: np.ndarray
