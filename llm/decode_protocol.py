@@ -39,6 +39,7 @@ from functools import lru_cache
 import numpy as np
 
 from wafer_actors.collectives.allreduce import allreduce_routes, run_allreduce
+from wafer_actors.kernels import block_vecmat
 from wafer_actors.mesh import Mesh
 from wafer_actors.protocol import protocol
 from wafer_actors.transfer import Route, Transfer
@@ -166,7 +167,7 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         await _rmsnorm(tile, p, tile.data("attn_norm")[:, :, layer] if full else None, dt)
         if full:
             w = tile.data("wqkv")[:, :, layer]
-            tile.data("qkv")[...] = np.einsum("yxd,yxdck->yxck", tile.data("h"), w)
+            block_vecmat(tile.data("h"), w, tile.data("qkv"))
         tile.charge(dt * (G + 2) * kvt, p.dtype, calls=dt)
         await _allreduce(tile, p, "qkv", "y")
         if full:  # RoPE on q and k
@@ -210,7 +211,7 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         await _allreduce(tile, p, "o", "y")
         # output projection reduced along x lands in x's layout; residual
         if full:
-            tile.data("y")[...] = np.einsum("yxgj,yxgjd->yxd", tile.data("o"), tile.data("wo")[:, :, layer])
+            block_vecmat(tile.data("o"), tile.data("wo")[:, :, layer], tile.data("y"))
         tile.charge(G * kvt * dt, p.dtype, calls=G * kvt)
         await _allreduce(tile, p, "y", "x")
         if full:
@@ -218,7 +219,7 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         # FFN RMSNorm, gate and up in one GEMV reduced along y, SwiGLU
         await _rmsnorm(tile, p, tile.data("ffn_norm")[:, :, layer] if full else None, dt)
         if full:
-            tile.data("ff")[...] = np.einsum("yxd,yxdcf->yxcf", tile.data("h"), tile.data("w13")[:, :, layer])
+            block_vecmat(tile.data("h"), tile.data("w13")[:, :, layer], tile.data("ff"))
         tile.charge(dt * 2 * ft, p.dtype, calls=dt)
         await _allreduce(tile, p, "ff", "y")
         if full:
@@ -228,7 +229,7 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         tile.charge(3 * ft, p.dtype)
         # down projection reduced along x; residual
         if full:
-            tile.data("y")[...] = np.einsum("yxf,yxfd->yxd", tile.data("z"), tile.data("w2")[:, :, layer])
+            block_vecmat(tile.data("z"), tile.data("w2")[:, :, layer], tile.data("y"))
         tile.charge(ft * dt, p.dtype, calls=ft)
         await _allreduce(tile, p, "y", "x")
         if full:
@@ -238,7 +239,7 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         await _rmsnorm(tile, p, tile.data("final_norm") if full else None, dt)
         vt = tile.buffer("logits").block[0]
         if full:
-            tile.data("logits")[...] = np.einsum("yxd,yxdv->yxv", tile.data("h"), tile.data("lm_head"))
+            block_vecmat(tile.data("h"), tile.data("lm_head"), tile.data("logits"))
         tile.charge(dt * vt, p.dtype, calls=dt)
         await _allreduce(tile, p, "logits", "y")
 

@@ -38,6 +38,8 @@ SPECS = {
     "lm_head": Spec("y", "x"),
 }
 
+STACKED = {"attn_norm", "wqkv", "wo", "ffn_norm", "w13", "w2", "k_cache", "v_cache"}  # (layers, ...): read a layer at a time
+
 
 @dataclass
 class StepStats:
@@ -161,10 +163,10 @@ class WaferLlama:
         g = cfg.n_heads // cfg.n_kv_heads
         if self.cost_only:
             for name, shape in weight_shapes(cfg, s, region).items():
-                wafer.alloc(name, shape, self.dtype, SPECS[name])
+                wafer.alloc(name, shape, self.dtype, SPECS[name], stacked=name in STACKED)
         else:
             for name, array in region_weights(cfg, self.weights, s, region).items():
-                wafer.load(name, array, SPECS[name])
+                wafer.load(name, array, SPECS[name], stacked=name in STACKED)
         work = {
             "x": ((s.dim,), Spec("y")), "h": ((s.dim,), Spec("y")), "y": ((s.dim,), Spec("y")),
             "ss": ((1,), Spec(None)), "qkv": ((g + 2, s.kv), Spec(None, "x")), "o": ((g, s.kv), Spec(None, "x")),
@@ -177,7 +179,7 @@ class WaferLlama:
         if region.head:
             work["logits"] = ((s.vocab,), Spec("x"))
         for name, (shape, spec) in work.items():
-            wafer.alloc(name, shape, self.dtype, spec)
+            wafer.alloc(name, shape, self.dtype, spec, stacked=name in STACKED)
 
     # ---- decode ---------------------------------------------------------------------------
     def reset(self) -> None:

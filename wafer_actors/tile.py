@@ -4,19 +4,10 @@ Core is the unit of meaning, tile the unit of execution: every per-core quantity
 (buffers, SRAM in use, virtual clock) is an array whose leading axes are the tile's rows
 and columns, and every operation is vectorised over them.
 
-Virtual time (cycles). A message leaves its source with a head time (the core's clock,
-or for a streaming relay the cycle its first element was ready) and a duration
-``load x bytes / link_width``; it reaches the destination ``hops x alpha + relays x beta``
-later. A plain receive waits for the tail. A streaming receive (a software relay that
-combines and forwards element by element) starts ``beta`` after the head arrives, so a
-chain of k relays costs ``k x (alpha + beta)`` plus one duration, not k durations. Sends
-never advance the sender's clock, so communication overlaps later compute; but like MPI's
-``Sendrecv`` a core's next receive completes only once its own earlier sends have landed
-(its send buffer is free again), which is what makes a long wrap-around link slow a ring.
-
-Critical path. Each core also records what lies on the path that set its clock: the
-software relay stages and the compute cycles. Whenever a message, rather than the core's
-own clock, decides when the core can go on, the core takes the message's record.
+How messages are timed (PLMR costs, streaming relays, ``Sendrecv``, critical-path
+records) is in ``timing``, the one place both executors use: ``step`` sends and receives
+step by step, ``fused`` runs a collective whose flows stay inside the tile as one compiled
+loop (``program``).
 """
 
 from __future__ import annotations
@@ -34,10 +25,13 @@ from .device import DeviceSpec
 from .errors import CoreMemoryError, ProtocolAborted, ProtocolError
 from .fabric.wire import Message, decode, encode
 from .mesh import Mesh, Tiling
+from .program import Fused, Program
 from .protocol import resolve
+from .timing import arrive, send_flows, settle
 from .transfer import Transfer
 
 OPS = ("store", "add", "max")
+EXECUTORS = ("fused", "step")
 LOCAL_PARTS_BUDGET = 4_000_000  # flows of cached transfer parts per tile (about 150 MB of index arrays)
 
 
@@ -85,84 +79,24 @@ class _Local:
     relays: np.ndarray
 
 
-class _Arrivals:
-    """The timing of one receive step on a tile, input by input, then applied at once.
-
-    For an input with head ``h`` and tail ``t`` at a core whose clock was ``c0``:
-    a streaming receive starts ``s = max(c0, h) + beta`` and ends ``max(s + max(t - h, E),
-    t + beta)`` (E: cycles to combine one block); a plain receive ends ``max(c0, t)``.
-    The core goes on after its last input ends, and not before it has combined them all.
-    The input that ends last (the first of them on ties) is on the critical path: its
-    record is inherited. The clocks do not move while a tile waits in a receive.
-    """
-
-    def __init__(self, tile: "Tile"):
-        self.tile = tile
-        self.inputs: list[tuple] = []
-
-    def add(self, fi: np.ndarray, msg: Message, combine: float, stream: bool) -> None:
-        t = self.tile
-        c0, beta = t.clock.ravel()[fi], t.device.beta
-        if stream:
-            start = np.maximum(c0, msg.head) + beta
-            end = np.maximum(start + np.maximum(msg.tail - msg.head, combine), msg.tail + beta)
-            waited = msg.head > c0
-        else:
-            start = -np.inf  # plain receives forward nothing
-            end = np.maximum(c0, msg.tail)
-            waited = msg.tail > c0
-        stages = np.where(waited, msg.stages, t.stages.ravel()[fi])
-        compute = np.where(waited, msg.compute, t.path_compute.ravel()[fi])
-        self.inputs.append((fi, end, start, stages, compute, combine))
-
-    def settle(self, stream: bool) -> None:
-        if not self.inputs:
-            return
-        t = self.tile
-        if len(self.inputs) == 1:
-            fi, end, fwd, stages, compute, combine = self.inputs[0]
-        else:  # cores fed by several inputs: the latest input wins, starts max, combines add up
-            n = t.clock.size
-            fi = np.concatenate([i[0] for i in self.inputs])  # repeats write equal values below
-            acc_end, acc_fwd, acc_comb = np.full(n, -np.inf), np.full(n, -np.inf), np.zeros(n)
-            acc_stages, acc_compute = np.zeros(n, dtype=np.int64), np.zeros(n)
-            for f, e, st, sg, cp, cb in self.inputs:
-                later = e > acc_end[f]
-                acc_stages[f] = np.where(later, sg, acc_stages[f])
-                acc_compute[f] = np.where(later, cp, acc_compute[f])
-                acc_end[f] = np.maximum(acc_end[f], e)
-                acc_fwd[f] = np.maximum(acc_fwd[f], st)
-                acc_comb[f] += cb
-            end, fwd, stages, compute, combine = acc_end[fi], acc_fwd[fi], acc_stages[fi], acc_compute[fi], acc_comb[fi]
-        clock, c0 = t.clock.ravel(), t.clock.ravel()[fi]
-        end = np.maximum(end, t.sent.ravel()[fi])  # a step ends when its own sends have landed too
-        if stream:
-            clock[fi] = np.maximum(end, c0 + t.device.beta + combine)
-            t.fwd_head.ravel()[fi] = fwd
-            t.relaying.ravel()[fi] = True
-            t.stages.ravel()[fi] = stages + 1
-            t.path_compute.ravel()[fi] = compute
-        else:
-            extra = np.where(combine > 0, combine + t.device.call_overhead, 0.0)
-            clock[fi] = np.maximum(end, c0) + extra
-            t.relaying.ravel()[fi] = False
-            t.stages.ravel()[fi] = stages
-            t.path_compute.ravel()[fi] = compute + extra
-
-
 class Tile:
     """The cores ``tiling.rects[index]`` of a mesh, with their buffers, clocks and mailbox.
 
     The same class runs in-process (``fabric.local``) and as a Ray actor (``fabric.ray``);
-    a transport gives it ``post(dest_tile, raw_bytes)`` to reach other tiles.
+    a transport gives it ``post(dest_tile, raw_bytes)`` to reach other tiles. ``executor``
+    says how ``exchange`` runs a collective (``step`` or ``fused``; see ``program``).
     """
 
-    def __init__(self, index: int, mesh_shape: tuple[int, int], tiles: tuple[int, int], device: DeviceSpec, cost_only: bool):
+    def __init__(self, index: int, mesh_shape: tuple[int, int], tiles: tuple[int, int], device: DeviceSpec, cost_only: bool,
+                 executor: str = "fused"):
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
         self.tiling = Tiling(Mesh(*mesh_shape), tiles)
         self.rect = self.tiling.rects[index]
         self.index = index
         self.device = device
         self.cost_only = cost_only
+        self.executor = executor
         shape = self.rect.shape
         self.clock = np.zeros(shape)  # cycles, per core
         self.fwd_head = np.zeros(shape)  # cycle a streaming relay may start forwarding
@@ -170,6 +104,8 @@ class Tile:
         self.sent = np.zeros(shape)  # cycle the core's last send has fully landed
         self.stages = np.zeros(shape, dtype=np.int64)  # relay stages on the critical path (this run)
         self.path_compute = np.zeros(shape)  # compute cycles on the critical path (this run)
+        n = self.clock.size  # per-core accumulators of one receive step (left empty between steps)
+        self.acc = (np.full(n, -np.inf), np.full(n, -np.inf), np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n))
         self.used = np.zeros(shape, dtype=np.int64)  # SRAM bytes in use
         self.high = np.zeros(shape, dtype=np.int64)  # SRAM high-water mark
         self.buffers: dict[str, Buffer] = {}
@@ -185,6 +121,7 @@ class Tile:
         self._rates: dict[Any, float] = {}
         self._local_size = 0  # flows held in _local_parts
         self._local_parts: dict[tuple[str, str], tuple[Transfer, dict[int, _Local]]] = {}
+        self._fused: dict[str, tuple[Program, Fused | None]] = {}
 
     # ---- wiring ---------------------------------------------------------------------------
     def connect(self, post: Callable[[int, bytes], None], nodes: list[str]) -> None:
@@ -192,8 +129,12 @@ class Tile:
         self.post, self.nodes = post, list(nodes)
 
     # ---- memory ---------------------------------------------------------------------------
-    def alloc(self, name: str, block: tuple[int, ...], dtype: str, cores: np.ndarray | None = None) -> None:
+    def alloc(self, name: str, block: tuple[int, ...], dtype: str, cores: np.ndarray | None = None, stacked: bool = False) -> None:
         """Allocate a zeroed block on each core (or the cores in the local mask ``cores``).
+
+        ``stacked``: the block's first axis indexes a stack (layers); each of its entries is
+        kept contiguous over the tile's cores, so a per-layer kernel reads one sweep of memory.
+        The buffer still reads as ``[h, w, *block]``.
 
         Raises:
             CoreMemoryError: a core would exceed its SRAM budget; nothing is changed.
@@ -210,17 +151,20 @@ class Tile:
             y, x = (int(v) for v in over[0])
             raise CoreMemoryError((self.rect.y0 + y, self.rect.x0 + x), name, buf.nbytes, int(used[y, x]), self.device.sram_bytes)
         if not self.cost_only:
-            buf.data = np.zeros(self.rect.shape + block, dtype=dtype)
+            if stacked and block:
+                buf.data = np.moveaxis(np.zeros(block[:1] + self.rect.shape + block[1:], dtype=dtype), 0, 2)
+            else:
+                buf.data = np.zeros(self.rect.shape + block, dtype=dtype)
         self.buffers[name] = buf
         self.used = after
         np.maximum(self.high, self.used, out=self.high)
 
-    def put(self, name: str, blocks: np.ndarray) -> None:
+    def put(self, name: str, blocks: np.ndarray, stacked: bool = False) -> None:
         """Store host data ``[h, w, *block]`` in buffer ``name`` (the host's memcpy to the cores)."""
         blocks = np.asarray(blocks)
         if blocks.shape[:2] != self.rect.shape:
             raise ValueError(f"tile {self.index}: blocks of shape {blocks.shape} do not cover the tile's {self.rect.shape} cores")
-        self.alloc(name, blocks.shape[2:], blocks.dtype.str)
+        self.alloc(name, blocks.shape[2:], blocks.dtype.str, stacked=stacked)
         if not self.cost_only:
             self.buffers[name].data[...] = blocks
 
@@ -278,6 +222,10 @@ class Tile:
     def clocks(self) -> np.ndarray:
         return self.clock.copy()
 
+    def flat_clocks(self) -> tuple[np.ndarray, ...]:
+        """The per-core timing state as flat views: clock, fwd_head, relaying, sent, stages, path_compute."""
+        return tuple(a.ravel() for a in (self.clock, self.fwd_head, self.relaying, self.sent, self.stages, self.path_compute))
+
     def reset_clocks(self) -> None:
         self.clock[...] = 0.0
         self.fwd_head[...] = 0.0
@@ -333,27 +281,19 @@ class Tile:
             nbytes = math.prod(len(range(*s.indices(n))) for s, n in zip(select, buf.block)) * buf.dtype.itemsize
             nbytes *= math.prod(buf.block[len(select):])
         dev = self.device
-        clock, sent, relaying = self.clock.ravel(), self.sent.ravel(), self.relaying.ravel()
+        state = self.flat_clocks()
         for dest, lp in self._parts(transfer, "out").items():
-            fi = lp.fi
-            dur = nbytes / dev.link_bytes_per_cycle * lp.load
-            own = clock[fi]
-            head = np.where(relaying[fi], self.fwd_head.ravel()[fi], own) if stream else own
-            tail = np.maximum(head + dur, own)
-            relaying[fi] = False
-            latency = lp.latency_hops * dev.alpha + lp.relays * dev.beta
-            if lp.distinct:
-                sent[fi] = np.maximum(sent[fi], tail + latency)
-            else:
-                np.maximum.at(sent, fi, tail + latency)
+            n = len(lp.fi)
+            head, tail, stages, compute = np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n)
+            send_flows(*state, lp.fi, lp.load, lp.latency_hops, lp.relays, nbytes / dev.link_bytes_per_cycle,
+                       dev.alpha, dev.beta, stream, head, tail, stages, compute)
             data = None
             if buf.data is not None:
                 data = buf.data.reshape((-1,) + buf.block)[lp.fi_src]
                 if select is not None:
                     data = data[(slice(None), *select)]
-            record = (self.stages.ravel()[fi], self.path_compute.ravel()[fi])
-            msg = Message(self._run_id, tag, self.index, data, head + latency, tail + latency, *record)
-            self._count(dest, len(fi), len(fi) * nbytes)
+            msg = Message(self._run_id, tag, self.index, data, head, tail, stages, compute)
+            self._count(dest, n, n * nbytes)
             if dest == self.index:
                 self._slot(tag, dest).set_result(msg)
             else:
@@ -404,7 +344,9 @@ class Tile:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
         transfers = [transfers] if isinstance(transfers, Transfer) else list(transfers)
         buf = self.buffer(name)
-        arrivals = _Arrivals(self)
+        state = self.flat_clocks()
+        combine = 0.0 if op == "store" else math.prod(buf.block) / self._rate(buf.dtype)
+        fed = []
         for transfer in transfers:
             self._check_route(transfer)
             tag = self._tag(transfer, self._received)
@@ -412,9 +354,46 @@ class Tile:
                 msg = await self._take(tag, src)
                 if buf.data is not None:
                     _combine(buf, lp.fi, msg.data[lp.fi_src], op)
-                combine = 0.0 if op == "store" else math.prod(buf.block) / self._rate(buf.dtype)
-                arrivals.add(lp.fi, msg, combine, stream)
-        arrivals.settle(stream)
+                arrive(state[0], state[4], state[5], lp.fi, msg.head, msg.tail, msg.stages, msg.compute, combine,
+                       self.device.beta, stream, *self.acc)
+                fed.append(lp.fi)
+        if fed:
+            settle(*state, np.concatenate(fed), self.device.beta, self.device.call_overhead, stream, *self.acc)
+
+    async def exchange(self, program: Program, name: str) -> None:
+        """Run the steps of ``program`` (a collective) on buffer ``name``.
+
+        The fused executor runs a program whose flows all stay on this tile as one compiled
+        loop; otherwise (the step executor, or flows to other tiles) each step is a ``send``
+        of its transfers and a ``recv`` of them, with messages.
+        """
+        fused = self._fused_program(program, name)
+        if fused is None:
+            for step in program.steps:
+                for t in step.transfers:
+                    self.send(t, name, stream=step.stream)
+                await self.recv(step.transfers, name, op=step.op, stream=step.stream)
+            return
+        if not program.routes <= self._routes:
+            self._check_route(next(t for s in program.steps for t in s.transfers if t.route not in self._routes))
+        buf = self.buffers[name]
+        size = math.prod(buf.block)
+        data = None if buf.data is None else buf.data.reshape(self.clock.size, size)
+        fused.run(self, data, buf.nbytes / self.device.link_bytes_per_cycle, size / self._rate(buf.dtype))
+        self.stats["core_messages_local"] += fused.flows
+        self.stats["core_bytes_local"] += fused.flows * buf.nbytes
+
+    def _fused_program(self, program: Program, name: str) -> Fused | None:
+        """``program`` flattened for the fused executor, or None where it must run step by step."""
+        if self.executor != "fused":
+            return None
+        buf = self.buffer(name)
+        if buf.data is not None and (not buf.data.flags.c_contiguous or buf.dtype not in (np.float32, np.float64)):
+            return None  # the compiled loop reads a contiguous float block per core
+        cached = self._fused.get(program.key)
+        if cached is None or cached[0] is not program:
+            cached = self._fused[program.key] = (program, Fused.build(program, self))
+        return cached[1]
 
     def _check_route(self, transfer: Transfer) -> None:
         if transfer.route not in self._routes:

@@ -27,7 +27,8 @@ from .fabric.local import LocalTransport
 from .layout import Layout, Spec, gather, scatter
 from .mesh import Mesh, Tiling
 from .protocol import Protocol
-from .transfer import check_routes
+from .tile import EXECUTORS
+from .transfer import Route, check_routes
 
 STAT_KEYS = (
     "core_messages_local", "core_bytes_local", "core_messages_remote", "core_bytes_remote",
@@ -80,6 +81,9 @@ class Wafer:
         transport: ``"local"`` (in-process), ``"ray"`` (actors on the current Ray cluster,
             started locally if none) or a ``Transport``.
         cost_only: keep shapes but no tensors: same protocols and cycles, no numerics.
+        executor: ``fused`` (default) runs a collective whose flows stay inside a tile as one
+            compiled loop; ``step`` runs every protocol step by step (the specification).
+            Both give bit-identical values and cycles.
 
     Raises:
         DeviceSpecError: the mesh does not fit the device.
@@ -94,7 +98,10 @@ class Wafer:
         tiles: tuple[int, int] = (1, 1),
         transport: str | Transport = "local",
         cost_only: bool = False,
+        executor: str = "fused",
     ):
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
         self.device = resolve(device)
         if not isinstance(mesh, Mesh):
             if len(mesh) != 2:
@@ -105,14 +112,19 @@ class Wafer:
         self.mesh = mesh
         self.tiling = Tiling(mesh, tuple(tiles))
         self.cost_only = bool(cost_only)
+        self.executor = executor
         self.transport = _make_transport(transport)
-        self.transport.spawn(self.tiling, self.device, self.cost_only)
+        self.transport.spawn(self.tiling, self.device, self.cost_only, executor)
         self._tensors: dict[str, tuple[tuple[int, ...], Layout]] = {}
         self._run_id = 0
+        self._route_checks: dict[tuple[int, ...], tuple[tuple[Route, ...], tuple[np.ndarray, list[str]]]] = {}
 
     # ---- tensors --------------------------------------------------------------------------
-    def load(self, name: str, array: np.ndarray, spec: Spec | Layout) -> None:
+    def load(self, name: str, array: np.ndarray, spec: Spec | Layout, *, stacked: bool = False) -> None:
         """Copy ``array`` from the host onto the cores, each core getting its block of ``spec``.
+
+        ``stacked``: the first axis is a stack (layers) the protocols read one entry at a
+        time; the tiles keep each entry contiguous (see ``Tile.alloc``).
 
         Raises:
             LayoutError: the mesh does not divide the split axes.
@@ -121,17 +133,17 @@ class Wafer:
         array = np.asarray(array)
         layout = self._layout(spec)
         if self.cost_only:
-            return self.alloc(name, array.shape, array.dtype, layout)
+            return self.alloc(name, array.shape, array.dtype, layout, stacked=stacked)
         blocks = scatter(array, layout)
         r = self.tiling.rects
-        self.transport.call("put", [(name, blocks[t.y0 : t.y1, t.x0 : t.x1]) for t in r])
+        self.transport.call("put", [(name, blocks[t.y0 : t.y1, t.x0 : t.x1], stacked) for t in r])
         self._tensors[name] = (tuple(array.shape), layout)
 
-    def alloc(self, name: str, shape: Sequence[int], dtype: Any, spec: Spec | Layout) -> None:
-        """Allocate a zero tensor of ``shape`` laid out by ``spec`` (shape only when cost-only)."""
+    def alloc(self, name: str, shape: Sequence[int], dtype: Any, spec: Spec | Layout, *, stacked: bool = False) -> None:
+        """Allocate a zero tensor of ``shape`` laid out by ``spec`` (shape only when cost-only; ``stacked`` as in ``load``)."""
         layout = self._layout(spec)
         block = layout.block_shape(shape)
-        self.transport.call("alloc", [(name, block, np.dtype(dtype).str)] * len(self.tiling))
+        self.transport.call("alloc", [(name, block, np.dtype(dtype).str, None, stacked)] * len(self.tiling))
         self._tensors[name] = (tuple(int(s) for s in shape), layout)
 
     def read(self, name: str) -> np.ndarray:
@@ -183,7 +195,8 @@ class Wafer:
     def run(self, proto: Protocol, **kwargs: Any) -> RunStats:
         """Run ``proto`` on every tile and return what it cost.
 
-        Routes are counted before anything runs.
+        Routes are counted before anything runs (once per set of routes: a protocol that
+        returns the same cached ``Route`` objects is not counted again).
 
         Raises:
             RoutingError: a core needs more routing entries than the device has.
@@ -191,7 +204,7 @@ class Wafer:
         """
         if not isinstance(proto, Protocol):
             raise TypeError(f"run() takes a Protocol (see wafer_actors.collectives), got {type(proto).__name__}")
-        usage, routes = check_routes(self.mesh, proto.routes(self.mesh, **kwargs), self.device.routes_per_core)
+        usage, routes = self._check_routes(tuple(proto.routes(self.mesh, **kwargs)))
         self._run_id += 1
         t0 = time.perf_counter()
         results = self.transport.run(proto.path, self._run_id, routes, kwargs)
@@ -215,6 +228,15 @@ class Wafer:
             host_wall_s=wall,
             per_tile=[r["stats"] for r in results],
         )
+
+    def _check_routes(self, routes: tuple[Route, ...]) -> tuple[np.ndarray, list[str]]:
+        key = tuple(map(id, routes))  # the cached entry holds the routes, so their ids stay theirs
+        hit = self._route_checks.get(key)
+        if hit is None:
+            if len(self._route_checks) >= 64:  # protocols that build new routes every run
+                self._route_checks.clear()
+            hit = self._route_checks[key] = (routes, check_routes(self.mesh, routes, self.device.routes_per_core))
+        return hit[1]
 
     # ---- state ----------------------------------------------------------------------------
     def clocks(self) -> np.ndarray:

@@ -35,6 +35,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..mesh import Mesh, even_bounds
+from ..program import Program, Step
 from ..protocol import protocol
 from ..transfer import Route, Transfer
 from .interleave import places, ring_order
@@ -42,7 +43,7 @@ from .interleave import places, ring_order
 OPS = ("add", "max")
 ALGOS = ("ktree", "chain", "pipeline", "ring")
 
-Step = tuple[Transfer | None, Transfer | None]  # (toward higher index, toward lower index)
+Pair = tuple[Transfer | None, Transfer | None]  # (toward higher index, toward lower index)
 
 
 # ---- planning (pure functions of the mesh; the same on every tile) -------------------------
@@ -91,7 +92,7 @@ def tree_phases(n: int, k: int, group_num: int | None) -> tuple[tuple[tuple[np.n
     return tuple(phases)
 
 
-def chain_steps(mesh: Mesh, axis: str, name: str, groups, lines: np.ndarray | None = None) -> list[Step]:
+def chain_steps(mesh: Mesh, axis: str, name: str, groups, lines: np.ndarray | None = None) -> list[Pair]:
     """Steps of a streaming chain reduction inside each group toward its root member.
 
     Args:
@@ -181,35 +182,44 @@ def allreduce_routes(mesh: Mesh, *, axis: str, op: str = "add", algo: str = "ktr
     """Routes of an allreduce (validates every argument before anything runs)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    return list(_routes(mesh, axis, algo, K, group_num, root, broadcast))
+
+
+@lru_cache(maxsize=128)
+def _routes(mesh: Mesh, axis: str, algo: str, k: int, group_num: int | None, root: int | None, broadcast: bool) -> tuple[Route, ...]:
     if algo == "ring":
         if mesh.axis_size(axis) < 2:
-            return []
-        return [Route(f"ring_{axis}", (ring_plan(mesh, axis)[0],))]
-    steps, casts = plan(mesh, axis, algo, K, group_num, root, broadcast)
+            return ()
+        return (Route(f"ring_{axis}", (ring_plan(mesh, axis)[0],)),)
+    steps, casts = plan(mesh, axis, algo, k, group_num, root, broadcast)
     by_route: dict[str, list[Transfer]] = {}
     for t in [t for phase in steps for pair in phase for t in pair if t is not None] + list(casts):
         by_route.setdefault(t.route, []).append(t)
-    return [Route(name, tuple(ts)) for name, ts in by_route.items()]
+    return tuple(Route(name, tuple(ts)) for name, ts in by_route.items())
+
+
+@lru_cache(maxsize=128)
+def program(mesh: Mesh, axis: str, algo: str, k: int, group_num: int | None, root: int | None, broadcast: bool,
+            op: str) -> Program:
+    """The steps of a tree-like allreduce: each phase's chain steps toward the roots, then the multicast."""
+    steps, casts = plan(mesh, axis, algo, k, group_num, root, broadcast)
+    chain = [Step(tuple(t for t in pair if t is not None), op, stream=True) for phase in steps for pair in phase]
+    key = f"allreduce:{mesh.height}x{mesh.width}:{axis}:{algo}:{k}:{group_num}:{root}:{broadcast}:{op}"
+    return Program(key, tuple(chain) + ((Step(casts),) if casts else ()))
 
 
 # ---- tile bodies ----------------------------------------------------------------------------
 async def run_allreduce(tile, *, buffer: str, axis: str, op: str = "add", algo: str = "ktree", K: int = 2,
                         group_num: int | None = None, root: int | None = None, broadcast: bool = True) -> None:
-    """Allreduce ``buffer`` along ``axis`` (see the module docstring for the algorithms)."""
-    mesh = tile.tiling.mesh
+    """Allreduce ``buffer`` along ``axis`` (see the module docstring for the algorithms).
+
+    Tree-like algorithms: every chain step sends toward the roots (relays forward the
+    stream they are combining) and combines while streaming; the last root multicasts the
+    result both ways.
+    """
     if algo == "ring":
         return await _ring(tile, buffer, axis, op)
-    steps, casts = plan(mesh, axis, algo, K, group_num, root, broadcast)
-    for phase in steps:
-        for pair in phase:
-            live = [t for t in pair if t is not None]
-            for t in live:  # send toward the root; relays forward the stream they are combining
-                tile.send(t, buffer, stream=True)
-            await tile.recv(live, buffer, op=op, stream=True)  # combine while streaming
-    for t in casts:  # the last root multicasts the result both ways
-        tile.send(t, buffer)
-    for t in casts:
-        await tile.recv(t, buffer)
+    await tile.exchange(program(tile.tiling.mesh, axis, algo, K, group_num, root, broadcast, op), buffer)
 
 
 async def _ring(tile, buffer: str, axis: str, op: str) -> None:

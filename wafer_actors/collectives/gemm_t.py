@@ -26,7 +26,7 @@ from ..errors import ProtocolError
 from ..mesh import Mesh
 from ..protocol import protocol
 from ..transfer import Route, Transfer
-from .allreduce import Step, chain_steps
+from .allreduce import Pair, chain_steps
 from .interleave import places, ring_order
 from .mesh_gemm import _ring_shift, check_square
 
@@ -42,7 +42,7 @@ def gemm_t_plan(mesh: Mesh) -> tuple[object, list[np.ndarray]]:
 
 
 @lru_cache(maxsize=1024)
-def _reduce_steps(mesh: Mesh, s: int) -> list[Step]:
+def _reduce_steps(mesh: Mesh, s: int) -> list[Pair]:
     _, roots = gemm_t_plan(mesh)
     p = mesh.width
     groups = tuple((np.arange(p), int(r)) for r in roots[s])

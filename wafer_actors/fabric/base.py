@@ -18,8 +18,8 @@ class Transport(ABC):
     """
 
     @abstractmethod
-    def spawn(self, tiling: Tiling, device: DeviceSpec, cost_only: bool) -> None:
-        """Start the tiles and connect them to each other."""
+    def spawn(self, tiling: Tiling, device: DeviceSpec, cost_only: bool, executor: str) -> None:
+        """Start the tiles (each running collectives with ``executor``) and connect them to each other."""
 
     @abstractmethod
     def call(self, method: str, args: list[tuple]) -> list[Any]:

@@ -26,8 +26,9 @@ from .base import Transport, first_error
 class TileActor:
     """The Ray face of a ``Tile``: every method runs on the actor's event loop."""
 
-    def __init__(self, index: int, mesh_shape: tuple[int, int], tiles: tuple[int, int], device: DeviceSpec, cost_only: bool):
-        self.tile = Tile(index, mesh_shape, tiles, device, cost_only)
+    def __init__(self, index: int, mesh_shape: tuple[int, int], tiles: tuple[int, int], device: DeviceSpec, cost_only: bool,
+                 executor: str):
+        self.tile = Tile(index, mesh_shape, tiles, device, cost_only, executor)
 
     async def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -101,7 +102,7 @@ class RayTransport(Transport):
         self.actors: list[Any] = []
         self._nodes: list[str] = []
 
-    def spawn(self, tiling: Tiling, device: DeviceSpec, cost_only: bool) -> None:
+    def spawn(self, tiling: Tiling, device: DeviceSpec, cost_only: bool, executor: str) -> None:
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False)
         nodes = list(self.options.nodes or self._alive_nodes())
@@ -114,7 +115,7 @@ class RayTransport(Transport):
             node = where[i]
             strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
             opts = cls.options(num_cpus=self.options.num_cpus, scheduling_strategy=strategy)
-            self.actors.append(opts.remote(i, tiling.mesh.shape, tiling.tiles, device, cost_only))
+            self.actors.append(opts.remote(i, tiling.mesh.shape, tiling.tiles, device, cost_only, executor))
         self._nodes = ray.get([a.node.remote() for a in self.actors])
         ray.get([a.connect.remote(self.actors, self._nodes) for a in self.actors])
 

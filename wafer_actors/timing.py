@@ -1,0 +1,116 @@
+"""The fabric's timing rules: when a message's bytes reach a core and when the core goes on.
+
+Virtual time (cycles). A message leaves its source with a head time (the core's clock,
+or for a streaming relay the cycle its first element was ready) and a duration
+``load x bytes / link_width``; it reaches the destination ``hops x alpha + relays x beta``
+later. A plain receive waits for the tail. A streaming receive (a software relay that
+combines and forwards element by element) starts ``beta`` after the head arrives, so a
+chain of k relays costs ``k x (alpha + beta)`` plus one duration, not k durations. Sends
+never advance the sender's clock, so communication overlaps later compute; but like MPI's
+``Sendrecv`` a core's next receive completes only once its own earlier sends have landed
+(its send buffer is free again), which is what makes a long wrap-around link slow a ring.
+
+Critical path. Each core also records what lies on the path that set its clock: the
+software relay stages and the compute cycles. Whenever a message, rather than the core's
+own clock, decides when the core can go on, the core takes the message's record.
+
+These are the only copy of the rules. Both executors call them: the step executor once
+per transfer part, the fused one once per flow inside one compiled loop over a whole
+collective. The functions are compiled (numba, no fast-math), so each runs the same float
+operations in the same order wherever it is called from: that is what keeps the two
+executors' clocks bit-identical. Every per-core array is a flat view of the tile's
+``[h, w]`` array; ``fi`` holds flat core indices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def send_flows(clock, fwd_head, relaying, sent, stages, compute, fi, load, hops, relays,
+               size_cycles, alpha, beta, stream, head_out, tail_out, stages_out, compute_out):
+    """Start one flow per entry of ``fi`` (its source core); write each flow's arrival head, tail and record.
+
+    ``size_cycles`` is the block's bytes over the link width; a flow takes ``load`` times that.
+    With ``stream``, a source that took a stream in its last receive forwards it from its
+    ``fwd_head`` instead of its clock.
+    """
+    for j in range(fi.size):  # every flow reads its source's state before any flow changes it (multicasts)
+        c = fi[j]
+        dur = size_cycles * load[j]
+        own = clock[c]
+        head = fwd_head[c] if stream and relaying[c] else own
+        tail = max(head + dur, own)
+        latency = hops[j] * alpha + relays[j] * beta
+        head_out[j] = head + latency
+        tail_out[j] = tail + latency
+        stages_out[j] = stages[c]
+        compute_out[j] = compute[c]
+    for j in range(fi.size):
+        c = fi[j]
+        relaying[c] = False
+        sent[c] = max(sent[c], tail_out[j])
+
+
+@njit(cache=True)
+def arrive(clock, stages, compute, fi, head, tail, msg_stages, msg_compute, combine, beta, stream,
+           acc_end, acc_start, acc_combine, acc_stages, acc_compute):
+    """Take one input per entry of ``fi`` (its destination core) into the step's accumulators.
+
+    For an input with head ``h`` and tail ``t`` at a core whose clock was ``c0``: a
+    streaming receive starts ``s = max(c0, h) + beta`` and ends ``max(s + max(t - h, E),
+    t + beta)`` (E = ``combine``, cycles to combine one block); a plain receive ends
+    ``max(c0, t)``. Of several inputs to one core the one that ends last (the first of them
+    on ties) is on the critical path: its record is kept. Clocks do not move until ``settle``.
+    """
+    for j in range(fi.size):
+        c = fi[j]
+        c0 = clock[c]
+        if stream:
+            start = max(c0, head[j]) + beta
+            end = max(start + max(tail[j] - head[j], combine), tail[j] + beta)
+            waited = head[j] > c0
+        else:
+            start = -np.inf  # plain receives forward nothing
+            end = max(c0, tail[j])
+            waited = tail[j] > c0
+        if end > acc_end[c]:
+            acc_stages[c] = msg_stages[j] if waited else stages[c]
+            acc_compute[c] = msg_compute[j] if waited else compute[c]
+        acc_end[c] = max(acc_end[c], end)
+        acc_start[c] = max(acc_start[c], start)
+        acc_combine[c] += combine
+
+
+@njit(cache=True)
+def settle(clock, fwd_head, relaying, sent, stages, compute, fi, beta, call_overhead, stream,
+           acc_end, acc_start, acc_combine, acc_stages, acc_compute):
+    """Apply a receive step to the cores in ``fi`` (a core fed by several inputs may repeat).
+
+    A core goes on after its last input ends and its own earlier sends have landed, and not
+    before it has combined every input. The accumulators are left empty for the next step.
+    """
+    for j in range(fi.size):
+        c = fi[j]
+        if acc_end[c] == -np.inf:  # listed again: already settled
+            continue
+        c0 = clock[c]
+        end = max(acc_end[c], sent[c])
+        comb = acc_combine[c]
+        if stream:
+            clock[c] = max(end, c0 + beta + comb)
+            fwd_head[c] = acc_start[c]
+            relaying[c] = True
+            stages[c] = acc_stages[c] + 1
+            compute[c] = acc_compute[c]
+        else:
+            extra = comb + call_overhead if comb > 0 else 0.0
+            clock[c] = max(end, c0) + extra
+            relaying[c] = False
+            stages[c] = acc_stages[c]
+            compute[c] = acc_compute[c] + extra
+        acc_end[c] = -np.inf
+        acc_start[c] = -np.inf
+        acc_combine[c] = 0.0
