@@ -76,30 +76,31 @@ def row_names() -> list[str]:
 
 
 def decode_layer(cfg: LlamaConfig, device: DeviceSpec, grid: int, *, context: int = CONTEXT, kv: str = "shift",
-                 algo: str = "ktree") -> tuple[float, int, int]:
+                 algo: str = "ktree", executor: str = "fused") -> tuple[float, int, int]:
     """One decoder layer of ``cfg`` on a grid x grid region, float16, cost-only, the token at
     position ``context - 1``: (cycles, SRAM high-water bytes per core, KV slots per core)."""
     one = dataclasses.replace(cfg, n_layers=1, max_seq_len=max(cfg.max_seq_len, context))
     with WaferLlama(one, None, mesh=(grid, grid), device=device, cost_only=True, dtype="float16", lm_head=False,
-                    tokens=context, kv=kv, algo=algo, transport="local") as m:
+                    tokens=context, kv=kv, algo=algo, transport="local", executor=executor) as m:
         m.seek(context - 1)
         _, stats = m.step(0)
         return stats.cycles, m.sram_high_water(), m.placement.cap
 
 
-def prefill_layer(cfg: LlamaConfig, device: DeviceSpec, grid: int, *, tokens: int = CONTEXT) -> tuple[float, int, float, float]:
+def prefill_layer(cfg: LlamaConfig, device: DeviceSpec, grid: int, *, tokens: int = CONTEXT,
+                  executor: str = "fused") -> tuple[float, int, float, float]:
     """One decoder layer of ``cfg`` prefilling ``tokens`` tokens on a grid x grid region, float16, cost-only:
     (layer cycles, SRAM high-water bytes per core, weight skew cycles, KV hand-over + un-skew cycles)."""
     one = dataclasses.replace(cfg, n_layers=1, max_seq_len=max(cfg.max_seq_len, tokens))
     with WaferLlama(one, None, mesh=(grid, grid), device=device, cost_only=True, dtype="float16", lm_head=False,
-                    tokens=tokens, prefill_tokens=tokens, transport="local") as m:
+                    tokens=tokens, prefill_tokens=tokens, transport="local", executor=executor) as m:
         _, st = m.prefill(tokens)
         return st.region_cycles[0], st.sram_high_water_bytes, st.relayout_cycles, st.handover_cycles
 
 
-def gemv_cycles(device: DeviceSpec, n: int, grid: int = GEMV_GRID, algo: str = "ktree") -> float:
+def gemv_cycles(device: DeviceSpec, n: int, grid: int = GEMV_GRID, algo: str = "ktree", executor: str = "fused") -> float:
     """Cycles of a float16 [1, n] x [n, n] GEMV on a grid x grid mesh, cost-only."""
-    with Wafer((grid, grid), device=device, cost_only=True) as w:
+    with Wafer((grid, grid), device=device, cost_only=True, executor=executor) as w:
         _, stats = gemv(w, TensorShape((n,), "float16"), TensorShape((n, n), "float16"), algo=algo)
     return stats.cycles
 

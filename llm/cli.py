@@ -97,7 +97,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bar = tqdm(jobs, desc=args.op, unit="run", disable=len(jobs) == 1, leave=False)
     for p, algo in bar:
         bar.set_postfix_str(f"{algo} P={p}")
-        common = dict(device=device, tiles=tiles, transport=args.transport, dtype=args.dtype, cost_only=args.cost_only)
+        common = dict(device=device, tiles=tiles, transport=args.transport, dtype=args.dtype, cost_only=args.cost_only,
+                      executor=args.executor)
         try:
             if args.op == "gemv":
                 row = bench_gemv(p, args.M, args.N, algo=GEMV_ALGOS[algo], group_num=args.group_num, **common)
@@ -147,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, tokens, prefill_tokens=room)
     print(f"{cfg.name}: {cfg.n_layers} layers, dim {cfg.dim}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     with WaferLlama(cfg, weights, mesh=mesh, device=device, tiles=tiles, transport=args.transport, kv=args.kv,
-                    tokens=tokens, regions=args.regions, algo=args.algo, prefill_tokens=room) as engine:
+                    tokens=tokens, regions=args.regions, algo=args.algo, prefill_tokens=room, executor=args.executor) as engine:
         p = engine.placement
         print(f"placed on {len(p.regions)} region(s) of {mesh[0]}x{mesh[1]} cores of {device.name}, {tiles[0]}x{tiles[1]} "
               f"tiles per region ({args.transport}); KV {args.kv}: {p.cap} slots per core, {p.capacity()} tokens",
@@ -222,13 +223,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     rows = validate.run(device, models=models, grids=grids, prefill_grids=prefill_grids, prefill_tokens=args.prefill_tokens,
                         gemv_grid=args.gemv_grid,
                         gemv_sizes=tuple(int(n) for n in args.gemv_sizes.split(",")), gemm_grid=args.gemm_grid or None,
-                        gemm_n=args.gemm_n, kv_grid=args.kv_grid, workers=args.workers, progress=progress)
+                        gemm_n=args.gemm_n, kv_grid=args.kv_grid, workers=args.workers, executor=args.executor,
+                        progress=progress)
     bar.close()
     print(f"device {device.name}: beta {device.beta:g}, float16 {device.rate('float16'):g} FMAC/cycle, "
           f"call overhead {device.call_overhead:g} cycles, GEMM step overhead {device.gemm_step_overhead:g} cycles, "
           f"alpha {device.alpha:g}")
     print(f"{'model':<14} {'phase':<7} {'grid':>5} {'cycles/layer':>13} {'tok/s':>9} {'paper':>8} {'error':>7} "
-          f"{'SRAM B':>7} {'regions':>8}  note")
+          f"{'SRAM B':>7} {'regions':>8} {'host s':>7}  note")
     for r in rows:
         if r.get("phase") and "error" in r:
             print(f"{r['model']:<14} {r['phase']:<7} {r['grid']:>5}  {r['error']}")
@@ -236,7 +238,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             paper = f"{r['paper_tps']:8.1f}" if r["paper_tps"] else f"{'-':>8}"
             err = f"{r['relative_error']:+7.1%}" if r["relative_error"] is not None else f"{'-':>7}"
             print(f"{r['model']:<14} {r['phase']:<7} {r['grid']:>5} {r['predicted_cycles_per_layer']:>13,.0f} "
-                  f"{r['predicted_tps']:>9.1f} {paper} {err} {r['sram_high_water_bytes']:>7} {r['regions_needed'] or '-':>8}  {r['note']}")
+                  f"{r['predicted_tps']:>9.1f} {paper} {err} {r['sram_high_water_bytes']:>7} {r['regions_needed'] or '-':>8} "
+                  f"{r['host_s']:>7.1f}  {r['note']}")
     for r in rows:
         if r.get("kind") == "gemv":
             print(f"GEMV {r['N'] // 1024}K on {r['grid']}x{r['grid']}: MeshGEMV {r['meshgemv_cycles']:,.0f} cycles, "
@@ -270,7 +273,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
         bar.update(1)
 
     rows = scale.run(args.mode, counts, args.workload, side=args.mesh_side, per_core=args.per_core, tokens=args.tokens,
-                     progress=progress)
+                     executor=args.executor, progress=progress)
     bar.close()
     print(f"{args.mode} scaling, {args.workload}: host wall time, speedup, actor messages inside/across nodes, invariance")
     print(f"{'tiles':>5} {'mesh':>9} {'nodes':>5} {'wall s':>8} {'speedup':>7} {'effic.':>7} {'msgs in':>8} {'msgs across':>11} "
@@ -286,6 +289,9 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0 if all(r["invariant"] for r in rows) else 1
 
 
+EXECUTOR_ARG = dict(default="fused", choices=["fused", "step"],
+                    help="fused (default): collectives inside a tile as one compiled loop; step: step by step, the "
+                         "specification (same values and cycles)")
 ADDRESS_HELP = "Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start Ray on this machine)"
 
 
@@ -324,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", default=None, help="write prompt/output ids, text and the predicted and emulation figures here")
+    gen.add_argument("--executor", **EXECUTOR_ARG)
     gen.set_defaults(fn=cmd_generate)
 
     val = sub.add_parser("validate", help="predict the paper's decode and prefill settings with the calibrated cost model")
@@ -340,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--workers", type=int, default=1, help="processes computing rows at once (one per core helps)")
     val.add_argument("--json", default=None, help="write the rows as a JSON list")
     val.add_argument("--plot", default=None, help="draw predicted vs paper tokens/s to this PNG")
+    val.add_argument("--executor", **EXECUTOR_ARG)
     val.set_defaults(fn=cmd_validate)
 
     sc = sub.add_parser("scale", help="strong/weak scaling of a workload over tile actors and cluster nodes")
@@ -352,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--address", default=None, help=ADDRESS_HELP)
     sc.add_argument("--json", default=None)
     sc.add_argument("--plot", default=None)
+    sc.add_argument("--executor", **EXECUTOR_ARG)
     sc.set_defaults(fn=cmd_scale)
 
     bench = sub.add_parser("bench", help="predicted cost of GEMV/GEMM protocols on the device")
@@ -376,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--sweep-P", default=None, help="comma-separated P values, e.g. 64,128,256,360,720")
         b.add_argument("--json", default=None, help="write the results as JSON to this file")
         b.add_argument("--plot", default=None, help="draw predicted latency against P to this PNG")
+        b.add_argument("--executor", **EXECUTOR_ARG)
         b.set_defaults(fn=cmd_bench)
     return ap
 

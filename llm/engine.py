@@ -118,6 +118,7 @@ class WaferLlama:
         lm_head: place the final norm and LM head (off to time decoder layers alone).
         prefill_tokens: keep room on the cores to prefill prompts up to this long with
             ``prefill`` (square regions only); 0 feeds prompts token by token.
+        executor: ``fused`` (default) or ``step`` (the specification; see ``Wafer``).
 
     Raises:
         PlacementError: the model does not fit (bytes needed and available in the message).
@@ -127,7 +128,8 @@ class WaferLlama:
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights | None, *, mesh: tuple[int, int],
                  device: str | DeviceSpec = "wse2", tiles: tuple[int, int] = (1, 1), transport: str = "ray",
                  kv: str = "shift", tokens: int = 1, regions: int = 1, algo: str = "ktree", group_num: int | None = None,
-                 cost_only: bool = False, dtype: str = "float32", lm_head: bool = True, prefill_tokens: int = 0):
+                 cost_only: bool = False, dtype: str = "float32", lm_head: bool = True, prefill_tokens: int = 0,
+                 executor: str = "fused"):
         if kv not in KV_MODES:
             raise ValueError(f"kv must be one of {KV_MODES}, got {kv!r}")
         if weights is None and not cost_only:
@@ -150,7 +152,8 @@ class WaferLlama:
         self.reset()
         try:
             for region in self.placement.regions:
-                self.wafers.append(Wafer(mesh, device=self.device, tiles=tiles, transport=transport, cost_only=cost_only))
+                self.wafers.append(Wafer(mesh, device=self.device, tiles=tiles, transport=transport, cost_only=cost_only,
+                                         executor=executor))
                 self._load(self.wafers[-1], region)
         except BaseException:
             self.close()

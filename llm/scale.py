@@ -45,11 +45,11 @@ def _node_stats(per_tile: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return dict(out)
 
 
-def _matrix_point(workload: str, side: int, tiles: tuple[int, int], per_core: int, seed: int) -> dict[str, Any]:
+def _matrix_point(workload: str, side: int, tiles: tuple[int, int], per_core: int, seed: int, executor: str) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     n = side * per_core
     t0 = time.perf_counter()
-    with Wafer((side, side), tiles=tiles, transport="ray") as wafer:
+    with Wafer((side, side), tiles=tiles, transport="ray", executor=executor) as wafer:
         if workload == "gemv":
             x, w = rng.standard_normal(n).astype(np.float32), rng.standard_normal((n, n)).astype(np.float32)
             out, stats = gemv(wafer, x, w)
@@ -65,14 +65,14 @@ def _matrix_point(workload: str, side: int, tiles: tuple[int, int], per_core: in
             "counts": stats.counts, "per_tile": per_tile, "wall_s": stats.host_wall_s, "setup_s": total - stats.host_wall_s, "size": n}
 
 
-def _decode_point(side: int, tiles: tuple[int, int], tokens: int, model) -> dict[str, Any]:
+def _decode_point(side: int, tiles: tuple[int, int], tokens: int, model, executor: str) -> dict[str, Any]:
     from .engine import WaferLlama
     from .generate import generate
     from .reference import ReferenceModel
 
     cfg, w, prompt = model
     t0 = time.perf_counter()
-    with WaferLlama(cfg, w, mesh=(side, side), tiles=tiles, transport="ray", tokens=len(prompt) + tokens) as m:
+    with WaferLlama(cfg, w, mesh=(side, side), tiles=tiles, transport="ray", tokens=len(prompt) + tokens, executor=executor) as m:
         out = generate(m, prompt, max_new_tokens=tokens)
         steps = m.totals.steps
     total = time.perf_counter() - t0
@@ -93,7 +93,7 @@ def _decode_point(side: int, tiles: tuple[int, int], tokens: int, model) -> dict
 
 
 def run(mode: str, counts: list[int], workload: str, *, side: int = 32, per_core: int = 8, tokens: int = 3, seed: int = 0,
-        progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+        executor: str = "fused", progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """One row per tile count; ``side`` is the mesh side at the first count (weak mode grows it as sqrt)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -116,7 +116,10 @@ def run(mode: str, counts: list[int], workload: str, *, side: int = 32, per_core
         tiles = tile_grid(c)
         grow = math.sqrt(c / counts[0]) if mode == "weak" else 1.0
         s = max(tiles[0], tiles[1], int(round(side * grow / 8)) * 8) if mode == "weak" else side
-        point = _decode_point(s, tiles, tokens, model) if workload == "decode" else _matrix_point(workload, s, tiles, per_core, seed)
+        if workload == "decode":
+            point = _decode_point(s, tiles, tokens, model, executor)
+        else:
+            point = _matrix_point(workload, s, tiles, per_core, seed, executor)
         cnt = point.pop("counts")
         row = {"mode": mode, "workload": workload, "tiles": c, "tile_grid": list(tiles), "mesh": [s, s], **point,
                "nodes": len({t["node"] for t in point["per_tile"]}),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import partial
 from typing import Any, Callable
@@ -39,10 +40,10 @@ PAPER_TPS = {("llama3-8b", "decode", g): tps for g, tps in DECODE_ROWS}
 PAPER_TPS.update({("llama3-8b", "prefill", g): tps for g, tps in PREFILL_ROWS})
 
 
-def decode_row(model: str, device: DeviceSpec, grid: int) -> dict[str, Any]:
+def decode_row(model: str, device: DeviceSpec, grid: int, executor: str = "fused") -> dict[str, Any]:
     """One decode row: predicted cycles per layer and tokens/s, memory, regions and hand-off."""
     cfg = preset(model)
-    cycles, sram, _ = decode_layer(cfg, device, grid)
+    cycles, sram, _ = decode_layer(cfg, device, grid, executor=executor)
     regions, fits = _regions(cfg, device, grid, CONTEXT, 0)
     hop = crossing_cycles(device, grid, math.ceil(cfg.dim / grid) * 2)
     handoff = None if regions is None else (regions - 1) * hop
@@ -75,10 +76,10 @@ def _fit_note(regions: int | None, fits: bool) -> str:
     return "" if fits else "; the whole model exceeds the wafer at this grid"
 
 
-def prefill_row(model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT) -> dict[str, Any]:
+def prefill_row(model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT, executor: str = "fused") -> dict[str, Any]:
     """One prefill row: predicted cycles per layer and prompt tokens/s for a ``tokens``-token prompt."""
     cfg = preset(model)
-    cycles, sram, skew, handover = prefill_layer(cfg, device, grid, tokens=tokens)
+    cycles, sram, skew, handover = prefill_layer(cfg, device, grid, tokens=tokens, executor=executor)
     regions, fits = _regions(cfg, device, grid, tokens, tokens)
     crossing = crossing_cycles(device, grid, -(-tokens // grid) * math.ceil(cfg.dim / grid) * 2, grid)
     paper = PAPER_TPS.get((model, "prefill", grid)) if tokens == CONTEXT else None
@@ -96,28 +97,32 @@ def prefill_row(model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT
     }
 
 
-def gemv_rows(device: DeviceSpec, grid: int, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
+def gemv_rows(device: DeviceSpec, grid: int, sizes: tuple[int, ...], executor: str = "fused") -> list[dict[str, Any]]:
     """MeshGEMV (K-tree) against the pipeline allreduce GEMV at ``grid``."""
     rows = []
     for n in sizes:
-        ktree, pipe = gemv_cycles(device, n, grid, "ktree"), gemv_cycles(device, n, grid, "pipeline")
-        rows.append({"kind": "gemv", "N": n, "grid": grid, "meshgemv_cycles": ktree, "pipeline_cycles": pipe, "ratio": pipe / ktree})
+        t0 = time.perf_counter()
+        ktree, pipe = gemv_cycles(device, n, grid, "ktree", executor), gemv_cycles(device, n, grid, "pipeline", executor)
+        rows.append({"kind": "gemv", "N": n, "grid": grid, "meshgemv_cycles": ktree, "pipeline_cycles": pipe, "ratio": pipe / ktree,
+                     "host_s": time.perf_counter() - t0})
     return rows
 
 
-def gemm_rows(device: DeviceSpec, grid: int, n: int) -> list[dict[str, Any]]:
+def gemm_rows(device: DeviceSpec, grid: int, n: int, executor: str = "fused") -> list[dict[str, Any]]:
     """MeshGEMM against Cannon and SUMMA (relayed broadcasts when SUMMA runs out of routes) at ``grid``."""
     rows = []
     for algo, opts in (("meshgemm", {}), ("cannon", {}), ("summa", {}), ("summa", {"relay": True})):
         name = algo + (" relay" if opts else "")
-        with Wafer((grid, grid), device=device, cost_only=True) as w:
+        t0 = time.perf_counter()
+        with Wafer((grid, grid), device=device, cost_only=True, executor=executor) as w:
             try:
                 _, st = gemm(w, TensorShape((n, n), "float16"), TensorShape((n, n), "float16"), algo=algo, **opts)
             except RoutingError as err:
                 rows.append({"kind": "gemm", "algo": name, "grid": grid, "N": n, "error": str(err)})
                 continue
         ideal = math.ceil(n / grid) ** 3 * grid / device.rate("float16")
-        rows.append({"kind": "gemm", "algo": name, "grid": grid, "N": n, "cycles": st.cycles, "efficiency": ideal / st.cycles})
+        rows.append({"kind": "gemm", "algo": name, "grid": grid, "N": n, "cycles": st.cycles, "efficiency": ideal / st.cycles,
+                     "host_s": time.perf_counter() - t0})
     return rows
 
 
@@ -132,28 +137,31 @@ def kv_capacity(device: DeviceSpec, grid: int = 360) -> dict[str, Any]:
     return {"kind": "kv_capacity", "model": "llama3-8b", "grid": grid, "regions": regions, **caps, "ratio": caps["shift"] / caps["concat"]}
 
 
-def model_row(phase: str, model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT) -> dict[str, Any]:
-    """A decode or prefill row, or the reason one layer does not fit the grid."""
+def model_row(phase: str, model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT, executor: str = "fused") -> dict[str, Any]:
+    """A decode or prefill row (with the host seconds it took), or the reason one layer does not fit the grid."""
+    t0 = time.perf_counter()
     try:
-        return decode_row(model, device, grid) if phase == "decode" else prefill_row(model, device, grid, tokens)
+        row = decode_row(model, device, grid, executor) if phase == "decode" else prefill_row(model, device, grid, tokens, executor)
     except PlacementError as err:
         return {"model": model, "phase": phase, "grid": grid, "error": str(err)}
+    return {**row, "host_s": time.perf_counter() - t0, "executor": executor}
 
 
 def run(device: DeviceSpec, *, models=MODELS, grids=DECODE_GRIDS, prefill_grids=PREFILL_GRIDS, prefill_tokens: int = CONTEXT,
         gemv_grid: int = 720, gemv_sizes=(16384, 32768), gemm_grid: int | None = 720, gemm_n: int = 2048, kv_grid: int = 360,
-        workers: int = 1, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+        workers: int = 1, executor: str = "fused", progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Every row of the report, in order: decode and prefill rows, GEMV ratios, GEMM comparison, KV capacity.
 
     ``workers`` > 1 computes the rows on that many processes (each row is an independent run).
     """
     jobs: list[tuple[str, Callable[[], Any]]] = []
     for model in models:
-        jobs += [(f"{model} decode {g}x{g}", partial(model_row, "decode", model, device, g)) for g in grids]
-        jobs += [(f"{model} prefill {g}x{g}", partial(model_row, "prefill", model, device, g, prefill_tokens)) for g in prefill_grids]
-    jobs.append((f"GEMV {gemv_grid}x{gemv_grid}", partial(gemv_rows, device, gemv_grid, tuple(gemv_sizes))))
+        jobs += [(f"{model} decode {g}x{g}", partial(model_row, "decode", model, device, g, CONTEXT, executor)) for g in grids]
+        jobs += [(f"{model} prefill {g}x{g}", partial(model_row, "prefill", model, device, g, prefill_tokens, executor))
+                 for g in prefill_grids]
+    jobs.append((f"GEMV {gemv_grid}x{gemv_grid}", partial(gemv_rows, device, gemv_grid, tuple(gemv_sizes), executor)))
     if gemm_grid:
-        jobs.append((f"GEMM {gemm_grid}x{gemm_grid}", partial(gemm_rows, device, gemm_grid, gemm_n)))
+        jobs.append((f"GEMM {gemm_grid}x{gemm_grid}", partial(gemm_rows, device, gemm_grid, gemm_n, executor)))
     jobs.append(("KV capacity", partial(kv_capacity, device, kv_grid)))
 
     def done(what: str) -> None:

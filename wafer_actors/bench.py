@@ -45,7 +45,7 @@ def _row(kind: str, algo: str, p: int, device: DeviceSpec, stats: RunStats, wall
 
 def bench_gemv(p: int, m: int, n: int, *, algo: str, device: DeviceSpec, tiles: tuple[int, int] = (1, 1), transport: str = "local",
                dtype: str = "float16", cost_only: bool = False, group_num: int | None = None, seed: int = 0,
-               repeats: int = 1) -> dict[str, Any]:
+               repeats: int = 1, executor: str = "fused") -> dict[str, Any]:
     """Run MeshGEMV (or a baseline) y = x . W with W of m x n on a P x P mesh; return its row.
 
     With ``repeats`` > 1 the GEMV runs again on the same wafer and ``run_wall_s`` is the
@@ -55,7 +55,7 @@ def bench_gemv(p: int, m: int, n: int, *, algo: str, device: DeviceSpec, tiles: 
     x, w = _operand((m,), dtype, cost_only, rng), _operand((m, n), dtype, cost_only, rng)
     options = {"group_num": group_num} if algo == "ktree" and group_num else {}
     t0 = time.perf_counter()
-    with Wafer((p, p), device=device, tiles=tiles, transport=transport, cost_only=cost_only) as wafer:
+    with Wafer((p, p), device=device, tiles=tiles, transport=transport, cost_only=cost_only, executor=executor) as wafer:
         for _ in range(repeats):
             y, stats = gemv(wafer, x, w, algo=algo, **options)
     wall = time.perf_counter() - t0
@@ -67,7 +67,8 @@ def bench_gemv(p: int, m: int, n: int, *, algo: str, device: DeviceSpec, tiles: 
 
 
 def bench_gemm(p: int, m: int, k: int, n: int, *, algo: str, device: DeviceSpec, tiles: tuple[int, int] = (1, 1), transport: str = "local",
-               dtype: str = "float16", cost_only: bool = False, relay: bool = False, seed: int = 0) -> dict[str, Any]:
+               dtype: str = "float16", cost_only: bool = False, relay: bool = False, seed: int = 0,
+               executor: str = "fused") -> dict[str, Any]:
     """Run one GEMM C = A . B (A m x k, B k x n) on a P x P mesh with ``algo``; return its row."""
     rng = np.random.default_rng(seed)
     a, b = _operand((m, k), dtype, cost_only, rng), _operand((k, n), dtype, cost_only, rng)
@@ -80,7 +81,7 @@ def bench_gemm(p: int, m: int, k: int, n: int, *, algo: str, device: DeviceSpec,
         if algo == "summa":
             options["relay"] = relay
     t0 = time.perf_counter()
-    with Wafer((p, p), device=device, tiles=tiles, transport=transport, cost_only=cost_only) as wafer:
+    with Wafer((p, p), device=device, tiles=tiles, transport=transport, cost_only=cost_only, executor=executor) as wafer:
         c, stats = gemm(wafer, a, b, **options)
     wall = time.perf_counter() - t0
     ideal = m * k * n / (p * p * device.rate(dtype))  # cycles if every core computed all the time

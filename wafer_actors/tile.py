@@ -382,6 +382,7 @@ class Tile:
         fused.run(self, data, buf.nbytes / self.device.link_bytes_per_cycle, size / self._rate(buf.dtype))
         self.stats["core_messages_local"] += fused.flows
         self.stats["core_bytes_local"] += fused.flows * buf.nbytes
+        self.stats["steps_fused"] += len(program.steps)
 
     def _fused_program(self, program: Program, name: str) -> Fused | None:
         """``program`` flattened for the fused executor, or None where it must run step by step."""

@@ -32,7 +32,7 @@ from .transfer import Route, check_routes
 
 STAT_KEYS = (
     "core_messages_local", "core_bytes_local", "core_messages_remote", "core_bytes_remote",
-    "tile_messages", "tile_bytes", "node_messages", "node_bytes",
+    "tile_messages", "tile_bytes", "node_messages", "node_bytes", "steps_fused",
 )
 
 
@@ -51,7 +51,8 @@ class RunStats:
         sram_peak_bytes_max: highest SRAM high-water mark of any core so far.
         counts: messages and bytes: ``core_*_local`` between cores of one tile,
             ``core_*_remote`` between cores of different tiles, ``tile_*`` actor messages,
-            ``node_*`` actor messages that crossed cluster nodes.
+            ``node_*`` actor messages that crossed cluster nodes, ``steps_fused`` collective
+            steps the fused executor ran without messages.
         host_wall_s: host seconds the run took.
         per_tile: each tile's own statistics (``wall_s``, ``wait_s`` and the counts).
     """

@@ -179,3 +179,20 @@ def test_step_overhead_adds_six_gemms_of_p_steps_per_layer_and_leaves_decode_alo
             runs[o] = (s.region_cycles[0], m.step(0)[1].cycles)
     assert runs[25.0][0] - runs[0.0][0] == pytest.approx(TINY.n_layers * 6 * 4 * 25.0)
     assert runs[25.0][1] == runs[0.0][1]
+
+
+@pytest.mark.parametrize("tiles", [(1, 1), (2, 2)])
+def test_fused_executor_prefills_exactly_as_the_step_executor(weights, tiles):
+    """Prompt logits bit for bit, every phase's cycles, then the first decode step after the hand-over."""
+    out = {}
+    for executor in ("step", "fused"):
+        with WaferLlama(TINY, weights, mesh=(6, 6), tiles=tiles, transport="local", tokens=len(PROMPT) + 1,
+                        prefill_tokens=len(PROMPT), executor=executor) as m:
+            logits, st = m.prefill(PROMPT)
+            nxt, dst = m.step(PROMPT[0])
+            out[executor] = logits, st, nxt, dst.cycles
+    (l1, s1, n1, c1), (l2, s2, n2, c2) = out["step"], out["fused"]
+    np.testing.assert_array_equal(l2, l1)
+    np.testing.assert_array_equal(n2, n1)
+    assert (s2.relayout_cycles, s2.region_cycles, s2.handover_cycles, s2.sram_high_water_bytes, c2) == \
+           (s1.relayout_cycles, s1.region_cycles, s1.handover_cycles, s1.sram_high_water_bytes, c1)

@@ -1,0 +1,124 @@
+"""The fused executor against the step executor (the specification): every protocol, meshes of
+every shape, tilings 1x1 to 3x3 and uneven, both transports. Values, per-core clocks and
+critical-path records, SRAM, routes and core-message counts must be identical; only the
+actor messages may differ, and only downward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wafer_actors import Spec, Wafer, preset
+from wafer_actors.collectives import allreduce, shift
+from wafer_actors.ops import gemm, gemv
+
+DEV = preset("wse2").replace(name="test", alpha=1.0, beta=6.0, call_overhead=2.5, gemm_step_overhead=3.0)
+STATE = ("clock", "fwd_head", "relaying", "sent", "stages", "path_compute")
+MESHES = [(6, 6), (7, 10), (9, 9), (1, 7), (7, 1)]
+TILINGS = [(1, 1), (2, 1), (1, 3), (3, 3), (2, 3)]
+ALLREDUCES = [
+    dict(algo="ktree"), dict(algo="ktree", group_num=2), dict(algo="ktree", K=3), dict(algo="pipeline"),
+    dict(algo="chain", root=0), dict(algo="ring"), dict(algo="ktree", broadcast=False),
+]
+
+
+def core_state(w: Wafer) -> dict[str, np.ndarray]:
+    """Every core's timing state and SRAM high-water mark, assembled over the tiles."""
+    parts = w.transport.call("flat_clocks", [()] * len(w.tiling))
+    out = {}
+    for k, name in enumerate(STATE):
+        out[name] = w._assemble([p[k].reshape(r.shape) for p, r in zip(parts, w.tiling.rects)])
+    out["sram_high"] = w.memory()[1]
+    return out
+
+
+def assert_same_run(step, fused, what: str) -> None:
+    """Two (values, stats, core state) triples from the two executors are identical."""
+    (v1, s1, c1), (v2, s2, c2) = step, fused
+    for a, b in zip(v1, v2):
+        np.testing.assert_array_equal(b, a, err_msg=f"{what}: values")
+    for name in c1:
+        np.testing.assert_array_equal(c2[name], c1[name], err_msg=f"{what}: per-core {name}")
+    for field in ("cycles", "start", "end", "compute_cycles", "relay_stages", "routes_per_core_max", "sram_peak_bytes_max"):
+        assert getattr(s2, field) == getattr(s1, field), f"{what}: {field}"
+    for key in ("core_messages_local", "core_bytes_local", "core_messages_remote", "core_bytes_remote"):
+        assert s2.counts[key] == s1.counts[key], f"{what}: {key}"
+    assert s2.counts["tile_messages"] <= s1.counts["tile_messages"], what
+
+
+def fits(mesh, tiles) -> bool:
+    return tiles[0] <= mesh[0] and tiles[1] <= mesh[1]
+
+
+def run_allreduce(a, mesh, tiles, executor, transport="local", **kwargs):
+    with Wafer(mesh, device=DEV, tiles=tiles, transport=transport, executor=executor) as w:
+        w.load("v", a, Spec("y", "x", None))
+        s = w.run(allreduce, buffer="v", **kwargs)
+        w.load("v", a * 2, Spec("y", "x", None))  # a second run on the same clocks
+        s = w.run(allreduce, buffer="v", **kwargs)
+        return [w.blocks("v")], s, core_state(w)
+
+
+@pytest.mark.parametrize("config", ALLREDUCES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
+def test_allreduce_fused_equals_step(config, mesh):
+    rng = np.random.default_rng(sum(mesh))
+    a = rng.standard_normal(mesh + (5,)).astype(np.float32)
+    a[0, 0, 0] = -0.0  # signed zeros and infinities combine the same way too
+    a[-1, -1, 1] = -np.inf
+    for tiles in [t for t in TILINGS if fits(mesh, t)]:
+        for axis in "xy":
+            if config.get("group_num", 1) > mesh["yx".index(axis)] or config.get("root", 0) >= mesh["yx".index(axis)]:
+                continue
+            for op in ("add", "max"):
+                what = f"{config} {op} along {axis} on {mesh} in {tiles} tiles"
+                step = run_allreduce(a, mesh, tiles, "step", axis=axis, op=op, **config)
+                assert_same_run(step, run_allreduce(a, mesh, tiles, "fused", axis=axis, op=op, **config), what)
+
+
+def test_fused_runs_the_steps_of_lines_inside_a_tile():
+    """Rows inside one tile each: the x allreduce runs fused; the y allreduce crosses tiles and runs step by step."""
+    a = np.random.default_rng(0).standard_normal((6, 8, 3)).astype(np.float32)
+    assert run_allreduce(a, (6, 8), (3, 1), "fused", axis="x")[1].counts["steps_fused"] > 0
+    assert run_allreduce(a, (6, 8), (3, 1), "fused", axis="y")[1].counts["steps_fused"] == 0
+    assert run_allreduce(a, (6, 8), (1, 1), "step", axis="x")[1].counts["steps_fused"] == 0
+
+
+@pytest.mark.parametrize("mesh", [(6, 6), (7, 10)], ids=lambda m: f"{m[0]}x{m[1]}")
+@pytest.mark.parametrize("tiles", [(1, 1), (2, 1), (3, 3)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_matrix_protocols_fused_equal_step(mesh, tiles):
+    """Shift, MeshGEMV, MeshGEMM, Cannon, SUMMA (with and without relays) and GEMM-T."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal(mesh + (4,)).astype(np.float32)
+    x, wv = rng.standard_normal(13).astype(np.float32), rng.standard_normal((13, 11)).astype(np.float32)
+    p = mesh[0]
+    ma, mb = rng.standard_normal((2 * p, 3 * p)).astype(np.float32), rng.standard_normal((3 * p, p)).astype(np.float32)
+    bt = rng.standard_normal((p, 3 * p)).astype(np.float32)
+
+    def runs(executor):
+        out = {}
+        with Wafer(mesh, device=DEV, tiles=tiles, executor=executor) as w:
+            w.load("v", a, Spec("y", "x", None))
+            s = w.run(shift, buffer="v", axis="x", disp=1, wrap=True)
+            out["shift"] = [w.blocks("v")], s, core_state(w)
+            y, s = gemv(w, x, wv)
+            out["gemv"] = [y], s, core_state(w)
+        if mesh[0] == mesh[1]:
+            for algo, opts in (("meshgemm", {}), ("cannon", {}), ("summa", {}), ("summa", {"relay": True}),
+                               ("gemm_t", {"transpose_b": True})):
+                with Wafer(mesh, device=DEV, tiles=tiles, executor=executor) as w:
+                    b = bt if algo == "gemm_t" else mb
+                    c, s = gemm(w, ma, b, **({"algo": algo} | opts) if algo != "gemm_t" else opts)
+                    out[f"{algo}{opts}"] = [c], s, core_state(w)
+        return out
+
+    step, fused = runs("step"), runs("fused")
+    for name in step:
+        assert_same_run(step[name], fused[name], f"{name} on {mesh} in {tiles} tiles")
+
+
+def test_ray_transport_fused_equals_step(ray_local):
+    a = np.random.default_rng(2).standard_normal((7, 10, 4)).astype(np.float32)
+    for tiles in ((2, 1), (2, 2)):
+        base = run_allreduce(a, (7, 10), tiles, "step", axis="x")
+        assert_same_run(base, run_allreduce(a, (7, 10), tiles, "fused", transport="ray", axis="x"), f"ray {tiles}")
