@@ -207,15 +207,21 @@ def _ports(sy, sx, dy, dx) -> np.ndarray:
 
 
 def _stream_ends(mesh: Mesh, sy, sx, dy, dx) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Collapse flows into streams: one per (source, direction), reaching its farthest destination."""
+    """Collapse flows into streams: one per (source, direction), reaching its farthest destination.
+
+    Streams come out sorted by (source core, direction).
+    """
     port = _ports(sy, sx, dy, dx)
-    far = np.zeros(mesh.size * 4, dtype=np.int64)
-    np.maximum.at(far, (sy * mesh.width + sx) * 4 + port, np.abs(dy - sy) + np.abs(dx - sx))
-    ids = np.flatnonzero(far)
+    key = (sy * mesh.width + sx) * 4 + port
+    dist = np.abs(dy - sy) + np.abs(dx - sx)
+    order = np.lexsort((dist, key))  # by key, farthest last
+    key, dist = key[order], dist[order]
+    last = np.flatnonzero(np.r_[key[1:] != key[:-1], True]) if len(key) else np.zeros(0, dtype=np.int64)
+    ids, far = key[last], dist[last]
     src, port = np.divmod(ids, 4)
     y, x = np.divmod(src, mesh.width)
     step = np.array(_PORT_STEP)[port]
-    return y, x, y + step[:, 0] * far[ids], x + step[:, 1] * far[ids]
+    return y, x, y + step[:, 0] * far, x + step[:, 1] * far
 
 
 def _dense_loads(mesh: Mesh, sy, sx, ey, ex) -> np.ndarray:

@@ -30,6 +30,7 @@ from .protocol import Protocol
 from .tile import EXECUTORS
 from .transfer import Route, check_routes
 
+_ROUTE_CHECKS: dict[tuple, tuple[tuple[Route, ...], tuple[np.ndarray, list[str]]]] = {}  # per mesh, limit and route set
 STAT_KEYS = (
     "core_messages_local", "core_bytes_local", "core_messages_remote", "core_bytes_remote",
     "tile_messages", "tile_bytes", "node_messages", "node_bytes", "steps_fused",
@@ -118,7 +119,6 @@ class Wafer:
         self.transport.spawn(self.tiling, self.device, self.cost_only, executor)
         self._tensors: dict[str, tuple[tuple[int, ...], Layout]] = {}
         self._run_id = 0
-        self._route_checks: dict[tuple[int, ...], tuple[tuple[Route, ...], tuple[np.ndarray, list[str]]]] = {}
 
     # ---- tensors --------------------------------------------------------------------------
     def load(self, name: str, array: np.ndarray, spec: Spec | Layout, *, stacked: bool = False) -> None:
@@ -231,12 +231,12 @@ class Wafer:
         )
 
     def _check_routes(self, routes: tuple[Route, ...]) -> tuple[np.ndarray, list[str]]:
-        key = tuple(map(id, routes))  # the cached entry holds the routes, so their ids stay theirs
-        hit = self._route_checks.get(key)
+        key = (self.mesh, self.device.routes_per_core, tuple(map(id, routes)))  # the entry holds the routes: ids stay theirs
+        hit = _ROUTE_CHECKS.get(key)
         if hit is None:
-            if len(self._route_checks) >= 64:  # protocols that build new routes every run
-                self._route_checks.clear()
-            hit = self._route_checks[key] = (routes, check_routes(self.mesh, routes, self.device.routes_per_core))
+            if len(_ROUTE_CHECKS) >= 64:  # protocols that build new routes every run
+                _ROUTE_CHECKS.clear()
+            hit = _ROUTE_CHECKS[key] = (routes, check_routes(self.mesh, routes, self.device.routes_per_core))
         return hit[1]
 
     # ---- state ----------------------------------------------------------------------------
