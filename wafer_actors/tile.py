@@ -51,11 +51,20 @@ class Buffer:
         return math.prod(self.block) * self.dtype.itemsize
 
 
-def _combine(buf: Buffer, fi: np.ndarray, incoming: np.ndarray, op: str) -> None:
-    """Write (or add, or max) received blocks into the cores ``fi`` (flat local indices, distinct) of ``buf``."""
+def _span(fi: np.ndarray) -> slice | None:
+    """``fi`` as a slice when it is a run of consecutive cores (then blocks move without an index array)."""
+    if len(fi) and fi[-1] - fi[0] == len(fi) - 1 and bool((np.diff(fi) == 1).all()):
+        return slice(int(fi[0]), int(fi[-1]) + 1)
+    return None
+
+
+def _combine(buf: Buffer, fi: np.ndarray | slice, incoming: np.ndarray, op: str) -> None:
+    """Write (or add, or max) received blocks into the cores ``fi`` (flat local indices, distinct; or a slice) of ``buf``."""
     if incoming.shape[1:] != buf.block:
         raise ProtocolError(f"received blocks of shape {incoming.shape[1:]} into a buffer with blocks {buf.block}")
     if buf.alias:  # a strided view (one layer of a stack): index it by (row, column), never through a copy
+        if isinstance(fi, slice):
+            fi = np.arange(fi.start, fi.stop)
         flat, fi = buf.data, np.unravel_index(fi, buf.data.shape[:2])
     else:
         flat = buf.data.reshape((-1,) + buf.block)
@@ -77,6 +86,8 @@ class _Local:
     load: np.ndarray
     latency_hops: np.ndarray
     relays: np.ndarray
+    span: slice | None = None  # incoming: ``fi`` as a slice when the cores are consecutive
+    in_order: bool = False  # incoming: the message's blocks are already in flow order (no multicast)
 
 
 class Tile:
@@ -320,7 +331,8 @@ class Tile:
             for src, part in view.incoming.items():
                 f = part.flows
                 fi = (transfer.dst_y[f] - y0) * w + transfer.dst_x[f] - x0
-                parts[src] = _Local(fi, part.inverse, True, transfer.load[f], transfer.hops[f], transfer.relays[f])
+                parts[src] = _Local(fi, part.inverse, True, transfer.load[f], transfer.hops[f], transfer.relays[f],
+                                    _span(fi), bool((part.inverse == np.arange(len(f))).all()))
         size = sum(len(lp.fi) for lp in parts.values())
         if self._local_size + size > LOCAL_PARTS_BUDGET:  # many large one-off transfers (SUMMA's casts) would pile up
             self._local_parts.clear()
@@ -353,7 +365,7 @@ class Tile:
             for src, lp in self._parts(transfer, "in").items():
                 msg = await self._take(tag, src)
                 if buf.data is not None:
-                    _combine(buf, lp.fi, msg.data[lp.fi_src], op)
+                    _combine(buf, lp.fi if lp.span is None else lp.span, msg.data if lp.in_order else msg.data[lp.fi_src], op)
                 arrive(state[0], state[4], state[5], lp.fi, msg.head, msg.tail, msg.stages, msg.compute, combine,
                        self.device.beta, stream, *self.acc)
                 fed.append(lp.fi)
@@ -383,6 +395,70 @@ class Tile:
         self.stats["core_messages_local"] += fused.flows
         self.stats["core_bytes_local"] += fused.flows * buf.nbytes
         self.stats["steps_fused"] += len(program.steps)
+
+    # ---- fused steps: a transfer inside the tile, timed by the same rules, data moved by index --
+    def fuses(self, *transfers: Transfer | None) -> bool:
+        """Whether the fused executor may run these transfers without messages: every flow stays on this tile."""
+        if self.executor != "fused":
+            return False
+        for t in transfers:
+            if t is not None:
+                view = t.view(self.tiling, self.index)
+                if set(view.outgoing) - {self.index} or set(view.incoming) - {self.index}:
+                    return False
+        return True
+
+    def start_local(self, transfer: Transfer, nbytes: int, *, stream: bool = False) -> tuple[np.ndarray, ...]:
+        """Start a transfer that ``fuses`` (timing only: the caller moves the data); returns what ``land_local`` takes."""
+        self._check_route(transfer)
+        self._tag(transfer, self._sent)  # keep the step tags in step with tiles that run it step by step
+        self._tag(transfer, self._received)
+        dev = self.device
+        parts = self._parts(transfer, "out")
+        if not parts:
+            return ()
+        lp = parts[self.index]
+        n = len(lp.fi)
+        head, tail, stages, compute = np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n)
+        send_flows(*self.flat_clocks(), lp.fi, lp.load, lp.latency_hops, lp.relays, nbytes / dev.link_bytes_per_cycle,
+                   dev.alpha, dev.beta, stream, head, tail, stages, compute)
+        self._count(self.index, n, n * nbytes)
+        self.stats["steps_fused"] += 1
+        return self._parts(transfer, "in")[self.index].fi, head, tail, stages, compute
+
+    def land_local(self, started: Sequence[tuple[np.ndarray, ...]], *, combine: float = 0.0, stream: bool = False) -> None:
+        """Receive transfers begun with ``start_local`` as one step (as ``recv`` of them would); ``combine``: cycles per block."""
+        state = self.flat_clocks()
+        fed = [s[0] for s in started if s]
+        for s in started:
+            if s:
+                arrive(state[0], state[4], state[5], *s, combine, self.device.beta, stream, *self.acc)
+        if fed:
+            settle(*state, np.concatenate(fed), self.device.beta, self.device.call_overhead, stream, *self.acc)
+
+    def local_flows(self, transfer: Transfer) -> tuple[np.ndarray, np.ndarray]:
+        """(source, destination) flat core indices of each flow of a transfer that ``fuses``."""
+        out = self._parts(transfer, "out").get(self.index)
+        if out is None:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return out.fi, self._parts(transfer, "in")[self.index].fi
+
+    def move_local(self, transfer: Transfer, src: str, dst: str, select: tuple[slice, ...] | None = None) -> None:
+        """Copy the blocks (or their ``select`` part) of ``src`` into ``dst`` as ``transfer``'s flows would deliver them."""
+        if self.cost_only:
+            return
+        out, inc = self._parts(transfer, "out").get(self.index), self._parts(transfer, "in").get(self.index)
+        if out is None:
+            return
+        a, b = self.buffer(src), self.buffer(dst)
+        flat = a.data.reshape((-1,) + a.block)
+        if select is None and inc.span is not None and not b.alias and b.data.flags.c_contiguous and b.dtype == a.dtype:
+            np.take(flat, out.fi, axis=0, out=b.data.reshape((-1,) + b.block)[inc.span])  # one pass, straight into place
+            return
+        blocks = flat[out.fi]
+        if select is not None:
+            blocks = blocks[(slice(None), *select)]
+        _combine(b, inc.fi if inc.span is None else inc.span, blocks, "store")
 
     def _fused_program(self, program: Program, name: str) -> Fused | None:
         """``program`` flattened for the fused executor, or None where it must run step by step."""

@@ -30,12 +30,13 @@ so the SRAM checks see them.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
 
 from ..mesh import Mesh
-from ..transfer import Route
+from ..transfer import Route, Transfer
 from .interleave import places, ring_order
 from .mesh_gemm import CannonPlan, cannon_plan, check_square
 
@@ -69,91 +70,152 @@ def _twin(tile, name: str) -> str:
     return twin
 
 
-def _shift(tile, transfer, name: str, twin: str) -> None:
-    if transfer is not None:
-        tile.send(transfer, name)
-    elif not tile.cost_only:  # a one-core ring
-        tile.data(twin)[...] = tile.data(name)
+class _Operand:
+    """An operand whose blocks move one place along ``transfer`` (a ring shift) every step.
 
+    Step by step it is double-buffered: send, then receive into the second buffer, which
+    becomes current. With the fused executor, when the ring stays inside the tile, the
+    blocks do not move at all: an index follows them (``order[core]``: the core whose
+    block is there now) and they are gathered once, when a product reads them
+    (``indexed``), or moved in one copy (otherwise, for an operand the product writes).
+    """
 
-async def _land(tile, transfer, twin: str) -> None:
-    if transfer is not None:
-        await tile.recv(transfer, twin)
+    def __init__(self, tile, name: str, transfer, *, indexed: bool = True):
+        self.tile, self.name, self.transfer = tile, name, transfer
+        self.twin = _twin(tile, name)
+        self.cur, self.nxt = name, self.twin
+        self.fused = tile.fuses(transfer)
+        self.order = np.arange(tile.clock.size) if self.fused and indexed and transfer is not None else None
+        self.flows = tile.local_flows(transfer) if self.order is not None else None
+        self.started: tuple = ()
 
+    def data(self) -> np.ndarray:
+        """The blocks as they lie now, ``[h, w, *block]`` (a gathered copy when the index has moved)."""
+        data = self.tile.data(self.cur)
+        if self.order is None:
+            return data
+        flat = data.reshape((self.order.size, -1))
+        return flat[self.order].reshape(data.shape)
 
-def _settle(tile, name: str, current: str, twin: str) -> None:
-    """Leave the data under ``name`` (on a core this is only which of the two buffers is current)."""
-    if current != name and not tile.cost_only:
-        tile.data(name)[...] = tile.data(current)
-    tile.free(twin)
+    def send(self) -> None:
+        t, tile = self.transfer, self.tile
+        if t is None:  # a one-core ring
+            if not tile.cost_only:
+                tile.data(self.nxt)[...] = tile.data(self.cur)
+        elif self.fused:
+            if self.order is None:
+                tile.move_local(t, self.cur, self.nxt)
+            self.started = tile.start_local(t, tile.buffer(self.cur).nbytes)
+        else:
+            tile.send(t, self.cur)
+
+    async def land(self) -> None:
+        t, tile = self.transfer, self.tile
+        if self.fused and t is not None:
+            if self.started:
+                tile.land_local([self.started])
+            if self.order is not None:
+                src, dst = self.flows
+                self.order[dst] = self.order[src]
+                return  # the blocks stayed in the current buffer
+        elif t is not None:
+            await tile.recv(t, self.nxt)
+        self.cur, self.nxt = self.nxt, self.cur
+
+    def finish(self) -> None:
+        """Leave the blocks under ``name`` where the steps put them, and free the second buffer."""
+        tile = self.tile
+        if not tile.cost_only:
+            if self.order is not None and (self.order != np.arange(self.order.size)).any():
+                tile.data(self.name)[...] = self.data()
+            elif self.cur != self.name:
+                tile.data(self.name)[...] = tile.data(self.cur)
+        tile.free(self.twin)
 
 
 async def mesh_gemm_skewed(tile, *, a: str, b: str, c: str, product: Product, fmacs: float, calls: int) -> None:
     """c = a . b with a x-skewed and b y-skewed (c natural); ``product`` adds one step's share."""
     plan = skewed_plan(tile.tiling.mesh)
-    ta, tb = _twin(tile, a), _twin(tile, b)
-    cur_a, nxt_a, cur_b, nxt_b = a, ta, b, tb
+    ops = _Operand(tile, a, plan.ring_x), _Operand(tile, b, plan.ring_y)
     full = not tile.cost_only
     if full:
         tile.data(c)[...] = 0
     for _ in range(tile.tiling.mesh.height):
-        _shift(tile, plan.ring_x, cur_a, nxt_a)
-        _shift(tile, plan.ring_y, cur_b, nxt_b)
+        for op in ops:  # A to the x-ring predecessor, B to the y-ring predecessor, hidden behind the product
+            op.send()
         if full:
-            product(tile.data(cur_a), tile.data(cur_b), tile.data(c))
+            product(ops[0].data(), ops[1].data(), tile.data(c))
         tile.charge(fmacs, tile.buffer(c).dtype.name, calls=calls)
-        await _land(tile, plan.ring_x, nxt_a)
-        await _land(tile, plan.ring_y, nxt_b)
+        for op in ops:
+            await op.land()
         tile.end_step()
-        cur_a, nxt_a, cur_b, nxt_b = nxt_a, cur_a, nxt_b, cur_b
-    _settle(tile, a, cur_a, ta)
-    _settle(tile, b, cur_b, tb)
+    for op in ops:
+        op.finish()
 
 
 async def gemm_t_skewed(tile, *, a: str, b: str, c: str, product: Product, fmacs: float, calls: int) -> None:
     """c = a . b^T with a natural, b (N, K) y-skewed, c x-skewed; ``product`` adds one step's share."""
     plan = skewed_plan(tile.tiling.mesh)
-    tb, tc = _twin(tile, b), _twin(tile, c)
-    cur_b, nxt_b, cur_c, nxt_c = b, tb, c, tc
+    ob, oc = _Operand(tile, b, plan.ring_y), _Operand(tile, c, plan.ring_x, indexed=False)
     full = not tile.cost_only
     if full:
         tile.data(c)[...] = 0
     for _ in range(tile.tiling.mesh.height):
-        _shift(tile, plan.ring_y, cur_b, nxt_b)  # the next B block, hidden behind the product
+        ob.send()  # the next B block, hidden behind the product
         if full:
-            product(tile.data(a), tile.data(cur_b), tile.data(cur_c))
+            product(tile.data(a), ob.data(), tile.data(oc.cur))
         tile.charge(fmacs, tile.buffer(c).dtype.name, calls=calls)
-        _shift(tile, plan.ring_x, cur_c, nxt_c)  # the partial moves on once this core's share is in
-        await _land(tile, plan.ring_y, nxt_b)
-        await _land(tile, plan.ring_x, nxt_c)
+        oc.send()  # the partial moves on once this core's share is in
+        await ob.land()
+        await oc.land()
         tile.end_step()
-        cur_b, nxt_b, cur_c, nxt_c = nxt_b, cur_b, nxt_c, cur_c
-    _settle(tile, b, cur_b, tb)
-    _settle(tile, c, cur_c, tc)
+    ob.finish()
+    oc.finish()
+
+
+@lru_cache(maxsize=1024)
+def _skew_round(mesh: Mesh, axis: str, rnd: int, step: int, reverse: bool) -> Transfer | None:
+    """The flows of one skew round: the lines still moving, one ring place the ``step`` way (or back)."""
+    plan = skewed_plan(mesh)
+    lines = (plan.b_moving if axis == "y" else plan.a_moving)[rnd][step]
+    t = plan.full[(axis, -step if reverse else step)]
+    if t is None:
+        return None
+    return t.subset(lines[t.dst_x if axis == "y" else t.dst_y], f"{t.key}@{rnd}{'r' if reverse else ''}")
 
 
 async def skew(tile, names: list[str], *, axis: str, reverse: bool = False) -> None:
-    """Skew ``names`` along ``axis`` (``y``: column J moves J places; ``x``: row I moves I), or undo it."""
+    """Skew ``names`` along ``axis`` (``y``: column J moves J places; ``x``: row I moves I), or undo it.
+
+    Fused, inside the tile: the rounds are timed one by one but the blocks move once, at the end.
+    """
     plan = skewed_plan(tile.tiling.mesh)
     moving = plan.b_moving if axis == "y" else plan.a_moving
     r = tile.rect
     twins = {n: _twin(tile, n) for n in names}
-    for rnd, m in enumerate(moving):
-        for step in (+1, -1):
-            lines = m[step]
-            if not lines.any():
-                continue
-            go = -step if reverse else step
-            t = plan.full[(axis, go)]
-            if t is None:
-                continue
-            t = t.subset(lines[t.dst_x if axis == "y" else t.dst_y], f"{t.key}@{rnd}{'r' if reverse else ''}")
-            here = (slice(None), np.flatnonzero(lines[r.x0 : r.x1])) if axis == "y" else (np.flatnonzero(lines[r.y0 : r.y1]),)
-            for n in names:
-                tile.send(t, n)
-            for n in names:
-                await tile.recv(t, twins[n])
-                if not tile.cost_only:  # only the moving lines took a block
-                    tile.data(n)[here] = tile.data(twins[n])[here]
+    rounds = [t for rnd, m in enumerate(moving) for step in (+1, -1) if m[step].any()
+              for t in [_skew_round(tile.tiling.mesh, axis, rnd, step, reverse)] if t is not None]
+    order = np.arange(tile.clock.size) if tile.fuses(*rounds) else None
+    for t in rounds:
+        if order is not None:
+            started = [tile.start_local(t, tile.buffer(n).nbytes) for n in names]
+            for s in started:
+                tile.land_local([s])
+            src, dst = tile.local_flows(t)
+            order[dst] = order[src]
+            continue
+        for n in names:
+            tile.send(t, n)
+        lines = np.zeros(tile.tiling.mesh.axis_size("x" if axis == "y" else "y"), dtype=bool)
+        lines[t.dst_x if axis == "y" else t.dst_y] = True
+        here = (slice(None), np.flatnonzero(lines[r.x0 : r.x1])) if axis == "y" else (np.flatnonzero(lines[r.y0 : r.y1]),)
+        for n in names:
+            await tile.recv(t, twins[n])
+            if not tile.cost_only:  # only the moving lines took a block
+                tile.data(n)[here] = tile.data(twins[n])[here]
+    if order is not None and not tile.cost_only:
+        for n in names:
+            data = tile.data(n)
+            data[...] = data.reshape(order.size, -1)[order].reshape(data.shape)
     for twin in twins.values():
         tile.free(twin)
