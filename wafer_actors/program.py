@@ -7,10 +7,12 @@ function of the mesh, so a protocol builds its program once (cached) and hands i
 
 - step by step (the ``step`` executor, the specification): one ``send`` and ``recv`` per
   step, messages between tiles as they happen; or
-- fused (the ``fused`` executor), when every flow of the program starts and ends on the
-  tile: all steps in one compiled call over the tile's cores, the data combined in the
-  same order and the clocks advanced by the same rules (``timing``), so buffers, clocks
-  and critical-path records come out bit-identical; only no messages are built.
+- fused (the ``fused`` executor): the steps run in compiled loops over the tile's cores,
+  the data combined in the same order and the clocks advanced by the same rules
+  (``timing``), so buffers, clocks and critical-path records come out bit-identical. A
+  program whose flows stay inside the tile runs in one call, with no messages; one that
+  crosses tile edges sends each neighbour one message per stretch of steps it can run
+  alone (about one per edge per phase) instead of one per step.
 """
 
 from __future__ import annotations
@@ -51,8 +53,13 @@ class Program:
 class Fused:
     """A program's flows on one tile, as flat arrays for the compiled loop.
 
-    Part p (one transfer) holds flows ``part_ptr[p]:part_ptr[p + 1]``: ``src`` and ``dst``
-    are flat core indices in the tile, in the transfer's flow order.
+    A part is one transfer's flows between this tile and one tile (itself included): part p
+    holds flows ``part_ptr[p]:part_ptr[p + 1]``, ``src`` and ``dst`` flat core indices in
+    this tile (-1 on the side that is another tile's). Step s sends the parts
+    ``send_parts[send_ptr[s]:send_ptr[s + 1]]`` and receives ``recv_parts[...]``, in the
+    order ``Tile.send`` and ``Tile.recv`` take them. Parts to and from other tiles travel
+    in batches: a tile runs its steps until one needs a part it has not received, sends
+    each neighbour what it owes it in one message, and waits.
     """
 
     src: np.ndarray
@@ -61,75 +68,155 @@ class Fused:
     hops: np.ndarray
     relays: np.ndarray
     part_ptr: np.ndarray
-    step_ptr: np.ndarray  # step s sends and receives parts step_parts[step_ptr[s]:step_ptr[s + 1]]
-    step_parts: np.ndarray
+    peer: np.ndarray  # per part: the other tile (this tile's index for a local part)
+    send_ptr: np.ndarray
+    send_parts: np.ndarray
+    recv_ptr: np.ndarray
+    recv_parts: np.ndarray
     step_op: np.ndarray
     step_stream: np.ndarray
-    flows: int  # core messages one run sends (all inside the tile)
+    waits: tuple[int, ...]  # steps that receive a part from another tile
+    from_peer: dict  # tile -> the parts it sends here, in program order
+    local_flows: int
+    remote_flows: int
 
     @classmethod
-    def build(cls, program: Program, tile) -> "Fused | None":
-        """Flatten ``program`` for ``tile``; None if any flow starts or ends on another tile."""
+    def build(cls, program: Program, tile) -> "Fused":
+        """Flatten ``program`` for ``tile``."""
         index, w, y0, x0 = tile.index, tile.rect.shape[1], tile.rect.y0, tile.rect.x0
-        parts: dict[int, int] = {}
-        src, dst, load, hops, relays, ptr, step_parts, step_ptr = [], [], [], [], [], [0], [], [0]
-        for step in program.steps:
+        parts: dict[tuple[int, str, int], int] = {}  # (transfer, way, peer) -> part
+        cols: dict[str, list] = {k: [] for k in ("src", "dst", "load", "hops", "relays")}
+        ptr, peer, send_parts, send_ptr, recv_parts, recv_ptr, waits = [0], [], [], [0], [], [0], []
+        from_peer: dict[int, list[int]] = {}
+        flows = {True: 0, False: 0}
+
+        def part(t: Transfer, way: str, other: int, f: np.ndarray) -> int:
+            key = (id(t), "local" if other == index else way, other)
+            if key not in parts:
+                parts[key] = len(parts)
+                here = lambda y, x: (y[f] - y0) * w + x[f] - x0  # noqa: E731
+                none = np.full(len(f), -1)
+                cols["src"].append(here(t.src_y, t.src_x) if way == "out" or other == index else none)
+                cols["dst"].append(here(t.dst_y, t.dst_x) if way == "in" or other == index else none)
+                for k in ("load", "hops", "relays"):
+                    cols[k].append(getattr(t, k)[f])
+                ptr.append(ptr[-1] + len(f))
+                peer.append(other)
+            return parts[key]
+
+        for s, step in enumerate(program.steps):
             for t in step.transfers:
-                if id(t) not in parts:
-                    view = t.view(tile.tiling, index)
-                    if set(view.outgoing) - {index} or set(view.incoming) - {index}:
-                        return None
-                    f = view.outgoing[index].flows if index in view.outgoing else np.zeros(0, dtype=np.int64)
-                    parts[id(t)] = len(parts)
-                    src.append((t.src_y[f] - y0) * w + t.src_x[f] - x0)
-                    dst.append((t.dst_y[f] - y0) * w + t.dst_x[f] - x0)
-                    load.append(t.load[f])
-                    hops.append(t.hops[f])
-                    relays.append(t.relays[f])
-                    ptr.append(ptr[-1] + len(f))
-                step_parts.append(parts[id(t)])
-            step_ptr.append(len(step_parts))
-        sizes = np.diff(ptr)
+                view = t.view(tile.tiling, index)
+                for dest, pt in view.outgoing.items():
+                    send_parts.append(part(t, "out", dest, pt.flows))
+                    flows[dest == index] += len(pt.flows)
+                for src, pt in view.incoming.items():
+                    p = part(t, "in", src, pt.flows)
+                    recv_parts.append(p)
+                    if src != index:
+                        from_peer.setdefault(src, []).append(p)
+                        if not waits or waits[-1] != s:
+                            waits.append(s)
+            send_ptr.append(len(send_parts))
+            recv_ptr.append(len(recv_parts))
         cat = lambda a: np.concatenate(a).astype(np.int64) if a else np.zeros(0, dtype=np.int64)  # noqa: E731
+        ints = lambda a: np.array(a, dtype=np.int64)  # noqa: E731
         return cls(
-            cat(src), cat(dst), cat(load), cat(hops), cat(relays), np.array(ptr, dtype=np.int64),
-            np.array(step_ptr, dtype=np.int64), np.array(step_parts, dtype=np.int64),
-            np.array([OP_CODES[s.op] for s in program.steps], dtype=np.int64),
-            np.array([s.stream for s in program.steps], dtype=np.bool_),
-            int(sizes[step_parts].sum()) if step_parts else 0,
+            *(cat(cols[k]) for k in ("src", "dst", "load", "hops", "relays")), ints(ptr), ints(peer),
+            ints(send_ptr), ints(send_parts), ints(recv_ptr), ints(recv_parts),
+            ints([OP_CODES[s.op] for s in program.steps]), np.array([s.stream for s in program.steps], dtype=np.bool_),
+            tuple(waits), from_peer, flows[True], flows[False],
         )
 
-    def run(self, tile, data: np.ndarray | None, size_cycles: float, combine: float) -> None:
-        """Run every step on ``tile``'s clocks and on ``data`` (``[cores, elements]``, or None cost-only)."""
-        dev, a = tile.device, tile.acc
+    async def run(self, tile, tag: str, data: np.ndarray | None, size_cycles: float, combine: float) -> None:
+        """Run every step on ``tile``'s clocks and on ``data`` (``[cores, elements]``, or None cost-only).
+
+        ``tag`` names this run of the program in the messages between tiles.
+        """
+        dev = tile.device
         n = len(self.src)
         has_data = data is not None
         if not has_data:
             data = np.zeros((0, 0), dtype=np.float32)
         msg = np.empty((n if has_data else 0, data.shape[1]), dtype=data.dtype)
-        _run_steps(*tile.flat_clocks(), *a, data, msg, has_data, self.src, self.dst, self.load, self.hops, self.relays,
-                   self.part_ptr, self.step_ptr, self.step_parts, self.step_op, self.step_stream,
-                   size_cycles, dev.alpha, dev.beta, combine, dev.call_overhead,
-                   np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n))
+        head, tail, stages, compute = np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n)
+        state = (*tile.flat_clocks(), *tile.acc, data, msg, has_data, self.src, self.dst, self.load, self.hops, self.relays,
+                 self.part_ptr, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts, self.step_op, self.step_stream,
+                 size_cycles, dev.alpha, dev.beta, combine, dev.call_overhead, head, tail, stages, compute)
+        steps = len(self.step_op)
+        sent = 0  # send phases run so far: their parts to other tiles are owed until the next flush
+        owed = 0  # the first send phase not yet flushed
+        posted: dict[int, int] = {}  # tile -> batches sent to it
+        received: dict[int, int] = {}  # tile -> batches taken from it
+        taken: dict[int, int] = {}  # tile -> parts of from_peer[tile] received so far
+        got = set()
+
+        def flush() -> None:
+            nonlocal owed
+            out: dict[int, list[int]] = {}
+            for k in range(self.send_ptr[owed], self.send_ptr[sent]):
+                p = int(self.send_parts[k])
+                if self.peer[p] != tile.index:
+                    out.setdefault(int(self.peer[p]), []).append(p)
+            for dest, ps in out.items():
+                idx = np.concatenate([np.arange(self.part_ptr[p], self.part_ptr[p + 1]) for p in ps])
+                k = posted.get(dest, 0)
+                posted[dest] = k + 1
+                tile.post_batch(dest, f"{tag}:{k}", msg[idx] if has_data else None, head[idx], tail[idx], stages[idx], compute[idx])
+            owed = sent
+
+        async def take(src: int) -> None:
+            k = received.get(src, 0)
+            received[src] = k + 1
+            m = await tile.take_batch(f"{tag}:{k}", src)
+            at, i = 0, taken.get(src, 0)
+            while at < len(m.head):
+                p = self.from_peer[src][i]
+                a, b = self.part_ptr[p], self.part_ptr[p + 1]
+                head[a:b], tail[a:b], stages[a:b], compute[a:b] = (v[at : at + b - a] for v in (m.head, m.tail, m.stages, m.compute))
+                if has_data:
+                    msg[a:b] = m.data[at : at + b - a]
+                got.add(p)
+                at, i = at + b - a, i + 1
+            taken[src] = i
+
+        done = 0  # half-steps run: 2 s is step s's sends, 2 s + 1 its receives
+        for s in self.waits:
+            _run_phases(*state, done, 2 * s + 1)  # everything up to this step's receives
+            sent = s + 1
+            for k in range(self.recv_ptr[s], self.recv_ptr[s + 1]):
+                p = int(self.recv_parts[k])
+                while self.peer[p] != tile.index and p not in got:
+                    flush()
+                    await take(int(self.peer[p]))
+            done = 2 * s + 1
+        _run_phases(*state, done, 2 * steps)
+        sent = steps
+        flush()
 
 
 @njit(cache=True)
-def _run_steps(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages, acc_compute,
-               data, msg, has_data, src, dst, load, hops, relays, part_ptr, step_ptr, step_parts, step_op, step_stream,
-               size_cycles, alpha, beta, combine, call_overhead, head, tail, msg_stages, msg_compute):
-    for s in range(step_ptr.size - 1):
+def _run_phases(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages, acc_compute,
+                data, msg, has_data, src, dst, load, hops, relays, part_ptr, send_ptr, send_parts, recv_ptr, recv_parts,
+                step_op, step_stream, size_cycles, alpha, beta, combine, call_overhead, head, tail, msg_stages, msg_compute,
+                first, last):
+    """Half-steps ``first .. last - 1``: half-step 2 s sends step s's parts, 2 s + 1 receives them."""
+    for h in range(first, last):
+        s = h // 2
         stream, op = step_stream[s], step_op[s]
-        for k in range(step_ptr[s], step_ptr[s + 1]):  # sends: sources read before any receive of the step
-            a, b = part_ptr[step_parts[k]], part_ptr[step_parts[k] + 1]
-            send_flows(clock, fwd_head, relaying, sent, stages, compute, src[a:b], load[a:b], hops[a:b], relays[a:b],
-                       size_cycles, alpha, beta, stream, head[a:b], tail[a:b], msg_stages[a:b], msg_compute[a:b])
-            if has_data:
-                for j in range(a, b):
-                    for e in range(msg.shape[1]):
-                        msg[j, e] = data[src[j], e]
+        if h % 2 == 0:  # sends: sources read before any receive of the step
+            for k in range(send_ptr[s], send_ptr[s + 1]):
+                a, b = part_ptr[send_parts[k]], part_ptr[send_parts[k] + 1]
+                send_flows(clock, fwd_head, relaying, sent, stages, compute, src[a:b], load[a:b], hops[a:b], relays[a:b],
+                           size_cycles, alpha, beta, stream, head[a:b], tail[a:b], msg_stages[a:b], msg_compute[a:b])
+                if has_data:
+                    for j in range(a, b):
+                        for e in range(msg.shape[1]):
+                            msg[j, e] = data[src[j], e]
+            continue
         cost = 0.0 if op == 0 else combine
-        for k in range(step_ptr[s], step_ptr[s + 1]):  # receives, combined in the order of the transfers
-            a, b = part_ptr[step_parts[k]], part_ptr[step_parts[k] + 1]
+        for k in range(recv_ptr[s], recv_ptr[s + 1]):  # receives, combined in the order of the transfers
+            a, b = part_ptr[recv_parts[k]], part_ptr[recv_parts[k] + 1]
             if has_data:
                 for j in range(a, b):
                     d = dst[j]
@@ -142,7 +229,7 @@ def _run_steps(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_st
                             data[d, e] = np.maximum(data[d, e], msg[j, e])
             arrive(clock, stages, compute, dst[a:b], head[a:b], tail[a:b], msg_stages[a:b], msg_compute[a:b], cost, beta,
                    stream, acc_end, acc_start, acc_combine, acc_stages, acc_compute)
-        for k in range(step_ptr[s], step_ptr[s + 1]):
-            a, b = part_ptr[step_parts[k]], part_ptr[step_parts[k] + 1]
+        for k in range(recv_ptr[s], recv_ptr[s + 1]):
+            a, b = part_ptr[recv_parts[k]], part_ptr[recv_parts[k] + 1]
             settle(clock, fwd_head, relaying, sent, stages, compute, dst[a:b], beta, call_overhead, stream,
                    acc_end, acc_start, acc_combine, acc_stages, acc_compute)

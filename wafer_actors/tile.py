@@ -391,10 +391,37 @@ class Tile:
         buf = self.buffers[name]
         size = math.prod(buf.block)
         data = None if buf.data is None else buf.data.reshape(self.clock.size, size)
-        fused.run(self, data, buf.nbytes / self.device.link_bytes_per_cycle, size / self._rate(buf.dtype))
-        self.stats["core_messages_local"] += fused.flows
-        self.stats["core_bytes_local"] += fused.flows * buf.nbytes
+        n = self._sent[program.key]
+        self._sent[program.key] += 1
+        await fused.run(self, f"{program.key}#{n}", data, buf.nbytes / self.device.link_bytes_per_cycle,
+                        size / self._rate(buf.dtype))
+        for where, flows in (("local", fused.local_flows), ("remote", fused.remote_flows)):
+            self.stats[f"core_messages_{where}"] += flows
+            self.stats[f"core_bytes_{where}"] += flows * buf.nbytes
         self.stats["steps_fused"] += len(program.steps)
+
+    def _fused_program(self, program: Program, name: str) -> Fused | None:
+        """``program`` flattened for the fused executor, or None where it runs step by step."""
+        if self.executor != "fused":
+            return None
+        buf = self.buffer(name)
+        if buf.data is not None and (not buf.data.flags.c_contiguous or buf.dtype not in (np.float32, np.float64)):
+            return None  # the compiled loop reads a contiguous float block per core
+        cached = self._fused.get(program.key)
+        if cached is None or cached[0] is not program:
+            cached = self._fused[program.key] = (program, Fused.build(program, self))
+        return cached[1]
+
+    def post_batch(self, dest: int, tag: str, data: np.ndarray | None, head: np.ndarray, tail: np.ndarray,
+                   stages: np.ndarray, compute: np.ndarray) -> None:
+        """Send tile ``dest`` the flows of several steps at once (the fused executor; one block per flow)."""
+        raw = encode(Message(self._run_id, tag, self.index, data, head, tail, stages, compute))
+        self._count_actor(dest, len(raw))
+        self.post(dest, raw)
+
+    async def take_batch(self, tag: str, src: int) -> Message:
+        """Wait for the batch ``tag`` from tile ``src``."""
+        return await self._take(tag, src)
 
     # ---- fused steps: a transfer inside the tile, timed by the same rules, data moved by index --
     def fuses(self, *transfers: Transfer | None) -> bool:
@@ -459,18 +486,6 @@ class Tile:
         if select is not None:
             blocks = blocks[(slice(None), *select)]
         _combine(b, inc.fi if inc.span is None else inc.span, blocks, "store")
-
-    def _fused_program(self, program: Program, name: str) -> Fused | None:
-        """``program`` flattened for the fused executor, or None where it must run step by step."""
-        if self.executor != "fused":
-            return None
-        buf = self.buffer(name)
-        if buf.data is not None and (not buf.data.flags.c_contiguous or buf.dtype not in (np.float32, np.float64)):
-            return None  # the compiled loop reads a contiguous float block per core
-        cached = self._fused.get(program.key)
-        if cached is None or cached[0] is not program:
-            cached = self._fused[program.key] = (program, Fused.build(program, self))
-        return cached[1]
 
     def _check_route(self, transfer: Transfer) -> None:
         if transfer.route not in self._routes:

@@ -156,4 +156,4 @@ def test_fused_executor_decodes_exactly_as_the_step_executor(tiles, kv):
         for key in ("core_messages_local", "core_messages_remote", "core_bytes_local", "core_bytes_remote"):
             assert s2.counts[key] == s1.counts[key]
     assert runs["fused"][1] == runs["step"][1]
-    assert (sum(s.counts["steps_fused"] for _, s in runs["fused"][0]) > 0) == (1 in tiles)  # some axis whole in a tile
+    assert sum(s.counts["steps_fused"] for _, s in runs["fused"][0]) > 0

@@ -76,12 +76,15 @@ def test_allreduce_fused_equals_step(config, mesh):
                 assert_same_run(step, run_allreduce(a, mesh, tiles, "fused", axis=axis, op=op, **config), what)
 
 
-def test_fused_runs_the_steps_of_lines_inside_a_tile():
-    """Rows inside one tile each: the x allreduce runs fused; the y allreduce crosses tiles and runs step by step."""
-    a = np.random.default_rng(0).standard_normal((6, 8, 3)).astype(np.float32)
-    assert run_allreduce(a, (6, 8), (3, 1), "fused", axis="x")[1].counts["steps_fused"] > 0
-    assert run_allreduce(a, (6, 8), (3, 1), "fused", axis="y")[1].counts["steps_fused"] == 0
-    assert run_allreduce(a, (6, 8), (1, 1), "step", axis="x")[1].counts["steps_fused"] == 0
+def test_fused_batches_what_crosses_a_tile_edge():
+    """Rows split over 2 tiles: fused, the flows of one step toward and away from the root that
+    cross the edge go in one message (step by step, one per transfer); rows inside tiles send nothing."""
+    a = np.random.default_rng(0).standard_normal((9, 8, 3)).astype(np.float32)
+    step = run_allreduce(a, (9, 8), (3, 2), "step", axis="x")[1]
+    fused = run_allreduce(a, (9, 8), (3, 2), "fused", axis="x")[1]
+    assert fused.counts["steps_fused"] > 0 and step.counts["steps_fused"] == 0
+    assert 0 < fused.counts["tile_messages"] < step.counts["tile_messages"]
+    assert run_allreduce(a, (9, 8), (3, 1), "fused", axis="x")[1].counts["tile_messages"] == 0
 
 
 @pytest.mark.parametrize("mesh", [(6, 6), (7, 10)], ids=lambda m: f"{m[0]}x{m[1]}")
