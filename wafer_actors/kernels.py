@@ -8,7 +8,7 @@ once per call.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 
 def block_vecmat(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
@@ -23,9 +23,9 @@ def block_vecmat(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
     _vecmat(x.reshape(cores, k), w.reshape(cores, k, -1), flat)
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _vecmat(x, w, out):
-    for c in range(out.shape[0]):
+    for c in prange(out.shape[0]):
         for n in range(out.shape[1]):
             out[c, n] = x[c, 0] * w[c, 0, n]
         for d in range(1, x.shape[1]):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from .timing import arrive, send_flows, settle
+from .timing import arrive, receive_one, send_flows, settle
 from .transfer import Transfer
 
 OP_CODES = {"store": 0, "add": 1, "max": 2}
@@ -75,6 +75,8 @@ class Fused:
     recv_parts: np.ndarray
     step_op: np.ndarray
     step_stream: np.ndarray
+    step_single: np.ndarray  # every receiving core of the step takes one input
+    step_direct: np.ndarray  # no core of the step both sends and receives: local blocks are read in place
     waits: tuple[int, ...]  # steps that receive a part from another tile
     from_peer: dict  # tile -> the parts it sends here, in program order
     local_flows: int
@@ -121,11 +123,17 @@ class Fused:
             recv_ptr.append(len(recv_parts))
         cat = lambda a: np.concatenate(a).astype(np.int64) if a else np.zeros(0, dtype=np.int64)  # noqa: E731
         ints = lambda a: np.array(a, dtype=np.int64)  # noqa: E731
+        single, direct = [], []
+        for s in range(len(program.steps)):
+            into = cat([cols["dst"][p] for p in recv_parts[recv_ptr[s] : recv_ptr[s + 1]]])
+            out = cat([cols["src"][p] for p in send_parts[send_ptr[s] : send_ptr[s + 1]]])
+            single.append(len(np.unique(into)) == len(into))
+            direct.append(not np.isin(into, out[out >= 0]).any())
         return cls(
             *(cat(cols[k]) for k in ("src", "dst", "load", "hops", "relays")), ints(ptr), ints(peer),
             ints(send_ptr), ints(send_parts), ints(recv_ptr), ints(recv_parts),
             ints([OP_CODES[s.op] for s in program.steps]), np.array([s.stream for s in program.steps], dtype=np.bool_),
-            tuple(waits), from_peer, flows[True], flows[False],
+            np.array(single, dtype=np.bool_), np.array(direct, dtype=np.bool_), tuple(waits), from_peer, flows[True], flows[False],
         )
 
     async def run(self, tile, tag: str, data: np.ndarray | None, size_cycles: float, combine: float) -> None:
@@ -141,8 +149,8 @@ class Fused:
         msg = np.empty((n if has_data else 0, data.shape[1]), dtype=data.dtype)
         head, tail, stages, compute = np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n)
         state = (*tile.flat_clocks(), *tile.acc, data, msg, has_data, self.src, self.dst, self.load, self.hops, self.relays,
-                 self.part_ptr, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts, self.step_op, self.step_stream,
-                 size_cycles, dev.alpha, dev.beta, combine, dev.call_overhead, head, tail, stages, compute)
+                 self.part_ptr, self.peer, tile.index, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts,
+                 self.step_op, self.step_stream, self.step_single, self.step_direct, size_cycles, dev.alpha, dev.beta, combine, dev.call_overhead, head, tail, stages, compute)
         steps = len(self.step_op)
         sent = 0  # send phases run so far: their parts to other tiles are owed until the next flush
         owed = 0  # the first send phase not yet flushed
@@ -197,39 +205,50 @@ class Fused:
 
 @njit(cache=True)
 def _run_phases(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages, acc_compute,
-                data, msg, has_data, src, dst, load, hops, relays, part_ptr, send_ptr, send_parts, recv_ptr, recv_parts,
-                step_op, step_stream, size_cycles, alpha, beta, combine, call_overhead, head, tail, msg_stages, msg_compute,
-                first, last):
+                data, msg, has_data, src, dst, load, hops, relays, part_ptr, peer, me, send_ptr, send_parts, recv_ptr,
+                recv_parts, step_op, step_stream, step_single, step_direct, size_cycles, alpha, beta, combine, call_overhead,
+                head, tail, msg_stages, msg_compute, first, last):
     """Half-steps ``first .. last - 1``: half-step 2 s sends step s's parts, 2 s + 1 receives them."""
     for h in range(first, last):
         s = h // 2
-        stream, op = step_stream[s], step_op[s]
+        stream, op, direct = step_stream[s], step_op[s], step_direct[s]
         if h % 2 == 0:  # sends: sources read before any receive of the step
             for k in range(send_ptr[s], send_ptr[s + 1]):
-                a, b = part_ptr[send_parts[k]], part_ptr[send_parts[k] + 1]
+                p = send_parts[k]
+                a, b = part_ptr[p], part_ptr[p + 1]
                 send_flows(clock, fwd_head, relaying, sent, stages, compute, src[a:b], load[a:b], hops[a:b], relays[a:b],
                            size_cycles, alpha, beta, stream, head[a:b], tail[a:b], msg_stages[a:b], msg_compute[a:b])
-                if has_data:
+                if has_data and not (direct and peer[p] == me):  # a block that must not change before it lands
                     for j in range(a, b):
                         for e in range(msg.shape[1]):
                             msg[j, e] = data[src[j], e]
             continue
         cost = 0.0 if op == 0 else combine
         for k in range(recv_ptr[s], recv_ptr[s + 1]):  # receives, combined in the order of the transfers
-            a, b = part_ptr[recv_parts[k]], part_ptr[recv_parts[k] + 1]
+            p = recv_parts[k]
+            a, b = part_ptr[p], part_ptr[p + 1]
             if has_data:
+                inplace = direct and peer[p] == me
                 for j in range(a, b):
                     d = dst[j]
-                    for e in range(msg.shape[1]):
-                        if op == 0:
-                            data[d, e] = msg[j, e]
-                        elif op == 1:
-                            data[d, e] = data[d, e] + msg[j, e]
-                        else:
-                            data[d, e] = np.maximum(data[d, e], msg[j, e])
-            arrive(clock, stages, compute, dst[a:b], head[a:b], tail[a:b], msg_stages[a:b], msg_compute[a:b], cost, beta,
-                   stream, acc_end, acc_start, acc_combine, acc_stages, acc_compute)
-        for k in range(recv_ptr[s], recv_ptr[s + 1]):
-            a, b = part_ptr[recv_parts[k]], part_ptr[recv_parts[k] + 1]
-            settle(clock, fwd_head, relaying, sent, stages, compute, dst[a:b], beta, call_overhead, stream,
-                   acc_end, acc_start, acc_combine, acc_stages, acc_compute)
+                    row = data[src[j]] if inplace else msg[j]
+                    if op == 0:
+                        for e in range(row.size):
+                            data[d, e] = row[e]
+                    elif op == 1:
+                        for e in range(row.size):
+                            data[d, e] = data[d, e] + row[e]
+                    else:
+                        for e in range(row.size):
+                            data[d, e] = np.maximum(data[d, e], row[e])
+            if step_single[s]:
+                receive_one(clock, fwd_head, relaying, sent, stages, compute, dst[a:b], head[a:b], tail[a:b],
+                            msg_stages[a:b], msg_compute[a:b], cost, beta, call_overhead, stream)
+            else:
+                arrive(clock, stages, compute, dst[a:b], head[a:b], tail[a:b], msg_stages[a:b], msg_compute[a:b], cost,
+                       beta, stream, acc_end, acc_start, acc_combine, acc_stages, acc_compute)
+        if not step_single[s]:
+            for k in range(recv_ptr[s], recv_ptr[s + 1]):
+                a, b = part_ptr[recv_parts[k]], part_ptr[recv_parts[k] + 1]
+                settle(clock, fwd_head, relaying, sent, stages, compute, dst[a:b], beta, call_overhead, stream,
+                       acc_end, acc_start, acc_combine, acc_stages, acc_compute)

@@ -54,6 +54,35 @@ def send_flows(clock, fwd_head, relaying, sent, stages, compute, fi, load, hops,
         sent[c] = max(sent[c], tail_out[j])
 
 
+@njit(inline="always")
+def _input_ends(c0, head, tail, combine, beta, stream):
+    """(end, start, waited) of one input at a core whose clock was ``c0`` (see ``arrive``)."""
+    if stream:
+        start = max(c0, head) + beta
+        return max(start + max(tail - head, combine), tail + beta), start, head > c0
+    return max(c0, tail), -np.inf, tail > c0  # plain receives forward nothing
+
+
+@njit(inline="always")
+def _go_on(clock, fwd_head, relaying, sent, stages, compute, c, end, start, comb, path_stages, path_compute,
+           beta, call_overhead, stream):
+    """Core ``c`` goes on after its inputs (the last ending at ``end``) and its own earlier sends."""
+    c0 = clock[c]
+    end = max(end, sent[c])
+    if stream:
+        clock[c] = max(end, c0 + beta + comb)
+        fwd_head[c] = start
+        relaying[c] = True
+        stages[c] = path_stages + 1
+        compute[c] = path_compute
+    else:
+        extra = comb + call_overhead if comb > 0 else 0.0
+        clock[c] = max(end, c0) + extra
+        relaying[c] = False
+        stages[c] = path_stages
+        compute[c] = path_compute + extra
+
+
 @njit(cache=True)
 def arrive(clock, stages, compute, fi, head, tail, msg_stages, msg_compute, combine, beta, stream,
            acc_end, acc_start, acc_combine, acc_stages, acc_compute):
@@ -67,15 +96,7 @@ def arrive(clock, stages, compute, fi, head, tail, msg_stages, msg_compute, comb
     """
     for j in range(fi.size):
         c = fi[j]
-        c0 = clock[c]
-        if stream:
-            start = max(c0, head[j]) + beta
-            end = max(start + max(tail[j] - head[j], combine), tail[j] + beta)
-            waited = head[j] > c0
-        else:
-            start = -np.inf  # plain receives forward nothing
-            end = max(c0, tail[j])
-            waited = tail[j] > c0
+        end, start, waited = _input_ends(clock[c], head[j], tail[j], combine, beta, stream)
         if end > acc_end[c]:
             acc_stages[c] = msg_stages[j] if waited else stages[c]
             acc_compute[c] = msg_compute[j] if waited else compute[c]
@@ -96,21 +117,21 @@ def settle(clock, fwd_head, relaying, sent, stages, compute, fi, beta, call_over
         c = fi[j]
         if acc_end[c] == -np.inf:  # listed again: already settled
             continue
-        c0 = clock[c]
-        end = max(acc_end[c], sent[c])
-        comb = acc_combine[c]
-        if stream:
-            clock[c] = max(end, c0 + beta + comb)
-            fwd_head[c] = acc_start[c]
-            relaying[c] = True
-            stages[c] = acc_stages[c] + 1
-            compute[c] = acc_compute[c]
-        else:
-            extra = comb + call_overhead if comb > 0 else 0.0
-            clock[c] = max(end, c0) + extra
-            relaying[c] = False
-            stages[c] = acc_stages[c]
-            compute[c] = acc_compute[c] + extra
+        _go_on(clock, fwd_head, relaying, sent, stages, compute, c, acc_end[c], acc_start[c], acc_combine[c],
+               acc_stages[c], acc_compute[c], beta, call_overhead, stream)
         acc_end[c] = -np.inf
         acc_start[c] = -np.inf
         acc_combine[c] = 0.0
+
+
+@njit(cache=True)
+def receive_one(clock, fwd_head, relaying, sent, stages, compute, fi, head, tail, msg_stages, msg_compute, combine,
+                beta, call_overhead, stream):
+    """``arrive`` then ``settle`` for a step in which every core of ``fi`` takes exactly one input."""
+    for j in range(fi.size):
+        c = fi[j]
+        end, start, waited = _input_ends(clock[c], head[j], tail[j], combine, beta, stream)
+        path_stages = msg_stages[j] if waited else stages[c]
+        path_compute = msg_compute[j] if waited else compute[c]
+        _go_on(clock, fwd_head, relaying, sent, stages, compute, c, end, start, combine, path_stages, path_compute,
+               beta, call_overhead, stream)
