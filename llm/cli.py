@@ -154,10 +154,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"tiles per region ({args.transport}); KV {args.kv}: {p.cap} slots per core, {p.capacity()} tokens",
               file=sys.stderr)
         total = len(prompt_ids) + args.max_new_tokens
-        bar = tqdm(total=total, desc="decode", unit="tok", leave=False, file=sys.stderr)
+        layers = tqdm(total=sum(r.layers + r.head for r in p.regions), desc="prefill", unit="layer", leave=False,
+                      file=sys.stderr, disable=args.prefill != "mesh")
+        bar = None
         shown = [""]
+        started = time.perf_counter()
+
+        def on_layer(done: int, total: int) -> None:
+            layers.update(1)
+            left = (time.perf_counter() - started) / done * (total - done)
+            if done == 1 and left > LONG_S:
+                layers.clear()
+                print(f"wafer-llm: warning: the prefill of {len(prompt_ids)} tokens will take about {left / 60:.0f} more "
+                      f"minutes on this machine ({total} layers); a shorter prompt, a smaller --mesh or --prefill token "
+                      "is faster", file=sys.stderr)
 
         def on_token(i: int, token: int) -> None:
+            nonlocal bar
+            if bar is None:
+                layers.close()
+                bar = tqdm(total=total, initial=i, desc="decode", unit="tok", leave=False, file=sys.stderr)
             bar.update(1)
             if i >= len(prompt_ids):  # stream the answer as it grows (decode whole: multi-byte characters)
                 so_far = tok.decode(out_ids + [token])
@@ -171,8 +187,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out_ids: list[int] = []
         print(text, end="", flush=True)
         result = generate(engine, prompt_ids, max_new_tokens=args.max_new_tokens, sampler=sampler,
-                          eos_id=tok.eos_id, prefill=args.prefill, on_token=on_token)
-        bar.close()
+                          eos_id=tok.eos_id, prefill=args.prefill, on_token=on_token, on_layer=on_layer)
+        layers.close()
+        if bar is not None:
+            bar.close()
         print()
         summary = engine.summary()
     pred, emu = summary["predicted"], summary["emulation"]
@@ -289,6 +307,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0 if all(r["invariant"] for r in rows) else 1
 
 
+LONG_S = 600  # a prefill expected to run longer than this (host seconds) is warned about
 EXECUTOR_ARG = dict(default="fused", choices=["fused", "step"],
                     help="fused (default): collectives inside a tile as one compiled loop; step: step by step, the "
                          "specification (same values and cycles)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -240,12 +240,14 @@ class WaferLlama:
         self.totals.steps.append(st)
         return logits, st
 
-    def prefill(self, prompt_ids: list[int] | int) -> tuple[np.ndarray | None, PrefillStats]:
+    def prefill(self, prompt_ids: list[int] | int, on_layer: Callable[[int, int], None] | None = None
+                ) -> tuple[np.ndarray | None, PrefillStats]:
         """Run a whole prompt at positions 0.. at once (WaferLLM's prefill) and leave the cache ready for ``step``.
 
         Pass the token ids, or (cost-only) just the prompt length. Returns the logits of
         every prompt position ``(tokens, vocab)`` (None when cost-only or without an LM
-        head) and the predicted cycles of each phase.
+        head) and the predicted cycles of each phase. ``on_layer(done, total)`` is called after
+        every layer (and the LM head) of every region.
 
         Raises:
             PlacementError: the prompt is longer than the room kept (``prefill_tokens``), or
@@ -274,6 +276,7 @@ class WaferLlama:
             x = skew_rows(x, p)
         relay = [w.run(relayout, layers=r.layers, head=r.head, to="prefill").cycles for w, r in self._regions()]
         cycles, crossing = [], 0.0
+        total, done = sum(r.layers + r.head for r in self.placement.regions), 0
         for i, (wafer, region) in enumerate(self._regions()):
             wafer.alloc("kv_p", (st * p, region.layers, 2, s.kv), self.dtype, Spec("y", None, None, "x"))
             if region.head:
@@ -287,7 +290,13 @@ class WaferLlama:
             else:
                 wafer.load("xp", x, Spec("y", "x"))
             wafer.reset_clocks()
-            cycles.append(wafer.run(prefill, plan=self.plans[i].as_kwargs(), tokens=n).cycles)
+            runs = []
+            for layer in range(region.layers + region.head):  # one run per layer: the clocks run on
+                runs.append(wafer.run(prefill, plan=self.plans[i].as_kwargs(), tokens=n, layer=layer))
+                done += 1
+                if on_layer:
+                    on_layer(done, total)
+            cycles.append(max(r.end for r in runs) - runs[0].start)
         last = self.wafers[-1]
         logits = None
         if not self.cost_only and self.plans[-1].head:

@@ -47,13 +47,15 @@ class Generation:
 
 def generate(engine: WaferLlama, prompt_ids: list[int], *, max_new_tokens: int, sampler: Sampler | None = None,
              eos_id: int | None = None, keep_logits: bool = False, prefill: str = "token",
-             on_token: Callable[[int, int], None] | None = None) -> Generation:
+             on_token: Callable[[int, int], None] | None = None,
+             on_layer: Callable[[int, int], None] | None = None) -> Generation:
     """Decode ``max_new_tokens`` tokens (fewer at end-of-sequence) after ``prompt_ids``.
 
     ``prefill="mesh"`` runs the whole prompt at once with ``WaferLlama.prefill`` (the engine
     must have been placed with ``prefill_tokens`` >= the prompt's length); ``"token"``
     feeds it one decode step per token. ``on_token(i, token_id)`` is called for every
-    prompt token (i < len(prompt)), then for each new token as it is chosen.
+    prompt token (i < len(prompt)), then for each new token as it is chosen;
+    ``on_layer(done, total)`` after every layer of a mesh prefill.
 
     Raises:
         ValueError: an empty prompt, max_new_tokens < 1, a token id outside the vocabulary, or
@@ -78,7 +80,7 @@ def generate(engine: WaferLlama, prompt_ids: list[int], *, max_new_tokens: int, 
         engine.placement.check_prefill(len(prompt_ids))
     out = Generation(list(map(int, prompt_ids)), [], "length", prefill)
     if prefill == "mesh":
-        all_logits, out.prefill = engine.prefill(out.prompt_ids)
+        all_logits, out.prefill = engine.prefill(out.prompt_ids, on_layer=on_layer)
         logits = all_logits[-1]
         out.ttft_cycles, out.decode_cycles = out.prefill.ttft_cycles, out.prefill.handover_cycles
         if keep_logits:

@@ -44,7 +44,7 @@ from .decode_protocol import RegionPlan, _columns, _rope, kv_rows
 LAYER_WEIGHTS = ("attn_norm", "wqkv", "wo", "ffn_norm", "w13", "w2")
 
 
-def _routes(mesh: Mesh, *, plan: dict, tokens: int) -> list[Route]:
+def _routes(mesh: Mesh, *, plan: dict, tokens: int, layer: int) -> list[Route]:
     return block_gemm_routes(mesh) + allreduce_routes(mesh, axis="x", algo=plan["algo"], K=plan["K"], group_num=plan["group_num"])
 
 
@@ -66,8 +66,12 @@ async def _rmsnorm(tile, p: RegionPlan, weight: np.ndarray | None, st: int, dt: 
 
 
 @protocol(routes=_routes)
-async def prefill(tile, *, plan: dict, tokens: int) -> None:
-    """Run the ``tokens`` prompt tokens in ``xp`` (x-skewed) through the region's layers (weights y-skewed)."""
+async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
+    """Run the ``tokens`` prompt tokens in ``xp`` (x-skewed) through the region's layer ``layer`` (weights y-skewed),
+    or, with ``layer`` = the region's layer count, through the final norm and LM head.
+
+    The driver runs the layers one by one (to show progress); the clocks run on between them.
+    """
     p = RegionPlan(**plan)
     full = not tile.cost_only
     mesh, r = tile.tiling.mesh, tile.rect
@@ -106,7 +110,9 @@ async def prefill(tile, *, plan: dict, tokens: int) -> None:
         k = math.prod(b.shape[2 : 2 + (a.ndim - 3)])
         c += (a.reshape(*a.shape[:3], k) @ b.reshape(*b.shape[:2], k, -1)).reshape(c.shape)
 
-    for layer in range(p.layers):
+    if not 0 <= layer <= p.layers or (layer == p.layers and not p.head):
+        raise ValueError(f"prefill: layer must be in [0, {p.layers}{']' if p.head else ')'} on this region, got {layer}")
+    if layer < p.layers:
         weights = {n: f"{n}@" for n in LAYER_WEIGHTS}
         for n, alias in weights.items():
             tile.alias(alias, n, (layer,))
@@ -163,7 +169,7 @@ async def prefill(tile, *, plan: dict, tokens: int) -> None:
         tile.charge(st * dt, p.dtype)
         for alias in weights.values():
             tile.free(alias)
-    if p.head:  # the vocabulary in column chunks, so the LM head's second buffer is no larger than the FFN's
+    else:  # the vocabulary in column chunks, so the LM head's second buffer is no larger than the FFN's
         await _rmsnorm(tile, p, tile.data("final_norm") if full else None, st, dt)
         for c0, c1 in head_chunks(dt, tile.buffer("lm_head").block[1], 2 * ft):
             tile.alias("lm_head@", "lm_head", (slice(None), slice(c0, c1)))

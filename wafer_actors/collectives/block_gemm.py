@@ -50,9 +50,13 @@ def skewed_plan(mesh: Mesh) -> CannonPlan:
 
 def block_gemm_routes(mesh: Mesh) -> list[Route]:
     """The x- and y-rings and the four alignment directions."""
+    return list(_block_gemm_routes(mesh))
+
+
+@lru_cache(maxsize=8)
+def _block_gemm_routes(mesh: Mesh) -> tuple[Route, ...]:
     plan = skewed_plan(mesh)
-    ts = [t for t in (plan.ring_x, plan.ring_y, *plan.full.values()) if t is not None]
-    return [Route(t.route, (t,)) for t in ts]
+    return tuple(Route(t.route, (t,)) for t in (plan.ring_x, plan.ring_y, *plan.full.values()) if t is not None)
 
 
 def skew_index(p: int) -> np.ndarray:

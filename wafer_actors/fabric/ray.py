@@ -27,7 +27,10 @@ class TileActor:
     """The Ray face of a ``Tile``: every method runs on the actor's event loop."""
 
     def __init__(self, index: int, mesh_shape: tuple[int, int], tiles: tuple[int, int], device: DeviceSpec, cost_only: bool,
-                 executor: str):
+                 executor: str, threads: int):
+        import numba
+
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # this tile's share of its node
         self.tile = Tile(index, mesh_shape, tiles, device, cost_only, executor)
 
     async def node(self) -> str:
@@ -111,11 +114,13 @@ class RayTransport(Transport):
         if not cost_only:
             _check_node_memory(tiling, device, where)
         cls = ray.remote(TileActor)
+        cpus = {node["NodeID"]: node["Resources"].get("CPU", 1.0) for node in ray.nodes() if node["Alive"]}
         for i in range(n):
             node = where[i]
             strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
             opts = cls.options(num_cpus=self.options.num_cpus, scheduling_strategy=strategy)
-            self.actors.append(opts.remote(i, tiling.mesh.shape, tiling.tiles, device, cost_only, executor))
+            threads = int(self.options.num_cpus) or int(cpus.get(node, 1.0) // where.count(node))
+            self.actors.append(opts.remote(i, tiling.mesh.shape, tiling.tiles, device, cost_only, executor, threads))
         self._nodes = ray.get([a.node.remote() for a in self.actors])
         ray.get([a.connect.remote(self.actors, self._nodes) for a in self.actors])
 
