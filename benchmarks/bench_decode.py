@@ -6,7 +6,7 @@ the peak resident memory of all processes (driver and Ray workers) against the m
 and the KV capacity of shift vs concat for LLaMA3-8B on a 360x360 region (float16, the
 paper's setting; shapes only).
 
-    python benchmarks/bench_decode.py [--tokens 8] [--mesh 120x120] [--skip-ray]
+    python benchmarks/bench_decode.py [--tokens 8] [--mesh 120x120] [--skip-ray] [--executor fused|step]
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8, help="tokens timed per configuration (after one warm-up)")
     ap.add_argument("--mesh", default=None, help="region ROWSxCOLS (default: the model's default mesh)")
     ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--executor", default="fused", choices=["fused", "step"])
     args = ap.parse_args()
     device = resolve("wse2")
     cfg, w, _ = load_model()
@@ -76,7 +77,8 @@ def main() -> None:
     for i, t in enumerate(tokens[1:], start=1):
         ref.forward(t, i)
     ref_ms = (time.perf_counter() - t0) / args.tokens * 1e3
-    print(f"model {cfg.name}: {model_bytes / 2**20:.0f} MiB of float32 weights; mesh {mesh[0]}x{mesh[1]} on {device.name}")
+    print(f"model {cfg.name}: {model_bytes / 2**20:.0f} MiB of float32 weights; mesh {mesh[0]}x{mesh[1]} on {device.name}; "
+          f"{args.executor} executor")
     print(f"numpy reference: {ref_ms:.1f} ms/token")
     print(f"{'tiles':>5} {'transport':>9} {'ms/token':>9} {'x ref':>6} {'cycles/token':>13} {'tok/s (device)':>15} {'peak RSS MiB':>13} {'x model':>8}")
     transports = ["local"] if args.skip_ray else ["local", "ray"]
@@ -87,7 +89,8 @@ def main() -> None:
 
                 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             with PeakRSS() as rss:
-                with WaferLlama(cfg, w, mesh=mesh, tiles=tiles, transport=transport, tokens=len(tokens)) as m:
+                with WaferLlama(cfg, w, mesh=mesh, tiles=tiles, transport=transport, tokens=len(tokens),
+                                executor=args.executor) as m:
                     m.step(tokens[0])  # warm-up: plans and caches
                     t0 = time.perf_counter()
                     for t in tokens[1:]:

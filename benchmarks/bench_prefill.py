@@ -5,7 +5,7 @@ time, all logits), the emulation's prefill wall time and its ratio, the largest 
 difference, the predicted device time of each prefill phase (time to first token, the
 KV hand-over) and the SRAM high-water mark per core.
 
-    python benchmarks/bench_prefill.py [--tokens 128] [--mesh 144x144] [--tiles 1x1]
+    python benchmarks/bench_prefill.py [--tokens 128] [--mesh 144x144] [--tiles 1x1] [--executor fused|step]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--mesh", default=None)
     ap.add_argument("--tiles", default="1x1")
     ap.add_argument("--transport", default="local", choices=["local", "ray"])
+    ap.add_argument("--executor", default="fused", choices=["fused", "step"])
     args = ap.parse_args()
     cfg, weights, _ = load_model(args.model)
     device = resolve("wse2")
@@ -42,7 +43,7 @@ def main() -> None:
     ref_s = time.perf_counter() - t0
 
     with WaferLlama(cfg, weights, mesh=mesh, device=device, tiles=parse_grid(args.tiles), transport=args.transport,
-                    tokens=args.tokens + 1, prefill_tokens=args.tokens) as m:
+                    tokens=args.tokens + 1, prefill_tokens=args.tokens, executor=args.executor) as m:
         t0 = time.perf_counter()
         logits, st = m.prefill(ids)
         emu_s = time.perf_counter() - t0
@@ -50,7 +51,7 @@ def main() -> None:
     err = float(np.abs(logits - want).max() / np.abs(want).max())
     hz = device.clock_hz
     print(f"model {cfg.name}, {args.tokens}-token prompt, mesh {mesh[0]}x{mesh[1]} x {regions} region(s), "
-          f"tiles {args.tiles} ({args.transport}) on {device.name}")
+          f"tiles {args.tiles} ({args.transport}) on {device.name}, {args.executor} executor")
     print(f"numpy reference: {ref_s:.2f} s | emulated prefill: {emu_s:.1f} s ({emu_s / ref_s:.0f}x the reference) | "
           f"max logit error {err:.1e} (relative to the largest logit)")
     print(f"predicted: weights skewed {st.relayout_cycles:,.0f} cycles, layers {sum(st.region_cycles):,.0f}, "

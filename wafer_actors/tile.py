@@ -27,7 +27,7 @@ from .fabric.wire import Message, decode, encode
 from .mesh import Mesh, Tiling
 from .program import Fused, Program
 from .protocol import resolve
-from .timing import arrive, send_flows, settle
+from .timing import arrive, receive_one, send_flows, settle
 from .transfer import Transfer
 
 OPS = ("store", "add", "max")
@@ -82,7 +82,6 @@ class _Local:
 
     fi: np.ndarray  # per flow: flat index of the local source (outgoing) or destination (incoming) core
     fi_src: np.ndarray  # outgoing: flat index of each distinct source, in message order; incoming: per flow, its block in the message
-    distinct: bool  # outgoing: no two flows share a source (no multicast)
     load: np.ndarray
     latency_hops: np.ndarray
     relays: np.ndarray
@@ -132,7 +131,7 @@ class Tile:
         self._rates: dict[Any, float] = {}
         self._local_size = 0  # flows held in _local_parts
         self._local_parts: dict[tuple[str, str], tuple[Transfer, dict[int, _Local]]] = {}
-        self._fused: dict[str, tuple[Program, Fused | None]] = {}
+        self._fused: dict[str, tuple[Program, Fused]] = {}
 
     # ---- wiring ---------------------------------------------------------------------------
     def connect(self, post: Callable[[int, bytes], None], nodes: list[str]) -> None:
@@ -326,12 +325,12 @@ class Tile:
                 f, s = part.flows, part.sources
                 fi = (transfer.src_y[f] - y0) * w + transfer.src_x[f] - x0
                 fi_src = (transfer.src_y[s] - y0) * w + transfer.src_x[s] - x0
-                parts[dest] = _Local(fi, fi_src, len(s) == len(f), transfer.load[f], transfer.hops[f], transfer.relays[f])
+                parts[dest] = _Local(fi, fi_src, transfer.load[f], transfer.hops[f], transfer.relays[f])
         else:
             for src, part in view.incoming.items():
                 f = part.flows
                 fi = (transfer.dst_y[f] - y0) * w + transfer.dst_x[f] - x0
-                parts[src] = _Local(fi, part.inverse, True, transfer.load[f], transfer.hops[f], transfer.relays[f],
+                parts[src] = _Local(fi, part.inverse, transfer.load[f], transfer.hops[f], transfer.relays[f],
                                     _span(fi), bool((part.inverse == np.arange(len(f))).all()))
         size = sum(len(lp.fi) for lp in parts.values())
         if self._local_size + size > LOCAL_PARTS_BUDGET:  # many large one-off transfers (SUMMA's casts) would pile up
@@ -375,9 +374,9 @@ class Tile:
     async def exchange(self, program: Program, name: str) -> None:
         """Run the steps of ``program`` (a collective) on buffer ``name``.
 
-        The fused executor runs a program whose flows all stay on this tile as one compiled
-        loop; otherwise (the step executor, or flows to other tiles) each step is a ``send``
-        of its transfers and a ``recv`` of them, with messages.
+        The step executor sends each step's transfers and receives them, with messages; the
+        fused one runs the steps as compiled loops over the tile's cores and batches what
+        crosses to other tiles (``program.Fused``).
         """
         fused = self._fused_program(program, name)
         if fused is None:
@@ -386,8 +385,9 @@ class Tile:
                     self.send(t, name, stream=step.stream)
                 await self.recv(step.transfers, name, op=step.op, stream=step.stream)
             return
-        if not program.routes <= self._routes:
-            self._check_route(next(t for s in program.steps for t in s.transfers if t.route not in self._routes))
+        missing = program.routes - self._routes
+        if missing:
+            self._check_route(next(t for s in program.steps for t in s.transfers if t.route in missing))
         buf = self.buffers[name]
         size = math.prod(buf.block)
         data = None if buf.data is None else buf.data.reshape(self.clock.size, size)
@@ -453,15 +453,10 @@ class Tile:
         self.stats["steps_fused"] += 1
         return self._parts(transfer, "in")[self.index].fi, head, tail, stages, compute
 
-    def land_local(self, started: Sequence[tuple[np.ndarray, ...]], *, combine: float = 0.0, stream: bool = False) -> None:
-        """Receive transfers begun with ``start_local`` as one step (as ``recv`` of them would); ``combine``: cycles per block."""
-        state = self.flat_clocks()
-        fed = [s[0] for s in started if s]
-        for s in started:
-            if s:
-                arrive(state[0], state[4], state[5], *s, combine, self.device.beta, stream, *self.acc)
-        if fed:
-            settle(*state, np.concatenate(fed), self.device.beta, self.device.call_overhead, stream, *self.acc)
+    def land_local(self, started: tuple[np.ndarray, ...]) -> None:
+        """Receive a transfer begun with ``start_local`` (a plain store, as ``recv`` of it would)."""
+        if started:
+            receive_one(*self.flat_clocks(), *started, 0.0, self.device.beta, self.device.call_overhead, False)
 
     def local_flows(self, transfer: Transfer) -> tuple[np.ndarray, np.ndarray]:
         """(source, destination) flat core indices of each flow of a transfer that ``fuses``."""
@@ -470,8 +465,8 @@ class Tile:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         return out.fi, self._parts(transfer, "in")[self.index].fi
 
-    def move_local(self, transfer: Transfer, src: str, dst: str, select: tuple[slice, ...] | None = None) -> None:
-        """Copy the blocks (or their ``select`` part) of ``src`` into ``dst`` as ``transfer``'s flows would deliver them."""
+    def move_local(self, transfer: Transfer, src: str, dst: str) -> None:
+        """Copy the blocks of ``src`` into ``dst`` as ``transfer``'s flows would deliver them."""
         if self.cost_only:
             return
         out, inc = self._parts(transfer, "out").get(self.index), self._parts(transfer, "in").get(self.index)
@@ -479,13 +474,10 @@ class Tile:
             return
         a, b = self.buffer(src), self.buffer(dst)
         flat = a.data.reshape((-1,) + a.block)
-        if select is None and inc.span is not None and not b.alias and b.data.flags.c_contiguous and b.dtype == a.dtype:
+        if inc.span is not None and not b.alias and b.data.flags.c_contiguous and b.dtype == a.dtype:
             np.take(flat, out.fi, axis=0, out=b.data.reshape((-1,) + b.block)[inc.span])  # one pass, straight into place
             return
-        blocks = flat[out.fi]
-        if select is not None:
-            blocks = blocks[(slice(None), *select)]
-        _combine(b, inc.fi if inc.span is None else inc.span, blocks, "store")
+        _combine(b, inc.fi if inc.span is None else inc.span, flat[out.fi], "store")
 
     def _check_route(self, transfer: Transfer) -> None:
         if transfer.route not in self._routes:

@@ -117,7 +117,7 @@ class _Operand:
         t, tile = self.transfer, self.tile
         if self.fused and t is not None:
             if self.started:
-                tile.land_local([self.started])
+                tile.land_local(self.started)
             if self.order is not None:
                 src, dst = self.flows
                 self.order[dst] = self.order[src]
@@ -204,7 +204,7 @@ async def skew(tile, names: list[str], *, axis: str, reverse: bool = False) -> N
         if order is not None:
             started = [tile.start_local(t, tile.buffer(n).nbytes) for n in names]
             for s in started:
-                tile.land_local([s])
+                tile.land_local(s)
             src, dst = tile.local_flows(t)
             order[dst] = order[src]
             continue
