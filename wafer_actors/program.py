@@ -133,7 +133,8 @@ class Fused:
             *(cat(cols[k]) for k in ("src", "dst", "load", "hops", "relays")), ints(ptr), ints(peer),
             ints(send_ptr), ints(send_parts), ints(recv_ptr), ints(recv_parts),
             ints([OP_CODES[s.op] for s in program.steps]), np.array([s.stream for s in program.steps], dtype=np.bool_),
-            np.array(single, dtype=np.bool_), np.array(direct, dtype=np.bool_), tuple(waits), from_peer, flows[True], flows[False],
+            np.array(single, dtype=np.bool_), np.array(direct, dtype=np.bool_), tuple(waits), from_peer,
+            flows[True], flows[False],
         )
 
     async def run(self, tile, tag: str, data: np.ndarray | None, size_cycles: float, combine: float) -> None:
@@ -150,7 +151,8 @@ class Fused:
         head, tail, stages, compute = np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n)
         state = (*tile.flat_clocks(), *tile.acc, data, msg, has_data, self.src, self.dst, self.load, self.hops, self.relays,
                  self.part_ptr, self.peer, tile.index, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts,
-                 self.step_op, self.step_stream, self.step_single, self.step_direct, size_cycles, dev.alpha, dev.beta, combine, dev.call_overhead, head, tail, stages, compute)
+                 self.step_op, self.step_stream, self.step_single, self.step_direct, size_cycles, dev.alpha, dev.beta,
+                 combine, dev.call_overhead, head, tail, stages, compute)
         steps = len(self.step_op)
         sent = 0  # send phases run so far: their parts to other tiles are owed until the next flush
         owed = 0  # the first send phase not yet flushed
