@@ -309,8 +309,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 LONG_S = 600  # a prefill expected to run longer than this (host seconds) is warned about
 EXECUTOR_ARG = dict(default="fused", choices=["fused", "step"],
-                    help="fused (default): collectives inside a tile as one compiled loop; step: step by step, the "
-                         "specification (same values and cycles)")
+                    help="fused (default): collectives as compiled loops over each tile's cores, one message per "
+                         "neighbour and stretch of steps; step: step by step, the specification (same values and cycles)")
 ADDRESS_HELP = "Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start Ray on this machine)"
 
 

@@ -83,9 +83,9 @@ class Wafer:
         transport: ``"local"`` (in-process), ``"ray"`` (actors on the current Ray cluster,
             started locally if none) or a ``Transport``.
         cost_only: keep shapes but no tensors: same protocols and cycles, no numerics.
-        executor: ``fused`` (default) runs a collective whose flows stay inside a tile as one
-            compiled loop; ``step`` runs every protocol step by step (the specification).
-            Both give bit-identical values and cycles.
+        executor: ``fused`` (default) runs collectives as compiled loops over each tile's
+            cores and batches what crosses tile edges; ``step`` runs every protocol step by
+            step (the specification). Both give bit-identical values and cycles.
 
     Raises:
         DeviceSpecError: the mesh does not fit the device.

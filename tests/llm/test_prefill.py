@@ -196,3 +196,15 @@ def test_fused_executor_prefills_exactly_as_the_step_executor(weights, tiles):
     np.testing.assert_array_equal(n2, n1)
     assert (s2.relayout_cycles, s2.region_cycles, s2.handover_cycles, s2.sram_high_water_bytes, c2) == \
            (s1.relayout_cycles, s1.region_cycles, s1.handover_cycles, s1.sram_high_water_bytes, c1)
+
+
+def test_fused_executor_costs_shapes_exactly_as_the_step_executor():
+    """Cost-only (no data in the compiled loops): the same cycles for prefill and the decode step after it."""
+    cycles = {}
+    for executor in ("step", "fused"):
+        with WaferLlama(TINY, None, mesh=(6, 6), tiles=(2, 1), transport="local", tokens=len(PROMPT) + 1,
+                        prefill_tokens=len(PROMPT), cost_only=True, executor=executor) as m:
+            _, st = m.prefill(len(PROMPT))
+            cycles[executor] = (st.relayout_cycles, st.region_cycles, st.handover_cycles, m.step(0)[1].cycles,
+                                m.wafers[0].clocks().tolist())
+    assert cycles["fused"] == cycles["step"]
