@@ -39,8 +39,10 @@ from functools import lru_cache
 import numpy as np
 
 from wafer_actors.collectives.allreduce import allreduce_routes, run_allreduce
-from wafer_actors.kernels import block_vecmat
+from wafer_actors.kernels import (attention_scores, attention_values, block_vecmat, exp_sum, masked_max, rms_scale, rope,
+                                  sum_squares, swiglu)
 from wafer_actors.mesh import Mesh
+from wafer_actors.program import Program, Step
 from wafer_actors.protocol import protocol
 from wafer_actors.transfer import Route, Transfer
 
@@ -88,6 +90,11 @@ def kv_shift_transfer(mesh: Mesh, first: int) -> Transfer:
     return Transfer.along(mesh, "y", f"kv_north:{first}", "kv_north", np.arange(first + 1, h), np.arange(first, h - 1))
 
 
+@lru_cache(maxsize=4)  # one per token, used by every layer
+def _kv_shift_program(mesh: Mesh, first: int) -> Program:
+    return Program(f"kv_north:{mesh.height}x{mesh.width}:{first}", (Step((kv_shift_transfer(mesh, first),)),))
+
+
 @lru_cache(maxsize=64)
 def _routes_cached(mesh: Mesh, algo: str, K: int, group_num: int | None, shift: bool) -> tuple[Route, ...]:
     routes = allreduce_routes(mesh, axis="y", algo=algo, K=K, group_num=group_num)
@@ -103,13 +110,12 @@ def _routes(mesh: Mesh, *, plan: dict, pos: int) -> list[Route]:
 
 @lru_cache(maxsize=64)
 def _columns(p: RegionPlan, x0: int, x1: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per local column: one-hot KV head of each K/V column (w, kvt, n_kv) and RoPE frequency (w, kvt/2)."""
+    """Per local column: the KV head of each K/V column (w, kvt; -1 for padding) and RoPE frequency (w, kvt/2)."""
     kvt = _pad(p.kv_dim, 2 * width) // width
     j = np.arange(x0 * kvt, x1 * kvt).reshape(x1 - x0, kvt)  # global K/V column
     head = np.where(j < p.kv_dim, j // p.head_dim, -1)
-    onehot = (head[..., None] == np.arange(p.n_kv)).astype(np.float32)
     d = (j % p.head_dim)[:, 0::2]  # even element of each RoPE pair
-    return onehot, p.rope_base ** (-d.astype(np.float64) / p.head_dim)
+    return head, p.rope_base ** (-d.astype(np.float64) / p.head_dim)
 
 
 def _pad(n: int, m: int) -> int:
@@ -130,13 +136,11 @@ async def _allreduce(tile, p: RegionPlan, buffer: str, axis: str, op: str = "add
 async def _rmsnorm(tile, p: RegionPlan, weight: np.ndarray | None, dt: int) -> None:
     """h = x / rms(x) * weight, the sum of squares allreduced along y (one scalar)."""
     if not tile.cost_only:
-        x = tile.data("x")
-        tile.data("ss")[..., 0] = np.einsum("yxd,yxd->yx", x, x)
+        sum_squares(tile.data("x"), tile.data("ss"))
     tile.charge(dt, p.dtype)
     await _allreduce(tile, p, "ss", "y")
     if not tile.cost_only:
-        scale = 1.0 / np.sqrt(tile.data("ss") / np.float32(p.dim) + np.float32(p.eps))
-        tile.data("h")[...] = tile.data("x") * scale * weight
+        rms_scale(tile.data("x"), tile.data("ss"), weight, np.float32(p.dim), np.float32(p.eps), tile.data("h"))
     tile.charge(2 * dt, p.dtype)
 
 
@@ -152,10 +156,8 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
     counts, starts = kv_rows(p.kv_mode, h_rows, pos + 1)
     cmax = int(counts.max())
     here = counts[rows]  # tokens held by each local row
-    act = np.flatnonzero(here > 0)  # local rows that hold tokens
-    slots = (starts[rows[act], None] + np.arange(cmax)) % p.cap  # (a, cmax)
-    valid = np.arange(cmax) < here[:, None]  # (h, cmax)
-    onehot, freq = _columns(p, r.x0, r.x1, w_cols)
+    slots = (starts[rows, None] + np.arange(cmax)) % p.cap  # (h, cmax): cache slot of each local row's tokens
+    head, freq = _columns(p, r.x0, r.x1, w_cols)
     cos, sin = np.cos(pos * freq).astype(np.float32), np.sin(pos * freq).astype(np.float32)
     dt = tile.buffer("x").block[0]
     kvt = tile.buffer("qkv").block[1]
@@ -171,42 +173,27 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         tile.charge(dt * (G + 2) * kvt, p.dtype, calls=dt)
         await _allreduce(tile, p, "qkv", "y")
         if full:  # RoPE on q and k
-            qkv = tile.data("qkv")
-            _rope(qkv[:, :, : G + 1], cos[:, None], sin[:, None])
+            rope(tile.data("qkv"), G + 1, cos, sin)
         tile.charge(3 * (G + 1) * kvt, p.dtype)
         await _kv_append(tile, p, layer, pos, h_rows, counts, starts)
         # scores of each query head over the row's tokens, reduced along x
         if full:
-            kc = tile.data("k_cache")[:, :, layer][act]  # (a, w, cap, kvt)
-            keys = np.take_along_axis(kc, slots[:, None, :, None], axis=2)
-            sc = tile.data("scores")
-            sc[...] = 0.0
-            sc[act] = np.einsum("yxgj,yxij,xjk->yxkgi", tile.data("qkv")[act, :, :G], keys, onehot, optimize=True)
+            attention_scores(tile.data("qkv"), tile.data("k_cache")[:, :, layer], slots, here, head, tile.data("scores"))
         tile.charge(per_row * G * kvt, p.dtype, calls=G)
         await _allreduce(tile, p, "scores", "x")
         # softmax over the whole sequence: max and sum allreduced along y
         if full:
-            sc = tile.data("scores")
-            sc /= np.float32(np.sqrt(p.head_dim))
-            sc[...] = np.where(valid[:, None, None, None, :], sc, -np.inf)
-            tile.data("att_m")[...] = sc.max(axis=-1)
+            masked_max(tile.data("scores"), here, np.float32(np.sqrt(p.head_dim)), tile.data("att_m"))
         tile.charge(per_row * G * nkv, p.dtype)
         await _allreduce(tile, p, "att_m", "y", op="max")
         if full:
-            sc = tile.data("scores")
-            sc[...] = np.exp(sc - tile.data("att_m")[..., None])
-            tile.data("att_s")[...] = sc.sum(axis=-1)
+            exp_sum(tile.data("scores"), tile.data("att_m"), tile.data("att_s"))
         tile.charge(2 * per_row * G * nkv, p.dtype)
         await _allreduce(tile, p, "att_s", "y")
         # o = softmax . V, reduced along y
         if full:
-            sc = tile.data("scores")
-            sc /= tile.data("att_s")[..., None]
-            vc = tile.data("v_cache")[:, :, layer][act]
-            values = np.take_along_axis(vc, slots[:, None, :, None], axis=2)
-            o = tile.data("o")
-            o[...] = 0.0
-            o[act] = np.einsum("yxkgi,xjk,yxij->yxgj", sc[act], onehot, values, optimize=True)
+            attention_values(tile.data("scores"), tile.data("att_s"), tile.data("v_cache")[:, :, layer], slots, here, head,
+                             tile.data("o"))
         tile.charge(per_row * G * (kvt + nkv), p.dtype, calls=G)
         await _allreduce(tile, p, "o", "y")
         # output projection reduced along x lands in x's layout; residual
@@ -223,9 +210,7 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         tile.charge(dt * 2 * ft, p.dtype, calls=dt)
         await _allreduce(tile, p, "ff", "y")
         if full:
-            ff = tile.data("ff")
-            gate, up = ff[:, :, 0], ff[:, :, 1]
-            tile.data("z")[...] = gate / (1 + np.exp(-gate)) * up
+            swiglu(tile.data("ff"), tile.data("z"))
         tile.charge(3 * ft, p.dtype)
         # down projection reduced along x; residual
         if full:
@@ -254,7 +239,6 @@ async def _kv_append(tile, p: RegionPlan, layer: int, pos: int, h_rows: int, cou
         if m:  # those rows pass their oldest entry north, so the tail row has room again
             first = h_rows - m - 1  # the row that receives without sending
             oldest = kv_rows("shift", h_rows, pos)[1]
-            transfer = kv_shift_transfer(tile.tiling.mesh, first)
             if full:
                 send = np.arange(max(r.y0, first + 1), r.y1)
                 if len(send):
@@ -262,8 +246,7 @@ async def _kv_append(tile, p: RegionPlan, layer: int, pos: int, h_rows: int, cou
                     out = tile.data("kv_out")
                     out[ly, :, 0] = tile.data("k_cache")[ly, :, layer, slot]  # (rows, w, kvt)
                     out[ly, :, 1] = tile.data("v_cache")[ly, :, layer, slot]
-            tile.send(transfer, "kv_out")
-            await tile.recv(transfer, "kv_in")
+            await tile.exchange(_kv_shift_program(tile.tiling.mesh, first), "kv_out", into="kv_in")
             if full:
                 take = np.arange(max(r.y0, first), min(r.y1, h_rows - 1))
                 if len(take):

@@ -83,7 +83,8 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
     qpos = rows[:, None] * st + np.arange(st)  # (h, st): positions of each row's queries
     kpos = skew_index(P)[r.y0 : r.y1, r.x0 : r.x1, None] * st + np.arange(st)  # keys of each core's x-skewed scores
     allowed = (kpos[:, :, None, :] <= qpos[:, None, :, None]) & (kpos[:, :, None, :] < tokens)  # (h, w, st_q, st_k)
-    onehot, freq = _columns(p, r.x0, r.x1, P)  # (w, kvt, nkv), (w, kvt / 2)
+    head, freq = _columns(p, r.x0, r.x1, P)  # (w, kvt), (w, kvt / 2)
+    onehot = (head[..., None] == np.arange(p.n_kv)).astype(np.float32)  # (w, kvt, nkv)
     angle = qpos[:, None, :, None, None] * freq[None, :, None, None, :]  # (h, w, st, 1, kvt / 2)
     cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
     work = {"hp": (st, dt), "ssp": (st,), "qkvp": (st, G + 2, kvt), "k_s": (st, kvt), "v_s": (st, kvt),

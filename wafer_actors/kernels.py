@@ -32,3 +32,120 @@ def _vecmat(x, w, out):
             xd = x[c, d]
             for n in range(out.shape[1]):
                 out[c, n] += xd * w[c, d, n]
+
+
+# ---- the decode step's per-core vector work: float32 blocks ``[h, w, ...]``, one core at a time ----
+@njit(cache=True, parallel=True)
+def sum_squares(x, out):
+    """``out[y, x, 0] = sum(x[y, x] ** 2)``, in element order."""
+    for y in prange(x.shape[0]):
+        for c in range(x.shape[1]):
+            s = np.float32(0.0)
+            for d in range(x.shape[2]):
+                s += x[y, c, d] * x[y, c, d]
+            out[y, c, 0] = s
+
+
+@njit(cache=True, parallel=True)
+def rms_scale(x, ss, weight, dim, eps, out):
+    """``out = x / sqrt(ss / dim + eps) * weight``: RMSNorm from the allreduced sum of squares ``ss[y, x, 0]``."""
+    for y in prange(x.shape[0]):
+        for c in range(x.shape[1]):
+            scale = np.float32(1.0) / np.sqrt(ss[y, c, 0] / dim + eps)
+            for d in range(x.shape[2]):
+                out[y, c, d] = x[y, c, d] * scale * weight[y, c, d]
+
+
+@njit(cache=True, parallel=True)
+def rope(t, vectors, cos, sin):
+    """Rotate adjacent pairs of the first ``vectors`` vectors of every core's ``t[y, x]`` in place (angles per column)."""
+    for y in prange(t.shape[0]):
+        for c in range(t.shape[1]):
+            for v in range(vectors):
+                for i in range(t.shape[3] // 2):
+                    even, odd = t[y, c, v, 2 * i], t[y, c, v, 2 * i + 1]
+                    t[y, c, v, 2 * i] = even * cos[c, i] - odd * sin[c, i]
+                    t[y, c, v, 2 * i + 1] = even * sin[c, i] + odd * cos[c, i]
+
+
+@njit(cache=True, parallel=True)
+def swiglu(ff, z):
+    """``z = silu(gate) * up`` with ``ff[y, x] = (gate, up)``."""
+    for y in prange(ff.shape[0]):
+        for c in range(ff.shape[1]):
+            for i in range(z.shape[2]):
+                g = ff[y, c, 0, i]
+                z[y, c, i] = g / (np.float32(1.0) + np.exp(-g)) * ff[y, c, 1, i]
+
+
+@njit(cache=True, parallel=True)
+def attention_scores(q, cache, slots, held, head, scores):
+    """Each core's partial scores of each query head over its row's tokens.
+
+    ``scores[y, x, k, g, i] = sum_j q[y, x, g, j] * key[j]`` over the columns j of KV head
+    k (``head[x, j]``, -1 for padding), where key is the token in slot ``slots[y, i]`` of
+    ``cache[y, x]`` (``[cap, n]``); row y holds ``held[y]`` tokens, the rest score 0.
+    """
+    for y in prange(q.shape[0]):
+        for c in range(q.shape[1]):
+            scores[y, c] = 0.0
+            for i in range(held[y]):
+                s = slots[y, i]
+                for j in range(cache.shape[3]):
+                    k = head[c, j]
+                    if k < 0:
+                        continue
+                    key = cache[y, c, s, j]
+                    for g in range(scores.shape[3]):
+                        scores[y, c, k, g, i] += q[y, c, g, j] * key
+
+
+@njit(cache=True, parallel=True)
+def masked_max(scores, held, scale, out):
+    """Divide the scores by ``scale``, set those of tokens the row does not hold to -inf, take each head's maximum."""
+    for y in prange(scores.shape[0]):
+        for c in range(scores.shape[1]):
+            for k in range(scores.shape[2]):
+                for g in range(scores.shape[3]):
+                    m = -np.inf
+                    for i in range(scores.shape[4]):
+                        v = scores[y, c, k, g, i] / scale if i < held[y] else -np.inf
+                        scores[y, c, k, g, i] = v
+                        m = max(m, v)
+                    out[y, c, k, g] = m
+
+
+@njit(cache=True, parallel=True)
+def exp_sum(scores, m, out):
+    """``scores = exp(scores - m)`` per head, and each head's sum."""
+    for y in prange(scores.shape[0]):
+        for c in range(scores.shape[1]):
+            for k in range(scores.shape[2]):
+                for g in range(scores.shape[3]):
+                    s = np.float32(0.0)
+                    for i in range(scores.shape[4]):
+                        v = np.exp(scores[y, c, k, g, i] - m[y, c, k, g])
+                        scores[y, c, k, g, i] = v
+                        s += v
+                    out[y, c, k, g] = s
+
+
+@njit(cache=True, parallel=True)
+def attention_values(scores, total, cache, slots, held, head, o):
+    """``o[y, x, g, j] = sum_i scores[y, x, k, g, i] / total[y, x, k, g] * value_i[j]`` over the row's tokens (k = head[x, j])."""
+    for y in prange(scores.shape[0]):
+        for c in range(scores.shape[1]):
+            for k in range(scores.shape[2]):
+                for g in range(scores.shape[3]):
+                    for i in range(held[y]):
+                        scores[y, c, k, g, i] /= total[y, c, k, g]
+            o[y, c] = 0.0
+            for i in range(held[y]):
+                s = slots[y, i]
+                for j in range(cache.shape[3]):
+                    k = head[c, j]
+                    if k < 0:
+                        continue
+                    v = cache[y, c, s, j]
+                    for g in range(o.shape[2]):
+                        o[y, c, g, j] += scores[y, c, k, g, i] * v

@@ -17,10 +17,12 @@ function of the mesh, so a protocol builds its program once (cached) and hands i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
-from numba import njit
+import numba
+from numba import njit, prange
 
 from .timing import arrive, receive_one, send_flows, settle
 from .transfer import Transfer
@@ -44,7 +46,7 @@ class Program:
     key: str
     steps: tuple[Step, ...]
 
-    @property
+    @cached_property
     def routes(self) -> frozenset[str]:
         return frozenset(t.route for s in self.steps for t in s.transfers)
 
@@ -55,7 +57,9 @@ class Fused:
 
     A part is one transfer's flows between this tile and one tile (itself included): part p
     holds flows ``part_ptr[p]:part_ptr[p + 1]``, ``src`` and ``dst`` flat core indices in
-    this tile (-1 on the side that is another tile's). Step s sends the parts
+    this tile (-1 on the side that is another tile's). Where every flow stays on its line
+    (row or column: an allreduce), a part's flows are ordered by line and cut into lanes of
+    whole lines; lanes share no core, so they run on parallel threads with the same result. Step s sends the parts
     ``send_parts[send_ptr[s]:send_ptr[s + 1]]`` and receives ``recv_parts[...]``, in the
     order ``Tile.send`` and ``Tile.recv`` take them. Parts to and from other tiles travel
     in batches: a tile runs its steps until one needs a part it has not received, sends
@@ -68,6 +72,7 @@ class Fused:
     hops: np.ndarray
     relays: np.ndarray
     part_ptr: np.ndarray
+    lane_ptr: np.ndarray  # [part, lane + 1]: the part's flows of each lane (a run of lines; lanes run in parallel)
     peer: np.ndarray  # per part: the other tile (this tile's index for a local part)
     send_ptr: np.ndarray
     send_parts: np.ndarray
@@ -81,11 +86,21 @@ class Fused:
     from_peer: dict  # tile -> the parts it sends here, in program order
     local_flows: int
     remote_flows: int
+    scratch: dict = field(default_factory=dict, repr=False)  # (dtype, width) -> per-flow arrays, reused by every run
 
     @classmethod
     def build(cls, program: Program, tile) -> "Fused":
         """Flatten ``program`` for ``tile``."""
-        index, w, y0, x0 = tile.index, tile.rect.shape[1], tile.rect.y0, tile.rect.x0
+        index, (h, w), y0, x0 = tile.index, tile.rect.shape, tile.rect.y0, tile.rect.x0
+        transfers = [t for step in program.steps for t in step.transfers]
+        if all(np.array_equal(t.src_x, t.dst_x) for t in transfers):
+            line, lines, first = (lambda t: t.dst_x), w, x0  # noqa: E731  flows stay in their column
+        elif all(np.array_equal(t.src_y, t.dst_y) for t in transfers):
+            line, lines, first = (lambda t: t.dst_y), h, y0  # noqa: E731
+        else:
+            line, lines, first = None, 1, 0
+        lanes = min(numba.get_num_threads(), lines)
+        lane_ptr: list[np.ndarray] = []
         parts: dict[tuple[int, str, int], int] = {}  # (transfer, way, peer) -> part
         cols: dict[str, list] = {k: [] for k in ("src", "dst", "load", "hops", "relays")}
         ptr, peer, send_parts, send_ptr, recv_parts, recv_ptr, waits = [0], [], [], [0], [], [0], []
@@ -96,6 +111,12 @@ class Fused:
             key = (id(t), "local" if other == index else way, other)
             if key not in parts:
                 parts[key] = len(parts)
+                if line is not None:  # by line (global: both ends of a part agree on the order), then in lanes
+                    f = f[np.argsort(line(t)[f], kind="stable")]
+                    lane = (line(t)[f] - first) * lanes // lines
+                    lane_ptr.append(ptr[-1] + np.searchsorted(lane, np.arange(lanes + 1)))
+                else:
+                    lane_ptr.append(np.array([ptr[-1], ptr[-1] + len(f)]))
                 here = lambda y, x: (y[f] - y0) * w + x[f] - x0  # noqa: E731
                 none = np.full(len(f), -1)
                 cols["src"].append(here(t.src_y, t.src_x) if way == "out" or other == index else none)
@@ -130,15 +151,18 @@ class Fused:
             single.append(len(np.unique(into)) == len(into))
             direct.append(not np.isin(into, out[out >= 0]).any())
         return cls(
-            *(cat(cols[k]) for k in ("src", "dst", "load", "hops", "relays")), ints(ptr), ints(peer),
+            *(cat(cols[k]) for k in ("src", "dst", "load", "hops", "relays")), ints(ptr),
+            np.array(lane_ptr, dtype=np.int64).reshape(len(ptr) - 1, lanes + 1), ints(peer),
             ints(send_ptr), ints(send_parts), ints(recv_ptr), ints(recv_parts),
             ints([OP_CODES[s.op] for s in program.steps]), np.array([s.stream for s in program.steps], dtype=np.bool_),
             np.array(single, dtype=np.bool_), np.array(direct, dtype=np.bool_), tuple(waits), from_peer,
             flows[True], flows[False],
         )
 
-    async def run(self, tile, tag: str, data: np.ndarray | None, size_cycles: float, combine: float) -> None:
-        """Run every step on ``tile``'s clocks and on ``data`` (``[cores, elements]``, or None cost-only).
+    async def run(self, tile, tag: str, data: np.ndarray | None, out: np.ndarray | None, size_cycles: float,
+                  combine: float) -> None:
+        """Run every step on ``tile``'s clocks: send blocks of ``data``, receive into ``out`` (``[cores, elements]``,
+        the same array or one of its shape; both None cost-only).
 
         ``tag`` names this run of the program in the messages between tiles.
         """
@@ -146,11 +170,14 @@ class Fused:
         n = len(self.src)
         has_data = data is not None
         if not has_data:
-            data = np.zeros((0, 0), dtype=np.float32)
-        msg = np.empty((n if has_data else 0, data.shape[1]), dtype=data.dtype)
-        head, tail, stages, compute = np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n)
-        state = (*tile.flat_clocks(), *tile.acc, data, msg, has_data, self.src, self.dst, self.load, self.hops, self.relays,
-                 self.part_ptr, self.peer, tile.index, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts,
+            data = out = np.zeros((0, 0), dtype=np.float32)
+        key = (data.dtype.str, data.shape[1])
+        if key not in self.scratch:
+            self.scratch[key] = (np.empty((n if has_data else 0, data.shape[1]), dtype=data.dtype), np.empty(n), np.empty(n),
+                                 np.empty(n, dtype=np.int64), np.empty(n))
+        msg, head, tail, stages, compute = self.scratch[key]
+        state = (*tile.flat_clocks(), *tile.acc, data, out, msg, has_data, self.src, self.dst, self.load, self.hops, self.relays,
+                 self.part_ptr, self.lane_ptr, self.peer, tile.index, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts,
                  self.step_op, self.step_stream, self.step_single, self.step_direct, size_cycles, dev.alpha, dev.beta,
                  combine, dev.call_overhead, head, tail, stages, compute)
         steps = len(self.step_op)
@@ -205,52 +232,54 @@ class Fused:
         flush()
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _run_phases(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages, acc_compute,
-                data, msg, has_data, src, dst, load, hops, relays, part_ptr, peer, me, send_ptr, send_parts, recv_ptr,
-                recv_parts, step_op, step_stream, step_single, step_direct, size_cycles, alpha, beta, combine, call_overhead,
-                head, tail, msg_stages, msg_compute, first, last):
-    """Half-steps ``first .. last - 1``: half-step 2 s sends step s's parts, 2 s + 1 receives them."""
-    for h in range(first, last):
-        s = h // 2
-        stream, op, direct = step_stream[s], step_op[s], step_direct[s]
-        if h % 2 == 0:  # sends: sources read before any receive of the step
-            for k in range(send_ptr[s], send_ptr[s + 1]):
-                p = send_parts[k]
-                a, b = part_ptr[p], part_ptr[p + 1]
-                send_flows(clock, fwd_head, relaying, sent, stages, compute, src[a:b], load[a:b], hops[a:b], relays[a:b],
-                           size_cycles, alpha, beta, stream, head[a:b], tail[a:b], msg_stages[a:b], msg_compute[a:b])
-                if has_data and not (direct and peer[p] == me):  # a block that must not change before it lands
+                data, out, msg, has_data, src, dst, load, hops, relays, part_ptr, lane_ptr, peer, me, send_ptr, send_parts,
+                recv_ptr, recv_parts, step_op, step_stream, step_single, step_direct, size_cycles, alpha, beta, combine,
+                call_overhead, head, tail, msg_stages, msg_compute, first, last):
+    """Half-steps ``first .. last - 1`` on every lane: half-step 2 s sends step s's parts, 2 s + 1 receives them."""
+    for lane in prange(lane_ptr.shape[1] - 1):
+        for h in range(first, last):
+            s = h // 2
+            stream, op, direct = step_stream[s], step_op[s], step_direct[s]
+            if h % 2 == 0:  # sends: sources read before any receive of the step
+                for k in range(send_ptr[s], send_ptr[s + 1]):
+                    p = send_parts[k]
+                    a, b = lane_ptr[p, lane], lane_ptr[p, lane + 1]
+                    send_flows(clock, fwd_head, relaying, sent, stages, compute, src[a:b], load[a:b], hops[a:b],
+                               relays[a:b], size_cycles, alpha, beta, stream, head[a:b], tail[a:b], msg_stages[a:b],
+                               msg_compute[a:b])
+                    if has_data and not (direct and peer[p] == me):  # a block that must not change before it lands
+                        for j in range(a, b):
+                            for e in range(msg.shape[1]):
+                                msg[j, e] = data[src[j], e]
+                continue
+            cost = 0.0 if op == 0 else combine
+            for k in range(recv_ptr[s], recv_ptr[s + 1]):  # receives, combined in the order of the transfers
+                p = recv_parts[k]
+                a, b = lane_ptr[p, lane], lane_ptr[p, lane + 1]
+                if has_data:
+                    inplace = direct and peer[p] == me
                     for j in range(a, b):
-                        for e in range(msg.shape[1]):
-                            msg[j, e] = data[src[j], e]
-            continue
-        cost = 0.0 if op == 0 else combine
-        for k in range(recv_ptr[s], recv_ptr[s + 1]):  # receives, combined in the order of the transfers
-            p = recv_parts[k]
-            a, b = part_ptr[p], part_ptr[p + 1]
-            if has_data:
-                inplace = direct and peer[p] == me
-                for j in range(a, b):
-                    d = dst[j]
-                    row = data[src[j]] if inplace else msg[j]
-                    if op == 0:
-                        for e in range(row.size):
-                            data[d, e] = row[e]
-                    elif op == 1:
-                        for e in range(row.size):
-                            data[d, e] = data[d, e] + row[e]
-                    else:
-                        for e in range(row.size):
-                            data[d, e] = np.maximum(data[d, e], row[e])
-            if step_single[s]:
-                receive_one(clock, fwd_head, relaying, sent, stages, compute, dst[a:b], head[a:b], tail[a:b],
-                            msg_stages[a:b], msg_compute[a:b], cost, beta, call_overhead, stream)
-            else:
-                arrive(clock, stages, compute, dst[a:b], head[a:b], tail[a:b], msg_stages[a:b], msg_compute[a:b], cost,
-                       beta, stream, acc_end, acc_start, acc_combine, acc_stages, acc_compute)
-        if not step_single[s]:
-            for k in range(recv_ptr[s], recv_ptr[s + 1]):
-                a, b = part_ptr[recv_parts[k]], part_ptr[recv_parts[k] + 1]
-                settle(clock, fwd_head, relaying, sent, stages, compute, dst[a:b], beta, call_overhead, stream,
-                       acc_end, acc_start, acc_combine, acc_stages, acc_compute)
+                        d = dst[j]
+                        row = data[src[j]] if inplace else msg[j]
+                        if op == 0:
+                            for e in range(row.size):
+                                out[d, e] = row[e]
+                        elif op == 1:
+                            for e in range(row.size):
+                                out[d, e] = out[d, e] + row[e]
+                        else:
+                            for e in range(row.size):
+                                out[d, e] = np.maximum(out[d, e], row[e])
+                if step_single[s]:
+                    receive_one(clock, fwd_head, relaying, sent, stages, compute, dst[a:b], head[a:b], tail[a:b],
+                                msg_stages[a:b], msg_compute[a:b], cost, beta, call_overhead, stream)
+                else:
+                    arrive(clock, stages, compute, dst[a:b], head[a:b], tail[a:b], msg_stages[a:b], msg_compute[a:b],
+                           cost, beta, stream, acc_end, acc_start, acc_combine, acc_stages, acc_compute)
+            if not step_single[s]:
+                for k in range(recv_ptr[s], recv_ptr[s + 1]):
+                    a, b = lane_ptr[recv_parts[k], lane], lane_ptr[recv_parts[k], lane + 1]
+                    settle(clock, fwd_head, relaying, sent, stages, compute, dst[a:b], beta, call_overhead, stream,
+                           acc_end, acc_start, acc_combine, acc_stages, acc_compute)

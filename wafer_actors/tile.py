@@ -33,6 +33,7 @@ from .transfer import Transfer
 OPS = ("store", "add", "max")
 EXECUTORS = ("fused", "step")
 LOCAL_PARTS_BUDGET = 4_000_000  # flows of cached transfer parts per tile (about 150 MB of index arrays)
+FUSED_CACHE = 64  # flattened programs kept per tile
 
 
 @dataclass
@@ -371,44 +372,48 @@ class Tile:
         if fed:
             settle(*state, np.concatenate(fed), self.device.beta, self.device.call_overhead, stream, *self.acc)
 
-    async def exchange(self, program: Program, name: str) -> None:
-        """Run the steps of ``program`` (a collective) on buffer ``name``.
+    async def exchange(self, program: Program, name: str, into: str | None = None) -> None:
+        """Run the steps of ``program`` (a collective) on buffer ``name``: send from it, receive into ``into`` (default: itself).
 
         The step executor sends each step's transfers and receives them, with messages; the
         fused one runs the steps as compiled loops over the tile's cores and batches what
         crosses to other tiles (``program.Fused``).
         """
-        fused = self._fused_program(program, name)
+        fused = self._fused_program(program, name, into or name)
         if fused is None:
             for step in program.steps:
                 for t in step.transfers:
                     self.send(t, name, stream=step.stream)
-                await self.recv(step.transfers, name, op=step.op, stream=step.stream)
+                await self.recv(step.transfers, into or name, op=step.op, stream=step.stream)
             return
         missing = program.routes - self._routes
         if missing:
             self._check_route(next(t for s in program.steps for t in s.transfers if t.route in missing))
-        buf = self.buffers[name]
+        buf, dest = self.buffers[name], self.buffers[into or name]
+        if dest.block != buf.block or dest.dtype != buf.dtype:
+            raise ValueError(f"exchange from {name!r} into {into!r}: blocks {buf.block} {buf.dtype} and {dest.block} {dest.dtype} differ")
         size = math.prod(buf.block)
-        data = None if buf.data is None else buf.data.reshape(self.clock.size, size)
+        flat = lambda b: None if b.data is None else b.data.reshape(self.clock.size, size)  # noqa: E731
         n = self._sent[program.key]
         self._sent[program.key] += 1
-        await fused.run(self, f"{program.key}#{n}", data, buf.nbytes / self.device.link_bytes_per_cycle,
+        await fused.run(self, f"{program.key}#{n}", flat(buf), flat(dest), buf.nbytes / self.device.link_bytes_per_cycle,
                         size / self._rate(buf.dtype))
         for where, flows in (("local", fused.local_flows), ("remote", fused.remote_flows)):
             self.stats[f"core_messages_{where}"] += flows
             self.stats[f"core_bytes_{where}"] += flows * buf.nbytes
         self.stats["steps_fused"] += len(program.steps)
 
-    def _fused_program(self, program: Program, name: str) -> Fused | None:
+    def _fused_program(self, program: Program, *names: str) -> Fused | None:
         """``program`` flattened for the fused executor, or None where it runs step by step."""
         if self.executor != "fused":
             return None
-        buf = self.buffer(name)
-        if buf.data is not None and (not buf.data.flags.c_contiguous or buf.dtype not in (np.float32, np.float64)):
-            return None  # the compiled loop reads a contiguous float block per core
+        for buf in map(self.buffer, names):
+            if buf.data is not None and (not buf.data.flags.c_contiguous or buf.dtype not in (np.float32, np.float64)):
+                return None  # the compiled loop reads a contiguous float block per core
         cached = self._fused.get(program.key)
         if cached is None or cached[0] is not program:
+            if len(self._fused) >= FUSED_CACHE:  # drop the oldest (a decode token's KV shift is a new program)
+                del self._fused[next(iter(self._fused))]
             cached = self._fused[program.key] = (program, Fused.build(program, self))
         return cached[1]
 
