@@ -58,8 +58,9 @@ class Fused:
     A part is one transfer's flows between this tile and one tile (itself included): part p
     holds flows ``part_ptr[p]:part_ptr[p + 1]``, ``src`` and ``dst`` flat core indices in
     this tile (-1 on the side that is another tile's). Where every flow stays on its line
-    (row or column: an allreduce), a part's flows are ordered by line and cut into lanes of
-    whole lines; lanes share no core, so they run on parallel threads with the same result. Step s sends the parts
+    (row or column: an allreduce), a part's flows are cut into lanes of whole lines (each
+    lane keeps the transfer's order); lanes share no core, so they run on parallel threads
+    with the same result. Messages carry a part's flows in the transfer's order (``wire``). Step s sends the parts
     ``send_parts[send_ptr[s]:send_ptr[s + 1]]`` and receives ``recv_parts[...]``, in the
     order ``Tile.send`` and ``Tile.recv`` take them. Parts to and from other tiles travel
     in batches: a tile runs its steps until one needs a part it has not received, sends
@@ -73,6 +74,7 @@ class Fused:
     relays: np.ndarray
     part_ptr: np.ndarray
     lane_ptr: np.ndarray  # [part, lane + 1]: the part's flows of each lane (a run of lines; lanes run in parallel)
+    wire: np.ndarray  # per flow of a part, in the transfer's order (both ends agree on it): where it is held here
     peer: np.ndarray  # per part: the other tile (this tile's index for a local part)
     send_ptr: np.ndarray
     send_parts: np.ndarray
@@ -98,9 +100,10 @@ class Fused:
         elif all(np.array_equal(t.src_y, t.dst_y) for t in transfers):
             line, lines, first = (lambda t: t.dst_y), h, y0  # noqa: E731
         else:
-            line, lines, first = None, 1, 0
+            line, lines, first = None, 1, 0  # one lane
         lanes = min(numba.get_num_threads(), lines)
         lane_ptr: list[np.ndarray] = []
+        wire: list[np.ndarray] = []
         parts: dict[tuple[int, str, int], int] = {}  # (transfer, way, peer) -> part
         cols: dict[str, list] = {k: [] for k in ("src", "dst", "load", "hops", "relays")}
         ptr, peer, send_parts, send_ptr, recv_parts, recv_ptr, waits = [0], [], [], [0], [], [0], []
@@ -111,12 +114,11 @@ class Fused:
             key = (id(t), "local" if other == index else way, other)
             if key not in parts:
                 parts[key] = len(parts)
-                if line is not None:  # by line (global: both ends of a part agree on the order), then in lanes
-                    f = f[np.argsort(line(t)[f], kind="stable")]
-                    lane = (line(t)[f] - first) * lanes // lines
-                    lane_ptr.append(ptr[-1] + np.searchsorted(lane, np.arange(lanes + 1)))
-                else:
-                    lane_ptr.append(np.array([ptr[-1], ptr[-1] + len(f)]))
+                lane = np.zeros(len(f), dtype=np.int64) if line is None else (line(t)[f] - first) * lanes // lines
+                order = np.argsort(lane, kind="stable")
+                f = f[order]
+                lane_ptr.append(ptr[-1] + np.searchsorted(lane[order], np.arange(lanes + 1)))
+                wire.append(ptr[-1] + np.argsort(order))
                 here = lambda y, x: (y[f] - y0) * w + x[f] - x0  # noqa: E731
                 none = np.full(len(f), -1)
                 cols["src"].append(here(t.src_y, t.src_x) if way == "out" or other == index else none)
@@ -152,7 +154,7 @@ class Fused:
             direct.append(not np.isin(into, out[out >= 0]).any())
         return cls(
             *(cat(cols[k]) for k in ("src", "dst", "load", "hops", "relays")), ints(ptr),
-            np.array(lane_ptr, dtype=np.int64).reshape(len(ptr) - 1, lanes + 1), ints(peer),
+            np.array(lane_ptr, dtype=np.int64).reshape(len(ptr) - 1, lanes + 1), cat(wire), ints(peer),
             ints(send_ptr), ints(send_parts), ints(recv_ptr), ints(recv_parts),
             ints([OP_CODES[s.op] for s in program.steps]), np.array([s.stream for s in program.steps], dtype=np.bool_),
             np.array(single, dtype=np.bool_), np.array(direct, dtype=np.bool_), tuple(waits), from_peer,
@@ -196,7 +198,7 @@ class Fused:
                 if self.peer[p] != tile.index:
                     out.setdefault(int(self.peer[p]), []).append(p)
             for dest, ps in out.items():
-                idx = np.concatenate([np.arange(self.part_ptr[p], self.part_ptr[p + 1]) for p in ps])
+                idx = np.concatenate([self.wire[self.part_ptr[p] : self.part_ptr[p + 1]] for p in ps])
                 k = posted.get(dest, 0)
                 posted[dest] = k + 1
                 tile.post_batch(dest, f"{tag}:{k}", msg[idx] if has_data else None, head[idx], tail[idx], stages[idx], compute[idx])
@@ -210,9 +212,10 @@ class Fused:
             while at < len(m.head):
                 p = self.from_peer[src][i]
                 a, b = self.part_ptr[p], self.part_ptr[p + 1]
-                head[a:b], tail[a:b], stages[a:b], compute[a:b] = (v[at : at + b - a] for v in (m.head, m.tail, m.stages, m.compute))
+                where = self.wire[a:b]
+                head[where], tail[where], stages[where], compute[where] = (v[at : at + b - a] for v in (m.head, m.tail, m.stages, m.compute))
                 if has_data:
-                    msg[a:b] = m.data[at : at + b - a]
+                    msg[where] = m.data[at : at + b - a]
                 got.add(p)
                 at, i = at + b - a, i + 1
             taken[src] = i
