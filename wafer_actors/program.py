@@ -85,7 +85,9 @@ class Fused:
     step_single: np.ndarray  # every receiving core of the step takes one input
     step_direct: np.ndarray  # no core of the step both sends and receives: local blocks are read in place
     waits: tuple[int, ...]  # steps that receive a part from another tile
-    from_peer: dict  # tile -> the parts it sends here, in program order
+    needs: dict  # wait step -> ((tile, parts of its inbox the step needs received), ...)
+    inbox: dict  # tile -> (wire, cum): the flows of the parts it sends here in program order; cum[i] flows in parts < i
+    outbox: dict  # tile -> (upto, wire, cum): the same for the parts sent there; upto[s] parts in the send phases < s
     local_flows: int
     remote_flows: int
     scratch: dict = field(default_factory=dict, repr=False)  # (dtype, width) -> per-flow arrays, reused by every run
@@ -146,6 +148,23 @@ class Fused:
             recv_ptr.append(len(recv_parts))
         cat = lambda a: np.concatenate(a).astype(np.int64) if a else np.zeros(0, dtype=np.int64)  # noqa: E731
         ints = lambda a: np.array(a, dtype=np.int64)  # noqa: E731
+
+        def box(ps: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            return cat([wire[p] for p in ps]), np.cumsum([0] + [ptr[p + 1] - ptr[p] for p in ps])
+
+        inbox = {src: box(ps) for src, ps in from_peer.items()}
+        needs = {}
+        for s in waits:
+            need: dict[int, int] = {}
+            for p in recv_parts[recv_ptr[s] : recv_ptr[s + 1]]:
+                if peer[p] != index:
+                    need[peer[p]] = max(need.get(peer[p], 0), from_peer[peer[p]].index(p) + 1)
+            needs[s] = tuple(need.items())
+        outbox = {}
+        for dest in {peer[p] for p in send_parts} - {index}:
+            ps = [p for p in send_parts if peer[p] == dest]
+            upto = np.array([sum(peer[p] == dest for p in send_parts[: send_ptr[s]]) for s in range(len(program.steps) + 1)])
+            outbox[dest] = (upto, *box(ps))
         single, direct = [], []
         for s in range(len(program.steps)):
             into = cat([cols["dst"][p] for p in recv_parts[recv_ptr[s] : recv_ptr[s + 1]]])
@@ -157,7 +176,7 @@ class Fused:
             np.array(lane_ptr, dtype=np.int64).reshape(len(ptr) - 1, lanes + 1), cat(wire), ints(peer),
             ints(send_ptr), ints(send_parts), ints(recv_ptr), ints(recv_parts),
             ints([OP_CODES[s.op] for s in program.steps]), np.array([s.stream for s in program.steps], dtype=np.bool_),
-            np.array(single, dtype=np.bool_), np.array(direct, dtype=np.bool_), tuple(waits), from_peer,
+            np.array(single, dtype=np.bool_), np.array(direct, dtype=np.bool_), tuple(waits), needs, inbox, outbox,
             flows[True], flows[False],
         )
 
@@ -184,51 +203,41 @@ class Fused:
                  combine, dev.call_overhead, head, tail, stages, compute)
         steps = len(self.step_op)
         sent = 0  # send phases run so far: their parts to other tiles are owed until the next flush
-        owed = 0  # the first send phase not yet flushed
-        posted: dict[int, int] = {}  # tile -> batches sent to it
-        received: dict[int, int] = {}  # tile -> batches taken from it
-        taken: dict[int, int] = {}  # tile -> parts of from_peer[tile] received so far
-        got = set()
+        flushed = dict.fromkeys(self.outbox, 0)  # tile -> parts of its outbox sent
+        taken = dict.fromkeys(self.inbox, 0)  # tile -> parts of its inbox received
+        batches: dict[tuple[str, int], int] = {}  # (way, tile) -> batches posted to it / taken from it
+
+        def count(way: str, other: int) -> int:
+            k = batches[way, other] = batches.get((way, other), -1) + 1
+            return k
 
         def flush() -> None:
-            nonlocal owed
-            out: dict[int, list[int]] = {}
-            for k in range(self.send_ptr[owed], self.send_ptr[sent]):
-                p = int(self.send_parts[k])
-                if self.peer[p] != tile.index:
-                    out.setdefault(int(self.peer[p]), []).append(p)
-            for dest, ps in out.items():
-                idx = np.concatenate([self.wire[self.part_ptr[p] : self.part_ptr[p + 1]] for p in ps])
-                k = posted.get(dest, 0)
-                posted[dest] = k + 1
-                tile.post_batch(dest, f"{tag}:{k}", msg[idx] if has_data else None, head[idx], tail[idx], stages[idx], compute[idx])
-            owed = sent
+            for dest, (upto, wire, cum) in self.outbox.items():
+                i0, i1 = flushed[dest], upto[sent]
+                if i1 > i0:
+                    idx = wire[cum[i0] : cum[i1]]
+                    tile.post_batch(dest, f"{tag}:{count('out', dest)}", msg[idx] if has_data else None, head[idx], tail[idx],
+                                    stages[idx], compute[idx])
+                    flushed[dest] = i1
 
         async def take(src: int) -> None:
-            k = received.get(src, 0)
-            received[src] = k + 1
-            m = await tile.take_batch(f"{tag}:{k}", src)
-            at, i = 0, taken.get(src, 0)
-            while at < len(m.head):
-                p = self.from_peer[src][i]
-                a, b = self.part_ptr[p], self.part_ptr[p + 1]
-                where = self.wire[a:b]
-                head[where], tail[where], stages[where], compute[where] = (v[at : at + b - a] for v in (m.head, m.tail, m.stages, m.compute))
-                if has_data:
-                    msg[where] = m.data[at : at + b - a]
-                got.add(p)
-                at, i = at + b - a, i + 1
-            taken[src] = i
+            m = await tile.take_batch(f"{tag}:{count('in', src)}", src)
+            wire, cum = self.inbox[src]
+            a = cum[taken[src]]
+            where = wire[a : a + len(m.head)]
+            head[where], tail[where], stages[where], compute[where] = m.head, m.tail, m.stages, m.compute
+            if has_data:
+                msg[where] = m.data
+            taken[src] = int(np.searchsorted(cum, a + len(m.head)))
 
         done = 0  # half-steps run: 2 s is step s's sends, 2 s + 1 its receives
         for s in self.waits:
             _run_phases(*state, done, 2 * s + 1)  # everything up to this step's receives
             sent = s + 1
-            for k in range(self.recv_ptr[s], self.recv_ptr[s + 1]):
-                p = int(self.recv_parts[k])
-                while self.peer[p] != tile.index and p not in got:
+            for src, need in self.needs[s]:
+                while taken[src] < need:
                     flush()
-                    await take(int(self.peer[p]))
+                    await take(src)
             done = 2 * s + 1
         _run_phases(*state, done, 2 * steps)
         sent = steps
