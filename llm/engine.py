@@ -168,8 +168,9 @@ class WaferLlama:
             for name, shape in weight_shapes(cfg, s, region).items():
                 wafer.alloc(name, shape, self.dtype, SPECS[name], stacked=name in STACKED)
         else:
-            for name, array in region_weights(cfg, self.weights, s, region).items():
+            for name, array in region_weights(cfg, self.weights, s, region):
                 wafer.load(name, array, SPECS[name], stacked=name in STACKED)
+                del array  # before the next padded tensor is built
         work = {
             "x": ((s.dim,), Spec("y")), "h": ((s.dim,), Spec("y")), "y": ((s.dim,), Spec("y")),
             "ss": ((1,), Spec(None)), "qkv": ((g + 2, s.kv), Spec(None, "x")), "o": ((g, s.kv), Spec(None, "x")),

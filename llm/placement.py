@@ -7,6 +7,7 @@ not fit is refused with the numbers instead of failing halfway through loading.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -259,24 +260,25 @@ def weight_shapes(cfg: LlamaConfig, s: RegionShape, region: Region) -> dict[str,
     return shapes
 
 
-def region_weights(cfg: LlamaConfig, w: LlamaWeights, s: RegionShape, region: Region) -> dict[str, np.ndarray]:
-    """The region's weights, regrouped (GQA) and zero-padded to ``weight_shapes``."""
+def region_weights(cfg: LlamaConfig, w: LlamaWeights, s: RegionShape, region: Region) -> Iterator[tuple[str, np.ndarray]]:
+    """The region's weights, regrouped (GQA) and zero-padded to ``weight_shapes``, one tensor at a time.
+
+    Each tensor is built when asked for, so the host holds one padded copy at a time.
+    """
     g, nkv, hd, d = cfg.n_heads // cfg.n_kv_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
     sl = slice(region.first_layer, region.first_layer + region.layers)
     L = region.layers
-    wq = w.wq[sl].reshape(L, d, nkv, g, hd).transpose(0, 1, 3, 2, 4).reshape(L, d, g, nkv * hd)
-    wo = w.wo[sl].reshape(L, nkv, g, hd, d).transpose(0, 2, 1, 3, 4).reshape(L, g, nkv * hd, d)
     real = {
-        "attn_norm": w.attn_norm[sl],
-        "wqkv": np.concatenate([wq, w.wk[sl][:, :, None], w.wv[sl][:, :, None]], axis=2),
-        "wo": wo,
-        "ffn_norm": w.ffn_norm[sl],
-        "w13": np.stack([w.w_gate[sl], w.w_up[sl]], axis=2),
-        "w2": w.w_down[sl],
-        "final_norm": w.final_norm,
-        "lm_head": w.lm_head,
+        "attn_norm": lambda: w.attn_norm[sl],
+        "wqkv": lambda: np.concatenate([w.wq[sl].reshape(L, d, nkv, g, hd).transpose(0, 1, 3, 2, 4).reshape(L, d, g, nkv * hd),
+                                        w.wk[sl][:, :, None], w.wv[sl][:, :, None]], axis=2),
+        "wo": lambda: w.wo[sl].reshape(L, nkv, g, hd, d).transpose(0, 2, 1, 3, 4).reshape(L, g, nkv * hd, d),
+        "ffn_norm": lambda: w.ffn_norm[sl],
+        "w13": lambda: np.stack([w.w_gate[sl], w.w_up[sl]], axis=2),
+        "w2": lambda: w.w_down[sl],
+        "final_norm": lambda: w.final_norm,
+        "lm_head": lambda: w.lm_head,
     }
-    return {
-        name: np.pad(real[name], [(0, t - n) for n, t in zip(real[name].shape, shape)]).astype(np.float32, copy=False)
-        for name, shape in weight_shapes(cfg, s, region).items()
-    }
+    for name, shape in weight_shapes(cfg, s, region).items():
+        array = real[name]()
+        yield name, np.pad(array, [(0, t - n) for n, t in zip(array.shape, shape)]).astype(np.float32, copy=False)

@@ -179,6 +179,15 @@ class Tile:
         if not self.cost_only:
             self.buffers[name].data[...] = blocks
 
+    def put_entry(self, name: str, index: int, blocks: np.ndarray) -> None:
+        """Store host data ``[h, w, *entry]`` as entry ``index`` of the stacked buffer ``name``."""
+        buf = self.buffer(name)
+        if blocks.shape != self.rect.shape + buf.block[1:]:
+            raise ValueError(f"tile {self.index}: blocks of shape {blocks.shape} are not entries of {name!r} "
+                             f"({self.rect.shape + buf.block[1:]})")
+        if not self.cost_only:
+            buf.data[:, :, index] = blocks
+
     def get(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> np.ndarray:
         """Return buffer ``name`` as ``[h, w, *block]``, or only the local ``rows`` / ``cols`` ranges."""
         data = self.data(name)

@@ -135,8 +135,15 @@ class Wafer:
         layout = self._layout(spec)
         if self.cost_only:
             return self.alloc(name, array.shape, array.dtype, layout, stacked=stacked)
-        blocks = scatter(array, layout)
         r = self.tiling.rects
+        if stacked and not layout.spec.mesh_axes(0):  # one entry at a time: the host never holds all the blocks
+            self.alloc(name, array.shape, array.dtype, layout, stacked=True)
+            entry = Layout(layout.mesh, Spec(*layout.spec[1:]))
+            for i in range(array.shape[0]):
+                blocks = scatter(array[i], entry)
+                self.transport.call("put_entry", [(name, i, blocks[t.y0 : t.y1, t.x0 : t.x1]) for t in r])
+            return
+        blocks = scatter(array, layout)
         self.transport.call("put", [(name, blocks[t.y0 : t.y1, t.x0 : t.x1], stacked) for t in r])
         self._tensors[name] = (tuple(array.shape), layout)
 
