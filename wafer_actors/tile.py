@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numba
 import numpy as np
 
 from .device import DeviceSpec
@@ -27,13 +28,14 @@ from .fabric.wire import Message, decode, encode
 from .mesh import Mesh, Tiling
 from .program import Fused, Program
 from .protocol import resolve
-from .timing import arrive, receive_one, send_flows, settle
+from .timing import arrive, receive_one, receive_one_split, send_flows, send_flows_split, settle
 from .transfer import Transfer
 
 OPS = ("store", "add", "max")
 EXECUTORS = ("fused", "step")
 LOCAL_PARTS_BUDGET = 4_000_000  # flows of cached transfer parts per tile (about 150 MB of index arrays)
 FUSED_CACHE = 64  # flattened programs kept per tile
+SPLIT_FLOWS = 20_000  # a local transfer with this many flows is timed on parallel threads
 
 
 @dataclass
@@ -461,8 +463,12 @@ class Tile:
         lp = parts[self.index]
         n = len(lp.fi)
         head, tail, stages, compute = np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n)
-        send_flows(*self.flat_clocks(), lp.fi, lp.load, lp.latency_hops, lp.relays, nbytes / dev.link_bytes_per_cycle,
-                   dev.alpha, dev.beta, stream, head, tail, stages, compute)
+        args = (*self.flat_clocks(), lp.fi, lp.load, lp.latency_hops, lp.relays, nbytes / dev.link_bytes_per_cycle,
+                dev.alpha, dev.beta, stream, head, tail, stages, compute)
+        if transfer.multicast or n < SPLIT_FLOWS:
+            send_flows(*args)
+        else:
+            send_flows_split(*args, numba.get_num_threads())
         self._count(self.index, n, n * nbytes)
         self.stats["steps_fused"] += 1
         return self._parts(transfer, "in")[self.index].fi, head, tail, stages, compute
@@ -470,7 +476,11 @@ class Tile:
     def land_local(self, started: tuple[np.ndarray, ...]) -> None:
         """Receive a transfer begun with ``start_local`` (a plain store, as ``recv`` of it would)."""
         if started:
-            receive_one(*self.flat_clocks(), *started, 0.0, self.device.beta, self.device.call_overhead, False)
+            args = (*self.flat_clocks(), *started, 0.0, self.device.beta, self.device.call_overhead, False)
+            if len(started[0]) < SPLIT_FLOWS:
+                receive_one(*args)
+            else:
+                receive_one_split(*args, numba.get_num_threads())
 
     def local_flows(self, transfer: Transfer) -> tuple[np.ndarray, np.ndarray]:
         """(source, destination) flat core indices of each flow of a transfer that ``fuses``."""

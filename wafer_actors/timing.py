@@ -25,7 +25,7 @@ executors' clocks bit-identical. Every per-core array is a flat view of the tile
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 
 @njit(cache=True)
@@ -135,3 +135,23 @@ def receive_one(clock, fwd_head, relaying, sent, stages, compute, fi, head, tail
         path_compute = msg_compute[j] if waited else compute[c]
         _go_on(clock, fwd_head, relaying, sent, stages, compute, c, end, start, combine, path_stages, path_compute,
                beta, call_overhead, stream)
+
+
+@njit(cache=True, parallel=True)
+def send_flows_split(clock, fwd_head, relaying, sent, stages, compute, fi, load, hops, relays,
+                     size_cycles, alpha, beta, stream, head_out, tail_out, stages_out, compute_out, chunks):
+    """``send_flows`` in ``chunks`` on parallel threads, for flows whose sources are all distinct (no core's state is shared)."""
+    for k in prange(chunks):
+        a, b = k * fi.size // chunks, (k + 1) * fi.size // chunks
+        send_flows(clock, fwd_head, relaying, sent, stages, compute, fi[a:b], load[a:b], hops[a:b], relays[a:b],
+                   size_cycles, alpha, beta, stream, head_out[a:b], tail_out[a:b], stages_out[a:b], compute_out[a:b])
+
+
+@njit(cache=True, parallel=True)
+def receive_one_split(clock, fwd_head, relaying, sent, stages, compute, fi, head, tail, msg_stages, msg_compute, combine,
+                      beta, call_overhead, stream, chunks):
+    """``receive_one`` in ``chunks`` on parallel threads (its destinations are distinct by definition)."""
+    for k in prange(chunks):
+        a, b = k * fi.size // chunks, (k + 1) * fi.size // chunks
+        receive_one(clock, fwd_head, relaying, sent, stages, compute, fi[a:b], head[a:b], tail[a:b], msg_stages[a:b],
+                    msg_compute[a:b], combine, beta, call_overhead, stream)

@@ -23,6 +23,7 @@ of how the mesh is split into actors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -140,12 +141,22 @@ class Transfer:
 
     def subset(self, keep: np.ndarray, key: str) -> "Transfer":
         """The flows where ``keep`` is true, as a transfer of its own (cheaper than ``build``)."""
-        arrays = [a[keep] for a in (self.src_y, self.src_x, self.dst_y, self.dst_x, self.hops, self.relays)]
+        idx = np.flatnonzero(keep)
+        arrays = [a.take(idx) for a in (self.src_y, self.src_x, self.dst_y, self.dst_x, self.hops, self.relays)]
         if self.load.max(initial=0) <= 1:  # fewer streams cannot share a link either
             load = np.ones(len(arrays[0]), dtype=np.int64)
         else:
             load = _link_load(self.mesh, *arrays[:4])
-        return Transfer(key, self.route, self.mesh, *arrays, load)
+        t = Transfer(key, self.route, self.mesh, *arrays, load)
+        if not self.multicast:
+            t.__dict__["multicast"] = False  # fewer flows cannot share a source either
+        return t
+
+    @cached_property
+    def multicast(self) -> bool:
+        """Whether some core sends more than one flow."""
+        lin = self.src_y * self.mesh.width + self.src_x
+        return len(lin) > 0 and np.bincount(lin, minlength=self.mesh.size).max() > 1
 
     def router_configs(self) -> tuple[np.ndarray, np.ndarray]:
         """Return (core, setting): the routing setting every router on a path needs.
@@ -168,10 +179,13 @@ class Transfer:
         def key(src: np.ndarray, port: np.ndarray, dst: np.ndarray) -> np.ndarray:
             return (src * 4 + port) * mesh.size + dst
 
-        flows = key(self.src_y * mesh.width + self.src_x, _ports(self.src_y, self.src_x, self.dst_y, self.dst_x),
-                    self.dst_y * mesh.width + self.dst_x)
-        delivered = np.isin(key(sy[stream] * mesh.width + sx[stream], out_port, core), flows)  # a multicast stop
         first, last = k == 0, k == n[stream] - 1
+        if len(sy) == len(self.src_y):  # one flow per stream: it stops only at its end
+            delivered = last
+        else:
+            flows = key(self.src_y * mesh.width + self.src_x, _ports(self.src_y, self.src_x, self.dst_y, self.dst_x),
+                        self.dst_y * mesh.width + self.dst_x)
+            delivered = np.isin(key(sy[stream] * mesh.width + sx[stream], out_port, core), flows)  # a multicast stop
         role = np.select([first, last, delivered], [0, 1, 2], 3)
         ramp = 4
         setting = role * 25 + np.where(first, ramp, in_port) * 5 + np.where(last, ramp, out_port)
@@ -184,21 +198,23 @@ class Transfer:
         if v is None:
             src_t = tiling.owner[self.src_y, self.src_x]
             dst_t = tiling.owner[self.dst_y, self.dst_x]
-            outgoing = {int(t): self._part((src_t == tile) & (dst_t == t)) for t in np.unique(dst_t[src_t == tile])}
-            incoming = {int(t): self._part((dst_t == tile) & (src_t == t)) for t in np.unique(src_t[dst_t == tile])}
+            tiles = lambda t: np.flatnonzero(np.bincount(t, minlength=len(tiling)))  # noqa: E731  (sorted, distinct)
+            outgoing = {int(t): self._part((src_t == tile) & (dst_t == t)) for t in tiles(dst_t[src_t == tile])}
+            incoming = {int(t): self._part((dst_t == tile) & (src_t == t)) for t in tiles(src_t[dst_t == tile])}
             v = self._views[cache_key] = View(outgoing, incoming)
         return v
 
     def _part(self, mask: np.ndarray) -> Part:
         flows = np.flatnonzero(mask)
         lin = self.src_y[flows] * self.mesh.width + self.src_x[flows]
-        if len(lin) == 0 or np.bincount(lin, minlength=self.mesh.size).max() == 1:  # no multicast here
+        if not self.multicast or len(lin) == 0 or np.bincount(lin, minlength=self.mesh.size).max() == 1:  # no multicast here
             return Part(flows, flows, np.arange(len(flows)))
         _, first, inverse = np.unique(lin, return_index=True, return_inverse=True)
         return Part(flows, flows[first], inverse.ravel())
 
 
 _PORT_STEP = ((-1, 0), (1, 0), (0, -1), (0, 1))  # N, S, W, E as (dy, dx)
+SETTINGS = 100  # distinct router settings: role x 25 + in port x 5 + out port (ports 0-3, 4 the core)
 
 
 def _ports(sy, sx, dy, dx) -> np.ndarray:
@@ -276,8 +292,9 @@ class Route:
             return np.zeros(mesh.shape, dtype=np.int64)
         core = np.concatenate([c for c, _ in pairs])
         setting = np.concatenate([s for _, s in pairs])
-        distinct = np.unique(core * 128 + setting) // 128
-        return np.bincount(distinct, minlength=mesh.size).reshape(mesh.shape)
+        used = np.zeros((mesh.size, SETTINGS), dtype=bool)
+        used[core, setting] = True
+        return used.sum(axis=1).reshape(mesh.shape)
 
 
 def check_routes(mesh: Mesh, routes: Iterable[Route], limit: int) -> tuple[np.ndarray, list[str]]:

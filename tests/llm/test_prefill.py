@@ -14,6 +14,7 @@ from llm.generate import generate
 from llm.placement import PlacementError, place
 from llm.prefill_protocol import handover_rounds
 from llm.reference import ReferenceModel
+import wafer_actors.tile as tile_module
 from wafer_actors.device import resolve
 
 TINY = LlamaConfig("tiny", 3, 48, 80, 6, 2, 8, 100, 10000.0, 1e-5, 4096)  # GQA: 3 query heads per KV head
@@ -182,8 +183,14 @@ def test_step_overhead_adds_six_gemms_of_p_steps_per_layer_and_leaves_decode_alo
 
 
 @pytest.mark.parametrize("tiles", [(1, 1), (2, 2)])
-def test_fused_executor_prefills_exactly_as_the_step_executor(weights, tiles):
-    """Prompt logits bit for bit, every phase's cycles, then the first decode step after the hand-over."""
+@pytest.mark.parametrize("split", [False, True], ids=["serial", "split"])
+def test_fused_executor_prefills_exactly_as_the_step_executor(weights, tiles, split, monkeypatch):
+    """Prompt logits bit for bit, every phase's cycles, then the first decode step after the hand-over.
+
+    ``split``: the GEMM shifts are timed on parallel threads (as large meshes are), not serially.
+    """
+    if split:
+        monkeypatch.setattr(tile_module, "SPLIT_FLOWS", 2)
     out = {}
     for executor in ("step", "fused"):
         with WaferLlama(TINY, weights, mesh=(6, 6), tiles=tiles, transport="local", tokens=len(PROMPT) + 1,
