@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
 
@@ -45,6 +46,7 @@ import numpy as np
 
 from wafer_actors import Wafer
 from wafer_actors.device import DeviceSpec, resolve
+from wafer_actors.errors import InvalidArgument
 from wafer_actors.ops import TensorShape, gemv
 
 from .config import LlamaConfig, preset
@@ -120,7 +122,7 @@ def selected(kinds: tuple[str, ...] = KINDS) -> list[int]:
     """Indices of the calibration rows of these kinds (``decode``, ``gemv``, ``prefill``)."""
     unknown = set(kinds) - set(KINDS)
     if unknown or not kinds:
-        raise ValueError(f"calibration row kinds must be some of {', '.join(KINDS)}, got {', '.join(kinds) or 'none'}")
+        raise InvalidArgument(f"calibration row kinds must be some of {', '.join(KINDS)}, got {', '.join(kinds) or 'none'}")
     return [i for i, k in enumerate(ROW_KINDS) if k in kinds]
 
 
@@ -130,7 +132,7 @@ def predict(device: DeviceSpec, workers: int = 1, kinds: tuple[str, ...] = KINDS
     if workers <= 1:
         return np.array([_row(device, i) for i in rows])
     order = sorted(rows, reverse=True)  # the prefill rows, the slowest, first
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:  # OpenMP threads do not survive fork
         done = dict(zip(order, pool.map(_row, [device] * len(order), order)))
     return np.array([done[i] for i in rows])
 

@@ -13,6 +13,7 @@ import numpy as np
 from wafer_actors import Spec, Wafer
 from wafer_actors.collectives import chain_allreduce, shift
 from wafer_actors.device import _PRESETS, resolve
+from wafer_actors.errors import InputError, InvalidArgument
 from wafer_actors.mesh import parse_grid
 
 
@@ -88,7 +89,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     valid = GEMV_ALGOS if args.op == "gemv" else GEMM_ALGOS
     for a in algos:
         if a not in valid:
-            raise ValueError(f"unknown {args.op} algo {a!r}; choose from {', '.join(valid)}")
+            raise InvalidArgument(f"unknown {args.op} algo {a!r}; choose from {', '.join(valid)}")
     header = " ".join(f"{h:>{len(fmt.format(0))}}" for h, (_, fmt) in zip(HEADERS, COLUMNS))
     print(f"{args.op}: device {device.name}, dtype {args.dtype}, {'cost-only' if args.cost_only else 'full numerics'}, tiles {args.tiles}")
     print(header + ("  effic." if args.op == "gemm" else ""))
@@ -131,18 +132,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)  # bad values fail before loading
     if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        raise InvalidArgument(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     tiles, device = parse_grid(args.tiles), resolve(args.device)
     if args.mesh:
         device.check_mesh(*parse_grid(args.mesh))
     t0 = time.perf_counter()
     cfg, weights, tok = load_model(args.model)
     if tok is None:
-        raise ValueError(f"{args.model} has no tokenizer.json: text prompts need one")
+        raise InvalidArgument(f"{args.model} has no tokenizer.json: text prompts need one")
     text = tok.chat(args.chat) if args.chat is not None else args.prompt
     prompt_ids = tok.encode(text)
     if not prompt_ids:
-        raise ValueError("the prompt is empty")
+        raise InvalidArgument("the prompt is empty")
     tokens = len(prompt_ids) + args.max_new_tokens - 1
     room = len(prompt_ids) if args.prefill == "mesh" else 0
     mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, tokens, prefill_tokens=room)
@@ -224,13 +225,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",")]
     for m in models:
         if m not in validate.MODELS:
-            raise ValueError(f"unknown model {m!r} for validate; choose from {', '.join(validate.MODELS)}")
+            raise InvalidArgument(f"unknown model {m!r} for validate; choose from {', '.join(validate.MODELS)}")
     grids = [int(g) for g in args.grids.split(",")]
     prefill_grids = [int(g) for g in args.prefill_grids.split(",") if g.strip()]
     for g in grids + prefill_grids + [args.gemv_grid, args.kv_grid] + ([args.gemm_grid] if args.gemm_grid else []):
         device.check_mesh(g, g)
     if args.workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+        raise InvalidArgument(f"--workers must be at least 1, got {args.workers}")
     steps = len(models) * (len(grids) + len(prefill_grids)) + 2 + (1 if args.gemm_grid else 0)
     bar = tqdm(total=steps, desc="validate", unit="step", leave=False, file=sys.stderr)
 
@@ -419,11 +420,14 @@ def _connect(address: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Exit status 2 with a one-line message for bad input (``InputError``: a value, a size that does
+    not fit, a bad checkpoint; a missing file; a cluster that cannot be reached); any other error is a bug and
+    propagates with its traceback (exit 1)."""
     args = build_parser().parse_args(argv)
     try:
         _connect(getattr(args, "address", None))
         return args.fn(args)
-    except (ValueError, MemoryError, RuntimeError, ConnectionError) as err:
+    except (InputError, FileNotFoundError, ConnectionError) as err:
         print(f"wafer-llm: error: {err}", file=sys.stderr)
         return 2
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from wafer_actors.errors import InvalidArgument
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -41,11 +43,11 @@ class LlamaConfig:
         for name in ("n_layers", "dim", "ffn_dim", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"model {self.name!r}: {name} must be a positive integer, got {value!r}")
+                raise InvalidArgument(f"model {self.name!r}: {name} must be a positive integer, got {value!r}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"model {self.name!r}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            raise InvalidArgument(f"model {self.name!r}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"model {self.name!r}: head_dim {self.head_dim} must be even for RoPE")
+            raise InvalidArgument(f"model {self.name!r}: head_dim {self.head_dim} must be even for RoPE")
 
     @property
     def kv_dim(self) -> int:
@@ -78,4 +80,4 @@ def preset(name: str) -> LlamaConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}") from None
+        raise InvalidArgument(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}") from None

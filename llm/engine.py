@@ -19,6 +19,7 @@ import numpy as np
 from wafer_actors import Wafer
 from wafer_actors.collectives.block_gemm import skew_index
 from wafer_actors.device import DeviceSpec, resolve
+from wafer_actors.errors import InvalidArgument
 from wafer_actors.layout import Spec
 
 from .checkpoint import LlamaWeights
@@ -131,11 +132,11 @@ class WaferLlama:
                  cost_only: bool = False, dtype: str = "float32", lm_head: bool = True, prefill_tokens: int = 0,
                  executor: str = "fused"):
         if kv not in KV_MODES:
-            raise ValueError(f"kv must be one of {KV_MODES}, got {kv!r}")
+            raise InvalidArgument(f"kv must be one of {KV_MODES}, got {kv!r}")
         if weights is None and not cost_only:
-            raise ValueError("weights are needed unless cost_only=True")
+            raise InvalidArgument("weights are needed unless cost_only=True")
         if dtype not in ("float32", "float16") or (dtype != "float32" and not cost_only):
-            raise ValueError(f"dtype must be float32, or float16 with cost_only=True (numerics are float32); got {dtype!r}")
+            raise InvalidArgument(f"dtype must be float32, or float16 with cost_only=True (numerics are float32); got {dtype!r}")
         self.cfg, self.weights = cfg, weights
         self.device: DeviceSpec = resolve(device)
         self.dtype = dtype
@@ -198,7 +199,7 @@ class WaferLlama:
             ValueError: on a wafer with numerics (its cache would hold no real entries).
         """
         if not self.cost_only:
-            raise ValueError("seek() is for cost-only runs; with numerics, feed the tokens")
+            raise InvalidArgument("seek() is for cost-only runs; with numerics, feed the tokens")
         self.placement.check_tokens(pos + 1)
         self.pos = int(pos)
 
@@ -210,7 +211,7 @@ class WaferLlama:
             ValueError: a token id outside the vocabulary.
         """
         if not 0 <= int(token) < self.cfg.vocab_size:
-            raise ValueError(f"token id {token} is outside the vocabulary [0, {self.cfg.vocab_size})")
+            raise InvalidArgument(f"token id {token} is outside the vocabulary [0, {self.cfg.vocab_size})")
         self.placement.check_tokens(self.pos + 1)
         t0 = time.perf_counter()
         s = self.placement.shape
@@ -258,12 +259,12 @@ class WaferLlama:
         ids = None if isinstance(prompt_ids, (int, np.integer)) else [int(t) for t in prompt_ids]
         n = int(prompt_ids) if ids is None else len(ids)
         if ids is None and not self.cost_only:
-            raise ValueError("prefill() needs the prompt's token ids unless the wafer is cost-only")
+            raise InvalidArgument("prefill() needs the prompt's token ids unless the wafer is cost-only")
         if n < 1:
-            raise ValueError("the prompt is empty: give at least one token")
+            raise InvalidArgument("the prompt is empty: give at least one token")
         bad = [t for t in ids or [] if not 0 <= t < self.cfg.vocab_size]
         if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.cfg.vocab_size})")
+            raise InvalidArgument(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.cfg.vocab_size})")
         self.placement.check_prefill(n)
         self.placement.check_tokens(n)
         t0 = time.perf_counter()

@@ -7,6 +7,8 @@ from typing import Callable
 
 import numpy as np
 
+from wafer_actors.errors import InvalidArgument
+
 from .engine import PrefillStats, WaferLlama
 from .sampling import Sampler
 
@@ -64,15 +66,15 @@ def generate(engine: WaferLlama, prompt_ids: list[int], *, max_new_tokens: int, 
             the prompt is longer than the prefill room (checked before the first token runs).
     """
     if prefill not in PREFILL_MODES:
-        raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
+        raise InvalidArgument(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
     if not prompt_ids:
-        raise ValueError("the prompt is empty: give at least one token")
+        raise InvalidArgument("the prompt is empty: give at least one token")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        raise InvalidArgument(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     vocab = engine.cfg.vocab_size
     bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
     if bad:
-        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        raise InvalidArgument(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
     sampler = sampler or Sampler()
     engine.reset()
     engine.placement.check_tokens(len(prompt_ids) + max_new_tokens - 1)  # the last new token is never fed

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wafer_actors.device import DeviceSpec
+from wafer_actors.errors import InputError
 from wafer_actors.mesh import even_bounds
 
 from .checkpoint import LlamaWeights
@@ -22,7 +23,7 @@ from .prefill_protocol import head_chunks
 F32 = 4  # full numerics hold float32 weights, activations and KV entries
 
 
-class PlacementError(ValueError):
+class PlacementError(InputError, ValueError):
     """The model cannot be placed as asked: the message gives bytes needed and available."""
 
 

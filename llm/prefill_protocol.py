@@ -35,6 +35,7 @@ import numpy as np
 
 from wafer_actors.collectives.allreduce import allreduce_routes, run_allreduce
 from wafer_actors.collectives.block_gemm import block_gemm_routes, gemm_t_skewed, mesh_gemm_skewed, skew, skew_index
+from wafer_actors.errors import InvalidArgument
 from wafer_actors.mesh import Mesh
 from wafer_actors.protocol import protocol
 from wafer_actors.transfer import Route, Transfer
@@ -112,7 +113,7 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
         c += (a.reshape(*a.shape[:3], k) @ b.reshape(*b.shape[:2], k, -1)).reshape(c.shape)
 
     if not 0 <= layer <= p.layers or (layer == p.layers and not p.head):
-        raise ValueError(f"prefill: layer must be in [0, {p.layers}{']' if p.head else ')'} on this region, got {layer}")
+        raise InvalidArgument(f"prefill: layer must be in [0, {p.layers}{']' if p.head else ')'} on this region, got {layer}")
     if layer < p.layers:
         weights = {n: f"{n}@" for n in LAYER_WEIGHTS}
         for n, alias in weights.items():
@@ -190,7 +191,7 @@ def _relayout_routes(mesh: Mesh, *, layers: int, head: bool, to: str) -> list[Ro
 async def relayout(tile, *, layers: int, head: bool, to: str) -> None:
     """Skew the weights along y for prefill (``to="prefill"``) or undo it for decode (``to="decode"``), layer by layer."""
     if to not in ("prefill", "decode"):
-        raise ValueError(f"relayout: to must be 'prefill' or 'decode', got {to!r}")
+        raise InvalidArgument(f"relayout: to must be 'prefill' or 'decode', got {to!r}")
     for layer in range(layers):
         names = []
         for n in LAYER_WEIGHTS:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from wafer_actors.errors import InvalidArgument
+
 from .checkpoint import LlamaWeights
 from .config import LlamaConfig
 
@@ -48,7 +50,7 @@ class ReferenceModel:
         """Run one token at position ``pos``; return the logits (vocab,)."""
         c, w = self.cfg, self.w
         if not 0 <= pos < self.max_seq:
-            raise ValueError(f"position {pos} is outside the KV cache of {self.max_seq} tokens")
+            raise InvalidArgument(f"position {pos} is outside the KV cache of {self.max_seq} tokens")
         group = c.n_heads // c.n_kv_heads
         x = w.tok_embeddings[token].copy()  # (dim,)
         for layer in range(c.n_layers):

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wafer_actors.errors import InvalidArgument
+
 
 @dataclass(frozen=True)
 class Sampler:
@@ -22,11 +24,11 @@ class Sampler:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+            raise InvalidArgument(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
+            raise InvalidArgument(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
         object.__setattr__(self, "_rng", np.random.default_rng(self.seed))
 
     def __call__(self, logits: np.ndarray) -> int:

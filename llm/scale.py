@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from wafer_actors import Wafer
+from wafer_actors.errors import InvalidArgument
 from wafer_actors.ops import gemm, gemv
 
 WORKLOADS = ("gemv", "gemm", "decode")
@@ -96,11 +97,11 @@ def run(mode: str, counts: list[int], workload: str, *, side: int = 32, per_core
         executor: str = "fused", progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """One row per tile count; ``side`` is the mesh side at the first count (weak mode grows it as sqrt)."""
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise InvalidArgument(f"mode must be one of {MODES}, got {mode!r}")
     if workload not in WORKLOADS:
-        raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
+        raise InvalidArgument(f"workload must be one of {WORKLOADS}, got {workload!r}")
     if not counts or any(not isinstance(c, int) or c < 1 for c in counts):
-        raise ValueError(f"tile counts must be positive integers, got {counts!r}")
+        raise InvalidArgument(f"tile counts must be positive integers, got {counts!r}")
     import ray
 
     if not ray.is_initialized():  # start Ray once, outside the timed points

@@ -6,6 +6,8 @@ the prompt text they become their own ids instead of being split into bytes.
 
 from __future__ import annotations
 
+import json
+from datetime import datetime
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -108,10 +110,46 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
     def chat(self, user: str) -> str:
-        """Wrap one user message in the model's chat template (ChatML for SmolLM2)."""
+        """Wrap one user message in the model's chat template (ChatML for SmolLM2).
+
+        Raises:
+            CheckpointError: the template fails, or tries to reach Python internals (see ``render_chat``).
+        """
         if self.chat_template is None:
             return user
-        import jinja2
+        token = lambda i: self.backend.id_to_token(i) or ""  # noqa: E731
+        return render_chat(self.chat_template, [{"role": "user", "content": user}], bos_token=token(self.bos_id),
+                           eos_token=token(self.eos_id))
 
-        template = jinja2.Environment(loader=jinja2.BaseLoader()).from_string(self.chat_template)
-        return template.render(messages=[{"role": "user", "content": user}], add_generation_prompt=True)
+
+def render_chat(template: str, messages: list[dict[str, str]], **special: str) -> str:
+    """Render a chat template from a checkpoint with the generation prompt, as transformers does.
+
+    The template is data from a file, not code we trust: it runs in Jinja's immutable
+    sandbox (no attribute of Python internals, no mutation of what it is given), with
+    transformers' options (``trim_blocks``, ``lstrip_blocks``, loop controls) and helpers
+    (``raise_exception``, ``strftime_now``, a ``tojson`` that keeps non-ASCII text).
+
+    Raises:
+        CheckpointError: the template is refused (it reached for internals) or fails.
+    """
+    import jinja2
+    import jinja2.sandbox
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    def tojson(value, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                      extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
+    except jinja2.sandbox.SecurityError as err:
+        raise CheckpointError(f"the chat template tried to reach Python internals ({err}); refused: a template is data, "
+                              "and only the sandbox's safe operations are allowed") from None
+    except jinja2.TemplateError as err:
+        raise CheckpointError(f"the chat template failed: {err}") from None

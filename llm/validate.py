@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import partial
@@ -28,7 +29,14 @@ from wafer_actors.device import DeviceSpec
 from wafer_actors.errors import RoutingError
 from wafer_actors.ops import TensorShape, gemm
 
-from .calibration import CONTEXT, DECODE_ROWS, PREFILL_ROWS, decode_layer, gemv_cycles, prefill_layer
+from .calibration import (
+    CONTEXT,
+    DECODE_ROWS,
+    PREFILL_ROWS,
+    decode_layer,
+    gemv_cycles,
+    prefill_layer,
+)
 from .config import preset
 from .engine import crossing_cycles
 from .placement import PlacementError, place
@@ -174,7 +182,7 @@ def run(device: DeviceSpec, *, models=MODELS, grids=DECODE_GRIDS, prefill_grids=
             results[i] = job()
             done(what)
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:  # OpenMP threads do not survive fork
             futures = {pool.submit(job): i for i, (_, job) in enumerate(jobs)}
             for fut in as_completed(futures):
                 results[futures[fut]] = fut.result()

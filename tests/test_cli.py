@@ -1,7 +1,8 @@
 """The wafer-llm command line, run in-process."""
 
 import json
-
+import subprocess
+import sys
 
 from llm.cli import main
 
@@ -40,3 +41,25 @@ def test_demo_runs_in_process(capsys):
     """The demo checks its protocols against NumPy and reports predicted cycles."""
     assert main(["demo", "--mesh", "4x4", "--tiles", "2x2", "--transport", "local", "--block", "8"]) == 0
     assert "cycles" in capsys.readouterr().out
+
+
+def test_bad_input_exits_2_with_one_line(capsys):
+    """A value outside what is valid is the user's: one line on stderr, exit 2, no traceback."""
+    assert main(["generate", "--max-new-tokens", "0", "--prompt", "hello"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wafer-llm: error: --max-new-tokens must be at least 1") and "Traceback" not in err
+
+
+def test_an_internal_error_keeps_its_traceback(tmp_path):
+    """An error that is not bad input (here a ProtocolError, which only a bug of ours raises) is not turned into a
+    user message: the process exits 1 and prints the traceback."""
+    code = ("import sys, llm.cli as cli\n"
+            "from wafer_actors.errors import ProtocolError\n"
+            "def broken(args):\n"
+            "    raise ProtocolError('two sources for one core')\n"
+            "cli.cmd_devices = broken\n"
+            "sys.exit(cli.main(['devices']))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert "Traceback" in run.stderr and "ProtocolError: two sources for one core" in run.stderr
+    assert "wafer-llm: error" not in run.stderr

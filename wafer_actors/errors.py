@@ -2,12 +2,25 @@
 
 Each error subclasses the built-in it resembles and passes every field to
 ``super().__init__`` so that it pickles, and Ray re-raises it as its own type.
+
+Errors caused by what was asked (a value outside what is valid, a size that does not fit
+the device, a file that is not what it claims) also subclass ``InputError``: the command
+line reports those in one line (exit 2). Any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
 
-class CoreMemoryError(MemoryError):
+class InputError(Exception):
+    """Marks an error caused by the input, not by the emulator: the message says which value, why, and what is valid."""
+
+
+class InvalidArgument(InputError, ValueError):
+    """An argument outside what is valid."""
+
+
+class CoreMemoryError(InputError, MemoryError):
     """A core was asked to hold more bytes than its SRAM budget."""
 
     def __init__(self, core: tuple[int, int], buffer: str, asked: int, in_use: int, budget: int):
@@ -22,7 +35,7 @@ class CoreMemoryError(MemoryError):
         )
 
 
-class RoutingError(RuntimeError):
+class RoutingError(InputError, RuntimeError):
     """A core needs more routing entries (colours) than its router has."""
 
     def __init__(self, core: tuple[int, int], routes: tuple[str, ...], limit: int, needed: int):
@@ -38,12 +51,16 @@ class RoutingError(RuntimeError):
         )
 
 
-class LayoutError(ValueError):
+class LayoutError(InputError, ValueError):
     """A tensor layout does not fit the mesh or the tensor."""
 
 
-class DeviceSpecError(ValueError):
+class DeviceSpecError(InputError, ValueError):
     """A device description has an invalid or unknown field."""
+
+
+class NodeMemoryError(InputError, MemoryError):
+    """A cluster node has less memory for tile actors than the tiles placed on it could need."""
 
 
 class ProtocolError(RuntimeError):

@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .errors import InvalidArgument
+
 NO_CORE = -1  # index of the missing neighbour at an open edge (MPI's PROC_NULL)
 AXES = ("y", "x")
 
@@ -48,7 +50,7 @@ def axis_index(axis: str) -> int:
         ValueError: any other axis name.
     """
     if axis not in AXES:
-        raise ValueError(f"mesh axis must be 'y' or 'x', got {axis!r}")
+        raise InvalidArgument(f"mesh axis must be 'y' or 'x', got {axis!r}")
     return AXES.index(axis)
 
 
@@ -67,7 +69,7 @@ class Mesh:
         for name in ("height", "width"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"mesh {name} must be a positive integer, got {value!r}")
+                raise InvalidArgument(f"mesh {name} must be a positive integer, got {value!r}")
             object.__setattr__(self, name, int(value))
 
     @property
@@ -131,12 +133,12 @@ def split_tiles(mesh: Mesh, tiles: tuple[int, int]) -> list[TileRect]:
         ValueError: a tile count is not positive or exceeds the mesh side.
     """
     if len(tiles) != 2:
-        raise ValueError(f"tiles must be (rows, cols), got {tiles!r}")
+        raise InvalidArgument(f"tiles must be (rows, cols), got {tiles!r}")
     for axis, count, size in zip(AXES, tiles, mesh.shape):
         if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count <= 0:
-            raise ValueError(f"tile count along {axis} must be a positive integer, got {count!r}")
+            raise InvalidArgument(f"tile count along {axis} must be a positive integer, got {count!r}")
         if count > size:
-            raise ValueError(f"cannot split {size} cores along {axis} into {count} tiles; use at most {size}")
+            raise InvalidArgument(f"cannot split {size} cores along {axis} into {count} tiles; use at most {size}")
     ys = even_bounds(mesh.height, tiles[0])
     xs = even_bounds(mesh.width, tiles[1])
     rects = []
@@ -188,7 +190,7 @@ def parse_grid(text: str) -> tuple[int, int]:
     try:
         rows, cols = (int(p) for p in parts)
     except ValueError:
-        raise ValueError(f"expected ROWSxCOLS such as '4x4', got {text!r}") from None
+        raise InvalidArgument(f"expected ROWSxCOLS such as '4x4', got {text!r}") from None
     if rows <= 0 or cols <= 0:
-        raise ValueError(f"expected positive ROWSxCOLS, got {text!r}")
+        raise InvalidArgument(f"expected positive ROWSxCOLS, got {text!r}")
     return rows, cols

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InvalidArgument
 from .layout import Spec
 from .wafer import RunStats, Wafer
 
@@ -62,7 +63,7 @@ def gemv(wafer: Wafer, x: np.ndarray | TensorShape, w: np.ndarray | TensorShape,
 
     (m,), (m2, n) = _shape(x), _shape(w)
     if m != m2:
-        raise ValueError(f"gemv: x has {m} elements but w has {m2} rows; expected x (M,) and w (M, N)")
+        raise InvalidArgument(f"gemv: x has {m} elements but w has {m2} rows; expected x (M,) and w (M, N)")
     other = "x" if axis == "y" else "y"
     mp, np_ = _up(m, wafer.mesh.axis_size(axis)), _up(n, wafer.mesh.axis_size(other))
     _place(wafer, "_gemv_x", x, (mp,), Spec(axis))
@@ -97,7 +98,7 @@ def gemm(wafer: Wafer, a: np.ndarray | TensorShape, b: np.ndarray | TensorShape,
 
     (m, k), (k2, n) = _shape(a), _shape(b)[::-1] if transpose_b else _shape(b)
     if k != k2:
-        raise ValueError(f"gemm: a is {m}x{k} but b{'^T' if transpose_b else ''} is {k2}x{n}; the inner sizes must match")
+        raise InvalidArgument(f"gemm: a is {m}x{k} but b{'^T' if transpose_b else ''} is {k2}x{n}; the inner sizes must match")
     size = math.lcm(*wafer.mesh.shape)  # the grid of blocks: each core holds (size/height) x (size/width)
     mp, kp, np_ = _up(m, size), _up(k, size), _up(n, size)
     _place(wafer, "_gemm_a", a, (mp, kp), Spec("y", "x"))

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .device import DeviceSpec, resolve
-from .errors import LayoutError
+from .errors import InvalidArgument, LayoutError
 from .fabric.base import Transport
 from .fabric.local import LocalTransport
 from .layout import Layout, Spec, gather, scatter
@@ -103,11 +103,11 @@ class Wafer:
         executor: str = "fused",
     ):
         if executor not in EXECUTORS:
-            raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+            raise InvalidArgument(f"executor must be one of {EXECUTORS}, got {executor!r}")
         self.device = resolve(device)
         if not isinstance(mesh, Mesh):
             if len(mesh) != 2:
-                raise ValueError(f"mesh must be (height, width), got {mesh!r}")
+                raise InvalidArgument(f"mesh must be (height, width), got {mesh!r}")
             self.device.check_mesh(*mesh)
             mesh = Mesh(*mesh)
         self.device.check_mesh(mesh.height, mesh.width)
@@ -159,7 +159,7 @@ class Wafer:
         if name not in self._tensors:
             raise KeyError(f"no tensor {name!r} on the wafer; tensors: {sorted(self._tensors)}")
         if self.cost_only:
-            raise ValueError("a cost-only wafer holds shapes, not values; nothing to read")
+            raise InvalidArgument("a cost-only wafer holds shapes, not values; nothing to read")
         shape, layout = self._tensors[name]
         # only the copy at index 0 of each replicated mesh axis travels back to the host
         replicated = layout.replicated_axes()
@@ -178,7 +178,7 @@ class Wafer:
     def blocks(self, name: str) -> np.ndarray:
         """Every core's block of ``name`` as ``[height, width, *block]``, replicated copies included."""
         if self.cost_only:
-            raise ValueError("a cost-only wafer holds shapes, not values; nothing to read")
+            raise InvalidArgument("a cost-only wafer holds shapes, not values; nothing to read")
         parts = self.transport.call_some("get", {i: (name, None, None) for i in range(len(self.tiling.rects))})
         first = next(iter(parts.values()))
         out = np.empty(self.mesh.shape + first.shape[2:], dtype=first.dtype)
@@ -290,4 +290,4 @@ def _make_transport(transport: str | Transport) -> Transport:
         from .fabric.ray import RayTransport
 
         return RayTransport()
-    raise ValueError(f"transport must be 'local', 'ray' or a Transport, got {transport!r}")
+    raise InvalidArgument(f"transport must be 'local', 'ray' or a Transport, got {transport!r}")

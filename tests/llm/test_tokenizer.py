@@ -1,3 +1,11 @@
+"""The tokenizer read from the GGUF, and chat templates rendered in the sandbox."""
+
+import pytest
+
+from llm.errors import CheckpointError
+from llm.tokenizer import render_chat
+
+
 def test_text_round_trips(tokenizer):
     """Encoding then decoding gives the text back, digits split one by one."""
     for text in ["Hello world!", "The year 2024 has 366 days.", "naïve café ☕", "  two  spaces"]:
@@ -17,3 +25,29 @@ def test_chat_template_wraps_the_message(tokenizer):
     """--chat applies the model's ChatML template with the generation prompt."""
     text = tokenizer.chat("What is 2+2?")
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_template_reaching_python_internals_is_refused(tmp_path):
+    """A chat template is data from the file: one that climbs from a Jinja global to ``os.system`` is refused with
+    a clear error, and the command never runs."""
+    marker = tmp_path / "pwned"
+    for attack in ("{{ cycler.__init__.__globals__.os.system('touch %s') }}",
+                   "{{ ''.__class__.__mro__[1].__subclasses__() }}{{ joiner.__init__.__globals__.os.system('touch %s') }}",
+                   "{% set x = messages.append({'role': 'x'}) %}touch %s"):
+        with pytest.raises(CheckpointError, match="Python internals|unsafe|immutable"):
+            render_chat(attack.replace("%s", str(marker)), [{"role": "user", "content": "hi"}])
+    assert not marker.exists()
+
+
+def test_templates_render_with_the_options_transformers_uses():
+    """trim_blocks and lstrip_blocks (block tags leave no newline or indent), loop controls, tojson without
+    escaping non-ASCII text, and raise_exception as a clear error."""
+    template = ("{% for m in messages %}\n"
+                "    {% if m.role == 'system' %}{% continue %}{% endif %}\n"
+                "<{{ m.role }}>{{ m.content | tojson }}\n"
+                "{% endfor %}\n"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "café"}]
+    assert render_chat(template, messages) == '<user>"café"\n<assistant>'
+    with pytest.raises(CheckpointError, match="the chat template failed: only user turns"):
+        render_chat("{{ raise_exception('only user turns') }}", messages)

@@ -34,6 +34,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..errors import InvalidArgument
 from ..mesh import Mesh, even_bounds
 from ..program import Program, Step
 from ..protocol import protocol
@@ -70,9 +71,9 @@ def tree_phases(n: int, k: int, group_num: int | None) -> tuple[tuple[tuple[np.n
         ValueError: ``k`` < 1, or ``group_num`` outside [1, n].
     """
     if not isinstance(k, int) or k < 1:
-        raise ValueError(f"K must be a positive integer, got {k!r}")
+        raise InvalidArgument(f"K must be a positive integer, got {k!r}")
     if group_num is not None and (not isinstance(group_num, (int, np.integer)) or not 1 <= group_num <= n):
-        raise ValueError(f"group_num must be an integer in [1, {n}] for {n} cores along the axis, got {group_num!r}")
+        raise InvalidArgument(f"group_num must be an integer in [1, {n}] for {n} cores along the axis, got {group_num!r}")
     branching = max(2, round(n ** (1 / k)))  # group size of the middle phases when K > 2
     members = np.arange(n)
     phases = []
@@ -154,14 +155,14 @@ def plan(mesh: Mesh, axis: str, algo: str, k: int, group_num: int | None, root: 
     """
     n = mesh.axis_size(axis)
     if algo not in ALGOS:
-        raise ValueError(f"allreduce algo must be one of {ALGOS}, got {algo!r}")
+        raise InvalidArgument(f"allreduce algo must be one of {ALGOS}, got {algo!r}")
     if algo == "ktree":
         phases = tree_phases(n, k, group_num)
     else:
         if root is None:
             root = n - 1 if algo == "pipeline" else n // 2
         if not isinstance(root, (int, np.integer)) or not 0 <= root < n:
-            raise ValueError(f"root must be a core index along {axis!r} in [0, {n - 1}], got {root!r}")
+            raise InvalidArgument(f"root must be a core index along {axis!r} in [0, {n - 1}], got {root!r}")
         phases = (((np.arange(n), int(root)),),)
     steps = [chain_steps(mesh, axis, f"reduce{i + 1}_{axis}", groups) for i, groups in enumerate(phases)]
     last_members, last_root = phases[-1][0]
@@ -181,7 +182,7 @@ def allreduce_routes(mesh: Mesh, *, axis: str, op: str = "add", algo: str = "ktr
                      group_num: int | None = None, root: int | None = None, broadcast: bool = True, **_) -> list[Route]:
     """Routes of an allreduce (validates every argument before anything runs)."""
     if op not in OPS:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        raise InvalidArgument(f"op must be one of {OPS}, got {op!r}")
     return list(_routes(mesh, axis, algo, K, group_num, root, broadcast))
 
 

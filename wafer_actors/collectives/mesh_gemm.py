@@ -42,7 +42,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..errors import ProtocolError
+from ..errors import InvalidArgument, ProtocolError
 from ..mesh import Mesh
 from ..protocol import protocol
 from ..transfer import Route, Transfer
@@ -54,7 +54,7 @@ ALGOS = ("meshgemm", "cannon", "summa")
 def check_square(mesh: Mesh, algo: str) -> int:
     """Return P, or refuse a mesh that is not square."""
     if mesh.height != mesh.width:
-        raise ValueError(f"{algo} needs a square mesh (P x P cores), got {mesh.height}x{mesh.width}; use a P x P region")
+        raise InvalidArgument(f"{algo} needs a square mesh (P x P cores), got {mesh.height}x{mesh.width}; use a P x P region")
     return mesh.height
 
 
@@ -174,7 +174,7 @@ def _summa_routes(mesh: Mesh, relay: bool) -> Iterator[Route]:
 
 def _routes(mesh: Mesh, *, a: str, b: str, c: str, algo: str = "meshgemm", relay: bool = False, restore: bool = False) -> Iterable[Route]:
     if algo not in ALGOS:
-        raise ValueError(f"gemm algo must be one of {ALGOS}, got {algo!r}")
+        raise InvalidArgument(f"gemm algo must be one of {ALGOS}, got {algo!r}")
     if algo == "summa":
         return _summa_routes(mesh, relay)
     plan = cannon_plan(mesh, algo)

@@ -20,6 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..errors import InvalidArgument
 from ..mesh import NO_CORE, Mesh
 from ..protocol import protocol
 from ..transfer import Route, Transfer
@@ -34,7 +35,7 @@ def shift_transfers(mesh: Mesh, axis: str, disp: int, wrap: bool) -> tuple[Trans
     """
     n = mesh.axis_size(axis)
     if not isinstance(disp, (int, np.integer)) or disp == 0 or abs(disp) >= n:
-        raise ValueError(f"shift disp along {axis!r} must be a non-zero integer with |disp| < {n}, got {disp!r}")
+        raise InvalidArgument(f"shift disp along {axis!r} must be a non-zero integer with |disp| < {n}, got {disp!r}")
     source, _ = mesh.shift(axis, disp, wrap=wrap)
     idx = np.arange(n)
     inside = (source != NO_CORE) & (idx - source == disp)  # receivers fed by a plain neighbour flow

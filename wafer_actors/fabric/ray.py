@@ -18,6 +18,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..device import DeviceSpec
+from ..errors import NodeMemoryError
 from ..mesh import Tiling
 from ..tile import Tile
 from .base import Transport, first_error
@@ -74,7 +75,7 @@ def _check_node_memory(tiling: Tiling, device: DeviceSpec, where: list[str]) -> 
     the node is what it has.
 
     Raises:
-        MemoryError: naming the node, its tiles, the bytes needed and available.
+        NodeMemoryError: naming the node, its tiles, the bytes needed and available.
     """
     have = {n["NodeID"]: n["Resources"].get("memory", 0.0) for n in ray.nodes() if n["Alive"]}
     need: dict[str, int] = {}
@@ -84,7 +85,7 @@ def _check_node_memory(tiling: Tiling, device: DeviceSpec, where: list[str]) -> 
         tiles[node] = tiles.get(node, 0) + 1
     for node, nbytes in need.items():
         if node in have and nbytes > have[node]:
-            raise MemoryError(
+            raise NodeMemoryError(
                 f"node {node[:12]} would hold {tiles[node]} tile(s) with up to {nbytes / 2**30:.1f} GiB of core memory "
                 f"({device.sram_bytes} B per core); Ray gives it {have[node] / 2**30:.1f} GiB. Use more nodes, "
                 f"a smaller mesh, or cost_only=True"
