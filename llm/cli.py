@@ -145,6 +145,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompt_ids:
         raise InvalidArgument("the prompt is empty")
     tokens = len(prompt_ids) + args.max_new_tokens - 1
+    if tokens > cfg.max_seq_len:  # before placement, whose failure would blame the mesh
+        raise InvalidArgument(
+            f"the prompt's {len(prompt_ids)} tokens and --max-new-tokens {args.max_new_tokens} make {tokens} positions; "
+            f"{cfg.name}'s context is {cfg.max_seq_len}: ask for at most {cfg.max_seq_len - len(prompt_ids) + 1} new tokens")
     room = len(prompt_ids) if args.prefill == "mesh" else 0
     mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, tokens, prefill_tokens=room)
     print(f"{cfg.name}: {cfg.n_layers} layers, dim {cfg.dim}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

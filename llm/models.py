@@ -29,6 +29,8 @@ def load_model(model: str = DEFAULT_MODEL) -> tuple[LlamaConfig, LlamaWeights, T
                     f"{model} is a shape preset without weights here: full decode needs a checkpoint "
                     f"(give its .gguf file or Hugging Face directory); shapes alone run cost-only"
                 )
+            if path.suffix == ".gguf" or "/" in model:
+                raise CheckpointError(f"no such file or directory: {path}")
             raise CheckpointError(
                 f"unknown model {model!r}: give {DEFAULT_MODEL}, a .gguf file or a Hugging Face directory "
                 f"(config.json + *.safetensors)"

@@ -43,13 +43,6 @@ def test_demo_runs_in_process(capsys):
     assert "cycles" in capsys.readouterr().out
 
 
-def test_bad_input_exits_2_with_one_line(capsys):
-    """A value outside what is valid is the user's: one line on stderr, exit 2, no traceback."""
-    assert main(["generate", "--max-new-tokens", "0", "--prompt", "hello"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("wafer-llm: error: --max-new-tokens must be at least 1") and "Traceback" not in err
-
-
 def test_an_internal_error_keeps_its_traceback(tmp_path):
     """An error that is not bad input (here a ProtocolError, which only a bug of ours raises) is not turned into a
     user message: the process exits 1 and prints the traceback."""

@@ -53,7 +53,9 @@ def test_generate_writes_json_report(tmp_path, capsys, smollm2, tokenizer):
         (["--mesh", "8"], "ROWSxCOLS"),
         # refused once the model's size is known, before any token runs
         (["--mesh", "16x16"], "Use a larger --mesh"),
-        (["--mesh", "64x64", "--max-new-tokens", "9000"], "exceed the model's context of 8192 tokens"),
+        (["--mesh", "64x64", "--max-new-tokens", "9000"], "context is 8192: ask for at most"),
+        (["--max-new-tokens", "100000"], "context is 8192: ask for at most"),  # the cause, not the mesh
+        (["--model", "missing/model.gguf"], "no such file or directory: missing/model.gguf"),
     ],
 )
 def test_generate_refusals(args, message, capsys):
