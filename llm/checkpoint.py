@@ -72,6 +72,7 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
     dim = int(_scalar(reader, "llama.embedding_length", path))
     n_heads = int(_scalar(reader, "llama.attention.head_count", path))
     names = {t.name for t in reader.tensors}
+    _refuse_unsupported_gguf(reader, path, dim // n_heads, names)
     return LlamaConfig(
         name=path.stem,
         n_layers=int(_scalar(reader, "llama.block_count", path)),
@@ -86,6 +87,34 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
         max_seq_len=int(_scalar(reader, "llama.context_length", path)),
         tied_embeddings="output.weight" not in names,
     )
+
+
+def _refuse_unsupported_gguf(reader, path: Path, head_dim: int, names: set[str]) -> None:
+    """Refuse a file that needs what this package does not compute, naming the feature and its value.
+
+    Raises:
+        CheckpointError: RoPE scaling, a key/value head size other than dim / heads, experts (MoE), or biases.
+    """
+    import gguf
+
+    def value(key: str):
+        field = reader.fields.get(key)
+        if field is None:
+            return None
+        part = field.parts[field.data[0]]
+        return bytes(part).decode() if field.types[0] == gguf.GGUFValueType.STRING else part.tolist()[0]
+
+    scaling = value("llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise CheckpointError(f"{path}: llama.rope.scaling.type {scaling!r} is not supported (only unscaled RoPE)")
+    for key in ("llama.attention.key_length", "llama.attention.value_length"):
+        if value(key) not in (None, head_dim):
+            raise CheckpointError(f"{path}: {key} {value(key)} is not supported (only the head size dim / heads = {head_dim})")
+    if value("llama.expert_count"):
+        raise CheckpointError(f"{path}: llama.expert_count {value('llama.expert_count')}: mixture-of-experts is not supported")
+    biases = sorted(n for n in names if n.endswith(".bias"))
+    if biases:
+        raise CheckpointError(f"{path}: bias tensors ({biases[0]}, ...) are not supported")
 
 
 GGUF_NAMES = {

@@ -9,9 +9,9 @@ q·k is unchanged and the rotation becomes the adjacent-pair one.
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, which safetensors then returns)
 import numpy as np
 
 from .checkpoint import LlamaWeights, assemble
@@ -25,6 +25,8 @@ def hf_config(path: Path) -> LlamaConfig:
         c = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot read {path / 'config.json'}: {err}") from err
+    _refuse_unsupported_hf(c, path / "config.json")
+    rope = c.get("rope_parameters") or {}  # transformers 5 writes RoPE settings here
     try:
         n_heads = int(c["num_attention_heads"])
         return LlamaConfig(
@@ -36,13 +38,39 @@ def hf_config(path: Path) -> LlamaConfig:
             n_kv_heads=int(c.get("num_key_value_heads", n_heads)),
             head_dim=int(c.get("head_dim") or c["hidden_size"] // n_heads),
             vocab_size=int(c["vocab_size"]),
-            rope_base=float(c.get("rope_theta", 10000.0)),
+            rope_base=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
             norm_eps=float(c.get("rms_norm_eps", 1e-5)),
             max_seq_len=int(c.get("max_position_embeddings", 4096)),
             tied_embeddings=bool(c.get("tie_word_embeddings", False)),
         )
     except KeyError as err:
         raise CheckpointError(f"{path / 'config.json'}: key {err} is missing") from None
+
+
+def _refuse_unsupported_hf(c: dict, where: Path) -> None:
+    """Refuse a config that asks for what this package does not compute, naming the key and its value.
+
+    Raises:
+        CheckpointError: another architecture, RoPE scaling, biases, experts or a sliding window.
+    """
+    def refuse(what: str) -> None:
+        raise CheckpointError(f"{where}: {what} is not supported")
+
+    if c.get("model_type", "llama") != "llama":
+        refuse(f"model_type {c['model_type']!r} (only 'llama')")
+    if any(a != "LlamaForCausalLM" for a in c.get("architectures", [])):
+        refuse(f"architectures {c['architectures']} (only LlamaForCausalLM)")
+    for key in ("rope_scaling", "rope_parameters"):
+        kind = (c.get(key) or {}).get("rope_type", (c.get(key) or {}).get("type", "default"))
+        if kind != "default":
+            refuse(f"{key} of type {kind!r} (only unscaled RoPE)")
+    for key in ("attention_bias", "mlp_bias"):
+        if c.get(key):
+            refuse(f"{key} {c[key]!r} (no biases)")
+    if c.get("num_local_experts") or c.get("num_experts"):
+        refuse("a mixture of experts")
+    if c.get("use_sliding_window") or (c.get("sliding_window") and "use_sliding_window" not in c):
+        refuse(f"sliding_window {c.get('sliding_window')!r}")
 
 
 def _shards(path: Path) -> dict[str, Path]:
@@ -57,41 +85,27 @@ def _shards(path: Path) -> dict[str, Path]:
     single = path / "model.safetensors"
     if not single.exists():
         raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json is there")
-    return {name: single for name in _header(single)}
+    with _open(single) as f:
+        return {name: single for name in f.keys()}
 
 
-def _header(file: Path) -> dict:
-    """The JSON header of a safetensors file (checked against the file's size)."""
+def _open(file: Path):
+    """``safe_open`` on ``file`` (NumPy arrays; bfloat16 through ``ml_dtypes``), its errors as ``CheckpointError``."""
+    from safetensors import safe_open
+
     try:
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as err:
+        return safe_open(file, framework="numpy")
+    except Exception as err:  # the library raises its own error types for missing, short or corrupt files
         raise CheckpointError(f"cannot read safetensors file {file}: {err}") from err
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if file.stat().st_size < 8 + n + end:
-        raise CheckpointError(f"safetensors file {file} is truncated: {file.stat().st_size} bytes, the header needs {8 + n + end}")
-    header.pop("__metadata__", None)
-    return header
 
 
 def _read(file: Path, name: str) -> np.ndarray:
-    """One tensor as float32 (bfloat16 widened by hand: NumPy has no bfloat16)."""
-    from safetensors import safe_open
-
-    info = _header(file)[name]
-    if info["dtype"] == "BF16":
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            start, stop = info["data_offsets"]
-            f.seek(8 + n + start)
-            raw = np.frombuffer(f.read(stop - start), dtype=np.uint16)
-        return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
-    try:
-        with safe_open(file, framework="numpy") as f:
+    """One tensor as float32 (float16 and bfloat16 widen exactly)."""
+    with _open(file) as f:
+        try:
             return f.get_tensor(name).astype(np.float32)
-    except Exception as err:  # the library raises its own error types for corrupt files
-        raise CheckpointError(f"cannot read tensor {name!r} from {file}: {err}") from err
+        except Exception as err:
+            raise CheckpointError(f"cannot read tensor {name!r} from {file}: {err}") from err
 
 
 def _interleave(heads: int, head_dim: int) -> np.ndarray:
@@ -120,6 +134,9 @@ def load_hf(path: str | Path) -> tuple[LlamaConfig, LlamaWeights]:
     path = Path(path)
     cfg = hf_config(path)
     files = _shards(path)
+    biases = sorted(n for n in files if n.endswith(".bias"))
+    if biases:
+        raise CheckpointError(f"{path}: bias tensors ({biases[0]}, ...) are not supported")
 
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in files:

@@ -49,6 +49,9 @@ class Tokenizer:
         kind = bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() if "tokenizer.ggml.model" in reader.fields else None
         if kind != "gpt2":
             raise CheckpointError(f"{path}: tokenizer model {kind!r} is not supported; expected a byte-level BPE ('gpt2')")
+        pre = bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]).decode() if "tokenizer.ggml.pre" in reader.fields else None
+        if pre not in (None, "smollm"):  # the split rules below are SmolLM's; others would tokenize differently
+            raise CheckpointError(f"{path}: pre-tokenizer tokenizer.ggml.pre {pre!r} is not supported (only 'smollm')")
         tokens = strings("tokenizer.ggml.tokens")
         merges = [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")]
         types_field = reader.fields.get("tokenizer.ggml.token_type")

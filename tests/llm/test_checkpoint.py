@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -6,11 +8,13 @@ from llm.config import PRESETS, LlamaConfig, preset
 from llm.errors import CheckpointError
 
 
-def write_gguf(path, arch="llama", wrong=None):
-    """A tiny Llama GGUF written with the gguf package: 2 layers, dim 8, vocab 16."""
+def write_gguf(path, arch="llama", wrong=None, extra=None):
+    """A tiny Llama GGUF written with the gguf package: 2 layers, dim 8, vocab 16; ``extra(writer)`` adds more."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
+    if extra:
+        extra(w)
     w.add_block_count(2)
     w.add_embedding_length(8)
     w.add_feed_forward_length(12)
@@ -91,3 +95,15 @@ def test_presets_and_random_weights():
         preset("llama9")
     with pytest.raises(ValueError, match=r"n_heads 4 is not a multiple of n_kv_heads 3"):
         LlamaConfig("bad", 2, 16, 32, 4, 3, 4, 50)
+
+
+@pytest.mark.parametrize("feature, extra", [
+    ("llama.rope.scaling.type 'linear'", lambda w: w.add_string("llama.rope.scaling.type", "linear")),
+    ("llama.attention.key_length 6", lambda w: w.add_uint32("llama.attention.key_length", 6)),
+    ("llama.expert_count 8", lambda w: w.add_uint32("llama.expert_count", 8)),
+    ("bias tensors (blk.0.attn_q.bias", lambda w: w.add_tensor("blk.0.attn_q.bias", np.zeros(8, np.float32))),
+])
+def test_gguf_features_we_do_not_compute_are_refused(tmp_path, feature, extra):
+    """A file that needs RoPE scaling, another head size, experts or biases is refused by name, not run wrong."""
+    with pytest.raises(CheckpointError, match=re.escape(feature)):
+        load_gguf(write_gguf(tmp_path / "m.gguf", extra=extra))

@@ -4,10 +4,12 @@ the rotate-half layout) loads to the same weights and decodes like the reference
 from __future__ import annotations
 
 import json
+import re
 
+import ml_dtypes
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from llm.checkpoint import random_weights
 from llm.config import LlamaConfig
@@ -135,3 +137,46 @@ def test_tokenizer_json_matches_the_gguf_tokenizer(tmp_path, tokenizer):
     assert hf.encode("<|im_start|>")[0] == hf.bos_id and len(hf.encode("<|im_start|>")) == 1
     assert hf.eos_id == tokenizer.eos_id
     assert hf.chat("hi") == tokenizer.chat("hi")
+
+
+def test_bf16_safetensors_widen_exactly(tmp_path):
+    """A bfloat16 checkpoint (as most are published) loads to the float32 values its bits encode: each element's
+    16 bits become the high half of a float32, checked by bit arithmetic, not by the library that reads it."""
+    w = random_weights(CFG, seed=3)
+    write_hf(tmp_path, CFG, w, shards=1)
+    shard = next(tmp_path.glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    bf16 = {name: a.astype(ml_dtypes.bfloat16) for name, a in tensors.items()}
+    save_file(bf16, str(shard))
+    bits = {name: a.view(np.uint16) for name, a in bf16.items()}
+    widened = {name: (b.astype(np.uint32) << 16).view(np.float32) for name, b in bits.items()}
+    _, loaded = load_hf(tmp_path)
+    np.testing.assert_array_equal(loaded.tok_embeddings, widened["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(loaded.w_down[1], widened["model.layers.1.mlp.down_proj.weight"].T)
+    np.testing.assert_array_equal(loaded.lm_head, widened["lm_head.weight"].T)
+    assert not np.array_equal(loaded.lm_head, w.lm_head)  # the values really went through bfloat16
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("model_type", "qwen2", "model_type 'qwen2'"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling of type 'llama3'"),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e6}, "rope_parameters of type 'yarn'"),
+    ("attention_bias", True, "attention_bias True"),
+    ("num_local_experts", 8, "a mixture of experts"),
+])
+def test_hf_features_we_do_not_compute_are_refused(tmp_path, key, value, named):
+    """A config that asks for another architecture, RoPE scaling, biases or experts is refused by name."""
+    write_hf(tmp_path, CFG, random_weights(CFG, seed=1), shards=1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(CheckpointError, match=re.escape(named) + ".* is not supported"):
+        load_hf(tmp_path)
+
+
+def test_hf_rope_theta_is_read_from_either_style(tmp_path):
+    """transformers 5 writes rope_parameters {rope_type, rope_theta}; older files write rope_theta."""
+    write_hf(tmp_path, CFG, random_weights(CFG, seed=1), shards=1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["rope_theta"]
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}))
+    assert load_hf(tmp_path)[0].rope_base == 5e5
