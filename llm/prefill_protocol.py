@@ -28,14 +28,14 @@ in which no row sends or receives twice, then ``relayout`` un-skews the weights.
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import numpy as np
 
 from wafer_actors.collectives.allreduce import allreduce_routes, run_allreduce
-from wafer_actors.collectives.block_gemm import block_gemm_routes, gemm_t_skewed, mesh_gemm_skewed, skew, skew_index
+from wafer_actors.collectives.block_gemm import block_gemm_routes, gathered, gemm_t_skewed, mesh_gemm_skewed, skew, skew_index
 from wafer_actors.errors import InvalidArgument
+from wafer_actors.kernels import block_matmul
 from wafer_actors.mesh import Mesh
 from wafer_actors.protocol import protocol
 from wafer_actors.transfer import Route, Transfer
@@ -100,17 +100,15 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
 
     heads = onehot.transpose(0, 2, 1)[None, :, :, None, :]  # (1, w, nkv, 1, kvt): which K/V columns each KV head owns
 
-    def scores(q, k, c):  # per KV head: the query rows against that head's key columns
+    def scores(q, iq, k, ik, c):  # per KV head: the query rows against that head's key columns
+        q, k = gathered(q, iq), gathered(k, ik)
         kh = (k[:, :, None] * heads).reshape(k.shape[0], k.shape[1], nkv * st, kvt)
         c += (q[:, :, :, :G].reshape(*q.shape[:2], st * G, kvt) @ np.swapaxes(kh, -1, -2)).reshape(c.shape)
 
-    def attend(pr, v, c):
+    def attend(pr, ipr, v, iv, c):
+        pr, v = gathered(pr, ipr), gathered(v, iv)
         vh = (v[:, :, None] * heads).reshape(v.shape[0], v.shape[1], nkv * st, kvt)
         c += (pr.reshape(*pr.shape[:2], st * G, nkv * st) @ vh).reshape(c.shape)
-
-    def matmul(a, b, c):  # c (.., rows, n...) += a (.., rows, k...) @ b (.., k..., n...), contracting a's trailing axes
-        k = math.prod(b.shape[2 : 2 + (a.ndim - 3)])
-        c += (a.reshape(*a.shape[:3], k) @ b.reshape(*b.shape[:2], k, -1)).reshape(c.shape)
 
     if not 0 <= layer <= p.layers or (layer == p.layers and not p.head):
         raise InvalidArgument(f"prefill: layer must be in [0, {p.layers}{']' if p.head else ')'} on this region, got {layer}")
@@ -120,7 +118,7 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
             tile.alias(alias, n, (layer,))
         await _rmsnorm(tile, p, tile.data(weights["attn_norm"]) if full else None, st, dt)
         await mesh_gemm_skewed(tile, a="hp", b=weights["wqkv"], c="qkvp",
-                               product=matmul,
+                               product=block_matmul,
                                **cost(st * dt * (G + 2) * kvt))
         if full:
             qkv = tile.data("qkvp")
@@ -149,14 +147,14 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
         tile.charge(per_step * G * nkv, p.dtype)
         await mesh_gemm_skewed(tile, a="sc", b="v_s", c="op", product=attend, **cost(per_step * G * kvt))
         await gemm_t_skewed(tile, a="op", b=weights["wo"], c="yp",
-                            product=matmul,
+                            product=block_matmul,
                             **cost(st * G * kvt * dt))
         if full:
             tile.data("xp")[...] += tile.data("yp")
         tile.charge(st * dt, p.dtype)
         await _rmsnorm(tile, p, tile.data(weights["ffn_norm"]) if full else None, st, dt)
         await mesh_gemm_skewed(tile, a="hp", b=weights["w13"], c="ffp",
-                               product=matmul,
+                               product=block_matmul,
                                **cost(st * dt * 2 * ft))
         if full:
             ff = tile.data("ffp")
@@ -164,7 +162,7 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
             tile.data("zp")[...] = gate / (1 + np.exp(-gate)) * up
         tile.charge(3 * st * ft, p.dtype)
         await gemm_t_skewed(tile, a="zp", b=weights["w2"], c="yp",
-                            product=matmul,
+                            product=block_matmul,
                             **cost(st * ft * dt))
         if full:
             tile.data("xp")[...] += tile.data("yp")
@@ -176,7 +174,7 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
         for c0, c1 in head_chunks(dt, tile.buffer("lm_head").block[1], 2 * ft):
             tile.alias("lm_head@", "lm_head", (slice(None), slice(c0, c1)))
             tile.alias("logits@", "logits_p", (slice(None), slice(c0, c1)))
-            await mesh_gemm_skewed(tile, a="hp", b="lm_head@", c="logits@", product=matmul, **cost(st * dt * (c1 - c0)))
+            await mesh_gemm_skewed(tile, a="hp", b="lm_head@", c="logits@", product=block_matmul, **cost(st * dt * (c1 - c0)))
             tile.free("lm_head@")
             tile.free("logits@")
     for name in work:

@@ -149,3 +149,30 @@ def attention_values(scores, total, cache, slots, held, head, o):
                     v = cache[y, c, s, j]
                     for g in range(o.shape[2]):
                         o[y, c, g, j] += scores[y, c, k, g, i] * v
+
+
+def block_matmul(a: np.ndarray, ia: np.ndarray | None, b: np.ndarray, ib: np.ndarray | None, c: np.ndarray) -> None:
+    """``c[core] += a[ia[core]] @ b[ib[core]]`` on every core (an index None: each core its own block).
+
+    ``a`` ``[h, w, m, *K]``, ``b`` ``[h, w, *K, *N]``, ``c`` ``[h, w, m, *N]``; the K axes
+    are contracted in order, element by element into ``c``. The indices let an operand
+    whose blocks moved only by index (the fused executor's ring shifts) be read in place.
+    """
+    cores, m = c.shape[0] * c.shape[1], c.shape[2]
+    flat = c.reshape(cores, m, -1)
+    if not np.shares_memory(flat, c):
+        raise ValueError("block_matmul adds into c in place: give a contiguous array")
+    k = a[0, 0, 0].size
+    every = np.arange(cores)
+    _matmul(a.reshape(cores, m, k), every if ia is None else ia, b.reshape(cores, k, -1), every if ib is None else ib, flat)
+
+
+@njit(cache=True, parallel=True)
+def _matmul(a, ia, b, ib, c):
+    for q in prange(c.shape[0]):
+        x, w = a[ia[q]], b[ib[q]]
+        for i in range(c.shape[1]):
+            for k in range(x.shape[1]):
+                v = x[i, k]
+                for j in range(c.shape[2]):
+                    c[q, i, j] += v * w[k, j]

@@ -40,7 +40,8 @@ from ..transfer import Route, Transfer
 from .interleave import places, ring_order
 from .mesh_gemm import CannonPlan, cannon_plan, check_square
 
-Product = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+# product(a, ia, b, ib, c): c += one step's share of a . b; core q reads a's block of core ia[q] (None: its own)
+Product = Callable[[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None, np.ndarray], None]
 
 
 def skewed_plan(mesh: Mesh) -> CannonPlan:
@@ -74,14 +75,21 @@ def _twin(tile, name: str) -> str:
     return twin
 
 
+def gathered(blocks: np.ndarray, order: np.ndarray | None) -> np.ndarray:
+    """The blocks each core holds (a copy when an index says they lie elsewhere)."""
+    if order is None:
+        return blocks
+    return blocks.reshape((order.size, -1))[order].reshape(blocks.shape)
+
+
 class _Operand:
     """An operand whose blocks move one place along ``transfer`` (a ring shift) every step.
 
     Step by step it is double-buffered: send, then receive into the second buffer, which
     becomes current. With the fused executor, when the ring stays inside the tile, the
     blocks do not move at all: an index follows them (``order[core]``: the core whose
-    block is there now) and they are gathered once, when a product reads them
-    (``indexed``), or moved in one copy (otherwise, for an operand the product writes).
+    block is there now), which the product reads through (``indexed``), or they move in one
+    copy (otherwise, for an operand the product writes).
     """
 
     def __init__(self, tile, name: str, transfer, *, indexed: bool = True):
@@ -93,13 +101,9 @@ class _Operand:
         self.flows = tile.local_flows(transfer) if self.order is not None else None
         self.started: tuple = ()
 
-    def data(self) -> np.ndarray:
-        """The blocks as they lie now, ``[h, w, *block]`` (a gathered copy when the index has moved)."""
-        data = self.tile.data(self.cur)
-        if self.order is None:
-            return data
-        flat = data.reshape((self.order.size, -1))
-        return flat[self.order].reshape(data.shape)
+    def blocks(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(the blocks ``[h, w, *block]``, the flat core whose block each core holds now; None: its own)."""
+        return self.tile.data(self.cur), self.order
 
     def send(self) -> None:
         t, tile = self.transfer, self.tile
@@ -131,7 +135,7 @@ class _Operand:
         tile = self.tile
         if not tile.cost_only:
             if self.order is not None and (self.order != np.arange(self.order.size)).any():
-                tile.data(self.name)[...] = self.data()
+                tile.data(self.name)[...] = gathered(*self.blocks())
             elif self.cur != self.name:
                 tile.data(self.name)[...] = tile.data(self.cur)
         tile.free(self.twin)
@@ -148,7 +152,7 @@ async def mesh_gemm_skewed(tile, *, a: str, b: str, c: str, product: Product, fm
         for op in ops:  # A to the x-ring predecessor, B to the y-ring predecessor, hidden behind the product
             op.send()
         if full:
-            product(ops[0].data(), ops[1].data(), tile.data(c))
+            product(*ops[0].blocks(), *ops[1].blocks(), tile.data(c))
         tile.charge(fmacs, tile.buffer(c).dtype.name, calls=calls)
         for op in ops:
             await op.land()
@@ -167,7 +171,7 @@ async def gemm_t_skewed(tile, *, a: str, b: str, c: str, product: Product, fmacs
     for _ in range(tile.tiling.mesh.height):
         ob.send()  # the next B block, hidden behind the product
         if full:
-            product(tile.data(a), ob.data(), tile.data(oc.cur))
+            product(tile.data(a), None, *ob.blocks(), tile.data(oc.cur))
         tile.charge(fmacs, tile.buffer(c).dtype.name, calls=calls)
         oc.send()  # the partial moves on once this core's share is in
         await ob.land()
