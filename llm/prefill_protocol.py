@@ -33,9 +33,9 @@ from functools import lru_cache
 import numpy as np
 
 from wafer_actors.collectives.allreduce import allreduce_routes, run_allreduce
-from wafer_actors.collectives.block_gemm import block_gemm_routes, gathered, gemm_t_skewed, mesh_gemm_skewed, skew, skew_index
+from wafer_actors.collectives.block_gemm import block_gemm_routes, gemm_t_skewed, mesh_gemm_skewed, skew, skew_index
 from wafer_actors.errors import InvalidArgument
-from wafer_actors.kernels import block_matmul
+from wafer_actors.kernels import block_attend, block_matmul, block_scores
 from wafer_actors.mesh import Mesh
 from wafer_actors.protocol import protocol
 from wafer_actors.transfer import Route, Transfer
@@ -85,7 +85,6 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
     kpos = skew_index(P)[r.y0 : r.y1, r.x0 : r.x1, None] * st + np.arange(st)  # keys of each core's x-skewed scores
     allowed = (kpos[:, :, None, :] <= qpos[:, None, :, None]) & (kpos[:, :, None, :] < tokens)  # (h, w, st_q, st_k)
     head, freq = _columns(p, r.x0, r.x1, P)  # (w, kvt), (w, kvt / 2)
-    onehot = (head[..., None] == np.arange(p.n_kv)).astype(np.float32)  # (w, kvt, nkv)
     angle = qpos[:, None, :, None, None] * freq[None, :, None, None, :]  # (h, w, st, 1, kvt / 2)
     cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
     work = {"hp": (st, dt), "ssp": (st,), "qkvp": (st, G + 2, kvt), "k_s": (st, kvt), "v_s": (st, kvt),
@@ -98,17 +97,11 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
     def cost(fmacs: int) -> dict:  # every GEMM's vector instructions are one st-row column long (Mt = st)
         return {"fmacs": fmacs, "calls": fmacs // st}
 
-    heads = onehot.transpose(0, 2, 1)[None, :, :, None, :]  # (1, w, nkv, 1, kvt): which K/V columns each KV head owns
-
     def scores(q, iq, k, ik, c):  # per KV head: the query rows against that head's key columns
-        q, k = gathered(q, iq), gathered(k, ik)
-        kh = (k[:, :, None] * heads).reshape(k.shape[0], k.shape[1], nkv * st, kvt)
-        c += (q[:, :, :, :G].reshape(*q.shape[:2], st * G, kvt) @ np.swapaxes(kh, -1, -2)).reshape(c.shape)
+        block_scores(q, iq, k, ik, head, c)
 
     def attend(pr, ipr, v, iv, c):
-        pr, v = gathered(pr, ipr), gathered(v, iv)
-        vh = (v[:, :, None] * heads).reshape(v.shape[0], v.shape[1], nkv * st, kvt)
-        c += (pr.reshape(*pr.shape[:2], st * G, nkv * st) @ vh).reshape(c.shape)
+        block_attend(pr, ipr, v, iv, head, c)
 
     if not 0 <= layer <= p.layers or (layer == p.layers and not p.head):
         raise InvalidArgument(f"prefill: layer must be in [0, {p.layers}{']' if p.head else ')'} on this region, got {layer}")

@@ -176,3 +176,66 @@ def _matmul(a, ia, b, ib, c):
                 v = x[i, k]
                 for j in range(c.shape[2]):
                     c[q, i, j] += v * w[k, j]
+
+
+def _flat(a: np.ndarray, index: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    cores = a.shape[0] * a.shape[1]
+    return a.reshape(cores, *a.shape[2:]), np.arange(cores) if index is None else index
+
+
+def _into(c: np.ndarray) -> np.ndarray:
+    flat = c.reshape(c.shape[0] * c.shape[1], *c.shape[2:])
+    if not np.shares_memory(flat, c):
+        raise ValueError("the kernel adds into its output in place: give a contiguous array")
+    return flat
+
+
+def block_scores(q: np.ndarray, iq: np.ndarray | None, k: np.ndarray, ik: np.ndarray | None, head: np.ndarray,
+                 c: np.ndarray) -> None:
+    """Attention scores per KV head: ``c[i, g, n, j] += sum_t q[i, g, t] k[j, t]`` over the columns t of head n.
+
+    ``q`` ``[h, w, s, >= G, T]`` (the first G vectors), ``k`` ``[h, w, s, T]``, ``c``
+    ``[h, w, s, G, nkv, s]``; ``head[x, t]`` is the KV head of column t on local column x
+    (-1: padding); indices as in ``block_matmul``.
+    """
+    (qf, iq), (kf, ik) = _flat(q, iq), _flat(k, ik)
+    _scores(qf, iq, kf, ik, head, c.shape[1], _into(c))
+
+
+@njit(cache=True, parallel=True)
+def _scores(q, iq, k, ik, head, width, c):
+    for p in prange(c.shape[0]):
+        x, qq, kk = p % width, q[iq[p]], k[ik[p]]
+        for i in range(c.shape[1]):
+            for g in range(c.shape[2]):
+                for t in range(kk.shape[1]):
+                    n = head[x, t]
+                    if n < 0:
+                        continue
+                    v = qq[i, g, t]
+                    for j in range(c.shape[4]):
+                        c[p, i, g, n, j] += v * kk[j, t]
+
+
+def block_attend(pr: np.ndarray, ipr: np.ndarray | None, v: np.ndarray, iv: np.ndarray | None, head: np.ndarray,
+                 c: np.ndarray) -> None:
+    """Attention output: ``c[i, g, t] += sum_j pr[i, g, n, j] v[j, t]`` with n the KV head of column t.
+
+    ``pr`` ``[h, w, s, G, nkv, s]``, ``v`` ``[h, w, s, T]``, ``c`` ``[h, w, s, G, T]``.
+    """
+    (pf, ipr), (vf, iv) = _flat(pr, ipr), _flat(v, iv)
+    _attend(pf, ipr, vf, iv, head, c.shape[1], _into(c))
+
+
+@njit(cache=True, parallel=True)
+def _attend(pr, ipr, v, iv, head, width, c):
+    for p in prange(c.shape[0]):
+        x, pp, vv = p % width, pr[ipr[p]], v[iv[p]]
+        for i in range(c.shape[1]):
+            for g in range(c.shape[2]):
+                for t in range(c.shape[3]):
+                    n = head[x, t]
+                    if n < 0:
+                        continue
+                    for j in range(vv.shape[0]):
+                        c[p, i, g, t] += pp[i, g, n, j] * vv[j, t]
