@@ -135,8 +135,21 @@ def load_gguf(path: str | Path) -> tuple[LlamaConfig, LlamaWeights, object]:
     import gguf
 
     path = Path(path)
+
+    class Reader(gguf.GGUFReader):
+        """Names a truncated file as such (the base class fails later, in a reshape of a short slice)."""
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                raise CheckpointError(f"{path} is truncated: {len(self.data):,} bytes, but its header places data up "
+                                      f"to byte {end:,} (copy or download it again)")
+            return super()._get(offset, dtype, count, override_order)
+
     try:
-        reader = gguf.GGUFReader(path)
+        reader = Reader(path)
+    except CheckpointError:
+        raise
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot read GGUF file {path}: {err}") from err
     cfg = gguf_config(reader, path)
