@@ -141,7 +141,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if tok is None:
         raise InvalidArgument(f"{args.model} has no tokenizer.json: text prompts need one")
     text = tok.chat(args.chat) if args.chat is not None else args.prompt
-    prompt_ids = tok.encode(text)
+    prompt_ids = tok.encode(text) if args.chat is not None else tok.encode_prompt(text)
     if not prompt_ids:
         raise InvalidArgument("the prompt is empty")
     tokens = len(prompt_ids) + args.max_new_tokens - 1

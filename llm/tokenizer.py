@@ -21,10 +21,12 @@ class Tokenizer:
     Attributes:
         bos_id, eos_id: beginning- and end-of-sequence ids.
         chat_template: the model's Jinja chat template, if the file has one.
+        add_bos: a plain prompt starts with BOS (the file's ``add_bos_token``).
     """
 
-    def __init__(self, backend, bos_id: int, eos_id: int, chat_template: str | None):
+    def __init__(self, backend, bos_id: int, eos_id: int, chat_template: str | None, add_bos: bool = False):
         self.backend, self.bos_id, self.eos_id, self.chat_template = backend, bos_id, eos_id, chat_template
+        self.add_bos = add_bos
 
     @classmethod
     def from_gguf(cls, reader, path: str | Path = "model") -> "Tokenizer":
@@ -68,6 +70,7 @@ class Tokenizer:
             bos_id=int(scalar("tokenizer.ggml.bos_token_id", 1)),
             eos_id=int(scalar("tokenizer.ggml.eos_token_id", 2)),
             chat_template=None if template is None else bytes(template.parts[template.data[0]]).decode("utf-8"),
+            add_bos=bool(scalar("tokenizer.ggml.add_bos_token", False)),
         )
 
     @classmethod
@@ -102,11 +105,17 @@ class Tokenizer:
                 return int(backend.token_to_id(tok))
             return int(cfg.get(f"{key}_id", default) or default)
 
-        return cls(backend, token_id("bos_token", 1), token_id("eos_token", 2), tc.get("chat_template"))
+        return cls(backend, token_id("bos_token", 1), token_id("eos_token", 2), tc.get("chat_template"),
+                   add_bos=bool(tc.get("add_bos_token", False)))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special tokens written in it are parsed as such."""
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a plain prompt: BOS first where the file asks for it (``add_bos_token``), as llama.cpp and
+        transformers do. A chat template writes its own BOS, so its text goes through ``encode``."""
+        return ([self.bos_id] if self.add_bos else []) + self.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids``, special tokens included."""

@@ -63,3 +63,17 @@ def test_other_gguf_pre_tokenizers_are_refused(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", extra=lambda w: w.add_string("tokenizer.ggml.pre", "llama-bpe"))
     with pytest.raises(CheckpointError, match="tokenizer.ggml.pre 'llama-bpe' is not supported"):
         Tokenizer.from_gguf(load_gguf(path)[2], path)
+
+
+def test_bos_comes_first_where_the_file_asks_for_it(tmp_path, tokenizer):
+    """``add_bos_token`` (here in a tokenizer_config.json) puts BOS before a plain prompt; SmolLM2's GGUF says no."""
+    import json
+
+    from llm.tokenizer import Tokenizer
+
+    tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<|endoftext|>"}))
+    hf = Tokenizer.from_hf(tmp_path)
+    bos = tokenizer.backend.token_to_id("<|endoftext|>")
+    assert hf.add_bos and hf.encode_prompt("Hello world!") == [bos, *tokenizer.encode("Hello world!")]
+    assert not tokenizer.add_bos and tokenizer.encode_prompt("Hello world!") == tokenizer.encode("Hello world!")
