@@ -126,6 +126,7 @@ class Tile:
         self.post: Callable[[int, bytes], None] | None = None
         self.nodes: list[str] = []
         self._mail: dict[tuple[int, str, int], asyncio.Future] = {}
+        self._waiting: tuple[str, int, asyncio.Future] | None = None  # the receive the run is blocked in
         self._run_id = -1
         self._aborted_run = -1
         self._routes: frozenset[str] = frozenset()
@@ -540,11 +541,19 @@ class Tile:
         if self._aborted_run >= self._run_id and not fut.done():
             raise ProtocolAborted(f"tile {self.index}: run {self._run_id} was aborted")
         t0 = time.perf_counter()
+        self._waiting = (tag, src, fut)
         try:
             return await fut
         finally:
+            self._waiting = None
             self.stats["wait_s"] += time.perf_counter() - t0
             del self._mail[(self._run_id, tag, src)]
+
+    def waiting_for(self) -> tuple[str, int] | None:
+        """(step tag, source tile) of the message this tile's run waits for and has not been sent; None if running."""
+        if self._waiting is None or self._waiting[2].done():
+            return None
+        return self._waiting[:2]
 
     def deliver(self, raw: bytes) -> None:
         """Accept a message from another tile (called by the transport)."""

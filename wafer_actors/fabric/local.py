@@ -12,6 +12,7 @@ import socket
 from typing import Any
 
 from ..device import DeviceSpec
+from ..errors import ProtocolError
 from ..mesh import Tiling
 from ..tile import Tile
 from .base import Transport, first_error
@@ -44,13 +45,37 @@ class LocalTransport(Transport):
 
     async def _run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
         tasks = [asyncio.ensure_future(t.run(path, run_id, routes, kwargs)) for t in self.tiles]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        watch = asyncio.ensure_future(self._watch(tasks))
+        await asyncio.wait([*tasks, watch], return_when=asyncio.FIRST_EXCEPTION)
+        if watch.done() and watch.exception():
+            for tile in self.tiles:
+                tile.abort(run_id)
+            await asyncio.wait(tasks)
+            for t in tasks:
+                t.exception()  # each tile's ProtocolAborted is a knock-on of the deadlock reported here
+            raise watch.exception()
+        watch.cancel()
         if any(t.done() and t.exception() for t in tasks):
             for tile in self.tiles:
                 tile.abort(run_id)
             await asyncio.wait(tasks)
             raise first_error([t.exception() for t in tasks])
         return [t.result() for t in tasks]
+
+    async def _watch(self, tasks: list[asyncio.Future]) -> None:
+        """Raise ``ProtocolError`` once every unfinished tile waits for a message that no tile has sent.
+
+        Messages between in-process tiles are delivered when sent, so that state is exactly a
+        deadlock: only a running tile could still send.
+        """
+        while True:
+            await asyncio.sleep(0)  # let every ready tile run first
+            live = [(t, t.waiting_for()) for t, task in zip(self.tiles, tasks) if not task.done()]
+            if not live:
+                return
+            if all(w is not None for _, w in live):
+                waits = "; ".join(f"tile {t.index} waits for {tag!r} from tile {src}" for t, (tag, src) in live)
+                raise ProtocolError(f"deadlock: every running tile waits for a message no tile will send ({waits})")
 
     def nodes(self) -> list[str]:
         return [socket.gethostname()] * len(self.tiles)
