@@ -47,3 +47,14 @@ def test_an_unmatched_receive_is_a_deadlock_error(tiles, no_hang):
     with Wafer((2, 4), device=preset("wse2"), tiles=tiles, transport="local") as w:
         with pytest.raises(ProtocolError, match=r"deadlock: every running tile waits .*tile 0 waits for 'westward#0' from tile"):
             w.run(receive_without_send)
+
+
+@pytest.mark.ray
+def test_an_unmatched_receive_fails_on_ray_too(ray_local, no_hang):
+    """Ray tiles: a run where no tile finishes and every tile waits, twice in a row, for the same message fails."""
+    from wafer_actors.fabric.ray import RayOptions, RayTransport
+
+    transport = RayTransport(RayOptions(stall_s=1.0))
+    with Wafer((2, 4), device=preset("wse2"), tiles=(1, 2), transport=transport) as w:
+        with pytest.raises(ProtocolError, match=r"deadlock: every running tile has waited 1 s .*tile 0 waits for 'westward#0'"):
+            w.run(receive_without_send)

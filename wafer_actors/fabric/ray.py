@@ -18,7 +18,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..device import DeviceSpec
-from ..errors import NodeMemoryError
+from ..errors import NodeMemoryError, ProtocolError
 from ..mesh import Tiling
 from ..tile import Tile
 from .base import Transport, first_error
@@ -61,10 +61,13 @@ class RayOptions:
         nodes: node ids to spread tiles over, in order; None uses every alive node, the
             driver's first.
         num_cpus: CPUs each tile actor reserves (0 lets many tiles share few cores).
+        stall_s: a run in which no tile finishes for this long is checked for a deadlock
+            (every running tile waiting for a message); seen twice in a row, it fails.
     """
 
     nodes: tuple[str, ...] | None = None
     num_cpus: float = 0.0
+    stall_s: float = 10.0
 
 
 def _check_node_memory(tiling: Tiling, device: DeviceSpec, where: list[str]) -> None:
@@ -148,12 +151,23 @@ class RayTransport(Transport):
     def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
         refs = [a.run.remote(path, run_id, routes, kwargs) for a in self.actors]
         pending = list(refs)
+        stalled: dict[int, tuple] | None = None
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=self.options.stall_s)
+            if not ready:  # nothing finished for a while: deadlocked if every running tile waits, twice, for the same
+                waits = self._waits([i for i, r in enumerate(refs) if r in pending])
+                if waits is not None and waits == stalled:
+                    self._abort(run_id)
+                    listed = "; ".join(f"tile {i} waits for {tag!r} from tile {src}" for i, (tag, src) in waits.items())
+                    raise ProtocolError(f"deadlock: every running tile has waited {self.options.stall_s:g} s for a "
+                                        f"message no tile sent ({listed})")
+                stalled = waits
+                continue
+            stalled = None
             try:
                 ray.get(ready[0])
             except ray.exceptions.RayError:
-                ray.wait([a.abort.remote(run_id) for a in self.actors], num_returns=len(self.actors), timeout=30)
+                self._abort(run_id)
                 errors = []
                 for ref in refs:
                     try:
@@ -163,6 +177,18 @@ class RayTransport(Transport):
                         errors.append(_unwrap(err))
                 raise first_error(errors) from None
         return ray.get(refs)
+
+    def _abort(self, run_id: int) -> None:
+        ray.wait([a.abort.remote(run_id) for a in self.actors], num_returns=len(self.actors), timeout=30)
+
+    def _waits(self, tiles: list[int]) -> dict[int, tuple] | None:
+        """What each of ``tiles`` waits for, or None if one of them is running (or does not answer in time)."""
+        refs = [self.actors[i].call.remote("waiting_for") for i in tiles]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.options.stall_s)
+        if len(done) < len(refs):
+            return None
+        waits = dict(zip(tiles, (tuple(w) if w is not None else None for w in ray.get(refs))))
+        return None if any(w is None for w in waits.values()) else waits
 
     def nodes(self) -> list[str]:
         return list(self._nodes)
