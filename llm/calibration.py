@@ -132,7 +132,8 @@ def predict(device: DeviceSpec, workers: int = 1, kinds: tuple[str, ...] = KINDS
     if workers <= 1:
         return np.array([_row(device, i) for i in rows])
     order = sorted(rows, reverse=True)  # the prefill rows, the slowest, first
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:  # OpenMP threads do not survive fork
+    # spawned: the compiled kernels' OpenMP threads do not survive fork
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         done = dict(zip(order, pool.map(_row, [device] * len(order), order)))
     return np.array([done[i] for i in rows])
 

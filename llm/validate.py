@@ -182,7 +182,8 @@ def run(device: DeviceSpec, *, models=MODELS, grids=DECODE_GRIDS, prefill_grids=
             results[i] = job()
             done(what)
     else:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:  # OpenMP threads do not survive fork
+        # spawned: the compiled kernels' OpenMP threads do not survive fork
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(job): i for i, (_, job) in enumerate(jobs)}
             for fut in as_completed(futures):
                 results[futures[fut]] = fut.result()

@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
-import numpy as np
 import numba
+import numpy as np
 from numba import njit, prange
 
 from .timing import arrive, receive_one, send_flows, settle
@@ -60,9 +60,9 @@ class Fused:
     this tile (-1 on the side that is another tile's). Where every flow stays on its line
     (row or column: an allreduce), a part's flows are cut into lanes of whole lines (each
     lane keeps the transfer's order); lanes share no core, so they run on parallel threads
-    with the same result. Messages carry a part's flows in the transfer's order (``wire``). Step s sends the parts
-    ``send_parts[send_ptr[s]:send_ptr[s + 1]]`` and receives ``recv_parts[...]``, in the
-    order ``Tile.send`` and ``Tile.recv`` take them. Parts to and from other tiles travel
+    with the same result. Messages carry a part's flows in the transfer's order (``wire``).
+    Step s sends the parts ``send_parts[send_ptr[s]:send_ptr[s + 1]]`` and receives
+    ``recv_parts[...]``, in the order ``Tile.send`` and ``Tile.recv`` take them. Parts to and from other tiles travel
     in batches: a tile runs its steps until one needs a part it has not received, sends
     each neighbour what it owes it in one message, and waits.
     """

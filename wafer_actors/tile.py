@@ -385,7 +385,7 @@ class Tile:
             settle(*state, np.concatenate(fed), self.device.beta, self.device.call_overhead, stream, *self.acc)
 
     async def exchange(self, program: Program, name: str, into: str | None = None) -> None:
-        """Run the steps of ``program`` (a collective) on buffer ``name``: send from it, receive into ``into`` (default: itself).
+        """Run the steps of ``program`` (a collective): send from buffer ``name``, receive into ``into`` (default: ``name``).
 
         The step executor sends each step's transfers and receives them, with messages; the
         fused one runs the steps as compiled loops over the tile's cores and batches what
