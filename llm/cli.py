@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -317,6 +318,7 @@ EXECUTOR_ARG = dict(default="fused", choices=["fused", "step"],
                     help="fused (default): collectives as compiled loops over each tile's cores, one message per "
                          "neighbour and stretch of steps; step: step by step, the specification (same values and cycles)")
 ADDRESS_HELP = "Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start Ray on this machine)"
+CONNECT_S = 10.0  # how long to wait for a cluster address to answer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,10 +417,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _connect(address: str | None) -> None:
-    """Join the Ray cluster at ``address`` (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``)."""
+    """Join the Ray cluster at ``address`` (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``).
+
+    Raises:
+        ConnectionError: nothing answers at ``HOST:PORT`` within ``CONNECT_S`` (Ray itself
+            would retry for minutes).
+    """
     if address:
         import ray
 
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        if host and port.isdigit():
+            try:
+                socket.create_connection((host, int(port)), timeout=CONNECT_S).close()
+            except OSError as err:
+                raise ConnectionError(f"no Ray cluster answers at {address} ({err}); start one there with "
+                                      "`ray start --head`, or give the address it printed") from None
         if not ray.is_initialized():
             ray.init(address=address, log_to_driver=False)
 

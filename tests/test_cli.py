@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 from llm.cli import main
 
@@ -56,3 +57,12 @@ def test_an_internal_error_keeps_its_traceback(tmp_path):
     assert run.returncode == 1
     assert "Traceback" in run.stderr and "ProtocolError: two sources for one core" in run.stderr
     assert "wafer-llm: error" not in run.stderr
+
+
+def test_an_unreachable_cluster_fails_at_once_in_one_line(capsys):
+    """An address where nothing listens is refused within the connect deadline, naming the address (exit 2)."""
+    t0 = time.perf_counter()
+    assert main(["generate", "--prompt", "hi", "--address", "127.0.0.1:1"]) == 2
+    assert time.perf_counter() - t0 < 30
+    err = capsys.readouterr().err
+    assert err.startswith("wafer-llm: error: no Ray cluster answers at 127.0.0.1:1") and "Traceback" not in err
