@@ -11,16 +11,27 @@ import numpy as np
 from numba import njit, prange
 
 
+def _flat(a: np.ndarray, index: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` with its two core axes as one, and the core each core reads (None: its own)."""
+    cores = a.shape[0] * a.shape[1]
+    return a.reshape(cores, *a.shape[2:]), np.arange(cores) if index is None else index
+
+
+def _into(c: np.ndarray, *block: int) -> np.ndarray:
+    """``c`` as ``[cores, *block]`` (default: its block axes); refused unless a view, as the kernels write into it."""
+    flat = c.reshape(c.shape[0] * c.shape[1], *(block or c.shape[2:]))
+    if not np.shares_memory(flat, c):
+        raise ValueError("the kernel adds into its output in place: give a contiguous array")
+    return flat
+
+
 def block_vecmat(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
     """``out[y, x] = x[y, x] @ w[y, x]`` on every core: x ``[h, w, *K]``, w ``[h, w, *K, *N]``, out ``[h, w, *N]``.
 
     Each core's vector (the K axes flattened) times its matrix, summed over K in order.
     """
     cores, k = out.shape[0] * out.shape[1], x[0, 0].size
-    flat = out.reshape(cores, -1)
-    if not np.shares_memory(flat, out):
-        raise ValueError("block_vecmat writes into out in place: give a contiguous array")
-    _vecmat(x.reshape(cores, k), w.reshape(cores, k, -1), flat)
+    _vecmat(x.reshape(cores, k), w.reshape(cores, k, -1), _into(out, -1))
 
 
 @njit(cache=True, parallel=True)
@@ -132,7 +143,7 @@ def exp_sum(scores, m, out):
 
 @njit(cache=True, parallel=True)
 def attention_values(scores, total, cache, slots, held, head, o):
-    """``o[y, x, g, j] = sum_i scores[y, x, k, g, i] / total[y, x, k, g] * value_i[j]`` over the row's tokens (k = head[x, j])."""
+    """``o[y, x, g, j] = sum_i scores[y, x, k, g, i] / total[y, x, k, g] * value_i[j]``, k = head[x, j], over the row's tokens."""
     for y in prange(scores.shape[0]):
         for c in range(scores.shape[1]):
             for k in range(scores.shape[2]):
@@ -158,13 +169,9 @@ def block_matmul(a: np.ndarray, ia: np.ndarray | None, b: np.ndarray, ib: np.nda
     are contracted in order, element by element into ``c``. The indices let an operand
     whose blocks moved only by index (the fused executor's ring shifts) be read in place.
     """
-    cores, m = c.shape[0] * c.shape[1], c.shape[2]
-    flat = c.reshape(cores, m, -1)
-    if not np.shares_memory(flat, c):
-        raise ValueError("block_matmul adds into c in place: give a contiguous array")
-    k = a[0, 0, 0].size
-    every = np.arange(cores)
-    _matmul(a.reshape(cores, m, k), every if ia is None else ia, b.reshape(cores, k, -1), every if ib is None else ib, flat)
+    cores, m, k = c.shape[0] * c.shape[1], c.shape[2], a[0, 0, 0].size
+    (af, ia), (bf, ib) = _flat(a, ia), _flat(b, ib)
+    _matmul(af.reshape(cores, m, k), ia, bf.reshape(cores, k, -1), ib, _into(c, m, -1))
 
 
 @njit(cache=True, parallel=True)
@@ -176,18 +183,6 @@ def _matmul(a, ia, b, ib, c):
                 v = x[i, k]
                 for j in range(c.shape[2]):
                     c[q, i, j] += v * w[k, j]
-
-
-def _flat(a: np.ndarray, index: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    cores = a.shape[0] * a.shape[1]
-    return a.reshape(cores, *a.shape[2:]), np.arange(cores) if index is None else index
-
-
-def _into(c: np.ndarray) -> np.ndarray:
-    flat = c.reshape(c.shape[0] * c.shape[1], *c.shape[2:])
-    if not np.shares_memory(flat, c):
-        raise ValueError("the kernel adds into its output in place: give a contiguous array")
-    return flat
 
 
 def block_scores(q: np.ndarray, iq: np.ndarray | None, k: np.ndarray, ik: np.ndarray | None, head: np.ndarray,
