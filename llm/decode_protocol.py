@@ -68,6 +68,7 @@ class RegionPlan:
     K: int = 2
     group_num: int | None = None
     dtype: str = "float32"  # what the cores hold and compute in (cost-only runs may use float16)
+    split: bool = False  # the paper kernel: q, k, v and gate, up as separate GEMVs / GEMMs, not one fused each
 
     def as_kwargs(self) -> dict:
         return asdict(self)
@@ -170,7 +171,8 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         if full:
             w = tile.data("wqkv")[:, :, layer]
             block_vecmat(tile.data("h"), w, tile.data("qkv"))
-        tile.charge(dt * (G + 2) * kvt, p.dtype, calls=dt)
+        for heads in (G, 1, 1) if p.split else (G + 2,):
+            tile.charge(dt * heads * kvt, p.dtype, calls=dt, maps=1)
         await _allreduce(tile, p, "qkv", "y")
         if full:  # RoPE on q and k
             rope(tile.data("qkv"), G + 1, cos, sin)
@@ -179,7 +181,7 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         # scores of each query head over the row's tokens, reduced along x
         if full:
             attention_scores(tile.data("qkv"), tile.data("k_cache")[:, :, layer], slots, here, head, tile.data("scores"))
-        tile.charge(per_row * G * kvt, p.dtype, calls=G)
+        tile.charge(per_row * G * kvt, p.dtype, calls=G, maps=1)
         await _allreduce(tile, p, "scores", "x")
         # softmax over the whole sequence: max and sum allreduced along y
         if full:
@@ -194,12 +196,12 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         if full:
             attention_values(tile.data("scores"), tile.data("att_s"), tile.data("v_cache")[:, :, layer], slots, here, head,
                              tile.data("o"))
-        tile.charge(per_row * G * (kvt + nkv), p.dtype, calls=G)
+        tile.charge(per_row * G * (kvt + nkv), p.dtype, calls=G, maps=1)
         await _allreduce(tile, p, "o", "y")
         # output projection reduced along x lands in x's layout; residual
         if full:
             block_vecmat(tile.data("o"), tile.data("wo")[:, :, layer], tile.data("y"))
-        tile.charge(G * kvt * dt, p.dtype, calls=G * kvt)
+        tile.charge(G * kvt * dt, p.dtype, calls=G * kvt, maps=1)
         await _allreduce(tile, p, "y", "x")
         if full:
             tile.data("x")[...] += tile.data("y")
@@ -207,7 +209,8 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         await _rmsnorm(tile, p, tile.data("ffn_norm")[:, :, layer] if full else None, dt)
         if full:
             block_vecmat(tile.data("h"), tile.data("w13")[:, :, layer], tile.data("ff"))
-        tile.charge(dt * 2 * ft, p.dtype, calls=dt)
+        for parts in (1, 1) if p.split else (2,):
+            tile.charge(dt * parts * ft, p.dtype, calls=dt, maps=1)
         await _allreduce(tile, p, "ff", "y")
         if full:
             swiglu(tile.data("ff"), tile.data("z"))
@@ -215,7 +218,7 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         # down projection reduced along x; residual
         if full:
             block_vecmat(tile.data("z"), tile.data("w2")[:, :, layer], tile.data("y"))
-        tile.charge(ft * dt, p.dtype, calls=ft)
+        tile.charge(ft * dt, p.dtype, calls=ft, maps=1)
         await _allreduce(tile, p, "y", "x")
         if full:
             tile.data("x")[...] += tile.data("y")
@@ -225,7 +228,7 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         vt = tile.buffer("logits").block[0]
         if full:
             block_vecmat(tile.data("h"), tile.data("lm_head"), tile.data("logits"))
-        tile.charge(dt * vt, p.dtype, calls=dt)
+        tile.charge(dt * vt, p.dtype, calls=dt, maps=1)
         await _allreduce(tile, p, "logits", "y")
 
 

@@ -25,6 +25,7 @@ from wafer_actors.layout import Spec
 from .checkpoint import LlamaWeights
 from .config import LlamaConfig
 from .decode_protocol import KV_MODES, RegionPlan, decode_step
+from .paper_kernel import check_kernel
 from .placement import Placement, Region, place, region_weights, weight_shapes
 from .prefill_protocol import kv_handover, prefill, relayout
 
@@ -120,6 +121,9 @@ class WaferLlama:
         prefill_tokens: keep room on the cores to prefill prompts up to this long with
             ``prefill`` (square regions only); 0 feeds prompts token by token.
         executor: ``fused`` (default) or ``step`` (the specification; see ``Wafer``).
+        kernel: ``faithful`` (the model as it is) or ``paper``: q, k, v and gate, up run as
+            separate GEMVs and GEMMs, as in the authors' timing kernel (cost-only; give the
+            kernel's shapes with ``llm.paper_kernel.paper_config``).
 
     Raises:
         PlacementError: the model does not fit (bytes needed and available in the message).
@@ -130,7 +134,9 @@ class WaferLlama:
                  device: str | DeviceSpec = "wse2", tiles: tuple[int, int] = (1, 1), transport: str = "ray",
                  kv: str = "shift", tokens: int = 1, regions: int = 1, algo: str = "ktree", group_num: int | None = None,
                  cost_only: bool = False, dtype: str = "float32", lm_head: bool = True, prefill_tokens: int = 0,
-                 executor: str = "fused"):
+                 executor: str = "fused", kernel: str = "faithful"):
+        if check_kernel(kernel) == "paper" and not cost_only:
+            raise InvalidArgument("the paper kernel is a timing configuration: it runs with cost_only=True")
         if kv not in KV_MODES:
             raise InvalidArgument(f"kv must be one of {KV_MODES}, got {kv!r}")
         if weights is None and not cost_only:
@@ -146,7 +152,8 @@ class WaferLlama:
         self.cost_only = cost_only
         self.plans = [
             RegionPlan(r.layers, cfg.dim, cfg.n_heads // cfg.n_kv_heads, cfg.n_kv_heads, cfg.head_dim, cfg.kv_dim,
-                       cfg.norm_eps, cfg.rope_base, r.cap, kv, r.head, algo, group_num=group_num, dtype=dtype)
+                       cfg.norm_eps, cfg.rope_base, r.cap, kv, r.head, algo, group_num=group_num, dtype=dtype,
+                       split=kernel == "paper")
             for r in self.placement.regions
         ]
         self.wafers: list[Wafer] = []
@@ -339,8 +346,8 @@ class WaferLlama:
         cpt = t.cycles / t.tokens if t.tokens else 0.0
         return {
             "predicted": {
-                "cycles_per_token": cpt,
-                "tokens_per_s": self.device.clock_hz / cpt if cpt else 0.0,
+                "cycles_per_step": cpt,  # one token through every layer (every token fed counts), no hand-over
+                "steps_per_s": self.device.clock_hz / cpt if cpt else 0.0,
                 "device": self.device.name,
                 "regions": len(self.wafers),
                 "handoff_cycles_per_token": t.steps[-1].handoff_cycles if t.steps else 0.0,

@@ -35,7 +35,12 @@ class Generation:
     logits: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def timing(self, clock_hz: float) -> dict:
-        """Predicted time to first token, decode speed and end-to-end tokens/s per request (WaferLLM's TPR)."""
+        """Predicted time to first token, decode speed and end-to-end tokens/s per request (WaferLLM's TPR).
+
+        ``decode_tokens_per_s`` counts the new tokens after the first over the decode time, the
+        KV hand-over after a mesh prefill included; the engine's ``steps_per_s`` is the rate of
+        bare decode steps (what the paper's decode TPR measures).
+        """
         ttft, dec = self.ttft_cycles / clock_hz, self.decode_cycles / clock_hz
         return {
             "prefill": self.prefill_mode,

@@ -66,6 +66,27 @@ async def _rmsnorm(tile, p: RegionPlan, weight: np.ndarray | None, st: int, dt: 
     tile.charge(2 * st * dt, p.dtype)
 
 
+async def _projection(tile, p: RegionPlan, a: str, b: str, c: str, parts: tuple[int, ...], fmacs: int, dt: int) -> None:
+    """c = a . b for a projection whose outputs stack along axis 1 of b and c (q, k, v; gate, up): one
+    MeshGEMM, or with ``p.split`` (the paper kernel) one per part, as the authors' CSL runs them.
+    ``fmacs``: one step's FMACs per unit of axis 1."""
+    st = tile.buffer(a).block[0]
+    if not p.split:
+        n = sum(parts)
+        await mesh_gemm_skewed(tile, a=a, b=b, c=c, product=block_matmul, fmacs=fmacs * n, calls=fmacs * n // st, maps=dt)
+        return
+    lo = 0
+    for n in parts:
+        part = (slice(None), slice(lo, lo + n))
+        tile.alias(f"{b}:part", b, part)
+        tile.alias(f"{c}:part", c, part)
+        await mesh_gemm_skewed(tile, a=a, b=f"{b}:part", c=f"{c}:part", product=block_matmul, fmacs=fmacs * n,
+                               calls=fmacs * n // st, maps=dt)
+        tile.free(f"{b}:part")
+        tile.free(f"{c}:part")
+        lo += n
+
+
 @protocol(routes=_routes)
 async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
     """Run the ``tokens`` prompt tokens in ``xp`` (x-skewed) through the region's layer ``layer`` (weights y-skewed),
@@ -94,8 +115,8 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
         tile.alloc(name, block, p.dtype)
     per_step = st * st  # query x key pairs of one block
 
-    def cost(fmacs: int) -> dict:  # every GEMM's vector instructions are one st-row column long (Mt = st)
-        return {"fmacs": fmacs, "calls": fmacs // st}
+    def cost(fmacs: int, k: int) -> dict:  # Mt = st: st-long vector instructions, one loop per contraction row k
+        return {"fmacs": fmacs, "calls": fmacs // st, "maps": k}
 
     def scores(q, iq, k, ik, c):  # per KV head: the query rows against that head's key columns
         block_scores(q, iq, k, ik, head, c)
@@ -110,9 +131,7 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
         for n, alias in weights.items():
             tile.alias(alias, n, (layer,))
         await _rmsnorm(tile, p, tile.data(weights["attn_norm"]) if full else None, st, dt)
-        await mesh_gemm_skewed(tile, a="hp", b=weights["wqkv"], c="qkvp",
-                               product=block_matmul,
-                               **cost(st * dt * (G + 2) * kvt))
+        await _projection(tile, p, "hp", weights["wqkv"], "qkvp", (G, 1, 1), st * dt * kvt, dt)
         if full:
             qkv = tile.data("qkvp")
             _rope(qkv[:, :, :, : G + 1], cos, sin)
@@ -121,7 +140,7 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
             tile.data("v_s")[...] = qkv[:, :, :, G + 1]
         tile.charge(3 * st * (G + 1) * kvt, p.dtype)
         await skew(tile, ["k_s", "v_s"], axis="y")
-        await gemm_t_skewed(tile, a="qkvp", b="k_s", c="sc", product=scores, **cost(per_step * G * kvt))
+        await gemm_t_skewed(tile, a="qkvp", b="k_s", c="sc", product=scores, **cost(per_step * G * kvt, G * kvt))
         if full:  # causal softmax over the row's keys, max and sum allreduced along x
             sc = tile.data("sc")
             sc /= np.float32(np.sqrt(p.head_dim))
@@ -138,17 +157,15 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
         if full:
             tile.data("sc")[...] /= tile.data("att_sp")[..., None]
         tile.charge(per_step * G * nkv, p.dtype)
-        await mesh_gemm_skewed(tile, a="sc", b="v_s", c="op", product=attend, **cost(per_step * G * kvt))
+        await mesh_gemm_skewed(tile, a="sc", b="v_s", c="op", product=attend, **cost(per_step * G * kvt, G * st))
         await gemm_t_skewed(tile, a="op", b=weights["wo"], c="yp",
                             product=block_matmul,
-                            **cost(st * G * kvt * dt))
+                            **cost(st * G * kvt * dt, G * kvt))
         if full:
             tile.data("xp")[...] += tile.data("yp")
         tile.charge(st * dt, p.dtype)
         await _rmsnorm(tile, p, tile.data(weights["ffn_norm"]) if full else None, st, dt)
-        await mesh_gemm_skewed(tile, a="hp", b=weights["w13"], c="ffp",
-                               product=block_matmul,
-                               **cost(st * dt * 2 * ft))
+        await _projection(tile, p, "hp", weights["w13"], "ffp", (1, 1), st * dt * ft, dt)
         if full:
             ff = tile.data("ffp")
             gate, up = ff[:, :, :, 0], ff[:, :, :, 1]
@@ -156,7 +173,7 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
         tile.charge(3 * st * ft, p.dtype)
         await gemm_t_skewed(tile, a="zp", b=weights["w2"], c="yp",
                             product=block_matmul,
-                            **cost(st * ft * dt))
+                            **cost(st * ft * dt, ft))
         if full:
             tile.data("xp")[...] += tile.data("yp")
         tile.charge(st * dt, p.dtype)
@@ -167,7 +184,7 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
         for c0, c1 in head_chunks(dt, tile.buffer("lm_head").block[1], 2 * ft):
             tile.alias("lm_head@", "lm_head", (slice(None), slice(c0, c1)))
             tile.alias("logits@", "logits_p", (slice(None), slice(c0, c1)))
-            await mesh_gemm_skewed(tile, a="hp", b="lm_head@", c="logits@", product=block_matmul, **cost(st * dt * (c1 - c0)))
+            await mesh_gemm_skewed(tile, a="hp", b="lm_head@", c="logits@", product=block_matmul, **cost(st * dt * (c1 - c0), dt))
             tile.free("lm_head@")
             tile.free("logits@")
     for name in work:

@@ -39,6 +39,7 @@ from .calibration import (
 )
 from .config import preset
 from .engine import crossing_cycles
+from .paper_kernel import KERNELS, check_kernel, paper_config, paper_shape
 from .placement import PlacementError, place
 
 MODELS = ("llama3-8b", "llama2-13b", "codellama-34b", "qwen2-72b")
@@ -48,19 +49,26 @@ PAPER_TPS = {("llama3-8b", "decode", g): tps for g, tps in DECODE_ROWS}
 PAPER_TPS.update({("llama3-8b", "prefill", g): tps for g, tps in PREFILL_ROWS})
 
 
-def decode_row(model: str, device: DeviceSpec, grid: int, executor: str = "fused") -> dict[str, Any]:
+def _shapes(model: str, grid: int, kernel: str):
+    """The model as ``kernel`` runs it on a grid x grid region (``llm.paper_kernel``)."""
+    cfg = preset(model)
+    return cfg if kernel == "faithful" else paper_config(cfg, paper_shape(cfg, grid))
+
+
+def decode_row(model: str, device: DeviceSpec, grid: int, executor: str = "fused", kernel: str = "faithful") -> dict[str, Any]:
     """One decode row: predicted cycles per layer and tokens/s, memory, regions and hand-off."""
     cfg = preset(model)
-    cycles, sram, _ = decode_layer(cfg, device, grid, executor=executor)
-    regions, fits = _regions(cfg, device, grid, CONTEXT, 0)
-    hop = crossing_cycles(device, grid, math.ceil(cfg.dim / grid) * 2)
+    cycles, sram, _ = decode_layer(cfg, device, grid, executor=executor, kernel=kernel)
+    shaped = _shapes(model, grid, kernel)
+    regions, fits = _regions(shaped, device, grid, CONTEXT, 0)
+    hop = crossing_cycles(device, grid, math.ceil(shaped.dim / grid) * 2)
     handoff = None if regions is None else (regions - 1) * hop
     paper = PAPER_TPS.get((model, "decode", grid))
     tps = device.clock_hz / (cycles * cfg.n_layers)
     return {
-        "model": model, "phase": "decode", "grid": grid, "context": CONTEXT,
+        "model": model, "phase": "decode", "kernel": kernel, "grid": grid, "context": CONTEXT,
         "predicted_cycles_per_layer": cycles, "predicted_tps": tps, "paper_tps": paper,
-        "relative_error": None if paper is None else tps / paper - 1,
+        "error": None if paper is None else tps / paper - 1,
         "sram_high_water_bytes": sram, "sram_bytes": device.sram_bytes,
         "regions_needed": regions, "fits_wafer": fits, "handoff_cycles_per_token": handoff,
         "note": "one layer measured and scaled" + _fit_note(regions, fits),
@@ -84,18 +92,20 @@ def _fit_note(regions: int | None, fits: bool) -> str:
     return "" if fits else "; the whole model exceeds the wafer at this grid"
 
 
-def prefill_row(model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT, executor: str = "fused") -> dict[str, Any]:
+def prefill_row(model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT, executor: str = "fused",
+                kernel: str = "faithful") -> dict[str, Any]:
     """One prefill row: predicted cycles per layer and prompt tokens/s for a ``tokens``-token prompt."""
     cfg = preset(model)
-    cycles, sram, skew, handover = prefill_layer(cfg, device, grid, tokens=tokens, executor=executor)
-    regions, fits = _regions(cfg, device, grid, tokens, tokens)
-    crossing = crossing_cycles(device, grid, -(-tokens // grid) * math.ceil(cfg.dim / grid) * 2, grid)
+    cycles, sram, skew, handover = prefill_layer(cfg, device, grid, tokens=tokens, executor=executor, kernel=kernel)
+    shaped = _shapes(model, grid, kernel)
+    regions, fits = _regions(shaped, device, grid, tokens, tokens)
+    crossing = crossing_cycles(device, grid, -(-tokens // grid) * math.ceil(shaped.dim / grid) * 2, grid)
     paper = PAPER_TPS.get((model, "prefill", grid)) if tokens == CONTEXT else None
     tps = tokens * device.clock_hz / (cycles * cfg.n_layers)
     return {
-        "model": model, "phase": "prefill", "grid": grid, "context": tokens,
+        "model": model, "phase": "prefill", "kernel": kernel, "grid": grid, "context": tokens,
         "predicted_cycles_per_layer": cycles, "predicted_tps": tps, "paper_tps": paper,
-        "relative_error": None if paper is None else tps / paper - 1,
+        "error": None if paper is None else tps / paper - 1,
         "sram_high_water_bytes": sram, "sram_bytes": device.sram_bytes,
         "regions_needed": regions, "fits_wafer": fits,
         "crossing_cycles": None if regions is None else (regions - 1) * crossing,
@@ -116,21 +126,43 @@ def gemv_rows(device: DeviceSpec, grid: int, sizes: tuple[int, ...], executor: s
     return rows
 
 
+def _gemm_row(device: DeviceSpec, grid: int, n: int, algo: str, relay: bool, executor: str) -> dict[str, Any]:
+    """One float16 n x n x n GEMM on a grid x grid mesh, cost-only: cycles, compute efficiency, host seconds."""
+    name = algo + (" relay" if relay else "")
+    t0 = time.perf_counter()
+    with Wafer((grid, grid), device=device, cost_only=True, executor=executor) as w:
+        try:
+            _, st = gemm(w, TensorShape((n, n), "float16"), TensorShape((n, n), "float16"), algo=algo,
+                         **({"relay": True} if relay else {}))
+        except RoutingError as err:
+            return {"kind": "gemm", "algo": name, "grid": grid, "N": n, "failed": str(err)}
+    ideal = math.ceil(n / grid) ** 3 * grid / device.rate("float16")
+    return {"kind": "gemm", "algo": name, "grid": grid, "N": n, "cycles": st.cycles, "efficiency": ideal / st.cycles,
+            "host_s": time.perf_counter() - t0}
+
+
 def gemm_rows(device: DeviceSpec, grid: int, n: int, executor: str = "fused") -> list[dict[str, Any]]:
     """MeshGEMM against Cannon and SUMMA (relayed broadcasts when SUMMA runs out of routes) at ``grid``."""
-    rows = []
-    for algo, opts in (("meshgemm", {}), ("cannon", {}), ("summa", {}), ("summa", {"relay": True})):
-        name = algo + (" relay" if opts else "")
-        t0 = time.perf_counter()
-        with Wafer((grid, grid), device=device, cost_only=True, executor=executor) as w:
-            try:
-                _, st = gemm(w, TensorShape((n, n), "float16"), TensorShape((n, n), "float16"), algo=algo, **opts)
-            except RoutingError as err:
-                rows.append({"kind": "gemm", "algo": name, "grid": grid, "N": n, "error": str(err)})
-                continue
-        ideal = math.ceil(n / grid) ** 3 * grid / device.rate("float16")
-        rows.append({"kind": "gemm", "algo": name, "grid": grid, "N": n, "cycles": st.cycles, "efficiency": ideal / st.cycles,
-                     "host_s": time.perf_counter() - t0})
+    return [_gemm_row(device, grid, n, algo, relay, executor)
+            for algo, relay in (("meshgemm", False), ("cannon", False), ("summa", False), ("summa", True))]
+
+
+FIG9_EFFICIENCY = "MeshGEMM keeps > 70% compute efficiency near 720 x 720; SUMMA and Cannon fall below 50% at 720 x 720"
+FIG9_LATENCY = "GEMM 2K from 360 x 360 to 720 x 720: SUMMA's and Cannon's latency grows, MeshGEMM's stays about the same"
+
+
+def fig9_rows(device: DeviceSpec, grid: int, n: int, executor: str = "fused") -> list[dict[str, Any]]:
+    """Fig. 9's shape, a check that is not fitted: MeshGEMM's compute efficiency at ``grid`` for n, 2n
+    and 4n GEMMs, and the n GEMM's latency on grid / 2 to grid (four grids) for MeshGEMM, Cannon and
+    SUMMA, each row with the paper's statement (the figure's values are not in its text)."""
+    rows = [{**_gemm_row(device, grid, size, "meshgemm", False, executor), "kind": "fig9_efficiency", "paper": FIG9_EFFICIENCY}
+            for size in (n, 2 * n, 4 * n)]
+    for g in sorted({grid // 2 + i * (grid - grid // 2) // 3 for i in range(4)}):
+        for algo in ("meshgemm", "cannon", "summa"):
+            row = _gemm_row(device, g, n, algo, False, executor)
+            if "failed" in row and algo == "summa":  # out of routes: relay the broadcasts
+                row = _gemm_row(device, g, n, algo, True, executor)
+            rows.append({**row, "kind": "fig9_latency", "paper": FIG9_LATENCY})
     return rows
 
 
@@ -141,35 +173,44 @@ def kv_capacity(device: DeviceSpec, grid: int = 360) -> dict[str, Any]:
     try:
         caps = {kv: place(cfg, device, grid, grid, kv_mode=kv, regions=regions, elem_bytes=2).capacity() for kv in ("concat", "shift")}
     except PlacementError as err:
-        return {"kind": "kv_capacity", "model": "llama3-8b", "grid": grid, "regions": regions, "error": str(err)}
+        return {"kind": "kv_capacity", "model": "llama3-8b", "grid": grid, "regions": regions, "failed": str(err)}
     return {"kind": "kv_capacity", "model": "llama3-8b", "grid": grid, "regions": regions, **caps, "ratio": caps["shift"] / caps["concat"]}
 
 
-def model_row(phase: str, model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT, executor: str = "fused") -> dict[str, Any]:
+def model_row(phase: str, model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT, executor: str = "fused",
+              kernel: str = "faithful") -> dict[str, Any]:
     """A decode or prefill row (with the host seconds it took), or the reason one layer does not fit the grid."""
     t0 = time.perf_counter()
     try:
-        row = decode_row(model, device, grid, executor) if phase == "decode" else prefill_row(model, device, grid, tokens, executor)
+        if phase == "decode":
+            row = decode_row(model, device, grid, executor, kernel)
+        else:
+            row = prefill_row(model, device, grid, tokens, executor, kernel)
     except PlacementError as err:
-        return {"model": model, "phase": phase, "grid": grid, "error": str(err)}
+        return {"model": model, "phase": phase, "kernel": kernel, "grid": grid, "failed": str(err)}
     return {**row, "host_s": time.perf_counter() - t0, "executor": executor}
 
 
 def run(device: DeviceSpec, *, models=MODELS, grids=DECODE_GRIDS, prefill_grids=PREFILL_GRIDS, prefill_tokens: int = CONTEXT,
         gemv_grid: int = 720, gemv_sizes=(16384, 32768), gemm_grid: int | None = 720, gemm_n: int = 2048, kv_grid: int = 360,
-        workers: int = 1, executor: str = "fused", progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Every row of the report, in order: decode and prefill rows, GEMV ratios, GEMM comparison, KV capacity.
+        workers: int = 1, executor: str = "fused", kernels: tuple[str, ...] = KERNELS,
+        progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Every row of the report, in order: decode and prefill rows of each kernel, GEMV ratios, GEMM comparison,
+    the Fig. 9 check, KV capacity.
 
     ``workers`` > 1 computes the rows on that many processes (each row is an independent run).
     """
     jobs: list[tuple[str, Callable[[], Any]]] = []
     for model in models:
-        jobs += [(f"{model} decode {g}x{g}", partial(model_row, "decode", model, device, g, CONTEXT, executor)) for g in grids]
-        jobs += [(f"{model} prefill {g}x{g}", partial(model_row, "prefill", model, device, g, prefill_tokens, executor))
-                 for g in prefill_grids]
+        for kernel in map(check_kernel, kernels):
+            jobs += [(f"{model} {kernel} decode {g}x{g}", partial(model_row, "decode", model, device, g, CONTEXT, executor, kernel))
+                     for g in grids]
+            jobs += [(f"{model} {kernel} prefill {g}x{g}",
+                      partial(model_row, "prefill", model, device, g, prefill_tokens, executor, kernel)) for g in prefill_grids]
     jobs.append((f"GEMV {gemv_grid}x{gemv_grid}", partial(gemv_rows, device, gemv_grid, tuple(gemv_sizes), executor)))
     if gemm_grid:
         jobs.append((f"GEMM {gemm_grid}x{gemm_grid}", partial(gemm_rows, device, gemm_grid, gemm_n, executor)))
+        jobs.append(("Fig. 9 check", partial(fig9_rows, device, gemm_grid, gemm_n, executor)))
     jobs.append(("KV capacity", partial(kv_capacity, device, kv_grid)))
 
     def done(what: str) -> None:
@@ -203,14 +244,16 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, phase in zip(axes, ("decode", "prefill")):
-        done = [r for r in rows if r.get("phase") == phase and "error" not in r]
+        done = [r for r in rows if r.get("phase") == phase and "failed" not in r]
         for model in dict.fromkeys(r["model"] for r in done):
-            rs = [r for r in done if r["model"] == model]
-            ax.plot([r["grid"] for r in rs], [r["predicted_tps"] for r in rs], marker="o", label=f"{model} predicted")
-            paper = [r for r in rs if r["paper_tps"]]
+            for kernel, style in (("paper", "--"), ("faithful", "-")):
+                rs = [r for r in done if r["model"] == model and r["kernel"] == kernel]
+                if rs:
+                    ax.plot([r["grid"] for r in rs], [r["predicted_tps"] for r in rs], style, marker="o",
+                            label=f"{model} {kernel} kernel")
+            paper = {r["grid"]: r["paper_tps"] for r in done if r["model"] == model and r["paper_tps"]}
             if paper:
-                ax.plot([r["grid"] for r in paper], [r["paper_tps"] for r in paper], "k*", markersize=10,
-                        label=f"{model} paper (calibration)")
+                ax.plot(list(paper), list(paper.values()), "k*", markersize=10, label=f"{model} paper (calibration)")
         ax.set_xlabel(f"{phase} grid P (P x P cores)")
         ax.set_ylabel("tokens/s per request" if phase == "decode" else "prompt tokens/s")
         ax.set_title(f"{phase.capitalize()} on WSE-2, 4K: predicted vs paper")

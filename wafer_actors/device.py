@@ -37,8 +37,11 @@ class DeviceSpec:
         power_watts: power of the whole device, for energy estimates.
         call_overhead: fixed cycles a core spends to start one compute call (one vector
             instruction: a GEMV row, or one Mt-long column update of a tile GEMM).
-        gemm_step_overhead: fixed cycles a core spends between two compute-shift steps of a
-            MeshGEMM-family loop (the task chain that waits for both shifts and the product).
+        map_overhead: cycles a core spends setting up one loop of vector instructions over a
+            DSD (a ``@map``: a GEMV runs one over its input, a tile GEMM one per row of B).
+        task_overhead: cycles a core spends switching to its next task (the CSL activates one
+            task per operation: it picks the task, sets up the operation's DSDs and fabric
+            queues). Charged once per compute operation and once per phase of a collective.
     """
 
     name: str
@@ -53,7 +56,8 @@ class DeviceSpec:
     routes_per_core: int
     power_watts: float
     call_overhead: float = 0.0
-    gemm_step_overhead: float = 0.0
+    map_overhead: float = 0.0
+    task_overhead: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("width", "height", "sram_bytes", "routes_per_core"):
@@ -62,7 +66,7 @@ class DeviceSpec:
                 raise DeviceSpecError(f"device {self.name!r}: field {name!r} must be a positive integer, got {value!r}")
         for name in ("clock_hz", "link_bytes_per_cycle", "power_watts"):
             _check_number(self.name, name, getattr(self, name), positive=True)
-        for name in ("alpha", "beta", "call_overhead", "gemm_step_overhead"):
+        for name in ("alpha", "beta", "call_overhead", "map_overhead", "task_overhead"):
             _check_number(self.name, name, getattr(self, name), positive=False)
         if not isinstance(self.fmacs_per_cycle, Mapping) or not self.fmacs_per_cycle:
             raise DeviceSpecError(
@@ -155,15 +159,22 @@ def _field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(DeviceSpec)]
 
 
-# Figures from the WaferLLM reference digest (§1.3, §10). alpha = 1 cycle/hop follows from the
-# single-cycle neighbour transfer and the link carries one 32-bit wavelet per cycle. wse2's beta,
-# float16 rate, call overhead and GEMM step overhead are FITTED to the calibration set only
+# Figures from the WaferLLM reference digest (sections 1.3, 10). alpha = 1 cycle/hop follows from
+# the single-cycle neighbour transfer and the link carries one 32-bit wavelet per cycle. wse2's
+# beta, float16 rate, call, map and task overheads are FITTED to the calibration set only
 # (LLaMA3-8B decode cycles per layer at 420/540/660, Table 4; LLaMA3-8B prefill cycles per layer
 # for a 4096-token prompt at 480/600/720, Table 3; 16K and 32K GEMV, Table 6, on an assumed
-# 720x720 grid): `python -m llm.calibration --workers 2`, Gauss-Newton from beta 27, rate 3.344,
-# overheads 0, two iterations, rms error 10.5% over the eight rows. float32's rate (one MAC per
-# cycle on two 32-bit operands) is the paper's statement, not fitted. wse3 keeps starting
-# values: no WSE-3 data is calibrated.
+# 720x720 grid), every row run with the paper kernel (``llm.calibration``). The values are one
+# bounded Gauss-Newton step from beta 11.41, rate 1.767, call 0.11, task 108, map 0, with the
+# Jacobian measured by finite differences of real cost-only runs; evaluated again with the
+# real protocols every row is within 0.8% (``llm.calibration.PRESET_CYCLES``). Standard errors
+# from that Jacobian: beta 10.8 +- 0.7 cycles (a relay through the CE: ramp in, add, ramp out,
+# an order of magnitude above a hop, as alpha < beta requires); float16 1.78 +- 0.04 FMACs per
+# cycle (a 32-bit datapath doing two f16 lanes, a little below its peak of 2); call 0.4 +- 0.3
+# cycles per vector instruction (instructions of a @map issue back to back); map 58 +- 3
+# cycles per @map (DSD and loop set-up); task 92 +- 4 cycles per task switch. float32's rate
+# (one MAC per cycle on two 32-bit operands) is the paper's statement, not fitted. wse3 keeps
+# starting values: no WSE-3 data is calibrated.
 _PRESETS: dict[str, DeviceSpec] = {
     "wse2": DeviceSpec(
         name="wse2",
@@ -171,12 +182,13 @@ _PRESETS: dict[str, DeviceSpec] = {
         height=996,
         sram_bytes=48 * 1024,
         clock_hz=1.1e9,
-        fmacs_per_cycle={"float16": 3.699, "float32": 1.0},  # float16: fitted
+        fmacs_per_cycle={"float16": 1.782, "float32": 1.0},  # float16: fitted
         link_bytes_per_cycle=4.0,  # one 32-bit wavelet per cycle per link
         alpha=1.0,
-        beta=25.34,  # fitted
-        call_overhead=3.64,  # fitted
-        gemm_step_overhead=568.1,  # fitted
+        beta=10.81,  # fitted
+        call_overhead=0.398,  # fitted
+        map_overhead=58.36,  # fitted
+        task_overhead=91.91,  # fitted
         routes_per_core=24,  # routable colours 0-23
         power_watts=15_000.0,  # 37.5 x a 400 W A100, the ratio behind the paper's energy tables
     ),

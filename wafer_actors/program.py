@@ -41,10 +41,15 @@ class Step:
 
 @dataclass(frozen=True, eq=False)
 class Program:
-    """The steps of one collective; ``key`` names it in every process (same mesh, same arguments)."""
+    """The steps of one collective; ``key`` names it in every process (same mesh, same arguments).
+
+    ``phases``: the collective's phases (a chain phase, a multicast), each one task a core
+    switches to (``DeviceSpec.task_overhead``).
+    """
 
     key: str
     steps: tuple[Step, ...]
+    phases: int = 0
 
     @cached_property
     def routes(self) -> frozenset[str]:

@@ -260,10 +260,13 @@ class Tile:
         r = self.rect
         return mask[r.y0 : r.y1, r.x0 : r.x1]
 
-    def charge(self, fmacs: float | np.ndarray, dtype: str, cores: np.ndarray | None = None, calls: int = 1) -> None:
-        """Advance the clocks of ``cores`` (local mask; default all) by ``fmacs`` FMACs issued in ``calls`` calls."""
+    def charge(self, fmacs: float | np.ndarray, dtype: str, cores: np.ndarray | None = None, calls: int = 1,
+               maps: int = 0) -> None:
+        """Advance the clocks of ``cores`` (local mask; default all) by one task: ``fmacs`` FMACs issued as
+        ``calls`` vector instructions from ``maps`` loops over a DSD (a GEMV's one, a GEMM step's one per row of B)."""
+        dev = self.device
         rate = self._rate(dtype)
-        cycles = np.asarray(fmacs, dtype=float) / rate + calls * self.device.call_overhead
+        cycles = np.asarray(fmacs, dtype=float) / rate + calls * dev.call_overhead + maps * dev.map_overhead + dev.task_overhead
         if cores is None:  # every core: no mask to build or apply
             self.clock += cycles
             self.path_compute += cycles
@@ -272,10 +275,10 @@ class Tile:
         self.clock[cores] += add
         self.path_compute[cores] += add
 
-    def end_step(self) -> None:
-        """Charge every core the task overhead between two compute-shift steps of a GEMM loop."""
-        self.clock += self.device.gemm_step_overhead
-        self.path_compute += self.device.gemm_step_overhead
+    def switch_tasks(self, n: int) -> None:
+        """Charge every core ``n`` task switches: the tasks of a collective's phases, set up one after another."""
+        self.clock += n * self.device.task_overhead
+        self.path_compute += n * self.device.task_overhead
 
     def _rate(self, dtype: Any) -> float:
         """FMACs per cycle for ``dtype`` (memoised: dtype names are slow to build)."""

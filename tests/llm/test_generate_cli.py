@@ -32,7 +32,7 @@ def test_generate_writes_json_report(tmp_path, capsys, smollm2, tokenizer):
     assert report["output_ids"] == expected
     assert report["text"] == tokenizer.decode(expected)
     pred = report["predicted"]
-    assert pred["device"] == "wse2" and pred["cycles_per_token"] > 0 and pred["prefill"] == "mesh"  # the default
+    assert pred["device"] == "wse2" and pred["cycles_per_step"] > 0 and pred["prefill"] == "mesh"  # the default
     assert pred["ttft_s"] > 0 and pred["handover_s"] > 0 and pred["decode_tokens_per_s"] > 0
     assert pred["e2e_tokens_per_s"] < pred["decode_tokens_per_s"]  # the prompt's time counts end to end
     assert report["emulation"]["mesh"] == [64, 64] and report["emulation"]["tiles"] == [1, 1]

@@ -169,17 +169,23 @@ def test_lm_head_in_column_chunks_matches_reference_and_reserved_memory():
         assert m.sram_high_water() == before + r.bytes_prefill
 
 
-def test_step_overhead_adds_six_gemms_of_p_steps_per_layer_and_leaves_decode_alone():
-    """Per layer, prefill runs three MeshGEMMs and three GEMM-Ts of P steps each; decode runs none."""
+def test_map_overhead_adds_one_map_per_row_of_b_per_gemm_step_and_one_per_decode_gemv():
+    """A tile GEMM step runs one @map per row of its B block: per layer and core, P steps each of QKV
+    and W13 (dt rows), scores and W_O (G x kvt), P . V (G x st keys) and W2 (ft); decode's seven
+    GEMVs run one @map each."""
     runs = {}
-    for o in (0.0, 25.0):
-        dev = resolve("wse2").replace(name="o", gemm_step_overhead=o)
+    for m_cost in (0.0, 2.0):
+        dev = resolve("wse2").replace(name="m", map_overhead=m_cost)
         with WaferLlama(TINY, None, mesh=(4, 4), device=dev, transport="local", tokens=24, prefill_tokens=14,
                         cost_only=True, lm_head=False) as m:
             _, s = m.prefill(len(PROMPT))
-            runs[o] = (s.region_cycles[0], m.step(0)[1].cycles)
-    assert runs[25.0][0] - runs[0.0][0] == pytest.approx(TINY.n_layers * 6 * 4 * 25.0)
-    assert runs[25.0][1] == runs[0.0][1]
+            runs[m_cost] = (s.region_cycles[0], m.step(0)[1].cycles)
+            shape, groups = m.placement.shape, TINY.n_heads // TINY.n_kv_heads
+    st = -(-len(PROMPT) // 4)
+    rows = 2 * shape.dt + 2 * groups * shape.kvt + groups * st + shape.ft
+    assert runs[2.0][0] - runs[0.0][0] == pytest.approx(TINY.n_layers * 4 * rows * 2.0)
+    # a decode map can hide behind a message still in flight (the KV shift), so at most seven per layer add
+    assert TINY.n_layers * 2.0 <= runs[2.0][1] - runs[0.0][1] <= TINY.n_layers * 7 * 2.0
 
 
 @pytest.mark.parametrize("tiles", [(1, 1), (2, 2)])

@@ -50,7 +50,7 @@ def test_device_from_json_with_every_field(tmp_path):
         ('base = "wse2"\nsram_bytes = 0\n', r"field 'sram_bytes' must be a positive integer, got 0"),
         ('base = "wse2"\nwidth = -4\n', r"field 'width' must be a positive integer, got -4"),
         ('base = "wse2"\nalpha = -1.0\n', r"field 'alpha' must be a number >= 0, got -1.0"),
-        ('base = "wse2"\ngemm_step_overhead = -5\n', r"field 'gemm_step_overhead' must be a number >= 0, got -5"),
+        ('base = "wse2"\ntask_overhead = -5\n', r"field 'task_overhead' must be a number >= 0, got -5"),
         ('base = "wse2"\nclock_hz = 0\n', r"field 'clock_hz' must be a positive number, got 0"),
         ('base = "wse2"\n[fmacs_per_cycle]\nfloat16 = 0\n', r"field 'fmacs_per_cycle.float16' must be a positive number"),
         ('base = "wse2"\nrouting = [1\n', r"cannot read device file"),

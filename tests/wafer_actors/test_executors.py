@@ -12,7 +12,7 @@ from wafer_actors import Spec, Wafer, preset
 from wafer_actors.collectives import allreduce, shift
 from wafer_actors.ops import gemm, gemv
 
-DEV = preset("wse2").replace(name="test", alpha=1.0, beta=6.0, call_overhead=2.5, gemm_step_overhead=3.0)
+DEV = preset("wse2").replace(name="test", alpha=1.0, beta=6.0, call_overhead=2.5, map_overhead=3.0, task_overhead=7.0)
 STATE = ("clock", "fwd_head", "relaying", "sent", "stages", "path_compute")
 MESHES = [(6, 6), (7, 10), (9, 9), (1, 7), (7, 1)]
 TILINGS = [(1, 1), (2, 1), (1, 3), (3, 3), (2, 3)]

@@ -78,7 +78,7 @@ def test_restore_leaves_the_operands_where_they_were_loaded():
 
 def per_step_cycles(algo, p):
     """Cycles per compute-shift step when compute is nearly free (1x1 blocks, fast cores)."""
-    fast = preset("wse2").replace(name="fast", fmacs_per_cycle={"float32": 1e6}, call_overhead=0.0, gemm_step_overhead=0.0)
+    fast = preset("wse2").replace(name="fast", fmacs_per_cycle={"float32": 1e6}, call_overhead=0.0, map_overhead=0.0, task_overhead=0.0)
     with Wafer((p, p), device=fast, cost_only=True) as wafer:
         _, s = gemm(wafer, TensorShape((p, p)), TensorShape((p, p)), algo=algo)
     return s.cycles / p, s
@@ -137,11 +137,15 @@ def test_gemm_refuses_bad_shapes_and_blocks():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
-def test_step_overhead_adds_once_per_compute_shift_step(config):
-    """The task overhead between steps is paid once per step on every core, so it adds steps x o exactly."""
+def test_task_and_map_overheads_add_once_per_step_and_once_per_row_of_b(config):
+    """Each compute-shift step's product is one task on every core and one @map per row of its B block
+    (Kt = 16 / 4 rows on a 4 x 4 mesh): 4 steps add 4 task switches and 4 x 4 map set-ups, exactly.
+    GEMM-T's root adds its reduced partial in a second task per step."""
     cycles = {}
-    for o in (0.0, 40.0):
-        dev = preset("wse2").replace(name="o", gemm_step_overhead=o)
+    for t, m in ((0.0, 0.0), (40.0, 0.0), (0.0, 3.0)):
+        dev = preset("wse2").replace(name="o", task_overhead=t, map_overhead=m)
         with Wafer((4, 4), device=dev, cost_only=True) as wafer:
-            cycles[o] = gemm(wafer, TensorShape((16, 16)), TensorShape((16, 16)), **config)[1].cycles
-    assert cycles[40.0] - cycles[0.0] == pytest.approx(4 * 40.0)
+            cycles[t, m] = gemm(wafer, TensorShape((16, 16)), TensorShape((16, 16)), **config)[1].cycles
+    tasks = 2 if config.get("transpose_b") else 1
+    assert cycles[40.0, 0.0] - cycles[0.0, 0.0] == pytest.approx(4 * tasks * 40.0)
+    assert cycles[0.0, 3.0] - cycles[0.0, 0.0] == pytest.approx(4 * 4 * 3.0)

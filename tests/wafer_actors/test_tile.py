@@ -47,11 +47,15 @@ def test_tensor_too_big_for_a_core_is_refused_on_load():
 
 
 def test_compute_charges_cycles_at_the_device_rate():
-    """A compute call of F FMACs advances the chosen cores by F / rate + call overhead."""
-    dev = preset("wse2").replace(name="d", fmacs_per_cycle={"float32": 4.0}, call_overhead=3.0)
+    """A compute task of F FMACs in c vector instructions from m @maps advances the chosen cores by
+    F / rate + c x call overhead + m x map overhead + one task switch."""
+    dev = preset("wse2").replace(name="d", fmacs_per_cycle={"float32": 4.0}, call_overhead=3.0, map_overhead=5.0,
+                                 task_overhead=7.0)
     t = Tile(0, (2, 2), (1, 1), dev, cost_only=False)
-    t.charge(100, "float32", cores=np.array([[True, False], [False, True]]))
-    np.testing.assert_array_equal(t.clocks(), [[28.0, 0.0], [0.0, 28.0]])
+    t.charge(100, "float32", cores=np.array([[True, False], [False, True]]), calls=2, maps=1)
+    np.testing.assert_array_equal(t.clocks(), [[43.0, 0.0], [0.0, 43.0]])
+    t.switch_tasks(3)
+    np.testing.assert_array_equal(t.clocks(), [[64.0, 21.0], [21.0, 64.0]])
 
 
 def test_cost_only_tiles_hold_no_data():

@@ -206,7 +206,7 @@ def program(mesh: Mesh, axis: str, algo: str, k: int, group_num: int | None, roo
     steps, casts = plan(mesh, axis, algo, k, group_num, root, broadcast)
     chain = [Step(tuple(t for t in pair if t is not None), op, stream=True) for phase in steps for pair in phase]
     key = f"allreduce:{mesh.height}x{mesh.width}:{axis}:{algo}:{k}:{group_num}:{root}:{broadcast}:{op}"
-    return Program(key, tuple(chain) + ((Step(casts),) if casts else ()))
+    return Program(key, tuple(chain) + ((Step(casts),) if casts else ()), sum(1 for p in steps if p) + bool(casts))
 
 
 # ---- tile bodies ----------------------------------------------------------------------------
@@ -220,7 +220,9 @@ async def run_allreduce(tile, *, buffer: str, axis: str, op: str = "add", algo: 
     """
     if algo == "ring":
         return await _ring(tile, buffer, axis, op)
-    await tile.exchange(program(tile.tiling.mesh, axis, algo, K, group_num, root, broadcast, op), buffer)
+    prog = program(tile.tiling.mesh, axis, algo, K, group_num, root, broadcast, op)
+    tile.switch_tasks(prog.phases)
+    await tile.exchange(prog, buffer)
 
 
 async def _ring(tile, buffer: str, axis: str, op: str) -> None:
@@ -230,6 +232,7 @@ async def _ring(tile, buffer: str, axis: str, op: str) -> None:
     if n < 2:
         return
     step, place = ring_plan(mesh, axis)
+    tile.switch_tasks(2)  # reduce-scatter, allgather
     buf = tile.buffers[buffer]
     size = math.prod(buf.block)
     chunk = -(-size // n)

@@ -23,9 +23,10 @@ P x P mesh (``ring``: physical position at each ring place), the core at ring pl
     Move buffers into (or back out of) the y- or x-skewed layout: P/2 rounds of one-place
     ring shifts, each line the shorter way round (Cannon's alignment).
 
-Blocks may have any shape: the caller's ``product(a, b, c)`` does one core's work on
-``[h, w, *block]`` arrays, and the second buffers (double buffering) are allocated here,
-so the SRAM checks see them.
+Blocks may have any shape: the caller gives ``product(a, b, c)``, one core's work on
+``[h, w, *block]`` arrays, and one step's cost (``fmacs``, ``calls`` vector instructions,
+``maps`` loops over a DSD: one per row of B's block); the second buffers (double
+buffering) are allocated here, so the SRAM checks see them.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class _Operand:
         tile.free(self.twin)
 
 
-async def mesh_gemm_skewed(tile, *, a: str, b: str, c: str, product: Product, fmacs: float, calls: int) -> None:
+async def mesh_gemm_skewed(tile, *, a: str, b: str, c: str, product: Product, fmacs: float, calls: int, maps: int) -> None:
     """c = a . b with a x-skewed and b y-skewed (c natural); ``product`` adds one step's share."""
     plan = skewed_plan(tile.tiling.mesh)
     ops = _Operand(tile, a, plan.ring_x), _Operand(tile, b, plan.ring_y)
@@ -153,15 +154,14 @@ async def mesh_gemm_skewed(tile, *, a: str, b: str, c: str, product: Product, fm
             op.send()
         if full:
             product(*ops[0].blocks(), *ops[1].blocks(), tile.data(c))
-        tile.charge(fmacs, tile.buffer(c).dtype.name, calls=calls)
+        tile.charge(fmacs, tile.buffer(c).dtype.name, calls=calls, maps=maps)
         for op in ops:
             await op.land()
-        tile.end_step()
     for op in ops:
         op.finish()
 
 
-async def gemm_t_skewed(tile, *, a: str, b: str, c: str, product: Product, fmacs: float, calls: int) -> None:
+async def gemm_t_skewed(tile, *, a: str, b: str, c: str, product: Product, fmacs: float, calls: int, maps: int) -> None:
     """c = a . b^T with a natural, b (N, K) y-skewed, c x-skewed; ``product`` adds one step's share."""
     plan = skewed_plan(tile.tiling.mesh)
     ob, oc = _Operand(tile, b, plan.ring_y), _Operand(tile, c, plan.ring_x, indexed=False)
@@ -172,24 +172,41 @@ async def gemm_t_skewed(tile, *, a: str, b: str, c: str, product: Product, fmacs
         ob.send()  # the next B block, hidden behind the product
         if full:
             product(tile.data(a), None, *ob.blocks(), tile.data(oc.cur))
-        tile.charge(fmacs, tile.buffer(c).dtype.name, calls=calls)
+        tile.charge(fmacs, tile.buffer(c).dtype.name, calls=calls, maps=maps)
         oc.send()  # the partial moves on once this core's share is in
         await ob.land()
         await oc.land()
-        tile.end_step()
     ob.finish()
     oc.finish()
 
 
-@lru_cache(maxsize=1024)
+SKEW_CACHE_FLOWS = 20_000_000  # skew rounds kept for the next layer: a small mesh's all, a 720 x 720 one's not
+_skew_cache: dict[tuple, Transfer | None] = {}
+_skew_cache_flows = 0
+
+
 def _skew_round(mesh: Mesh, axis: str, rnd: int, step: int, reverse: bool) -> Transfer | None:
-    """The flows of one skew round: the lines still moving, one ring place the ``step`` way (or back)."""
+    """The flows of one skew round: the lines still moving, one ring place the ``step`` way (or back).
+
+    Cached by size, not count: a 720 x 720 mesh's rounds (about 1,400) hold up to half a million
+    flows each, more than a host should keep at once.
+    """
+    global _skew_cache_flows
+    key = (mesh, axis, rnd, step, reverse)
+    if key in _skew_cache:
+        return _skew_cache[key]
     plan = skewed_plan(mesh)
     lines = (plan.b_moving if axis == "y" else plan.a_moving)[rnd][step]
     t = plan.full[(axis, -step if reverse else step)]
-    if t is None:
-        return None
-    return t.subset(lines[t.dst_x if axis == "y" else t.dst_y], f"{t.key}@{rnd}{'r' if reverse else ''}")
+    if t is not None:
+        t = t.subset(lines[t.dst_x if axis == "y" else t.dst_y], f"{t.key}@{rnd}{'r' if reverse else ''}")
+    size = 0 if t is None else len(t)
+    if _skew_cache_flows + size > SKEW_CACHE_FLOWS:
+        _skew_cache.clear()
+        _skew_cache_flows = 0
+    _skew_cache[key] = t
+    _skew_cache_flows += size
+    return t
 
 
 async def skew(tile, names: list[str], *, axis: str, reverse: bool = False) -> None:
@@ -201,9 +218,10 @@ async def skew(tile, names: list[str], *, axis: str, reverse: bool = False) -> N
     moving = plan.b_moving if axis == "y" else plan.a_moving
     r = tile.rect
     twins = {n: _twin(tile, n) for n in names}
-    rounds = [t for rnd, m in enumerate(moving) for step in (+1, -1) if m[step].any()
-              for t in [_skew_round(tile.tiling.mesh, axis, rnd, step, reverse)] if t is not None]
-    order = np.arange(tile.clock.size) if tile.fuses(*rounds) else None
+    rounds = (t for rnd, m in enumerate(moving) for step in (+1, -1) if m[step].any()
+              for t in [_skew_round(tile.tiling.mesh, axis, rnd, step, reverse)] if t is not None)
+    whole = [plan.full[(axis, step)] for step in (+1, -1)]  # every round is a part of one of these
+    order = np.arange(tile.clock.size) if tile.fuses(*whole) else None
     for t in rounds:
         if order is not None:
             started = [tile.start_local(t, tile.buffer(n).nbytes) for n in names]

@@ -78,7 +78,7 @@ async def gemm_t(tile, *, a: str, b: str, c: str) -> None:
             tile.send(ring_y, cur)  # next B block, hidden behind this step's work
         if not tile.cost_only:
             tile.data("_gemm_t_part")[...] = tile.data(a) @ np.swapaxes(tile.data(cur), -1, -2)
-        tile.charge(mt * kt * nt, bc.dtype.name, calls=kt * nt)
+        tile.charge(mt * kt * nt, bc.dtype.name, calls=kt * nt, maps=kt)
         for pair in _reduce_steps(mesh, s):  # chain along x to the row's root column
             live = [t for t in pair if t is not None]
             for t in live:
@@ -91,7 +91,6 @@ async def gemm_t(tile, *, a: str, b: str, c: str) -> None:
         if s < p - 1:
             await tile.recv(ring_y, nxt)
             cur, nxt = nxt, cur
-        tile.end_step()
     if cur != b and not tile.cost_only:
         tile.data(b)[...] = tile.data(cur)
     tile.free("_gemm_t_b2")

@@ -209,7 +209,7 @@ def _multiply(tile, a: str, b: str, c: str, rh: int = 1, rw: int = 1) -> None:
     """C += A B on every core, block by block: block (i, j) of C takes block (i, j) of A times (i, j) of B.
 
     With one block per core this is the plain Mt x Kt x Nt product: Kt rank-1 updates, each
-    Nt vector instructions Mt long (WaferLLM's CSL), so Kt x Nt compute calls.
+    Nt vector instructions Mt long (WaferLLM's CSL), so Kt maps and Kt x Nt compute calls.
     """
     (mt, kt), (_, nt) = tile.buffers[a].block, tile.buffers[b].block
     m, k, n = mt // rh, kt // rw, nt // rw
@@ -218,7 +218,7 @@ def _multiply(tile, a: str, b: str, c: str, rh: int = 1, rw: int = 1) -> None:
         a6 = tile.data(a).reshape(h, w, rh, m, rw, k).transpose(0, 1, 2, 4, 3, 5)
         b6 = tile.data(b).reshape(h, w, rh, k, rw, n).transpose(0, 1, 2, 4, 3, 5)
         tile.data(c)[...] += (a6 @ b6).transpose(0, 1, 2, 4, 3, 5).reshape(h, w, mt, nt)
-    tile.charge(rh * rw * m * k * n, tile.buffers[c].dtype.name, calls=rh * rw * k * n)
+    tile.charge(rh * rw * m * k * n, tile.buffers[c].dtype.name, calls=rh * rw * k * n, maps=rh * rw * k)
 
 
 @protocol(routes=_routes)
@@ -251,7 +251,6 @@ async def mesh_gemm(tile, *, a: str, b: str, c: str, algo: str = "meshgemm", rel
             await _recv(tile, plan.ring_y, "_gemm_b_in")
             _rotate(tile, a, "_gemm_a_in", axis=1, forward=True, rows=_lines(everyone, rh))
             _rotate(tile, b, "_gemm_b_in", axis=0, forward=True, rows=_lines(everyone, rw))
-        tile.end_step()
     if restore:  # undo the alignment: the same rounds, the other way
         await _align(tile, plan, a, b, k, reverse=True)
     tile.free("_gemm_a_in")
@@ -371,6 +370,5 @@ async def _summa(tile, a: str, b: str, c: str, relay: bool) -> None:
         await tile.recv(xs, "_summa_a")
         await tile.recv(ys, "_summa_b")
         _multiply(tile, "_summa_a", "_summa_b", c)
-        tile.end_step()
     tile.free("_summa_a")
     tile.free("_summa_b")

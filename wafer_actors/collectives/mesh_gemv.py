@@ -42,7 +42,7 @@ def local_gemv(tile, x: str, w: str, out: str) -> None:
     if not tile.cost_only:
         xs, ws = tile.data(x), tile.data(w)
         tile.data(out)[...] = (xs[:, :, None, :] @ ws)[:, :, 0, :]  # (h, w, Nt)
-    tile.charge(mt * nt, bw.dtype.name, calls=mt)
+    tile.charge(mt * nt, bw.dtype.name, calls=mt, maps=1)
 
 
 @protocol(routes=_routes)
