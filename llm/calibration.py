@@ -265,7 +265,9 @@ def fit(base: DeviceSpec | str = "wse2", *, start: tuple[float, ...] | None = No
     Jacobian; every evaluation runs the real protocols cost-only. Predicted cycles are piecewise
     linear in the parameters (linear while the critical path stays the same), so the difference
     step is relative and large enough to see the slope of the piece, not rounding.
-    ``start`` (default: the base device's values) only sets where the search begins.
+    ``start`` (default: the base device's values) only sets where the search begins;
+    ``max_evaluations`` bounds the solver's own evaluations (its Jacobians cost one more per
+    parameter each).
     """
     base = resolve(base)
     rows = selected(kinds)
@@ -286,14 +288,9 @@ def fit(base: DeviceSpec | str = "wse2", *, start: tuple[float, ...] | None = No
 
     sol = least_squares(residuals, x0, bounds=(lower, upper), diff_step=1e-3, x_scale="jac", max_nfev=max_evaluations)
     jac = sol.jac
-    dof = max(len(rows) - len(PARAMS), 1)
-    s2 = 2 * sol.cost / dof
-    try:
-        cov = np.linalg.pinv(jac.T @ jac) * s2
-        stderr = np.sqrt(np.clip(np.diag(cov), 0, None))
-        stderr[np.abs(jac).sum(axis=0) == 0] = np.inf
-    except np.linalg.LinAlgError:
-        stderr = np.full(len(PARAMS), np.inf)
+    s2 = 2 * sol.cost / max(len(rows) - len(PARAMS), 1)  # residual variance
+    stderr = np.sqrt(np.clip(np.diag(np.linalg.pinv(jac.T @ jac)) * s2, 0, None))
+    stderr[np.abs(jac).sum(axis=0) == 0] = np.inf
     device = with_params(base, sol.x)
     return Fit(device, rows, target * (1 + sol.fun), target, stderr, len(seen))
 
@@ -316,7 +313,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Fit the wse2 preset's free parameters to the calibration set (paper kernel).")
     ap.add_argument("--workers", type=int, default=2, help="processes evaluating calibration rows at once")
     ap.add_argument("--rows", default=",".join(KINDS), help="kinds of calibration rows to fit (the wse2 preset fits all three)")
-    ap.add_argument("--max-evaluations", type=int, default=40, help="evaluations of all rows the solver may spend")
+    ap.add_argument("--max-evaluations", type=int, default=40,
+                    help="solver steps' evaluations of all rows (each Jacobian costs one more per parameter)")
     args = ap.parse_args()
     kinds = tuple(k.strip() for k in args.rows.split(",") if k.strip())
     selected(kinds)  # a bad --rows fails here, before any run
