@@ -52,3 +52,5 @@ def test_the_paper_kernel_costs_differ_from_the_real_model():
     assert paper != faithful
     with pytest.raises(ValueError, match="kernel must be one of paper, faithful"):
         decode_layer(cfg, dev, 360, kernel="papers")
+    with pytest.raises(ValueError, match="paper kernel is a timing configuration: it runs with cost_only=True"):
+        WaferLlama(cfg, None, mesh=(360, 360), transport="local", kernel="paper")
