@@ -5,11 +5,16 @@ actor messages may differ, and only downward."""
 
 from __future__ import annotations
 
+import glob
+import os
+import tempfile
+
 import numpy as np
 import pytest
 
 from wafer_actors import Spec, Wafer, preset
 from wafer_actors.collectives import allreduce, shift
+from wafer_actors.fabric.ray import RayOptions, RayTransport
 from wafer_actors.ops import gemm, gemv
 
 DEV = preset("wse2").replace(name="test", alpha=1.0, beta=6.0, call_overhead=2.5, map_overhead=3.0, task_overhead=7.0)
@@ -125,3 +130,18 @@ def test_ray_transport_fused_equals_step(ray_local):
     for tiles in ((2, 1), (2, 2)):
         base = run_allreduce(a, (7, 10), tiles, "step", axis="x")
         assert_same_run(base, run_allreduce(a, (7, 10), tiles, "fused", transport="ray", axis="x"), f"ray {tiles}")
+
+
+@pytest.mark.parametrize("executor", ["step", "fused"])
+def test_ray_tiles_on_one_node_talk_over_sockets_as_over_actor_calls(ray_local, executor):
+    """Same-node messages over Unix sockets (the default) or actor calls: the same run, and the
+    socket files are gone once the tiles are connected."""
+    a = np.random.default_rng(3).standard_normal((7, 10, 4)).astype(np.float32)
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "wafer-*")))
+    base = run_allreduce(a, (7, 10), (2, 2), executor, axis="y", algo="ktree", group_num=2)
+    for direct in (True, False):
+        run = run_allreduce(a, (7, 10), (2, 2), executor, transport=RayTransport(RayOptions(direct=direct)), axis="y",
+                            algo="ktree", group_num=2)
+        assert_same_run(base, run, f"direct={direct}")
+        assert run[1].counts["tile_messages"] > 0
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "wafer-*"))) == before

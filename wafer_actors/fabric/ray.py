@@ -1,9 +1,11 @@
 """Ray transport: one async Ray actor per tile, talking to its peers directly.
 
-Each tile actor holds handles to every other tile and sends a message with a
-fire-and-forget ``deliver.remote(raw)``; no data passes through the driver. The actors
-are async so that a tile waiting for a neighbour keeps accepting deliveries (sync actors
-blocking in ``ray.get`` on each other deadlock).
+Each tile actor holds handles to every other tile. A message to a tile on the same node
+goes over a Unix socket between the two actors (``sockets``); to a tile on another node
+(or with ``RayOptions(direct=False)``) as a fire-and-forget ``deliver.remote(raw)``. No
+data passes through the driver. The actors are async so that a tile waiting for a
+neighbour keeps accepting deliveries (sync actors blocking in ``ray.get`` on each other
+deadlock).
 
 Placement: tiles are numbered row-major and cut into contiguous runs, one run per node
 (node-affinity scheduling), so neighbouring tiles mostly share a node.
@@ -11,6 +13,7 @@ Placement: tiles are numbered row-major and cut into contiguous runs, one run pe
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +25,7 @@ from ..errors import NodeMemoryError, ProtocolError
 from ..mesh import Tiling
 from ..tile import Tile
 from .base import Transport, first_error
+from .sockets import Inbox, Outbox
 
 
 class TileActor:
@@ -33,12 +37,30 @@ class TileActor:
 
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # this tile's share of its node
         self.tile = Tile(index, mesh_shape, tiles, device, cost_only, executor)
+        self.inbox = Inbox(self.tile.deliver)
 
     async def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    async def connect(self, peers: list[Any], nodes: list[str]) -> None:
-        self.tile.connect(lambda dest, raw: peers[dest].deliver.remote(raw), nodes)
+    async def listen(self) -> str:
+        return await self.inbox.open()
+
+    async def connect(self, peers: list[Any], nodes: list[str], sockets: list[str] | None) -> None:
+        me = self.tile.index
+        near = [j for j in range(len(peers)) if sockets and j != me and nodes[j] == nodes[me]]
+        boxes = dict(zip(near, await asyncio.gather(*(Outbox.connect(sockets[j]) for j in near))))
+
+        def post(dest: int, raw: bytes) -> None:
+            box = boxes.get(dest)
+            if box is None:
+                peers[dest].deliver.remote(raw)
+            else:
+                box.post(raw)
+
+        self.tile.connect(post, nodes)
+
+    async def seal(self, peers: int) -> None:
+        await self.inbox.seal(peers)
 
     async def deliver(self, raw: bytes) -> None:
         self.tile.deliver(raw)
@@ -63,11 +85,14 @@ class RayOptions:
         num_cpus: CPUs each tile actor reserves (0 lets many tiles share few cores).
         stall_s: a run in which no tile finishes for this long is checked for a deadlock
             (every running tile waiting for a message); seen twice in a row, it fails.
+        direct: tiles on one node send each other messages over Unix sockets (False: as
+            actor calls, like tiles on different nodes).
     """
 
     nodes: tuple[str, ...] | None = None
     num_cpus: float = 0.0
     stall_s: float = 10.0
+    direct: bool = True
 
 
 def _check_node_memory(tiling: Tiling, device: DeviceSpec, where: list[str]) -> None:
@@ -126,7 +151,10 @@ class RayTransport(Transport):
             threads = int(self.options.num_cpus) or int(cpus.get(node, 1.0) // where.count(node))
             self.actors.append(opts.remote(i, tiling.mesh.shape, tiling.tiles, device, cost_only, executor, threads))
         self._nodes = ray.get([a.node.remote() for a in self.actors])
-        ray.get([a.connect.remote(self.actors, self._nodes) for a in self.actors])
+        sockets = ray.get([a.listen.remote() for a in self.actors]) if self.options.direct else None
+        ray.get([a.connect.remote(self.actors, self._nodes, sockets) for a in self.actors])
+        near = [self._nodes.count(node) - 1 if self.options.direct else 0 for node in self._nodes]
+        ray.get([a.seal.remote(k) for a, k in zip(self.actors, near)])
 
     @staticmethod
     def _alive_nodes() -> list[str]:
