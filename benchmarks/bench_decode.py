@@ -48,7 +48,7 @@ class PeakRSS:
         while not self._stop.wait(0.05):
             self.peak = max(self.peak, self._sample())
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.peak = self._sample()
         self._thread.start()
         return self
@@ -87,7 +87,9 @@ def main() -> None:
             if transport == "ray":
                 import ray
 
-                ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+                from wafer_actors.fabric.ray import start_local_ray
+
+                start_local_ray(num_cpus=2)
             with PeakRSS() as rss:
                 with WaferLlama(cfg, w, mesh=mesh, tiles=tiles, transport=transport, tokens=len(tokens),
                                 executor=args.executor) as m:

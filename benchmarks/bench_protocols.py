@@ -70,7 +70,9 @@ def gemm_section(quick: bool) -> list[dict]:
 def emulator_section(quick: bool) -> list[dict]:
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    from wafer_actors.fabric.ray import start_local_ray
+
+    start_local_ray()
     print("\n[3] emulator wall time, MeshGEMV full numerics (float32, Ray tiles) vs one NumPy matmul")
     rows = []
     for p, size in (((16, 512), (32, 1024)) if quick else ((64, 2048), (256, 4096))):

@@ -104,8 +104,10 @@ def run(mode: str, counts: list[int], workload: str, *, side: int = 32, per_core
         raise InvalidArgument(f"tile counts must be positive integers, got {counts!r}")
     import ray
 
+    from wafer_actors.fabric.ray import start_local_ray
+
     if not ray.is_initialized():  # start Ray once, outside the timed points
-        ray.init(include_dashboard=False, log_to_driver=False)
+        start_local_ray()
     model = None
     if workload == "decode":
         from .models import load_model

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import ray
 
+from wafer_actors.fabric.ray import start_local_ray
+
 
 @pytest.fixture(scope="module")
 def ray_local():
     """A local single-node Ray instance with 2 CPUs."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
 

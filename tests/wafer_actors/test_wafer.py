@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -89,3 +92,14 @@ def test_ray_placement_refuses_a_node_without_memory_for_its_tiles(ray_local):
     with pytest.raises(MemoryError, match=r"would hold 4 tile\(s\) with up to 4096.0 GiB .* Ray gives it"):
         Wafer((64, 64), device=huge, tiles=(2, 2), transport="ray")
     Wafer((64, 64), device=huge, tiles=(2, 2), transport="ray", cost_only=True).shutdown()  # shapes only: no check
+
+
+def test_many_ray_tiles_on_few_cores_start_without_warnings():
+    """16 tile processes on a 2-CPU Ray instance: Ray would warn about worker startup concurrency at 8."""
+    code = ("from wafer_actors import Wafer\nfrom wafer_actors.fabric.ray import start_local_ray\n"
+            "start_local_ray(num_cpus=2)\n"
+            "with Wafer((8, 8), tiles=(4, 4), transport='ray', cost_only=True) as w:\n    print(len(w.nodes()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["16"]
+    assert "startup concurrency" not in out.stderr, out.stderr

@@ -95,6 +95,18 @@ class RayOptions:
     direct: bool = True
 
 
+# A wafer starts one worker process per tile, by design (tiles reserve no CPU so that many
+# share few cores). Ray expects no more worker processes starting at once than a node has
+# CPUs and warns, repeatedly, at 4x that; a Ray instance we start expects this many.
+STARTUP_CONCURRENCY = 256
+
+
+def start_local_ray(**kwargs: Any) -> None:
+    """Start a local Ray instance for tile actors (quiet: no dashboard, no worker logs, no startup warnings)."""
+    ray.init(include_dashboard=False, log_to_driver=False,
+             _system_config={"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY}, **kwargs)
+
+
 def _check_node_memory(tiling: Tiling, device: DeviceSpec, where: list[str]) -> None:
     """Refuse a placement whose tiles could hold more bytes than their node has for actors.
 
@@ -136,7 +148,7 @@ class RayTransport(Transport):
 
     def spawn(self, tiling: Tiling, device: DeviceSpec, cost_only: bool, executor: str) -> None:
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)
+            start_local_ray()
         nodes = list(self.options.nodes or self._alive_nodes())
         n = len(tiling)
         where = [nodes[i * len(nodes) // n] for i in range(n)]

@@ -69,7 +69,7 @@ class Outbox:
         self._writer = writer
 
     @classmethod
-    async def connect(cls, path: str) -> "Outbox":
+    async def connect(cls, path: str) -> Outbox:
         _, writer = await asyncio.open_unix_connection(path)
         return cls(writer)
 
