@@ -14,7 +14,7 @@ import numpy as np
 from wafer_actors import Spec, Wafer
 from wafer_actors.collectives import chain_allreduce, shift
 from wafer_actors.device import _PRESETS, resolve
-from wafer_actors.errors import InputError, InvalidArgument
+from wafer_actors.errors import InputError, InvalidArgument, TileLost
 from wafer_actors.mesh import parse_grid
 
 from .paper_kernel import check_kernel
@@ -156,7 +156,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, tokens, prefill_tokens=room)
     print(f"{cfg.name}: {cfg.n_layers} layers, dim {cfg.dim}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     with WaferLlama(cfg, weights, mesh=mesh, device=device, tiles=tiles, transport=args.transport, kv=args.kv,
-                    tokens=tokens, regions=args.regions, algo=args.algo, prefill_tokens=room, executor=args.executor) as engine:
+                    tokens=tokens, regions=args.regions, algo=args.algo, prefill_tokens=room, executor=args.executor,
+                    on_failure=args.on_failure) as engine:
         p = engine.placement
         print(f"placed on {len(p.regions)} region(s) of {mesh[0]}x{mesh[1]} cores of {device.name}, {tiles[0]}x{tiles[1]} "
               f"tiles per region ({args.transport}); KV {args.kv}: {p.cap} slots per core, {p.capacity()} tokens",
@@ -201,6 +202,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.close()
         print()
         summary = engine.summary()
+    for r in summary["recoveries"]:
+        print(f"wafer-llm: tile {r['tile']} on node {r['node'][:12]} was lost ({r['reason']}); started the wafer again "
+              f"and replayed {r['replayed_tokens']} tokens in {r['host_s']:.1f} s", file=sys.stderr)
     pred, emu = summary["predicted"], summary["emulation"]
     timing = result.timing(device.clock_hz)
     pred.update(timing)
@@ -364,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", default=None, help="write prompt/output ids, text and the predicted and emulation figures here")
     gen.add_argument("--executor", **EXECUTOR_ARG)
+    gen.add_argument("--on-failure", default="recover", choices=["recover", "fail"],
+                     help="when a Ray tile or node is lost: start the wafer again on the surviving nodes and replay the "
+                          "sequence (recover, default; tokens and predicted cycles unchanged), or stop with an error (fail)")
     gen.set_defaults(fn=cmd_generate)
 
     val = sub.add_parser("validate", help="predict the paper's decode and prefill settings with the calibrated cost model")
@@ -449,8 +456,9 @@ def _connect(address: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command. Exit status 2 with a one-line message for bad input (``InputError``: a value, a size that does
-    not fit, a bad checkpoint; a missing file; a cluster that cannot be reached); any other error is a bug and
-    propagates with its traceback (exit 1)."""
+    not fit, a bad checkpoint; a missing file; a cluster that cannot be reached); 3 for a tile lost and not
+    recovered (``--on-failure fail``, or it kept failing); any other error is a bug and propagates with its
+    traceback (exit 1)."""
     args = build_parser().parse_args(argv)
     try:
         _connect(getattr(args, "address", None))
@@ -458,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, FileNotFoundError, ConnectionError) as err:
         print(f"wafer-llm: error: {err}", file=sys.stderr)
         return 2
+    except TileLost as err:
+        print(f"wafer-llm: error: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

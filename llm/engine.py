@@ -5,13 +5,20 @@ region. Between regions (models that one region cannot hold) the activation cros
 one region's east edge to the next region's west edge; regions are laid out in a snake so
 consecutive ones are neighbours. That hand-off is charged as one transfer of a row's block
 (``width + 1`` hops, one relay) per row at once.
+
+Surviving a lost tile (Ray): every call that changed the wafers' state since the sequence
+began (the prefill, each decode step, a seek) is kept in a journal. When a tile's actor or
+its node dies, every region is started again (on the nodes still alive), its weights placed
+again from the driver's copy of the checkpoint, and the journal replayed; then the failed
+call runs again. Each step starts from zeroed clocks and the replay runs the same protocols
+on the same data, so the tokens and the predicted cycles are those of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -19,7 +26,7 @@ import numpy as np
 from wafer_actors import Wafer
 from wafer_actors.collectives.block_gemm import skew_index
 from wafer_actors.device import DeviceSpec, resolve
-from wafer_actors.errors import InvalidArgument
+from wafer_actors.errors import InvalidArgument, TileLost
 from wafer_actors.layout import Spec
 
 from .checkpoint import LlamaWeights
@@ -41,6 +48,21 @@ SPECS = {
 }
 
 STACKED = {"attn_norm", "wqkv", "wo", "ffn_norm", "w13", "w2", "k_cache", "v_cache"}  # (layers, ...): read a layer at a time
+
+
+ON_FAILURE = ("recover", "fail")
+MAX_RECOVERIES = 3  # per call: a wafer that keeps losing tiles is not going to finish
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """One lost tile and what it took to carry on: the tile and node, why, tokens replayed, host seconds."""
+
+    tile: int
+    node: str
+    reason: str
+    replayed_tokens: int
+    host_s: float
 
 
 @dataclass
@@ -124,6 +146,8 @@ class WaferLlama:
         kernel: ``faithful`` (the model as it is) or ``paper``: q, k, v and gate, up run as
             separate GEMVs and GEMMs, as in the authors' timing kernel (cost-only; give the
             kernel's shapes with ``llm.paper_kernel.paper_config``).
+        on_failure: ``recover`` (default): a lost tile is replaced and the sequence replayed
+            (see the module docstring; ``recoveries`` lists each one); ``fail``: raise ``TileLost``.
 
     Raises:
         PlacementError: the model does not fit (bytes needed and available in the message).
@@ -134,7 +158,9 @@ class WaferLlama:
                  device: str | DeviceSpec = "wse2", tiles: tuple[int, int] = (1, 1), transport: str = "ray",
                  kv: str = "shift", tokens: int = 1, regions: int = 1, algo: str = "ktree", group_num: int | None = None,
                  cost_only: bool = False, dtype: str = "float32", lm_head: bool = True, prefill_tokens: int = 0,
-                 executor: str = "fused", kernel: str = "faithful"):
+                 executor: str = "fused", kernel: str = "faithful", on_failure: str = "recover"):
+        if on_failure not in ON_FAILURE:
+            raise InvalidArgument(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
         if check_kernel(kernel) == "paper" and not cost_only:
             raise InvalidArgument("the paper kernel is a timing configuration: it runs with cost_only=True")
         if kv not in KV_MODES:
@@ -156,16 +182,63 @@ class WaferLlama:
                        split=kernel == "paper")
             for r in self.placement.regions
         ]
+        self.transport, self.executor, self.on_failure = transport, executor, on_failure
+        self.recoveries: list[Recovery] = []
         self.wafers: list[Wafer] = []
         self.reset()
+        self._start(None)
+
+    def _start(self, nodes: tuple[str, ...] | None) -> None:
+        """Start one wafer per region (its Ray tiles on ``nodes``; None: every alive node) and place the weights."""
         try:
             for region in self.placement.regions:
-                self.wafers.append(Wafer(mesh, device=self.device, tiles=tiles, transport=transport, cost_only=cost_only,
-                                         executor=executor))
+                self.wafers.append(Wafer(self.mesh, device=self.device, tiles=self.tiles, transport=self._transport(nodes),
+                                         cost_only=self.cost_only, executor=self.executor))
                 self._load(self.wafers[-1], region)
         except BaseException:
             self.close()
             raise
+
+    def _transport(self, nodes: tuple[str, ...] | None) -> Any:
+        if nodes is None:
+            return self.transport
+        from wafer_actors.fabric.ray import RayOptions, RayTransport
+
+        return RayTransport(RayOptions(nodes=nodes))
+
+    # ---- surviving lost tiles -------------------------------------------------------------
+    def _survive(self, call: Callable[..., Any], *args: Any) -> Any:
+        """Run ``call``; when a tile is lost, recover (``on_failure="recover"``) and run it again."""
+        lost, attempts = None, 0
+        while True:
+            try:
+                if lost is not None:
+                    self._recover(lost)
+                return call(*args)
+            except TileLost as err:
+                attempts += 1
+                if self.on_failure == "fail" or attempts > MAX_RECOVERIES:
+                    raise
+                lost = err
+
+    def _recover(self, lost: TileLost) -> None:
+        """Start every region again on the nodes still alive and replay the journal."""
+        t0 = time.perf_counter()
+        pos = self.pos
+        self.close()
+        self._start(_surviving_nodes(lost.node))
+        self.pos, replayed = 0, 0
+        for kind, arg in self._journal:
+            if kind == "prefill":
+                self._prefill(arg, None)
+                replayed += self.pos
+            elif kind == "seek":
+                self.pos = arg
+            else:
+                self._step(arg)
+                replayed += 1
+        assert self.pos == pos, (self.pos, pos)
+        self.recoveries.append(Recovery(lost.tile, lost.node, lost.reason, replayed, time.perf_counter() - t0))
 
     # ---- placement ------------------------------------------------------------------------
     def _load(self, wafer: Wafer, region: Region) -> None:
@@ -198,6 +271,7 @@ class WaferLlama:
         """Start a new sequence (the cache slots are reused; positions start again at 0)."""
         self.pos = 0
         self.totals = DecodeTotals()
+        self._journal: list[tuple[str, Any]] = []  # ("prefill", prompt) / ("step", token) / ("seek", pos)
 
     def seek(self, pos: int) -> None:
         """Cost-only: continue at position ``pos`` as if a context of ``pos`` tokens were cached.
@@ -209,6 +283,7 @@ class WaferLlama:
             raise InvalidArgument("seek() is for cost-only runs; with numerics, feed the tokens")
         self.placement.check_tokens(pos + 1)
         self.pos = int(pos)
+        self._journal.append(("seek", self.pos))
 
     def step(self, token: int) -> tuple[np.ndarray | None, StepStats]:
         """Run ``token`` at the next position; return (logits (vocab,) or None when cost-only, stats).
@@ -220,6 +295,15 @@ class WaferLlama:
         if not 0 <= int(token) < self.cfg.vocab_size:
             raise InvalidArgument(f"token id {token} is outside the vocabulary [0, {self.cfg.vocab_size})")
         self.placement.check_tokens(self.pos + 1)
+        logits, st = self._survive(self._step, int(token))
+        self._journal.append(("step", int(token)))
+        self.totals.tokens += 1
+        self.totals.cycles += st.cycles
+        self.totals.host_s += st.host_s
+        self.totals.steps.append(st)
+        return logits, st
+
+    def _step(self, token: int) -> tuple[np.ndarray | None, StepStats]:
         t0 = time.perf_counter()
         s = self.placement.shape
         if self.cost_only:
@@ -242,12 +326,7 @@ class WaferLlama:
             per_tile += [{"region": i, "tile": t, "node": nodes[t], **d} for t, d in enumerate(stats.per_tile)]
         logits = None if self.cost_only or not self.plans[-1].head else self.wafers[-1].read("logits")[: self.cfg.vocab_size]
         self.pos += 1
-        st = StepStats(sum(cycles) + handoff, cycles, handoff, time.perf_counter() - t0, dict(counts), per_tile)
-        self.totals.tokens += 1
-        self.totals.cycles += st.cycles
-        self.totals.host_s += st.host_s
-        self.totals.steps.append(st)
-        return logits, st
+        return logits, StepStats(sum(cycles) + handoff, cycles, handoff, time.perf_counter() - t0, dict(counts), per_tile)
 
     def prefill(self, prompt_ids: list[int] | int, on_layer: Callable[[int, int], None] | None = None
                 ) -> tuple[np.ndarray | None, PrefillStats]:
@@ -274,8 +353,17 @@ class WaferLlama:
             raise InvalidArgument(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.cfg.vocab_size})")
         self.placement.check_prefill(n)
         self.placement.check_tokens(n)
-        t0 = time.perf_counter()
         self.reset()
+        prompt = n if ids is None else ids
+        out = self._survive(self._prefill, prompt, on_layer)
+        self._journal.append(("prefill", prompt))
+        return out
+
+    def _prefill(self, prompt: list[int] | int, on_layer: Callable[[int, int], None] | None
+                 ) -> tuple[np.ndarray | None, PrefillStats]:
+        ids = None if isinstance(prompt, int) else prompt
+        n = prompt if ids is None else len(ids)
+        t0 = time.perf_counter()
         s, p = self.placement.shape, self.mesh[0]
         st = -(-n // p)
         x = None
@@ -360,6 +448,7 @@ class WaferLlama:
                 "sram_bytes": self.device.sram_bytes,
             },
             "kv": {"mode": self.kv, "slots_per_core": self.placement.cap, "capacity_tokens": self.placement.capacity()},
+            "recoveries": [asdict(r) for r in self.recoveries],  # lost tiles survived, each with its host time
         }
 
     def close(self) -> None:
@@ -373,3 +462,20 @@ class WaferLlama:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+
+def _surviving_nodes(lost: str) -> tuple[str, ...] | None:
+    """The nodes to start tiles on after a tile of node ``lost`` died: None (every alive node) if ``lost`` lives.
+
+    Ray marks a node dead as soon as its raylet goes away; a dead tile on a node still
+    marked alive after a short wait lost only its own process.
+    """
+    import ray
+
+    for _ in range(5):
+        nodes = {n["NodeID"]: n["Alive"] for n in ray.nodes()}
+        if not nodes.get(lost, False):
+            here = ray.get_runtime_context().get_node_id()
+            alive = sorted(n for n, up in nodes.items() if up)
+            return tuple([here] * (here in alive) + [n for n in alive if n != here])
+        time.sleep(0.4)
+    return None

@@ -69,3 +69,14 @@ class ProtocolError(RuntimeError):
 
 class ProtocolAborted(RuntimeError):
     """A tile stopped a protocol because another tile failed."""
+
+
+class TileLost(RuntimeError):
+    """A tile's process (or its node) died: the wafer's state on it is gone."""
+
+    def __init__(self, tile: int, node: str, reason: str):
+        super().__init__(tile, node, reason)
+        self.tile, self.node, self.reason = tile, node, reason
+
+    def __str__(self) -> str:
+        return f"tile {self.tile} (on node {self.node[:12]}) was lost: {self.reason}"

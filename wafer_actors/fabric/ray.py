@@ -9,11 +9,17 @@ deadlock).
 
 Placement: tiles are numbered row-major and cut into contiguous runs, one run per node
 (node-affinity scheduling), so neighbouring tiles mostly share a node.
+
+Names: tile i of a wafer is the actor ``wafer-<id>/tile-<i>`` in the Ray namespace
+``wafer-llm`` (``ray list actors`` shows them with their node and process). A tile whose
+actor dies (its process killed, its node gone) surfaces as ``TileLost`` from any call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +27,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..device import DeviceSpec
-from ..errors import NodeMemoryError, ProtocolError
+from ..errors import NodeMemoryError, ProtocolError, TileLost
 from ..mesh import Tiling
 from ..tile import Tile
 from .base import Transport, first_error
@@ -41,6 +47,9 @@ class TileActor:
 
     async def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    async def pid(self) -> int:
+        return os.getpid()
 
     async def listen(self) -> str:
         return await self.inbox.open()
@@ -138,6 +147,9 @@ def _unwrap(err: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else err
 
 
+NAMESPACE = "wafer-llm"
+
+
 class RayTransport(Transport):
     """Tiles as Ray actors on the cluster ``ray.init`` connected to (started locally if none)."""
 
@@ -145,6 +157,11 @@ class RayTransport(Transport):
         self.options = options or RayOptions()
         self.actors: list[Any] = []
         self._nodes: list[str] = []
+        self.name = f"wafer-{uuid.uuid4().hex[:8]}"
+
+    def tile_name(self, i: int) -> str:
+        """The Ray actor name of tile ``i`` (in namespace ``NAMESPACE``)."""
+        return f"{self.name}/tile-{i}"
 
     def spawn(self, tiling: Tiling, device: DeviceSpec, cost_only: bool, executor: str) -> None:
         if not ray.is_initialized():
@@ -159,7 +176,8 @@ class RayTransport(Transport):
         for i in range(n):
             node = where[i]
             strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
-            opts = cls.options(num_cpus=self.options.num_cpus, scheduling_strategy=strategy)
+            opts = cls.options(num_cpus=self.options.num_cpus, scheduling_strategy=strategy, name=self.tile_name(i),
+                               namespace=NAMESPACE)
             threads = int(self.options.num_cpus) or int(cpus.get(node, 1.0) // where.count(node))
             self.actors.append(opts.remote(i, tiling.mesh.shape, tiling.tiles, device, cost_only, executor, threads))
         self._nodes = ray.get([a.node.remote() for a in self.actors])
@@ -176,17 +194,37 @@ class RayTransport(Transport):
 
     def call(self, method: str, args: list[tuple]) -> list[Any]:
         refs = [a.call.remote(method, *arg) for a, arg in zip(self.actors, args)]
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayTaskError as err:
-            raise _unwrap(err) from None
+        return self._get(dict(enumerate(refs)))
 
     def call_some(self, method: str, args: dict[int, tuple]) -> dict[int, Any]:
         refs = {i: self.actors[i].call.remote(method, *a) for i, a in args.items()}
+        return dict(zip(refs, self._get(refs)))
+
+    def pids(self) -> list[int]:
+        """The process id of each tile's actor."""
+        return self._get({i: a.pid.remote() for i, a in enumerate(self.actors)})
+
+    def _get(self, refs: dict[int, Any]) -> list[Any]:
+        """``ray.get`` of each tile's reference, with a dead tile as ``TileLost`` and a tile's error as itself."""
         try:
-            return dict(zip(refs, ray.get(list(refs.values()))))
-        except ray.exceptions.RayTaskError as err:
-            raise _unwrap(err) from None
+            return ray.get(list(refs.values()))
+        except ray.exceptions.RayError:
+            errors = []
+            for i, ref in refs.items():
+                try:
+                    ray.get(ref)
+                    errors.append(None)
+                except ray.exceptions.RayError as err:
+                    errors.append(self._error(i, err))
+            raise first_error(errors) from None
+
+    def _error(self, tile: int, err: BaseException) -> BaseException:
+        """The error a tile's call ended with: ``TileLost`` if its actor died, else what the tile raised."""
+        if isinstance(err, ray.exceptions.RayActorError):
+            reason = str(err).strip().splitlines()[0]
+            node = self._nodes[tile] if tile < len(self._nodes) else "?"
+            return TileLost(tile, node, f"{reason[:300]} (actor {self.tile_name(tile)})")
+        return _unwrap(err)
 
     def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
         refs = [a.run.remote(path, run_id, routes, kwargs) for a in self.actors]
@@ -208,14 +246,7 @@ class RayTransport(Transport):
                 ray.get(ready[0])
             except ray.exceptions.RayError:
                 self._abort(run_id)
-                errors = []
-                for ref in refs:
-                    try:
-                        ray.get(ref)
-                        errors.append(None)
-                    except ray.exceptions.RayError as err:
-                        errors.append(_unwrap(err))
-                raise first_error(errors) from None
+                self._get(dict(enumerate(refs)))  # raises the error that ended the run
         return ray.get(refs)
 
     def _abort(self, run_id: int) -> None:
@@ -227,7 +258,7 @@ class RayTransport(Transport):
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.options.stall_s)
         if len(done) < len(refs):
             return None
-        waits = dict(zip(tiles, (tuple(w) if w is not None else None for w in ray.get(refs))))
+        waits = dict(zip(tiles, (tuple(w) if w is not None else None for w in self._get(dict(zip(tiles, refs))))))
         return None if any(w is None for w in waits.values()) else waits
 
     def nodes(self) -> list[str]:

@@ -1,0 +1,80 @@
+"""Lost tiles and nodes mid-decode, with real killed processes on a real 3-node Ray cluster:
+the wafer is started again on the survivors, the sequence replayed, and the tokens and
+predicted cycles are those of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import ray
+
+from llm.checkpoint import random_weights
+from llm.engine import WaferLlama
+from llm.generate import generate
+from wafer_actors import TileLost
+from wafer_actors.fabric.ray import NAMESPACE
+
+from .test_wafer_decode import TINY
+
+pytestmark = pytest.mark.cluster
+
+PROMPT = [3, 14, 15, 9]
+NEW = 6
+KILL_AT = len(PROMPT) + 2  # when the third new token is chosen: six tokens fed, mid-decode
+
+
+def run(transport, *, prefill="token", fault=None, on_failure="recover"):
+    """Greedy generation on tiles 1x3 (one per node on the cluster); ``fault(engine)`` strikes at KILL_AT."""
+    w = random_weights(TINY, seed=5)
+    with WaferLlama(TINY, w, mesh=(6, 6), tiles=(1, 3), transport=transport, tokens=len(PROMPT) + NEW,
+                    prefill_tokens=len(PROMPT), on_failure=on_failure) as m:
+        def on_token(i, _tok):
+            if fault and i == KILL_AT:
+                fault(m)
+
+        out = generate(m, PROMPT, max_new_tokens=NEW, prefill=prefill, on_token=on_token)
+        nodes = [wafer.nodes() for wafer in m.wafers]
+        return out, [s.cycles for s in m.totals.steps], m.recoveries, nodes
+
+
+def tile_actor(m, tile):
+    return ray.get_actor(m.wafers[0].transport.tile_name(tile), namespace=NAMESPACE)
+
+
+def ray_kill(m):
+    ray.kill(tile_actor(m, 1))
+
+
+def kill_9(m):
+    os.kill(m.wafers[0].transport.pids()[1], signal.SIGKILL)
+
+
+@pytest.mark.parametrize("prefill", ["token", "mesh"])
+@pytest.mark.parametrize("fault", [ray_kill, kill_9], ids=["ray.kill", "kill -9"])
+def test_a_killed_tile_is_replaced_and_the_run_is_unchanged(ray_cluster_3_nodes, fault, prefill):
+    base, base_cycles, _, _ = run("local", prefill=prefill)
+    out, cycles, recoveries, nodes = run("ray", prefill=prefill, fault=fault)
+    assert out.output_ids == base.output_ids
+    assert cycles == base_cycles
+    assert (out.ttft_cycles, out.decode_cycles) == (base.ttft_cycles, base.decode_cycles)
+    assert len(recoveries) == 1
+    lost = recoveries[0]
+    assert lost.tile == 1 and lost.replayed_tokens == KILL_AT
+    assert "died" in lost.reason and lost.host_s > 0
+    assert len(set(nodes[0])) == 3  # the node kept its place: only the process was lost
+
+
+def test_tile_names_show_in_ray(ray_cluster_3_nodes):
+    w = random_weights(TINY, seed=5)
+    with WaferLlama(TINY, w, mesh=(6, 6), tiles=(1, 3), transport="ray", tokens=2) as m:
+        name = m.wafers[0].transport.name
+        listed = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
+        assert {f"{name}/tile-{i}" for i in range(3)} <= listed
+        assert name.startswith("wafer-")
+
+
+def test_on_failure_fail_names_the_lost_tile(ray_cluster_3_nodes):
+    with pytest.raises(TileLost, match=r"tile 1 \(on node \w+\) was lost: .*died.*\(actor wafer-\w+/tile-1\)"):
+        run("ray", fault=kill_9, on_failure="fail")
