@@ -56,13 +56,24 @@ MAX_RECOVERIES = 3  # per call: a wafer that keeps losing tiles is not going to 
 
 @dataclass(frozen=True)
 class Recovery:
-    """One lost tile and what it took to carry on: the tile and node, why, tokens replayed, host seconds."""
+    """One lost tile and what it took to carry on.
+
+    ``noticed_at``: wall-clock time (``time.time()``) the loss was noticed; ``restart_s``: host
+    seconds to start the wafer again and place the weights; ``replay_s``: to replay the
+    ``replayed_tokens`` of the sequence; ``host_s``: both.
+    """
 
     tile: int
     node: str
     reason: str
+    noticed_at: float
     replayed_tokens: int
-    host_s: float
+    restart_s: float
+    replay_s: float
+
+    @property
+    def host_s(self) -> float:
+        return self.restart_s + self.replay_s
 
 
 @dataclass
@@ -223,10 +234,11 @@ class WaferLlama:
 
     def _recover(self, lost: TileLost) -> None:
         """Start every region again on the nodes still alive and replay the journal."""
-        t0 = time.perf_counter()
+        noticed, t0 = time.time(), time.perf_counter()
         pos = self.pos
         self.close()
         self._start(_surviving_nodes(lost.node))
+        t1 = time.perf_counter()
         self.pos, replayed = 0, 0
         for kind, arg in self._journal:
             if kind == "prefill":
@@ -238,7 +250,8 @@ class WaferLlama:
                 self._step(arg)
                 replayed += 1
         assert self.pos == pos, (self.pos, pos)
-        self.recoveries.append(Recovery(lost.tile, lost.node, lost.reason, replayed, time.perf_counter() - t0))
+        self.recoveries.append(Recovery(lost.tile, lost.node, lost.reason, noticed, replayed, t1 - t0,
+                                        time.perf_counter() - t1))
 
     # ---- placement ------------------------------------------------------------------------
     def _load(self, wafer: Wafer, region: Region) -> None:
@@ -448,7 +461,7 @@ class WaferLlama:
                 "sram_bytes": self.device.sram_bytes,
             },
             "kv": {"mode": self.kv, "slots_per_core": self.placement.cap, "capacity_tokens": self.placement.capacity()},
-            "recoveries": [asdict(r) for r in self.recoveries],  # lost tiles survived, each with its host time
+            "recoveries": [{**asdict(r), "host_s": r.host_s} for r in self.recoveries],  # lost tiles survived
         }
 
     def close(self) -> None:
