@@ -195,8 +195,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         out_ids: list[int] = []
         print(text, end="", flush=True)
-        result = generate(engine, prompt_ids, max_new_tokens=args.max_new_tokens, sampler=sampler,
-                          eos_id=tok.eos_id, prefill=args.prefill, on_token=on_token, on_layer=on_layer)
+        try:
+            result = generate(engine, prompt_ids, max_new_tokens=args.max_new_tokens, sampler=sampler,
+                              eos_id=tok.eos_id, prefill=args.prefill, on_token=on_token, on_layer=on_layer)
+        except KeyboardInterrupt:  # the text so far is on stdout already; the tiles stop as the engine closes
+            layers.close()
+            if bar is not None:
+                bar.close()
+            print(f"\nwafer-llm: interrupted after {len(out_ids)} new token(s)", file=sys.stderr)
+            raise
         layers.close()
         if bar is not None:
             bar.close()
@@ -457,8 +464,8 @@ def _connect(address: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run a command. Exit status 2 with a one-line message for bad input (``InputError``: a value, a size that does
     not fit, a bad checkpoint; a missing file; a cluster that cannot be reached); 3 for a tile lost and not
-    recovered (``--on-failure fail``, or it kept failing); any other error is a bug and propagates with its
-    traceback (exit 1)."""
+    recovered (``--on-failure fail``, or it kept failing); 130 on Ctrl-C; any other error is a bug and
+    propagates with its traceback (exit 1)."""
     args = build_parser().parse_args(argv)
     try:
         _connect(getattr(args, "address", None))
@@ -469,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     except TileLost as err:
         print(f"wafer-llm: error: {err}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        return 130  # 128 + SIGINT, as a shell reports it; the Ray instance we started stops at exit
 
 
 if __name__ == "__main__":

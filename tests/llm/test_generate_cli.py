@@ -64,3 +64,36 @@ def test_generate_refusals(args, message, capsys):
     assert code == 2
     assert message in err
     assert "Traceback" not in err
+
+
+def test_ctrl_c_stops_at_once_and_leaves_no_process_behind():
+    """SIGINT mid-decode on Ray tiles: exit 130 within seconds, the text so far printed, every process of the run gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    prompt = "Once upon a time"
+    p = subprocess.Popen([sys.executable, "-m", "llm.cli", "generate", "--prompt", prompt, "--max-new-tokens", "40",
+                          "--mesh", "64x64", "--tiles", "1x2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.set_blocking(p.stdout.fileno(), False)
+    shown, deadline = b"", time.monotonic() + 240
+    while len(shown) <= len(prompt) + 3:  # decode has begun once new text follows the prompt
+        assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+        shown += p.stdout.read() or b""
+        time.sleep(0.1)
+    run = psutil.Process(p.pid).children(recursive=True)  # the Ray instance and tile workers of this run
+    assert len(run) >= 2
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and time.monotonic() - t0 < 10
+    assert shown.decode().startswith(prompt)
+    assert "interrupted after" in err.decode() and "Traceback" not in err.decode()
+    deadline = time.monotonic() + 10
+    while any(q.is_running() and q.status() != psutil.STATUS_ZOMBIE for q in run) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [q.pid for q in run if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
