@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import time
@@ -440,16 +441,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _connect(address: str | None) -> None:
-    """Join the Ray cluster at ``address`` (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``).
+def _connect(address: str | None, transport: str | None) -> None:
+    """Join the Ray cluster at ``address`` (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``); without one, a Ray
+    run starts a private local instance (even where a cluster runs on this machine). Says which on stderr.
 
     Raises:
         ConnectionError: nothing answers at ``HOST:PORT`` within ``CONNECT_S`` (Ray itself
             would retry for minutes).
     """
-    if address:
-        import ray
+    if not address and transport != "ray":
+        return
+    import ray
 
+    from wafer_actors.fabric.ray import describe_cluster, start_local_ray
+
+    if address:
         host, _, port = address.removeprefix("ray://").rpartition(":")
         if host and port.isdigit():
             try:
@@ -457,8 +463,14 @@ def _connect(address: str | None) -> None:
             except OSError as err:
                 raise ConnectionError(f"no Ray cluster answers at {address} ({err}); start one there with "
                                       "`ray start --head`, or give the address it printed") from None
-        if not ray.is_initialized():
+    if not ray.is_initialized():
+        if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address, log_to_driver=False)
+            print(f"wafer-llm: joined {describe_cluster()}", file=sys.stderr)
+        else:
+            start_local_ray()
+            print(f"wafer-llm: started a private {describe_cluster()}; give --address auto to join a running cluster "
+                  "instead", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     propagates with its traceback (exit 1)."""
     args = build_parser().parse_args(argv)
     try:
-        _connect(getattr(args, "address", None))
+        _connect(getattr(args, "address", None), getattr(args, "transport", None))
         return args.fn(args)
     except (InputError, FileNotFoundError, ConnectionError) as err:
         print(f"wafer-llm: error: {err}", file=sys.stderr)

@@ -37,3 +37,23 @@ def test_scale_strong_gemv_over_three_nodes(ray_cluster_3_nodes):
     assert four["messages_inside_nodes"] + four["messages_across_nodes"] > 0
     assert {"wall_s", "wait_s", "tile_messages"} <= set(four["per_tile"][0])
     assert one["speedup"] == 1.0 and four["efficiency"] == four["speedup"] / 4
+
+
+@pytest.mark.parametrize("join", [False, True], ids=["no --address", "--address"])
+def test_generate_on_a_machine_where_a_cluster_runs(ray_cluster_3_nodes, join):
+    """Without --address the command starts a private instance (Ray alone would join the running
+    cluster); with the cluster's address it joins it. Either way it says which, and decodes."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "llm.cli", "generate", "--prompt", "Once upon a time", "--max-new-tokens", "2",
+           "--prefill", "token", "--tiles", "1x1", "--mesh", "64x64"]
+    out = subprocess.run(cmd + (["--address", ray_cluster_3_nodes.address] if join else []), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Once upon a time") and len(out.stdout.strip()) > len("Once upon a time")
+    said = ("joined Ray instance at " + ray_cluster_3_nodes.address + " (3 node(s))" if join
+            else "started a private Ray instance at ")
+    assert said in out.stderr, out.stderr
+    if not join:
+        assert ray_cluster_3_nodes.address not in out.stderr

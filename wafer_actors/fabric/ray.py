@@ -111,9 +111,24 @@ STARTUP_CONCURRENCY = 256
 
 
 def start_local_ray(**kwargs: Any) -> None:
-    """Start a local Ray instance for tile actors (quiet: no dashboard, no worker logs, no startup warnings)."""
-    ray.init(include_dashboard=False, log_to_driver=False,
+    """Start a private local Ray instance for tile actors (quiet: no dashboard, no worker logs, no startup warnings).
+
+    A private one even where a cluster already runs on this machine (Ray would join it):
+    join a cluster by giving its address (``ray.init(address=...)``, ``--address``). Where
+    ``RAY_ADDRESS`` is set (a Ray job's driver), join that cluster instead; ``kwargs``
+    (options of a local instance) then do not apply.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+        return
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
              _system_config={"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY}, **kwargs)
+
+
+def describe_cluster() -> str:
+    """Which Ray cluster this process uses, in words: its address and nodes."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    return f"Ray instance at {ray.get_runtime_context().gcs_address} ({len(nodes)} node(s))"
 
 
 def _check_node_memory(tiling: Tiling, device: DeviceSpec, where: list[str]) -> None:
