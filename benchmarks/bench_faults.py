@@ -1,10 +1,11 @@
 """Faults mid-decode on a 3-node local Ray cluster: how fast a lost tile is noticed and the run recovered.
 
 For each fault (``ray.kill`` of a tile actor, ``kill -9`` of its worker process, removal of
-a worker node), greedy decode of the default model on tiles 1x3 (one per node) is struck
+a worker node) and a planned migration of one tile to another node, greedy decode of the default model on tiles 1x3 (one per node) is struck
 after a few tokens; the table gives the seconds from the fault until it is noticed, the
 host seconds of the recovery (wafer started again and weights placed; sequence replayed),
-and whether the tokens and predicted cycles equal an uninterrupted run.
+and whether the tokens and predicted cycles equal an uninterrupted run; for the migration,
+how long decode paused.
 
     python benchmarks/bench_faults.py [--mesh 64x64] [--new 6] [--kill-at 3]
 """
@@ -47,11 +48,13 @@ def main() -> None:
                     fault(m)
 
             out = generate(m, prompt, max_new_tokens=args.new, on_token=on_token)
-            return out.output_ids, [s.cycles for s in m.totals.steps], struck, m.recoveries
+            m.finish_migration()
+            return out.output_ids, [s.cycles for s in m.totals.steps], struck, m.recoveries, m.migrations
 
     base_ids, base_cycles, *_ = run("local")
     rows = []
-    for name in ("ray.kill", "kill -9", "node removal"):
+    moves = []
+    for name in ("ray.kill", "kill -9", "node removal", "migration"):
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
         workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
@@ -63,11 +66,17 @@ def main() -> None:
                 ray.kill(ray.get_actor(t.tile_name(1), namespace=NAMESPACE))
             elif name == "kill -9":
                 os.kill(t.pids()[1], signal.SIGKILL)
+            elif name == "migration":  # tile 1 onto tile 0's node, planned
+                m.migrate(t.nodes()[0], tiles=[1])
             else:
                 cluster.remove_node(next(n for n in workers if n.node_id == t.nodes()[2]))
 
-        ids, cycles, struck, recoveries = run("ray", fault)
-        rows.append((name, recoveries[0].noticed_at - struck[0], recoveries, ids == base_ids and cycles == base_cycles))
+        ids, cycles, struck, recoveries, migrations = run("ray", fault)
+        same = ids == base_ids and cycles == base_cycles
+        if migrations:
+            moves.append((migrations[0], same))
+        else:
+            rows.append((name, recoveries[0].noticed_at - struck[0], recoveries, same))
         ray.shutdown()
         cluster.shutdown()
     print(f"model {cfg.name}, mesh {mesh[0]}x{mesh[1]}, tiles 1x3 over 3 nodes, {args.new} new tokens, struck at new token "
@@ -78,6 +87,10 @@ def main() -> None:
         print(f"{name:>14} {noticed:>12.2f} {sum(r.restart_s for r in recoveries):>12.2f} "
               f"{sum(r.replay_s for r in recoveries):>11.2f} {sum(r.replayed_tokens for r in recoveries):>9} "
               f"{len(recoveries):>11} {str(same):>24}")
+    for mig, same in moves:
+        print(f"planned migration of tile(s) {list(mig.tiles)}: weights copied in the background for "
+              f"{mig.background_s - mig.pause_s:.2f} s while decode went on, pause {1e3 * mig.pause_s:.0f} ms; "
+              f"tokens+cycles identical: {same}")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,22 @@ class Recovery:
         return self.restart_s + self.replay_s
 
 
+@dataclass(frozen=True)
+class Migration:
+    """Tiles moved to another node while decode went on.
+
+    ``background_s``: from the start of the move until it completed (the weights copied while
+    steps ran); ``pause_s``: host seconds decode waited for the rest (KV cache, activations,
+    clocks) and the switch.
+    """
+
+    region: int
+    tiles: tuple[int, ...]
+    node: str
+    background_s: float
+    pause_s: float
+
+
 @dataclass
 class StepStats:
     """What one token cost: predicted device cycles (all regions and hand-offs) and host time."""
@@ -195,6 +211,8 @@ class WaferLlama:
         ]
         self.transport, self.executor, self.on_failure = transport, executor, on_failure
         self.recoveries: list[Recovery] = []
+        self.migrations: list[Migration] = []
+        self._moving: tuple[int, Any, float] | None = None  # (region, move, start) of a migration under way
         self.wafers: list[Wafer] = []
         self.reset()
         self._start(None)
@@ -236,6 +254,7 @@ class WaferLlama:
         """Start every region again on the nodes still alive and replay the journal."""
         noticed, t0 = time.time(), time.perf_counter()
         pos = self.pos
+        self._moving = None  # the wafer starts again from scratch anyway
         self.close()
         self._start(_surviving_nodes(lost.node))
         t1 = time.perf_counter()
@@ -252,6 +271,49 @@ class WaferLlama:
         assert self.pos == pos, (self.pos, pos)
         self.recoveries.append(Recovery(lost.tile, lost.node, lost.reason, noticed, replayed, t1 - t0,
                                         time.perf_counter() - t1))
+
+    # ---- planned migration ----------------------------------------------------------------
+    def migrate(self, node: str, tiles: list[int] | None = None, region: int = 0) -> None:
+        """Move ``tiles`` of region ``region`` (default: all of them) to the Ray node ``node`` while decode goes on.
+
+        The weights are copied actor to actor in the background while steps run; the move
+        completes before the first step after that copy is done (or before a prefill, or at
+        ``finish_migration()``, which wait for it), pausing only to copy each tile's KV cache,
+        activations and clocks and to switch actors. ``migrations`` records each with its pause.
+
+        Raises:
+            InvalidArgument: in-process tiles, a bad region or tile index, a node that is not alive.
+        """
+        if not 0 <= region < len(self.wafers):
+            raise InvalidArgument(f"region must be in [0, {len(self.wafers)}), got {region}")
+        self.finish_migration()
+        tiles = list(range(self.tiles[0] * self.tiles[1])) if tiles is None else [int(t) for t in tiles]
+        keep = list(weight_shapes(self.cfg, self.placement.shape, self.placement.regions[region]))
+        t0 = time.perf_counter()
+        self._moving = (region, self.wafers[region].move_start(tiles, node, keep), t0)
+
+    def finish_migration(self, wait: bool = True) -> Migration | None:
+        """Complete the migration under way, if any (between runs); return its record. ``wait=False``: only if its
+        background copy is done.
+
+        A tile lost meanwhile is recovered as in any call (the wafer starts again on the default
+        placement, and the migration is dropped): None is returned then.
+        """
+        if self._moving is None or not (wait or self.wafers[self._moving[0]].move_ready(self._moving[1])):
+            return None
+        region, move, t0 = self._moving
+        self._moving = None
+        t1 = time.perf_counter()
+        try:
+            self.wafers[region].move_finish(move)
+        except TileLost as lost:
+            if self.on_failure == "fail":
+                raise
+            self._survive(self._recover, lost)
+            return None
+        m = Migration(region, tuple(move.tiles), move.node, time.perf_counter() - t0, time.perf_counter() - t1)
+        self.migrations.append(m)
+        return m
 
     # ---- placement ------------------------------------------------------------------------
     def _load(self, wafer: Wafer, region: Region) -> None:
@@ -308,6 +370,7 @@ class WaferLlama:
         if not 0 <= int(token) < self.cfg.vocab_size:
             raise InvalidArgument(f"token id {token} is outside the vocabulary [0, {self.cfg.vocab_size})")
         self.placement.check_tokens(self.pos + 1)
+        self.finish_migration(wait=False)
         logits, st = self._survive(self._step, int(token))
         self._journal.append(("step", int(token)))
         self.totals.tokens += 1
@@ -366,6 +429,7 @@ class WaferLlama:
             raise InvalidArgument(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.cfg.vocab_size})")
         self.placement.check_prefill(n)
         self.placement.check_tokens(n)
+        self.finish_migration()
         self.reset()
         prompt = n if ids is None else ids
         out = self._survive(self._prefill, prompt, on_layer)
@@ -462,6 +526,7 @@ class WaferLlama:
             },
             "kv": {"mode": self.kv, "slots_per_core": self.placement.cap, "capacity_tokens": self.placement.capacity()},
             "recoveries": [{**asdict(r), "host_s": r.host_s} for r in self.recoveries],  # lost tiles survived
+            "migrations": [asdict(m) for m in self.migrations],
         }
 
     def close(self) -> None:

@@ -36,6 +36,7 @@ EXECUTORS = ("fused", "step")
 LOCAL_PARTS_BUDGET = 4_000_000  # flows of cached transfer parts per tile (about 150 MB of index arrays)
 FUSED_CACHE = 64  # flattened programs kept per tile
 SPLIT_FLOWS = 20_000  # a local transfer with this many flows is timed on parallel threads
+_STATE = ("clock", "fwd_head", "relaying", "sent", "stages", "path_compute", "used", "high")  # per-core arrays a move copies
 
 
 @dataclass
@@ -240,6 +241,40 @@ class Tile:
             return self.buffers[name]
         except KeyError:
             raise ProtocolError(f"tile {self.index}: no buffer {name!r}; buffers: {sorted(self.buffers)}") from None
+
+    # ---- moving a tile to another process ------------------------------------------------------
+    def export_state(self, names: list[str] | None = None, skip: Sequence[str] = ()) -> dict[str, Any]:
+        """The buffers ``names`` as plain arrays; with None, every buffer but ``skip``, plus the clocks, SRAM
+        accounting and counts.
+
+        Raises:
+            ProtocolError: a buffer is an alias (a protocol is under way: move a tile between runs).
+        """
+        whole = names is None
+        names = [n for n in self.buffers if n not in skip] if whole else names
+        aliases = [n for n in names if self.buffer(n).alias]
+        if aliases:
+            raise ProtocolError(f"tile {self.index}: buffers {aliases} are aliases of a run under way; move tiles between runs")
+        state: dict[str, Any] = {"buffers": {}}
+        for n in names:
+            b = self.buffers[n]
+            stacked = b.data is not None and b.data.ndim > 2 and np.moveaxis(b.data, 2, 0).flags.c_contiguous
+            state["buffers"][n] = (b.block, b.dtype.str, b.cores, b.data, stacked and not b.data.flags.c_contiguous)
+        if whole:
+            state.update({k: getattr(self, k) for k in _STATE}, stats=dict(self.stats))
+        return state
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Take the buffers (and, if there, the clocks, SRAM accounting and counts) of ``export_state``."""
+        for name, (block, dtype, cores, data, stacked) in state["buffers"].items():
+            if data is not None:  # our own copy (Ray's is read-only); a stacked buffer keeps each entry contiguous
+                data = np.moveaxis(np.array(np.moveaxis(data, 2, 0), order="C"), 0, 2) if stacked else np.array(data)
+            self.buffers[name] = Buffer(tuple(block), np.dtype(dtype), np.array(cores), data)
+        for k in _STATE:
+            if k in state:
+                getattr(self, k)[...] = state[k]
+        if "stats" in state:
+            self.stats = Counter(state["stats"])
 
     # ---- clocks and compute ---------------------------------------------------------------
     def clocks(self) -> np.ndarray:

@@ -264,6 +264,36 @@ class Wafer:
         """The cluster node of each tile."""
         return self.transport.nodes()
 
+    def move_start(self, tiles: list[int], node: str, keep: list[str]) -> Any:
+        """Start moving ``tiles`` to the Ray node ``node``: new actors there receive the buffers ``keep`` (ones no
+        protocol writes, such as weights) in the background while runs go on; ``move_finish`` completes it.
+
+        Raises:
+            InvalidArgument: in-process tiles, a tile index out of range, or a node that is not alive.
+        """
+        from .fabric.ray import RayTransport
+
+        if not isinstance(self.transport, RayTransport):
+            raise InvalidArgument("moving tiles needs Ray tiles (transport='ray'); this wafer's tiles are in-process")
+        bad = [t for t in tiles if not 0 <= t < len(self.tiling)]
+        if bad or not tiles:
+            raise InvalidArgument(f"tiles to move must be indices in [0, {len(self.tiling)}), got {list(tiles)}")
+        import ray
+
+        alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        if node not in alive:
+            raise InvalidArgument(f"node {node!r} is not an alive Ray node; alive: {', '.join(alive)}")
+        return self.transport.move_start(list(tiles), node, list(keep))
+
+    def move_ready(self, move: Any) -> bool:
+        """Whether a move's background copies are done (``move_finish`` then pauses only for the rest)."""
+        return self.transport.move_ready(move)
+
+    def move_finish(self, move: Any) -> None:
+        """Complete a move between runs: the rest of each tile's state (every other buffer, clocks, SRAM accounting)
+        is copied, the new actors take over and the old ones stop."""
+        self.transport.move_finish(move)
+
     def _assemble(self, parts: list[np.ndarray]) -> np.ndarray:
         out = np.empty(self.mesh.shape, dtype=parts[0].dtype)
         for t, p in zip(self.tiling.rects, parts):

@@ -78,3 +78,31 @@ def test_tile_names_show_in_ray(ray_cluster_3_nodes):
 def test_on_failure_fail_names_the_lost_tile(ray_cluster_3_nodes):
     with pytest.raises(TileLost, match=r"tile 1 \(on node \w+\) was lost: .*died.*\(actor wafer-\w+/tile-1\)"):
         run("ray", fault=kill_9, on_failure="fail")
+
+
+def test_a_planned_migration_moves_tiles_while_decode_goes_on(ray_cluster_3_nodes):
+    """Tiles 1 and 2 move onto tile 0's node after the second new token: the same tokens and cycles, the tiles
+    on the new node under new names, the old actors gone, a pause reported."""
+    moved = {}
+
+    def migrate(m):
+        t = m.wafers[0].transport
+        moved["before"] = [t.tile_name(i) for i in range(3)]
+        m.migrate(m.wafers[0].nodes()[0], tiles=[1, 2])
+
+    base, base_cycles, _, _ = run("local")
+    w = random_weights(TINY, seed=5)
+    with WaferLlama(TINY, w, mesh=(6, 6), tiles=(1, 3), transport="ray", tokens=len(PROMPT) + NEW) as m:
+        out = generate(m, PROMPT, max_new_tokens=NEW,
+                       on_token=lambda i, _t: migrate(m) if i == KILL_AT else None)
+        m.finish_migration()  # if the background copy outlasted the decode
+        nodes, t = m.wafers[0].nodes(), m.wafers[0].transport
+        names = [t.tile_name(i) for i in range(3)]
+        cycles = [s.cycles for s in m.totals.steps]
+        assert len(set(nodes)) == 1 and not m.recoveries
+        assert [g.tiles for g in m.migrations] == [(1, 2)] and m.migrations[0].pause_s > 0
+        listed = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
+        assert names[1:] == [moved["before"][1] + "@1", moved["before"][2] + "@1"] and set(names) <= listed
+        assert not set(moved["before"][1:]) & listed
+    assert out.output_ids == base.output_ids
+    assert cycles == base_cycles

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ class TileActor:
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # this tile's share of its node
         self.tile = Tile(index, mesh_shape, tiles, device, cost_only, executor)
         self.inbox = Inbox(self.tile.deliver)
+        self.boxes: dict[int, Outbox] = {}  # peer tile -> socket to it
 
     async def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -54,10 +56,17 @@ class TileActor:
     async def listen(self) -> str:
         return await self.inbox.open()
 
-    async def connect(self, peers: list[Any], nodes: list[str], sockets: list[str] | None) -> None:
+    async def connect(self, peers: list[Any], nodes: list[str], sockets: list[str] | None, fresh: list[int]) -> list[int]:
+        """Reach every peer: same-node ones over a socket, kept from an earlier wiring unless the peer is ``fresh``
+        (a new actor); return the peers a socket was opened to now."""
         me = self.tile.index
         near = [j for j in range(len(peers)) if sockets and j != me and nodes[j] == nodes[me]]
-        boxes = dict(zip(near, await asyncio.gather(*(Outbox.connect(sockets[j]) for j in near))))
+        opening = [j for j in near if j not in self.boxes or j in fresh or me in fresh]
+        for j in opening:
+            if j in self.boxes:
+                self.boxes.pop(j).close()
+        self.boxes.update(zip(opening, await asyncio.gather(*(Outbox.connect(sockets[j]) for j in opening))))
+        boxes = {j: self.boxes[j] for j in near}
 
         def post(dest: int, raw: bytes) -> None:
             box = boxes.get(dest)
@@ -67,6 +76,7 @@ class TileActor:
                 box.post(raw)
 
         self.tile.connect(post, nodes)
+        return opening
 
     async def seal(self, peers: int) -> None:
         await self.inbox.seal(peers)
@@ -165,6 +175,17 @@ def _unwrap(err: BaseException) -> BaseException:
 NAMESPACE = "wafer-llm"
 
 
+@dataclass
+class Move:
+    """Tiles on their way to another node: the new actors and their background copies (``move_start``)."""
+
+    tiles: list[int]
+    node: str
+    new: dict[int, Any]
+    copies: list[Any]
+    keep: list[str]
+
+
 class RayTransport(Transport):
     """Tiles as Ray actors on the cluster ``ray.init`` connected to (started locally if none)."""
 
@@ -173,10 +194,12 @@ class RayTransport(Transport):
         self.actors: list[Any] = []
         self._nodes: list[str] = []
         self.name = f"wafer-{uuid.uuid4().hex[:8]}"
+        self._moves: Counter = Counter()  # tile -> times it moved
 
-    def tile_name(self, i: int) -> str:
-        """The Ray actor name of tile ``i`` (in namespace ``NAMESPACE``)."""
-        return f"{self.name}/tile-{i}"
+    def tile_name(self, i: int, moves: int | None = None) -> str:
+        """The Ray actor name of tile ``i`` (in namespace ``NAMESPACE``); ``@k`` once it has moved k times."""
+        k = self._moves[i] if moves is None else moves
+        return f"{self.name}/tile-{i}" + (f"@{k}" if k else "")
 
     def spawn(self, tiling: Tiling, device: DeviceSpec, cost_only: bool, executor: str) -> None:
         if not ray.is_initialized():
@@ -186,20 +209,55 @@ class RayTransport(Transport):
         where = [nodes[i * len(nodes) // n] for i in range(n)]
         if not cost_only:
             _check_node_memory(tiling, device, where)
-        cls = ray.remote(TileActor)
-        cpus = {node["NodeID"]: node["Resources"].get("CPU", 1.0) for node in ray.nodes() if node["Alive"]}
-        for i in range(n):
-            node = where[i]
-            strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
-            opts = cls.options(num_cpus=self.options.num_cpus, scheduling_strategy=strategy, name=self.tile_name(i),
-                               namespace=NAMESPACE)
-            threads = int(self.options.num_cpus) or int(cpus.get(node, 1.0) // where.count(node))
-            self.actors.append(opts.remote(i, tiling.mesh.shape, tiling.tiles, device, cost_only, executor, threads))
+        self._setup = (tiling, device, cost_only, executor)
+        self.actors = [self._actor(i, where[i], where.count(where[i])) for i in range(n)]
         self._nodes = ray.get([a.node.remote() for a in self.actors])
+        self._wire(list(range(n)))
+
+    def _actor(self, i: int, node: str, sharing: int, moves: int = 0) -> Any:
+        """Start tile ``i``'s actor on ``node``, where ``sharing`` tiles share the node's threads."""
+        tiling, device, cost_only, executor = self._setup
+        cpus = {n["NodeID"]: n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["Alive"]}
+        strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+        opts = ray.remote(TileActor).options(num_cpus=self.options.num_cpus, scheduling_strategy=strategy,
+                                             name=self.tile_name(i, moves), namespace=NAMESPACE)
+        threads = int(self.options.num_cpus) or int(cpus.get(node, 1.0) // sharing)
+        return opts.remote(i, tiling.mesh.shape, tiling.tiles, device, cost_only, executor, threads)
+
+    def _wire(self, fresh: list[int]) -> None:
+        """Connect every tile to every other (after a move, only the pairs with a ``fresh`` actor get new sockets)."""
         sockets = ray.get([a.listen.remote() for a in self.actors]) if self.options.direct else None
-        ray.get([a.connect.remote(self.actors, self._nodes, sockets) for a in self.actors])
-        near = [self._nodes.count(node) - 1 if self.options.direct else 0 for node in self._nodes]
-        ray.get([a.seal.remote(k) for a, k in zip(self.actors, near)])
+        opened = ray.get([a.connect.remote(self.actors, self._nodes, sockets, fresh) for a in self.actors])
+        incoming = Counter(j for dests in opened for j in dests)
+        ray.get([a.seal.remote(incoming[i]) for i, a in enumerate(self.actors)])
+
+    def move_start(self, tiles: list[int], node: str, keep: list[str]) -> Move:
+        """Start ``tiles`` again on ``node`` and copy their unchanging buffers ``keep`` there, actor to actor, in
+        the background (the old actors keep running protocols meanwhile); ``move_finish`` completes the move."""
+        sharing = sum(1 for i, n in enumerate(self._nodes) if n == node and i not in tiles) + len(tiles)
+        new = {i: self._actor(i, node, sharing, self._moves[i] + 1) for i in tiles}
+        copies = [new[i].call.remote("import_state", self.actors[i].call.remote("export_state", keep)) for i in tiles]
+        return Move(list(tiles), node, new, copies, list(keep))
+
+    def move_ready(self, move: Move) -> bool:
+        """Whether the background copies of ``move`` are done."""
+        return len(ray.wait(move.copies, num_returns=len(move.copies), timeout=0)[0]) == len(move.copies)
+
+    def move_finish(self, move: Move) -> None:
+        """Wait for the background copies, copy the rest of each tile's state (between runs), swap the new actors
+        in, connect them, and stop the old ones."""
+        self._get(dict(enumerate(move.copies)))
+        rest = {i: move.new[i].call.remote("import_state", self.actors[i].call.remote("export_state", None, move.keep))
+                for i in move.tiles}
+        self._get(rest)
+        old = [self.actors[i] for i in move.tiles]
+        for i in move.tiles:
+            self.actors[i] = move.new[i]
+            self._nodes[i] = move.node
+            self._moves[i] += 1
+        self._wire(move.tiles)
+        for a in old:
+            ray.kill(a)
 
     @staticmethod
     def _alive_nodes() -> list[str]:

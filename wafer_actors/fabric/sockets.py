@@ -35,8 +35,8 @@ class Inbox:
         return os.path.join(self._dir, "tile.sock")
 
     async def open(self) -> str:
-        """Start listening; return the socket's path."""
-        self._dir = tempfile.mkdtemp(prefix="wafer-")
+        """Start listening (again, after a move) for peers that are not connected yet; return the socket's path."""
+        self._dir, self._peers = tempfile.mkdtemp(prefix="wafer-"), 0
         self._server = await asyncio.start_unix_server(self._serve, path=self.path)
         return self.path
 
@@ -58,6 +58,7 @@ class Inbox:
             self._joined.clear()
             await asyncio.wait_for(self._joined.wait(), timeout=60)
         self._server.close()
+        self._server = None
         os.unlink(self.path)
         os.rmdir(self._dir)
 
@@ -72,6 +73,9 @@ class Outbox:
     async def connect(cls, path: str) -> Outbox:
         _, writer = await asyncio.open_unix_connection(path)
         return cls(writer)
+
+    def close(self) -> None:
+        self._writer.close()
 
     def post(self, raw: bytes) -> None:
         """Queue ``raw`` for the peer; the event loop writes what the socket does not take at once."""
