@@ -9,6 +9,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -140,6 +141,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tiles, device = parse_grid(args.tiles), resolve(args.device)
     if args.mesh:
         device.check_mesh(*parse_grid(args.mesh))
+    drain = _drain(args.drain_node, args.transport)
     t0 = time.perf_counter()
     cfg, weights, tok = load_model(args.model)
     if tok is None:
@@ -181,6 +183,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         def on_token(i: int, token: int) -> None:
             nonlocal bar
+            if drain and i == len(prompt_ids) + drain[1] - 1:
+                _drain_node(engine, drain[0])
             if bar is None:
                 layers.close()
                 bar = tqdm(total=total, initial=i, desc="decode", unit="tok", leave=False, file=sys.stderr)
@@ -199,6 +203,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         try:
             result = generate(engine, prompt_ids, max_new_tokens=args.max_new_tokens, sampler=sampler,
                               eos_id=tok.eos_id, prefill=args.prefill, on_token=on_token, on_layer=on_layer)
+            engine.finish_migration()  # a drain whose copy outlasted the decode still completes (and is reported)
         except KeyboardInterrupt:  # the text so far is on stdout already; the tiles stop as the engine closes
             layers.close()
             if bar is not None:
@@ -210,6 +215,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.close()
         print()
         summary = engine.summary()
+    for m in summary["migrations"]:
+        print(f"wafer-llm: moved tiles {list(m['tiles'])} of region {m['region']} to node {m['node'][:12]} while decoding "
+              f"(pause {1e3 * m['pause_s']:.0f} ms)", file=sys.stderr)
     for r in summary["recoveries"]:
         print(f"wafer-llm: tile {r['tile']} on node {r['node'][:12]} was lost ({r['reason']}); started the wafer again "
               f"and replayed {r['replayed_tokens']} tokens in {r['host_s']:.1f} s", file=sys.stderr)
@@ -233,6 +241,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   "text": tok.decode(result.output_ids), "stop": result.stop, **summary}
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def _drain(value: str | None, transport: str) -> tuple[str, int] | None:
+    """``--drain-node NODE:N`` as (the alive Ray node it names, N), checked before any work."""
+    if value is None:
+        return None
+    prefix, _, n = value.rpartition(":")
+    if not prefix or not n.isdigit() or int(n) < 1:
+        raise InvalidArgument(f"--drain-node takes NODE:N (a node id or its prefix, N new tokens >= 1), got {value!r}")
+    if transport != "ray":
+        raise InvalidArgument("--drain-node moves Ray tiles between nodes: it needs --transport ray")
+    import ray
+
+    alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    node = [a for a in alive if a.startswith(prefix)]
+    if len(node) != 1 or len(alive) < 2:
+        raise InvalidArgument(f"--drain-node {prefix!r} must name one of several alive Ray nodes; it matches "
+                              f"{len(node)} of: {', '.join(alive)}")
+    return node[0], int(n)
+
+
+def _drain_node(engine: Any, node: str) -> None:
+    """Move every tile on ``node`` to the first other alive node (one migration per region)."""
+    import ray
+
+    target = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != node)
+    for region, wafer in enumerate(engine.wafers):
+        tiles = [i for i, n in enumerate(wafer.nodes()) if n == node]
+        if tiles:
+            engine.migrate(target, tiles=tiles, region=region)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -376,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", default=None, help="write prompt/output ids, text and the predicted and emulation figures here")
     gen.add_argument("--executor", **EXECUTOR_ARG)
+    gen.add_argument("--drain-node", default=None, metavar="NODE:N",
+                     help="after N new tokens, move every tile on the Ray node whose id starts with NODE to another "
+                          "node while decode goes on (planned migration; Ray tiles)")
     gen.add_argument("--on-failure", default="recover", choices=["recover", "fail"],
                      help="when a Ray tile or node is lost: start the wafer again on the surviving nodes and replay the "
                           "sequence (recover, default; tokens and predicted cycles unchanged), or stop with an error (fail)")

@@ -212,7 +212,7 @@ class WaferLlama:
         self.transport, self.executor, self.on_failure = transport, executor, on_failure
         self.recoveries: list[Recovery] = []
         self.migrations: list[Migration] = []
-        self._moving: tuple[int, Any, float] | None = None  # (region, move, start) of a migration under way
+        self._moving: dict[int, tuple[Any, float]] = {}  # region -> (move, start) of its migration under way
         self.wafers: list[Wafer] = []
         self.reset()
         self._start(None)
@@ -254,7 +254,7 @@ class WaferLlama:
         """Start every region again on the nodes still alive and replay the journal."""
         noticed, t0 = time.time(), time.perf_counter()
         pos = self.pos
-        self._moving = None  # the wafer starts again from scratch anyway
+        self._moving = {}  # the wafer starts again from scratch anyway
         self.close()
         self._start(_surviving_nodes(lost.node))
         t1 = time.perf_counter()
@@ -276,33 +276,36 @@ class WaferLlama:
     def migrate(self, node: str, tiles: list[int] | None = None, region: int = 0) -> None:
         """Move ``tiles`` of region ``region`` (default: all of them) to the Ray node ``node`` while decode goes on.
 
-        The weights are copied actor to actor in the background while steps run; the move
-        completes before the first step after that copy is done (or before a prefill, or at
-        ``finish_migration()``, which wait for it), pausing only to copy each tile's KV cache,
-        activations and clocks and to switch actors. ``migrations`` records each with its pause.
+        The weights are copied actor to actor in the background while steps run (regions move
+        at the same time); a region's move completes before the first step after its copy is
+        done (or before a prefill, or at ``finish_migration()``, which wait for it), pausing
+        only to copy each tile's KV cache, activations and clocks and to switch actors.
+        ``migrations`` records each with its pause.
 
         Raises:
             InvalidArgument: in-process tiles, a bad region or tile index, a node that is not alive.
         """
         if not 0 <= region < len(self.wafers):
             raise InvalidArgument(f"region must be in [0, {len(self.wafers)}), got {region}")
-        self.finish_migration()
+        if region in self._moving:
+            self._finish(region)
         tiles = list(range(self.tiles[0] * self.tiles[1])) if tiles is None else [int(t) for t in tiles]
         keep = list(weight_shapes(self.cfg, self.placement.shape, self.placement.regions[region]))
         t0 = time.perf_counter()
-        self._moving = (region, self.wafers[region].move_start(tiles, node, keep), t0)
+        self._moving[region] = (self.wafers[region].move_start(tiles, node, keep), t0)
 
-    def finish_migration(self, wait: bool = True) -> Migration | None:
-        """Complete the migration under way, if any (between runs); return its record. ``wait=False``: only if its
-        background copy is done.
+    def finish_migration(self, wait: bool = True) -> None:
+        """Complete the migrations under way (between runs); ``wait=False``: only those whose background copy is done.
 
-        A tile lost meanwhile is recovered as in any call (the wafer starts again on the default
-        placement, and the migration is dropped): None is returned then.
+        A tile lost meanwhile is recovered as in any call: the wafer starts again on the default
+        placement and the migrations under way are dropped.
         """
-        if self._moving is None or not (wait or self.wafers[self._moving[0]].move_ready(self._moving[1])):
-            return None
-        region, move, t0 = self._moving
-        self._moving = None
+        for region in list(self._moving):
+            if region in self._moving and (wait or self.wafers[region].move_ready(self._moving[region][0])):
+                self._finish(region)
+
+    def _finish(self, region: int) -> None:
+        move, t0 = self._moving.pop(region)
         t1 = time.perf_counter()
         try:
             self.wafers[region].move_finish(move)
@@ -310,10 +313,9 @@ class WaferLlama:
             if self.on_failure == "fail":
                 raise
             self._survive(self._recover, lost)
-            return None
-        m = Migration(region, tuple(move.tiles), move.node, time.perf_counter() - t0, time.perf_counter() - t1)
-        self.migrations.append(m)
-        return m
+            return
+        self.migrations.append(Migration(region, tuple(move.tiles), move.node, time.perf_counter() - t0,
+                                         time.perf_counter() - t1))
 
     # ---- placement ------------------------------------------------------------------------
     def _load(self, wafer: Wafer, region: Region) -> None:
