@@ -1,7 +1,7 @@
 """Faults mid-decode on a 3-node local Ray cluster: how fast a lost tile is noticed and the run recovered.
 
-For each fault (``ray.kill`` of a tile actor, ``kill -9`` of its worker process, removal of
-a worker node) and a planned migration of one tile to another node, greedy decode of the default model on tiles 1x3 (one per node) is struck
+For each fault (``ray.kill`` of a tile actor, ``kill -9`` of its worker process, the same
+with snapshots, removal of a worker node) and a planned migration of one tile to another node, greedy decode of the default model on tiles 1x3 (one per node) is struck
 after a few tokens; the table gives the seconds from the fault until it is noticed, the
 host seconds of the recovery (wafer started again and weights placed; sequence replayed),
 and whether the tokens and predicted cycles equal an uninterrupted run; for the migration,
@@ -32,14 +32,16 @@ def main() -> None:
     ap.add_argument("--mesh", default="64x64")
     ap.add_argument("--new", type=int, default=6, help="new tokens generated")
     ap.add_argument("--kill-at", type=int, default=3, help="strike when this many new tokens are chosen")
+    ap.add_argument("--snapshot-every", type=int, default=4, help="steps between snapshots in the snapshot row")
     args = ap.parse_args()
     cfg, w, tok = load_model()
     prompt = tok.encode("The capital of France is")
     mesh = parse_grid(args.mesh)
     strike = len(prompt) + args.kill_at - 1
 
-    def run(transport: str, fault=None):
-        with WaferLlama(cfg, w, mesh=mesh, tiles=(1, 3), transport=transport, tokens=len(prompt) + args.new) as m:
+    def run(transport: str, fault=None, snapshot_every: int = 0):
+        with WaferLlama(cfg, w, mesh=mesh, tiles=(1, 3), transport=transport, tokens=len(prompt) + args.new,
+                        snapshot_every=snapshot_every) as m:
             struck = []
 
             def on_token(i: int, _t: int) -> None:
@@ -49,12 +51,12 @@ def main() -> None:
 
             out = generate(m, prompt, max_new_tokens=args.new, on_token=on_token)
             m.finish_migration()
-            return out.output_ids, [s.cycles for s in m.totals.steps], struck, m.recoveries, m.migrations
+            return out.output_ids, [s.cycles for s in m.totals.steps], struck, m.recoveries, m.migrations, m.snapshot_s
 
     base_ids, base_cycles, *_ = run("local")
     rows = []
     moves = []
-    for name in ("ray.kill", "kill -9", "node removal", "migration"):
+    for name in ("ray.kill", "kill -9", "kill -9, snapshots", "node removal", "migration"):
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
         workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
@@ -64,14 +66,17 @@ def main() -> None:
             t = m.wafers[0].transport
             if name == "ray.kill":
                 ray.kill(ray.get_actor(t.tile_name(1), namespace=NAMESPACE))
-            elif name == "kill -9":
+            elif name.startswith("kill -9"):
                 os.kill(t.pids()[1], signal.SIGKILL)
             elif name == "migration":  # tile 1 onto tile 0's node, planned
                 m.migrate(t.nodes()[0], tiles=[1])
             else:
                 cluster.remove_node(next(n for n in workers if n.node_id == t.nodes()[2]))
 
-        ids, cycles, struck, recoveries, migrations = run("ray", fault)
+        every = args.snapshot_every if "snapshots" in name else 0
+        ids, cycles, struck, recoveries, migrations, snapshot_s = run("ray", fault, every)
+        if every:
+            print(f"snapshots every {every} steps took {snapshot_s:.2f} s of host time in all")
         same = ids == base_ids and cycles == base_cycles
         if migrations:
             moves.append((migrations[0], same))

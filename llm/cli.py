@@ -160,7 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"{cfg.name}: {cfg.n_layers} layers, dim {cfg.dim}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     with WaferLlama(cfg, weights, mesh=mesh, device=device, tiles=tiles, transport=args.transport, kv=args.kv,
                     tokens=tokens, regions=args.regions, algo=args.algo, prefill_tokens=room, executor=args.executor,
-                    on_failure=args.on_failure) as engine:
+                    on_failure=args.on_failure, snapshot_every=args.snapshot_every) as engine:
         p = engine.placement
         print(f"placed on {len(p.regions)} region(s) of {mesh[0]}x{mesh[1]} cores of {device.name}, {tiles[0]}x{tiles[1]} "
               f"tiles per region ({args.transport}); KV {args.kv}: {p.cap} slots per core, {p.capacity()} tokens",
@@ -417,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--drain-node", default=None, metavar="NODE:N",
                      help="after N new tokens, move every tile on the Ray node whose id starts with NODE to another "
                           "node while decode goes on (planned migration; Ray tiles)")
+    gen.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                     help="with --on-failure recover, copy the tiles' KV cache and activations to the host every N "
+                          "decode steps, so a recovery replays only the steps since (default 0: replay it all)")
     gen.add_argument("--on-failure", default="recover", choices=["recover", "fail"],
                      help="when a Ray tile or node is lost: start the wafer again on the surviving nodes and replay the "
                           "sequence (recover, default; tokens and predicted cycles unchanged), or stop with an error (fail)")

@@ -175,6 +175,9 @@ class WaferLlama:
             kernel's shapes with ``llm.paper_kernel.paper_config``).
         on_failure: ``recover`` (default): a lost tile is replaced and the sequence replayed
             (see the module docstring; ``recoveries`` lists each one); ``fail``: raise ``TileLost``.
+        snapshot_every: with ``recover``, copy every tile's state but the weights (KV cache,
+            activations, clocks) to the host every this many decode steps, so that a recovery
+            restores it and replays only the steps since (0: replay the whole sequence).
 
     Raises:
         PlacementError: the model does not fit (bytes needed and available in the message).
@@ -185,9 +188,11 @@ class WaferLlama:
                  device: str | DeviceSpec = "wse2", tiles: tuple[int, int] = (1, 1), transport: str = "ray",
                  kv: str = "shift", tokens: int = 1, regions: int = 1, algo: str = "ktree", group_num: int | None = None,
                  cost_only: bool = False, dtype: str = "float32", lm_head: bool = True, prefill_tokens: int = 0,
-                 executor: str = "fused", kernel: str = "faithful", on_failure: str = "recover"):
+                 executor: str = "fused", kernel: str = "faithful", on_failure: str = "recover", snapshot_every: int = 0):
         if on_failure not in ON_FAILURE:
             raise InvalidArgument(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+        if not isinstance(snapshot_every, int) or snapshot_every < 0:
+            raise InvalidArgument(f"snapshot_every must be a number of steps >= 0 (0: no snapshots), got {snapshot_every!r}")
         if check_kernel(kernel) == "paper" and not cost_only:
             raise InvalidArgument("the paper kernel is a timing configuration: it runs with cost_only=True")
         if kv not in KV_MODES:
@@ -210,6 +215,7 @@ class WaferLlama:
             for r in self.placement.regions
         ]
         self.transport, self.executor, self.on_failure = transport, executor, on_failure
+        self.snapshot_every = snapshot_every
         self.recoveries: list[Recovery] = []
         self.migrations: list[Migration] = []
         self._moving: dict[int, tuple[Any, float]] = {}  # region -> (move, start) of its migration under way
@@ -258,8 +264,12 @@ class WaferLlama:
         self.close()
         self._start(_surviving_nodes(lost.node))
         t1 = time.perf_counter()
-        self.pos, replayed = 0, 0
-        for kind, arg in self._journal:
+        self.pos, replayed, done = 0, 0, 0
+        if self._snapshot is not None:
+            done, self.pos, states = self._snapshot
+            for wafer, state in zip(self.wafers, states):
+                wafer.restore(state)
+        for kind, arg in self._journal[done:]:
             if kind == "prefill":
                 self._prefill(arg, None)
                 replayed += self.pos
@@ -271,6 +281,12 @@ class WaferLlama:
         assert self.pos == pos, (self.pos, pos)
         self.recoveries.append(Recovery(lost.tile, lost.node, lost.reason, noticed, replayed, t1 - t0,
                                         time.perf_counter() - t1))
+
+    def _take_snapshot(self) -> None:
+        t0 = time.perf_counter()
+        states = [w.snapshot(list(weight_shapes(self.cfg, self.placement.shape, r))) for w, r in self._regions()]
+        self._snapshot = (len(self._journal), self.pos, states)
+        self.snapshot_s += time.perf_counter() - t0
 
     # ---- planned migration ----------------------------------------------------------------
     def migrate(self, node: str, tiles: list[int] | None = None, region: int = 0) -> None:
@@ -349,6 +365,8 @@ class WaferLlama:
         self.pos = 0
         self.totals = DecodeTotals()
         self._journal: list[tuple[str, Any]] = []  # ("prefill", prompt) / ("step", token) / ("seek", pos)
+        self._snapshot: tuple[int, int, list] | None = None  # (journal entries it covers, pos, states per region)
+        self.snapshot_s = 0.0  # host seconds spent taking snapshots
 
     def seek(self, pos: int) -> None:
         """Cost-only: continue at position ``pos`` as if a context of ``pos`` tokens were cached.
@@ -379,6 +397,8 @@ class WaferLlama:
         self.totals.cycles += st.cycles
         self.totals.host_s += st.host_s
         self.totals.steps.append(st)
+        if self.snapshot_every and self.on_failure == "recover" and self.totals.tokens % self.snapshot_every == 0:
+            self._take_snapshot()
         return logits, st
 
     def _step(self, token: int) -> tuple[np.ndarray | None, StepStats]:

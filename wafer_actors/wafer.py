@@ -255,6 +255,14 @@ class Wafer:
         """Set every core's clock to zero (a fresh launch on the device)."""
         self.transport.call("reset_clocks", [()] * len(self.tiling))
 
+    def snapshot(self, skip: list[str]) -> list[dict[str, Any]]:
+        """Every tile's state on the host (its buffers but ``skip``, clocks, SRAM accounting), for ``restore``."""
+        return self.transport.call("export_state", [(None, skip)] * len(self.tiling))
+
+    def restore(self, states: list[dict[str, Any]]) -> None:
+        """Put back the tiles' state from ``snapshot`` (on tiles whose ``skip`` buffers are in place already)."""
+        self.transport.call("import_state", [(s,) for s in states])
+
     def memory(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-core SRAM bytes (in use, high-water), each ``[y, x]``."""
         parts = self.transport.call("memory", [()] * len(self.tiling))

@@ -25,11 +25,11 @@ NEW = 6
 KILL_AT = len(PROMPT) + 2  # when the third new token is chosen: six tokens fed, mid-decode
 
 
-def run(transport, *, prefill="token", fault=None, on_failure="recover"):
+def run(transport, *, prefill="token", fault=None, on_failure="recover", snapshot_every=0):
     """Greedy generation on tiles 1x3 (one per node on the cluster); ``fault(engine)`` strikes at KILL_AT."""
     w = random_weights(TINY, seed=5)
     with WaferLlama(TINY, w, mesh=(6, 6), tiles=(1, 3), transport=transport, tokens=len(PROMPT) + NEW,
-                    prefill_tokens=len(PROMPT), on_failure=on_failure) as m:
+                    prefill_tokens=len(PROMPT), on_failure=on_failure, snapshot_every=snapshot_every) as m:
         def on_token(i, _tok):
             if fault and i == KILL_AT:
                 fault(m)
@@ -64,6 +64,17 @@ def test_a_killed_tile_is_replaced_and_the_run_is_unchanged(ray_cluster_3_nodes,
     assert lost.tile == 1 and lost.replayed_tokens == KILL_AT
     assert "died" in lost.reason and lost.host_s > 0
     assert len(set(nodes[0])) == 3  # the node kept its place: only the process was lost
+
+
+@pytest.mark.parametrize("prefill, every, replayed", [("token", 4, 2), ("mesh", 2, 0), ("mesh", 4, KILL_AT)])
+def test_a_snapshot_shortens_the_replay_and_changes_nothing(ray_cluster_3_nodes, prefill, every, replayed):
+    """The recovery restores the last snapshot and replays only the steps after it (6 decode steps before the
+    fault feeding the prompt token by token, 2 after a mesh prefill: with none yet, all of it again)."""
+    base, base_cycles, _, _ = run("local", prefill=prefill)
+    out, cycles, recoveries, _ = run("ray", prefill=prefill, fault=kill_9, snapshot_every=every)
+    assert out.output_ids == base.output_ids
+    assert cycles == base_cycles
+    assert [r.replayed_tokens for r in recoveries] == [replayed]
 
 
 def test_tile_names_show_in_ray(ray_cluster_3_nodes):
