@@ -283,6 +283,7 @@ class WaferLlama:
                                         time.perf_counter() - t1))
 
     def _take_snapshot(self) -> None:
+        """Copy every tile's state but its weights to the host, with the journal entries and position it covers."""
         t0 = time.perf_counter()
         states = [w.snapshot(list(weight_shapes(self.cfg, self.placement.shape, r))) for w, r in self._regions()]
         self._snapshot = (len(self._journal), self.pos, states)

@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-from wafer_actors import DeviceSpecError, RoutingError, Spec, Wafer, preset
+from wafer_actors import DeviceSpecError, InvalidArgument, RoutingError, Spec, Wafer, preset
 from wafer_actors.collectives import chain_allreduce, shift
 
 DEV = preset("wse2").replace(name="test", alpha=1.5, beta=7.0)
@@ -103,3 +103,14 @@ def test_many_ray_tiles_on_few_cores_start_without_warnings():
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["16"]
     assert "startup concurrency" not in out.stderr, out.stderr
+
+
+def test_moving_tiles_is_refused_for_in_process_tiles_and_bad_arguments(ray_local):
+    with Wafer((4, 4), tiles=(1, 2), transport="local") as w:
+        with pytest.raises(InvalidArgument, match="moving tiles needs Ray tiles"):
+            w.move_start([0], "node", [])
+    with Wafer((4, 4), tiles=(1, 2), transport="ray") as w:
+        with pytest.raises(InvalidArgument, match=r"tiles to move must be indices in \[0, 2\), got \[2\]"):
+            w.move_start([2], w.nodes()[0], [])
+        with pytest.raises(InvalidArgument, match="node 'nowhere' is not an alive Ray node"):
+            w.move_start([1], "nowhere", [])

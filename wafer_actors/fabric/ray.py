@@ -233,8 +233,16 @@ class RayTransport(Transport):
 
     def move_start(self, tiles: list[int], node: str, keep: list[str]) -> Move:
         """Start ``tiles`` again on ``node`` and copy their unchanging buffers ``keep`` there, actor to actor, in
-        the background (the old actors keep running protocols meanwhile); ``move_finish`` completes the move."""
-        sharing = sum(1 for i, n in enumerate(self._nodes) if n == node and i not in tiles) + len(tiles)
+        the background (the old actors keep running protocols meanwhile); ``move_finish`` completes the move.
+
+        Raises:
+            NodeMemoryError: ``node`` lacks the memory for the tiles it would hold.
+        """
+        tiling, device, cost_only, _ = self._setup
+        where = [node if i in tiles else n for i, n in enumerate(self._nodes)]
+        if not cost_only:
+            _check_node_memory(tiling, device, where)
+        sharing = where.count(node)
         new = {i: self._actor(i, node, sharing, self._moves[i] + 1) for i in tiles}
         copies = [new[i].call.remote("import_state", self.actors[i].call.remote("export_state", keep)) for i in tiles]
         return Move(list(tiles), node, new, copies, list(keep))
@@ -246,7 +254,7 @@ class RayTransport(Transport):
     def move_finish(self, move: Move) -> None:
         """Wait for the background copies, copy the rest of each tile's state (between runs), swap the new actors
         in, connect them, and stop the old ones."""
-        self._get(dict(enumerate(move.copies)))
+        self._get(dict(zip(move.tiles, move.copies)))
         rest = {i: move.new[i].call.remote("import_state", self.actors[i].call.remote("export_state", None, move.keep))
                 for i in move.tiles}
         self._get(rest)
