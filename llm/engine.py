@@ -80,9 +80,9 @@ class Recovery:
 class Migration:
     """Tiles moved to another node while decode went on.
 
-    ``background_s``: from the start of the move until it completed (the weights copied while
-    steps ran); ``pause_s``: host seconds decode waited for the rest (KV cache, activations,
-    clocks) and the switch.
+    ``background_s``: from the start of the move until it completed (the tiles' buffers copied
+    while steps ran); ``pause_s``: host seconds decode waited for what changed since (KV
+    entries, activations, clocks) and the switch.
     """
 
     region: int
@@ -293,10 +293,11 @@ class WaferLlama:
     def migrate(self, node: str, tiles: list[int] | None = None, region: int = 0) -> None:
         """Move ``tiles`` of region ``region`` (default: all of them) to the Ray node ``node`` while decode goes on.
 
-        The weights are copied actor to actor in the background while steps run (regions move
-        at the same time); a region's move completes before the first step after its copy is
-        done (or before a prefill, or at ``finish_migration()``, which wait for it), pausing
-        only to copy each tile's KV cache, activations and clocks and to switch actors.
+        The tiles' buffers (weights, KV cache) are copied actor to actor in the background while
+        steps run (regions move at the same time); a region's move completes before the first
+        step after its copy is done (or before a prefill, or at ``finish_migration()``, which
+        wait for it), pausing only to send what changed since (the KV entries written, the
+        activations, the clocks) and to switch actors.
         ``migrations`` records each with its pause.
 
         Raises:

@@ -55,6 +55,12 @@ class Buffer:
         return math.prod(self.block) * self.dtype.itemsize
 
 
+def _entry_bytes(a: np.ndarray) -> np.ndarray:
+    """The bytes of each entry of ``[h, w, *block]`` data (a block's last axis, or a core's scalar), along the last
+    axis: entries compare by their bits (-0.0, NaN)."""
+    return np.ascontiguousarray(a if a.ndim > 2 else a[..., None]).view(np.uint8)
+
+
 def _span(fi: np.ndarray) -> slice | None:
     """``fi`` as a slice when it is a run of consecutive cores (then blocks move without an index array)."""
     if len(fi) and fi[-1] - fi[0] == len(fi) - 1 and bool((np.diff(fi) == 1).all()):
@@ -137,6 +143,7 @@ class Tile:
         self._local_size = 0  # flows held in _local_parts
         self._local_parts: dict[tuple[str, str], tuple[Transfer, dict[int, _Local]]] = {}
         self._fused: dict[str, tuple[Program, Fused]] = {}
+        self._baseline: dict[str, np.ndarray] = {}  # buffers as last sent by export_buffers(baseline=True)
 
     # ---- wiring ---------------------------------------------------------------------------
     def connect(self, post: Callable[[int, bytes], None], nodes: list[str]) -> None:
@@ -243,33 +250,64 @@ class Tile:
             raise ProtocolError(f"tile {self.index}: no buffer {name!r}; buffers: {sorted(self.buffers)}") from None
 
     # ---- moving a tile to another process ------------------------------------------------------
-    def export_state(self, names: list[str] | None = None, skip: Sequence[str] = ()) -> dict[str, Any]:
-        """The buffers ``names`` as plain arrays; with None, every buffer but ``skip``, plus the clocks, SRAM
-        accounting and counts.
+    def export_buffers(self, names: list[str] | None = None, static: Sequence[str] | None = None) -> dict[str, Any]:
+        """The buffers ``names`` (None: every buffer that is not an alias) as plain arrays, at any time.
+
+        ``static``: buffers no protocol writes; keep a copy of every other one sent, so that a later
+        ``export_state`` sends only what changed since (a move copies most of a tile's state
+        while the tile keeps running).
+        """
+        names = [n for n, b in self.buffers.items() if not b.alias] if names is None else names
+        out = {n: self._whole(self.buffer(n)) for n in names}
+        if static is not None:
+            self._baseline = {n: self.buffers[n].data.copy() for n in names
+                              if n not in static and self.buffers[n].data is not None}
+        return {"buffers": out}
+
+    def export_state(self, skip: Sequence[str] = ()) -> dict[str, Any]:
+        """Between runs: every buffer but ``skip``, plus the clocks, SRAM accounting and counts. A buffer with a
+        ``baseline`` of the same shape goes as the entries (blocks along its last axis) whose bytes changed.
 
         Raises:
             ProtocolError: a buffer is an alias (a protocol is under way: move a tile between runs).
         """
-        whole = names is None
-        names = [n for n in self.buffers if n not in skip] if whole else names
-        aliases = [n for n in names if self.buffer(n).alias]
+        aliases = [n for n, b in self.buffers.items() if b.alias]
         if aliases:
             raise ProtocolError(f"tile {self.index}: buffers {aliases} are aliases of a run under way; move tiles between runs")
-        state: dict[str, Any] = {"buffers": {}}
-        for n in names:
-            b = self.buffers[n]
-            stacked = b.data is not None and b.data.ndim > 2 and np.moveaxis(b.data, 2, 0).flags.c_contiguous
-            state["buffers"][n] = (b.block, b.dtype.str, b.cores, b.data, stacked and not b.data.flags.c_contiguous)
-        if whole:
-            state.update({k: getattr(self, k) for k in _STATE}, stats=dict(self.stats))
-        return state
+        base, self._baseline = self._baseline, {}
+        out: dict[str, Any] = {}
+        for n, b in self.buffers.items():
+            if n in skip:
+                continue
+            old = base.get(n)
+            if old is None or b.data is None or old.shape != b.data.shape or old.dtype != b.data.dtype:
+                out[n] = self._whole(b)
+                continue
+            changed = np.nonzero((_entry_bytes(b.data) != _entry_bytes(old)).any(axis=-1))
+            out[n] = ("changes", changed, b.data[changed])
+        return {"buffers": out, "names": list(self.buffers), **{k: getattr(self, k) for k in _STATE},
+                "stats": dict(self.stats)}
+
+    @staticmethod
+    def _whole(b: Buffer) -> tuple:
+        stacked = b.data is not None and b.data.ndim > 2 and np.moveaxis(b.data, 2, 0).flags.c_contiguous
+        return ("whole", b.block, b.dtype.str, b.cores, b.data, stacked and not b.data.flags.c_contiguous)
 
     def import_state(self, state: dict[str, Any]) -> None:
-        """Take the buffers (and, if there, the clocks, SRAM accounting and counts) of ``export_state``."""
-        for name, (block, dtype, cores, data, stacked) in state["buffers"].items():
+        """Take the buffers (and, if there, the clocks, SRAM accounting and counts) of ``export_buffers`` or
+        ``export_state``; after the latter, buffers it does not name are dropped."""
+        for name, part in state["buffers"].items():
+            if part[0] == "changes":
+                _, where, values = part
+                self.buffers[name].data[where] = values
+                continue
+            _, block, dtype, cores, data, stacked = part
             if data is not None:  # our own copy (Ray's is read-only); a stacked buffer keeps each entry contiguous
                 data = np.moveaxis(np.array(np.moveaxis(data, 2, 0), order="C"), 0, 2) if stacked else np.array(data)
             self.buffers[name] = Buffer(tuple(block), np.dtype(dtype), np.array(cores), data)
+        if "names" in state:
+            for name in [n for n in self.buffers if n not in state["names"]]:
+                del self.buffers[name]
         for k in _STATE:
             if k in state:
                 getattr(self, k)[...] = state[k]

@@ -257,7 +257,7 @@ class Wafer:
 
     def snapshot(self, skip: list[str]) -> list[dict[str, Any]]:
         """Every tile's state on the host (its buffers but ``skip``, clocks, SRAM accounting), for ``restore``."""
-        return self.transport.call("export_state", [(None, skip)] * len(self.tiling))
+        return self.transport.call("export_state", [(skip,)] * len(self.tiling))
 
     def restore(self, states: list[dict[str, Any]]) -> None:
         """Put back the tiles' state from ``snapshot`` (on tiles whose ``skip`` buffers are in place already)."""
@@ -273,8 +273,9 @@ class Wafer:
         return self.transport.nodes()
 
     def move_start(self, tiles: list[int], node: str, keep: list[str]) -> Any:
-        """Start moving ``tiles`` to the Ray node ``node``: new actors there receive the buffers ``keep`` (ones no
-        protocol writes, such as weights) in the background while runs go on; ``move_finish`` completes it.
+        """Start moving ``tiles`` to the Ray node ``node``: new actors there receive the tiles' buffers in the
+        background while runs go on; ``move_finish`` completes it with what changed since, except in ``keep``
+        (buffers no protocol writes, such as weights).
 
         Raises:
             InvalidArgument: in-process tiles, a tile index out of range, or a node that is not alive.
@@ -298,8 +299,8 @@ class Wafer:
         return self.transport.move_ready(move)
 
     def move_finish(self, move: Any) -> None:
-        """Complete a move between runs: the rest of each tile's state (every other buffer, clocks, SRAM accounting)
-        is copied, the new actors take over and the old ones stop."""
+        """Complete a move between runs: what changed in each tile's buffers since the background copy, and its
+        clocks and SRAM accounting, are copied; the new actors take over and the old ones stop."""
         self.transport.move_finish(move)
 
     def _assemble(self, parts: list[np.ndarray]) -> np.ndarray:

@@ -78,3 +78,38 @@ def test_messages_round_trip_through_msgpack():
     for got, sent in zip((back.head, back.tail, back.stages, back.compute), times):
         np.testing.assert_array_equal(got, sent)
     assert decode(encode(Message(1, "t", 0, None, *times))).data is None
+
+
+def test_a_moved_tile_takes_what_changed_after_its_background_copy():
+    """A tile copied while it runs on (export_buffers), then brought up to date between runs (export_state):
+    the copy holds the same buffers bit for bit, clocks and SRAM accounting, and only changed entries travel."""
+    dev = preset("wse2")
+    old, new = (Tile(0, (4, 6), (1, 1), dev, cost_only=False) for _ in range(2))
+    old.alloc("w", (3, 5), "float32")
+    old.alloc("kv", (2, 7, 4), "float32", stacked=True)
+    old.alloc("x", (), "float32")
+    old.alloc("gone", (2,), "float32")
+    rng = np.random.default_rng(0)
+    for name in ("w", "kv", "x"):
+        old.data(name)[...] = rng.standard_normal(old.data(name).shape)
+    new.import_state(old.export_buffers(static=["w"]))
+    kv = old.data("kv")
+    kv[1, 2, 0, 3] = -kv[1, 2, 0, 3]  # one entry: a sign
+    kv[0, 0, 1, 6, 2] = np.nan
+    old.data("x")[2, 5] = -0.0 if old.data("x")[2, 5] == 0 else 0.0
+    old.free("gone")
+    old.alloc("fresh", (3,), "float32")
+    old.data("fresh")[...] = 7.0
+    old.clock[...] = rng.random(old.clock.shape)
+    state = old.export_state(skip=["w"])
+    assert "w" not in state["buffers"]
+    _, where, values = state["buffers"]["kv"]
+    assert len(values) == 2 and state["buffers"]["x"][0] == "changes" and len(state["buffers"]["x"][2]) == 1
+    new.import_state(state)
+    assert sorted(new.buffers) == sorted(old.buffers)
+    for name in old.buffers:
+        assert new.data(name).tobytes() == old.data(name).tobytes(), name
+        assert new.buffer(name).block == old.buffer(name).block
+    assert np.moveaxis(new.data("kv"), 2, 0).flags.c_contiguous  # still stacked: a layer is one sweep
+    for a, b in zip(new.memory() + (new.clock,), old.memory() + (old.clock,)):
+        np.testing.assert_array_equal(a, b)

@@ -232,8 +232,9 @@ class RayTransport(Transport):
         ray.get([a.seal.remote(incoming[i]) for i, a in enumerate(self.actors)])
 
     def move_start(self, tiles: list[int], node: str, keep: list[str]) -> Move:
-        """Start ``tiles`` again on ``node`` and copy their unchanging buffers ``keep`` there, actor to actor, in
-        the background (the old actors keep running protocols meanwhile); ``move_finish`` completes the move.
+        """Start ``tiles`` again on ``node`` and copy their buffers there, actor to actor, in the background (the
+        old actors keep running protocols meanwhile); ``move_finish`` completes the move, sending what changed
+        since, except in ``keep`` (buffers no protocol writes, such as weights).
 
         Raises:
             NodeMemoryError: ``node`` lacks the memory for the tiles it would hold.
@@ -244,7 +245,8 @@ class RayTransport(Transport):
             _check_node_memory(tiling, device, where)
         sharing = where.count(node)
         new = {i: self._actor(i, node, sharing, self._moves[i] + 1) for i in tiles}
-        copies = [new[i].call.remote("import_state", self.actors[i].call.remote("export_state", keep)) for i in tiles]
+        copies = [new[i].call.remote("import_state", self.actors[i].call.remote("export_buffers", None, keep))
+                  for i in tiles]
         return Move(list(tiles), node, new, copies, list(keep))
 
     def move_ready(self, move: Move) -> bool:
@@ -252,10 +254,10 @@ class RayTransport(Transport):
         return len(ray.wait(move.copies, num_returns=len(move.copies), timeout=0)[0]) == len(move.copies)
 
     def move_finish(self, move: Move) -> None:
-        """Wait for the background copies, copy the rest of each tile's state (between runs), swap the new actors
-        in, connect them, and stop the old ones."""
+        """Wait for the background copies, send what changed since (between runs: entries of buffers, clocks, SRAM
+        accounting), swap the new actors in, connect them, and stop the old ones."""
         self._get(dict(zip(move.tiles, move.copies)))
-        rest = {i: move.new[i].call.remote("import_state", self.actors[i].call.remote("export_state", None, move.keep))
+        rest = {i: move.new[i].call.remote("import_state", self.actors[i].call.remote("export_state", move.keep))
                 for i in move.tiles}
         self._get(rest)
         old = [self.actors[i] for i in move.tiles]
