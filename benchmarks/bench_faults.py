@@ -93,7 +93,7 @@ def main() -> None:
               f"{sum(r.replay_s for r in recoveries):>11.2f} {sum(r.replayed_tokens for r in recoveries):>9} "
               f"{len(recoveries):>11} {str(same):>24}")
     for mig, same in moves:
-        print(f"planned migration of tile(s) {list(mig.tiles)}: weights copied in the background for "
+        print(f"planned migration of tile(s) {list(mig.tiles)}: buffers copied in the background for "
               f"{mig.background_s - mig.pause_s:.2f} s while decode went on, pause {1e3 * mig.pause_s:.0f} ms; "
               f"tokens+cycles identical: {same}")
 
