@@ -264,9 +264,10 @@ class Tile:
                               if n not in static and self.buffers[n].data is not None}
         return {"buffers": out}
 
-    def export_state(self, skip: Sequence[str] = ()) -> dict[str, Any]:
+    def export_state(self, skip: Sequence[str] = (), sparse: bool = False) -> dict[str, Any]:
         """Between runs: every buffer but ``skip``, plus the clocks, SRAM accounting and counts. A buffer with a
-        ``baseline`` of the same shape goes as the entries (blocks along its last axis) whose bytes changed.
+        ``baseline`` of the same shape goes as the entries (blocks along its last axis) whose bytes changed;
+        with ``sparse``, any other as its entries that are not all zero bytes (a KV cache mostly empty).
 
         Raises:
             ProtocolError: a buffer is an alias (a protocol is under way: move a tile between runs).
@@ -280,11 +281,15 @@ class Tile:
             if n in skip:
                 continue
             old = base.get(n)
-            if old is None or b.data is None or old.shape != b.data.shape or old.dtype != b.data.dtype:
+            if b.data is not None and old is not None and old.shape == b.data.shape and old.dtype == b.data.dtype:
+                changed = np.nonzero((_entry_bytes(b.data) != _entry_bytes(old)).any(axis=-1))
+                out[n] = ("changes", changed, b.data[changed])
+            elif b.data is not None and sparse:
+                whole = self._whole(b)
+                filled = np.nonzero(_entry_bytes(b.data).any(axis=-1))
+                out[n] = ("sparse", *whole[1:4], whole[5], b.data.shape, filled, b.data[filled])
+            else:
                 out[n] = self._whole(b)
-                continue
-            changed = np.nonzero((_entry_bytes(b.data) != _entry_bytes(old)).any(axis=-1))
-            out[n] = ("changes", changed, b.data[changed])
         return {"buffers": out, "names": list(self.buffers), **{k: getattr(self, k) for k in _STATE},
                 "stats": dict(self.stats)}
 
@@ -301,6 +306,11 @@ class Tile:
                 _, where, values = part
                 self.buffers[name].data[where] = values
                 continue
+            if part[0] == "sparse":
+                _, block, dtype, cores, stacked, shape, where, values = part
+                data = np.zeros(shape, dtype)
+                data[where] = values
+                part = ("whole", block, dtype, cores, data, stacked)
             _, block, dtype, cores, data, stacked = part
             if data is not None:  # our own copy (Ray's is read-only); a stacked buffer keeps each entry contiguous
                 data = np.moveaxis(np.array(np.moveaxis(data, 2, 0), order="C"), 0, 2) if stacked else np.array(data)

@@ -257,7 +257,7 @@ class Wafer:
 
     def snapshot(self, skip: list[str]) -> list[dict[str, Any]]:
         """Every tile's state on the host (its buffers but ``skip``, clocks, SRAM accounting), for ``restore``."""
-        return self.transport.call("export_state", [(skip,)] * len(self.tiling))
+        return self.transport.call("export_state", [(skip, True)] * len(self.tiling))
 
     def restore(self, states: list[dict[str, Any]]) -> None:
         """Put back the tiles' state from ``snapshot`` (on tiles whose ``skip`` buffers are in place already)."""

@@ -113,3 +113,17 @@ def test_a_moved_tile_takes_what_changed_after_its_background_copy():
     assert np.moveaxis(new.data("kv"), 2, 0).flags.c_contiguous  # still stacked: a layer is one sweep
     for a, b in zip(new.memory() + (new.clock,), old.memory() + (old.clock,)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_sparse_state_sends_only_entries_that_are_not_zero():
+    """A snapshot of a mostly empty cache: only the written entries travel, and it restores bit for bit."""
+    t, fresh = (Tile(0, (3, 4), (1, 1), preset("wse2"), cost_only=False) for _ in range(2))
+    t.alloc("kv", (2, 9, 4), "float32", stacked=True)
+    t.data("kv")[0, 1, 1, 3] = [1.0, -0.0, 0.0, 2.5]  # -0.0 is not zero bytes: the entry travels
+    t.data("kv")[2, 3, 0, 8, 1] = -0.0
+    state = t.export_state(sparse=True)
+    kind, *_, values = state["buffers"]["kv"]
+    assert kind == "sparse" and len(values) == 2
+    fresh.import_state(state)
+    assert fresh.data("kv").tobytes() == t.data("kv").tobytes()
+    assert np.moveaxis(fresh.data("kv"), 2, 0).flags.c_contiguous
