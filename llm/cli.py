@@ -142,6 +142,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.mesh:
         device.check_mesh(*parse_grid(args.mesh))
     drain = _drain(args.drain_node, args.transport)
+    if args.snapshot_every < 0:
+        raise InvalidArgument(f"--snapshot-every must be a number of steps >= 0 (0: no snapshots), got {args.snapshot_every}")
     t0 = time.perf_counter()
     cfg, weights, tok = load_model(args.model)
     if tok is None:
@@ -158,6 +160,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     room = len(prompt_ids) if args.prefill == "mesh" else 0
     mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, tokens, prefill_tokens=room)
     print(f"{cfg.name}: {cfg.n_layers} layers, dim {cfg.dim}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if args.transport == "ray":
+        _start_ray()
+    if drain:  # before placement: a node that is not there is refused before any work
+        drain = (_alive_node(drain[0]), drain[1])
     with WaferLlama(cfg, weights, mesh=mesh, device=device, tiles=tiles, transport=args.transport, kv=args.kv,
                     tokens=tokens, regions=args.regions, algo=args.algo, prefill_tokens=room, executor=args.executor,
                     on_failure=args.on_failure, snapshot_every=args.snapshot_every) as engine:
@@ -244,7 +250,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _drain(value: str | None, transport: str) -> tuple[str, int] | None:
-    """``--drain-node NODE:N`` as (the alive Ray node it names, N), checked before any work."""
+    """``--drain-node NODE:N`` as (node id prefix, N), checked before any work."""
     if value is None:
         return None
     prefix, _, n = value.rpartition(":")
@@ -252,6 +258,11 @@ def _drain(value: str | None, transport: str) -> tuple[str, int] | None:
         raise InvalidArgument(f"--drain-node takes NODE:N (a node id or its prefix, N new tokens >= 1), got {value!r}")
     if transport != "ray":
         raise InvalidArgument("--drain-node moves Ray tiles between nodes: it needs --transport ray")
+    return prefix, int(n)
+
+
+def _alive_node(prefix: str) -> str:
+    """The one alive Ray node (of several) whose id starts with ``prefix``, for ``--drain-node``."""
     import ray
 
     alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
@@ -259,7 +270,7 @@ def _drain(value: str | None, transport: str) -> tuple[str, int] | None:
     if len(node) != 1 or len(alive) < 2:
         raise InvalidArgument(f"--drain-node {prefix!r} must name one of several alive Ray nodes; it matches "
                               f"{len(node)} of: {', '.join(alive)}")
-    return node[0], int(n)
+    return node[0]
 
 
 def _drain_node(engine: Any, node: str) -> None:
@@ -485,36 +496,46 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _connect(address: str | None, transport: str | None) -> None:
-    """Join the Ray cluster at ``address`` (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``); without one, a Ray
-    run starts a private local instance (even where a cluster runs on this machine). Says which on stderr.
+def _connect(address: str | None) -> None:
+    """Join the Ray cluster at ``address`` (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``) and say so on stderr.
 
     Raises:
         ConnectionError: nothing answers at ``HOST:PORT`` within ``CONNECT_S`` (Ray itself
             would retry for minutes).
     """
-    if not address and transport != "ray":
+    if not address:
         return
+    import ray
+
+    from wafer_actors.fabric.ray import describe_cluster
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if host and port.isdigit():
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_S).close()
+        except OSError as err:
+            raise ConnectionError(f"no Ray cluster answers at {address} ({err}); start one there with "
+                                  "`ray start --head`, or give the address it printed") from None
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+        print(f"wafer-llm: joined {describe_cluster()}", file=sys.stderr)
+
+
+def _start_ray() -> None:
+    """Without ``--address``: a private local Ray instance, even where a cluster runs on this machine (Ray alone
+    would join it), or the cluster ``RAY_ADDRESS`` names (a Ray job); say which on stderr."""
     import ray
 
     from wafer_actors.fabric.ray import describe_cluster, start_local_ray
 
-    if address:
-        host, _, port = address.removeprefix("ray://").rpartition(":")
-        if host and port.isdigit():
-            try:
-                socket.create_connection((host, int(port)), timeout=CONNECT_S).close()
-            except OSError as err:
-                raise ConnectionError(f"no Ray cluster answers at {address} ({err}); start one there with "
-                                      "`ray start --head`, or give the address it printed") from None
-    if not ray.is_initialized():
-        if address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=address, log_to_driver=False)
-            print(f"wafer-llm: joined {describe_cluster()}", file=sys.stderr)
-        else:
-            start_local_ray()
-            print(f"wafer-llm: started a private {describe_cluster()}; give --address auto to join a running cluster "
-                  "instead", file=sys.stderr)
+    if ray.is_initialized():
+        return
+    start_local_ray()
+    if os.environ.get("RAY_ADDRESS"):
+        print(f"wafer-llm: joined {describe_cluster()} (RAY_ADDRESS)", file=sys.stderr)
+    else:
+        print(f"wafer-llm: started a private {describe_cluster()}; give --address auto to join a running cluster "
+              "instead", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -524,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     propagates with its traceback (exit 1)."""
     args = build_parser().parse_args(argv)
     try:
-        _connect(getattr(args, "address", None), getattr(args, "transport", None))
+        _connect(getattr(args, "address", None))
         return args.fn(args)
     except (InputError, FileNotFoundError, ConnectionError) as err:
         print(f"wafer-llm: error: {err}", file=sys.stderr)

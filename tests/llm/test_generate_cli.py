@@ -51,6 +51,9 @@ def test_generate_writes_json_report(tmp_path, capsys, smollm2, tokenizer):
         (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
         (["--mesh", "1000x1000"], "1000"),
         (["--mesh", "8"], "ROWSxCOLS"),
+        (["--snapshot-every", "-1"], "--snapshot-every must be a number of steps >= 0"),
+        (["--drain-node", "abc"], "--drain-node takes NODE:N"),
+        (["--drain-node", "abc:2"], "--drain-node moves Ray tiles between nodes: it needs --transport ray"),
         # refused once the model's size is known, before any token runs
         (["--mesh", "16x16"], "Use a larger --mesh"),
         (["--mesh", "64x64", "--max-new-tokens", "9000"], "context is 8192: ask for at most"),
