@@ -260,8 +260,7 @@ class WaferLlama:
         """Start every region again on the nodes still alive and replay the journal."""
         noticed, t0 = time.time(), time.perf_counter()
         pos = self.pos
-        self._moving = {}  # the wafer starts again from scratch anyway
-        self.close()
+        self.close()  # the wafer starts again from scratch: moves under way are dropped
         self._start(_surviving_nodes(lost.node))
         t1 = time.perf_counter()
         self.pos, replayed, done = 0, 0, 0
@@ -554,6 +553,9 @@ class WaferLlama:
         }
 
     def close(self) -> None:
+        for region, (move, _) in self._moving.items():
+            self.wafers[region].move_cancel(move)
+        self._moving = {}
         for w in self.wafers:
             w.shutdown()
         self.wafers = []

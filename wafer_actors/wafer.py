@@ -294,6 +294,10 @@ class Wafer:
             raise InvalidArgument(f"node {node!r} is not an alive Ray node; alive: {', '.join(alive)}")
         return self.transport.move_start(list(tiles), node, list(keep))
 
+    def move_cancel(self, move: Any) -> None:
+        """Drop a move under way (its new actors stop; the tiles stay where they are)."""
+        self.transport.move_cancel(move)
+
     def move_ready(self, move: Any) -> bool:
         """Whether a move's background copies are done (``move_finish`` then pauses only for the rest)."""
         return self.transport.move_ready(move)

@@ -249,6 +249,11 @@ class RayTransport(Transport):
                   for i in tiles]
         return Move(list(tiles), node, new, copies, list(keep))
 
+    def move_cancel(self, move: Move) -> None:
+        """Stop the new actors of a move that will not complete."""
+        for a in move.new.values():
+            ray.kill(a)
+
     def move_ready(self, move: Move) -> bool:
         """Whether the background copies of ``move`` are done."""
         return len(ray.wait(move.copies, num_returns=len(move.copies), timeout=0)[0]) == len(move.copies)
