@@ -47,7 +47,7 @@ class Inbox:
             while True:
                 size = int.from_bytes(await reader.readexactly(_LENGTH), "little")
                 self._deliver(await reader.readexactly(size))
-        except asyncio.IncompleteReadError:  # the peer closed (shut down)
+        except (asyncio.IncompleteReadError, ConnectionError):  # the peer closed, shut down or died
             writer.close()
 
     async def seal(self, peers: int) -> None:
