@@ -55,6 +55,12 @@ class Buffer:
         return math.prod(self.block) * self.dtype.itemsize
 
 
+def _stacked(b: Buffer) -> bool:
+    """Whether ``b`` was allocated stacked (each entry of its first block axis contiguous over the cores)."""
+    return (b.data is not None and b.data.ndim > 2 and not b.data.flags.c_contiguous
+            and np.moveaxis(b.data, 2, 0).flags.c_contiguous)
+
+
 def _entry_bytes(a: np.ndarray) -> np.ndarray:
     """The bytes of each entry of ``[h, w, *block]`` data (a block's last axis, or a core's scalar), along the last
     axis: entries compare by their bits (-0.0, NaN)."""
@@ -143,7 +149,7 @@ class Tile:
         self._local_size = 0  # flows held in _local_parts
         self._local_parts: dict[tuple[str, str], tuple[Transfer, dict[int, _Local]]] = {}
         self._fused: dict[str, tuple[Program, Fused]] = {}
-        self._baseline: dict[str, np.ndarray] = {}  # buffers as last sent by export_buffers(baseline=True)
+        self._baseline: dict[str, np.ndarray] = {}  # mutable buffers as last sent by export_buffers
 
     # ---- wiring ---------------------------------------------------------------------------
     def connect(self, post: Callable[[int, bytes], None], nodes: list[str]) -> None:
@@ -250,24 +256,22 @@ class Tile:
             raise ProtocolError(f"tile {self.index}: no buffer {name!r}; buffers: {sorted(self.buffers)}") from None
 
     # ---- moving a tile to another process ------------------------------------------------------
-    def export_buffers(self, names: list[str] | None = None, static: Sequence[str] | None = None) -> dict[str, Any]:
-        """The buffers ``names`` (None: every buffer that is not an alias) as plain arrays, at any time.
+    def export_buffers(self, static: Sequence[str]) -> dict[str, Any]:
+        """Every buffer that is not an alias, as plain arrays, at any time (a move copies most of a tile's state
+        while the tile keeps running). A copy of each but the ``static`` ones (no protocol writes them) is kept,
+        so that ``export_state(changes=True)`` sends only what changed since."""
+        names = [n for n, b in self.buffers.items() if not b.alias]
+        self._baseline = {n: self.buffers[n].data.copy() for n in names
+                          if n not in static and self.buffers[n].data is not None}
+        return {"buffers": {n: self._whole(self.buffers[n]) for n in names}}
 
-        ``static``: buffers no protocol writes; keep a copy of every other one sent, so that a later
-        ``export_state`` sends only what changed since (a move copies most of a tile's state
-        while the tile keeps running).
-        """
-        names = [n for n, b in self.buffers.items() if not b.alias] if names is None else names
-        out = {n: self._whole(self.buffer(n)) for n in names}
-        if static is not None:
-            self._baseline = {n: self.buffers[n].data.copy() for n in names
-                              if n not in static and self.buffers[n].data is not None}
-        return {"buffers": out}
+    def export_state(self, skip: Sequence[str] = (), sparse: bool = False, changes: bool = False) -> dict[str, Any]:
+        """Between runs: every buffer but ``skip``, plus the clocks, SRAM accounting and counts.
 
-    def export_state(self, skip: Sequence[str] = (), sparse: bool = False) -> dict[str, Any]:
-        """Between runs: every buffer but ``skip``, plus the clocks, SRAM accounting and counts. A buffer with a
-        ``baseline`` of the same shape goes as the entries (blocks along its last axis) whose bytes changed;
-        with ``sparse``, any other as its entries that are not all zero bytes (a KV cache mostly empty).
+        ``changes``: a buffer with a copy kept by ``export_buffers`` (same shape) goes as the
+        entries (blocks along its last axis) whose bytes changed since, for the tile that got
+        that export. ``sparse``: a buffer goes as its entries that are not all zero bytes (a KV
+        cache mostly empty).
 
         Raises:
             ProtocolError: a buffer is an alias (a protocol is under way: move a tile between runs).
@@ -275,7 +279,9 @@ class Tile:
         aliases = [n for n, b in self.buffers.items() if b.alias]
         if aliases:
             raise ProtocolError(f"tile {self.index}: buffers {aliases} are aliases of a run under way; move tiles between runs")
-        base, self._baseline = self._baseline, {}
+        base = {}
+        if changes:
+            base, self._baseline = self._baseline, {}
         out: dict[str, Any] = {}
         for n, b in self.buffers.items():
             if n in skip:
@@ -285,9 +291,8 @@ class Tile:
                 changed = np.nonzero((_entry_bytes(b.data) != _entry_bytes(old)).any(axis=-1))
                 out[n] = ("changes", changed, b.data[changed])
             elif b.data is not None and sparse:
-                whole = self._whole(b)
                 filled = np.nonzero(_entry_bytes(b.data).any(axis=-1))
-                out[n] = ("sparse", *whole[1:4], whole[5], b.data.shape, filled, b.data[filled])
+                out[n] = ("sparse", b.block, b.dtype.str, b.cores, _stacked(b), b.data.shape, filled, b.data[filled])
             else:
                 out[n] = self._whole(b)
         return {"buffers": out, "names": list(self.buffers), **{k: getattr(self, k) for k in _STATE},
@@ -295,8 +300,7 @@ class Tile:
 
     @staticmethod
     def _whole(b: Buffer) -> tuple:
-        stacked = b.data is not None and b.data.ndim > 2 and np.moveaxis(b.data, 2, 0).flags.c_contiguous
-        return ("whole", b.block, b.dtype.str, b.cores, b.data, stacked and not b.data.flags.c_contiguous)
+        return ("whole", b.block, b.dtype.str, b.cores, b.data, _stacked(b))
 
     def import_state(self, state: dict[str, Any]) -> None:
         """Take the buffers (and, if there, the clocks, SRAM accounting and counts) of ``export_buffers`` or

@@ -65,19 +65,10 @@ def test_generate_drains_a_node_while_decoding(ray_cluster_3_nodes, smollm2, tok
     import subprocess
     import sys
 
-    import numpy as np
-
-    from llm.reference import ReferenceModel
+    from tests.helpers import reference_greedy
 
     prompt = "The capital of France is"
-    ids = tokenizer.encode_prompt(prompt)
-    ref = ReferenceModel(smollm2[0], smollm2[1], len(ids) + 5)
-    for i, t in enumerate(ids):
-        logits = ref.forward(t, i)
-    new = []
-    for i in range(5):
-        new.append(int(np.argmax(logits)))
-        logits = ref.forward(new[-1], len(ids) + i)
+    new = reference_greedy(smollm2[0], smollm2[1], tokenizer.encode_prompt(prompt), 5)
     victim = next(iter(ray_cluster_3_nodes.worker_nodes)).node_id
     cmd = [sys.executable, "-m", "llm.cli", "generate", "--prompt", prompt, "--max-new-tokens", "5", "--prefill", "token",
            "--tiles", "1x3", "--mesh", "120x120", "--address", ray_cluster_3_nodes.address, "--drain-node", f"{victim[:10]}:2"]

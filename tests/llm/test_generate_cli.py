@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-
 import pytest
 
 from llm.cli import main
+from tests.helpers import reference_greedy
 
 
 def test_generate_writes_json_report(tmp_path, capsys, smollm2, tokenizer):
-    from llm.reference import ReferenceModel
-
     cfg, w, _ = smollm2
     ids = tokenizer.encode("The capital of France is")
-    ref = ReferenceModel(cfg, w, 8)
-    for i, t in enumerate(ids):
-        logits = ref.forward(t, i)
-    expected = []
-    for i in range(3):
-        expected.append(int(np.argmax(logits)))
-        logits = ref.forward(expected[-1], len(ids) + i)
+    expected = reference_greedy(cfg, w, ids, 3)
     out = tmp_path / "g.json"
     code = main(["generate", "--prompt", "The capital of France is", "--max-new-tokens", "3", "--mesh", "64x64",
                  "--transport", "local", "--json", str(out)])

@@ -81,10 +81,11 @@ def test_messages_round_trip_through_msgpack():
 
 
 def test_a_moved_tile_takes_what_changed_after_its_background_copy():
-    """A tile copied while it runs on (export_buffers), then brought up to date between runs (export_state):
-    the copy holds the same buffers bit for bit, clocks and SRAM accounting, and only changed entries travel."""
+    """A tile copied while it runs on (export_buffers), then brought up to date between runs (export_state with
+    changes): the copy holds the same buffers bit for bit, clocks and SRAM accounting, and only changed entries
+    travel. A snapshot taken meanwhile is whole (restores on a fresh tile) and leaves the move's baseline alone."""
     dev = preset("wse2")
-    old, new = (Tile(0, (4, 6), (1, 1), dev, cost_only=False) for _ in range(2))
+    old, new, fresh = (Tile(0, (4, 6), (1, 1), dev, cost_only=False) for _ in range(3))
     old.alloc("w", (3, 5), "float32")
     old.alloc("kv", (2, 7, 4), "float32", stacked=True)
     old.alloc("x", (), "float32")
@@ -92,7 +93,7 @@ def test_a_moved_tile_takes_what_changed_after_its_background_copy():
     rng = np.random.default_rng(0)
     for name in ("w", "kv", "x"):
         old.data(name)[...] = rng.standard_normal(old.data(name).shape)
-    new.import_state(old.export_buffers(static=["w"]))
+    new.import_state(old.export_buffers(["w"]))
     kv = old.data("kv")
     kv[1, 2, 0, 3] = -kv[1, 2, 0, 3]  # one entry: a sign
     kv[0, 0, 1, 6, 2] = np.nan
@@ -101,7 +102,8 @@ def test_a_moved_tile_takes_what_changed_after_its_background_copy():
     old.alloc("fresh", (3,), "float32")
     old.data("fresh")[...] = 7.0
     old.clock[...] = rng.random(old.clock.shape)
-    state = old.export_state(skip=["w"])
+    fresh.import_state(old.export_state(sparse=True))
+    state = old.export_state(["w"], changes=True)
     assert "w" not in state["buffers"]
     _, where, values = state["buffers"]["kv"]
     assert len(values) == 2 and state["buffers"]["x"][0] == "changes" and len(state["buffers"]["x"][2]) == 1
@@ -109,6 +111,7 @@ def test_a_moved_tile_takes_what_changed_after_its_background_copy():
     assert sorted(new.buffers) == sorted(old.buffers)
     for name in old.buffers:
         assert new.data(name).tobytes() == old.data(name).tobytes(), name
+        assert fresh.data(name).tobytes() == old.data(name).tobytes(), name
         assert new.buffer(name).block == old.buffer(name).block
     assert np.moveaxis(new.data("kv"), 2, 0).flags.c_contiguous  # still stacked: a layer is one sweep
     for a, b in zip(new.memory() + (new.clock,), old.memory() + (old.clock,)):

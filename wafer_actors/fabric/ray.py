@@ -245,7 +245,7 @@ class RayTransport(Transport):
             _check_node_memory(tiling, device, where)
         sharing = where.count(node)
         new = {i: self._actor(i, node, sharing, self._moves[i] + 1) for i in tiles}
-        copies = [new[i].call.remote("import_state", self.actors[i].call.remote("export_buffers", None, keep))
+        copies = [new[i].call.remote("import_state", self.actors[i].call.remote("export_buffers", keep))
                   for i in tiles]
         return Move(list(tiles), node, new, copies, list(keep))
 
@@ -262,7 +262,7 @@ class RayTransport(Transport):
         """Wait for the background copies, send what changed since (between runs: entries of buffers, clocks, SRAM
         accounting), swap the new actors in, connect them, and stop the old ones."""
         self._get(dict(zip(move.tiles, move.copies)))
-        rest = {i: move.new[i].call.remote("import_state", self.actors[i].call.remote("export_state", move.keep))
+        rest = {i: move.new[i].call.remote("import_state", self.actors[i].call.remote("export_state", move.keep, False, True))
                 for i in move.tiles}
         self._get(rest)
         old = [self.actors[i] for i in move.tiles]
