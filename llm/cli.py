@@ -132,20 +132,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .engine import WaferLlama
     from .generate import generate
     from .models import load_model
+    from .converted import Converted
     from .placement import default_mesh
     from .sampling import Sampler
 
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)  # bad values fail before loading
     if args.max_new_tokens < 1:
         raise InvalidArgument(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    tiles, device = parse_grid(args.tiles), resolve(args.device)
+    tiles = parse_grid(args.tiles) if args.tiles else None
+    device = resolve(args.device) if args.device else None
     if args.mesh:
-        device.check_mesh(*parse_grid(args.mesh))
+        (device or resolve("wse2")).check_mesh(*parse_grid(args.mesh))
+    if args.regions is not None and args.regions < 1:
+        raise InvalidArgument(f"--regions must be at least 1, got {args.regions}")
     drain = _drain(args.drain_node, args.transport)
     if args.snapshot_every < 0:
         raise InvalidArgument(f"--snapshot-every must be a number of steps >= 0 (0: no snapshots), got {args.snapshot_every}")
     t0 = time.perf_counter()
     cfg, weights, tok = load_model(args.model)
+    conv = weights if isinstance(weights, Converted) else None  # its placement gives the defaults
+    tiles = tiles or (conv.tiles if conv else (1, 1))
+    device = device or (conv.device if conv else resolve("wse2"))
+    regions = args.regions or (len(conv.index["regions"]) if conv else 1)
     if tok is None:
         raise InvalidArgument(f"{args.model} has no tokenizer.json: text prompts need one")
     text = tok.chat(args.chat) if args.chat is not None else args.prompt
@@ -158,15 +166,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"the prompt's {len(prompt_ids)} tokens and --max-new-tokens {args.max_new_tokens} make {tokens} positions; "
             f"{cfg.name}'s context is {cfg.max_seq_len}: ask for at most {cfg.max_seq_len - len(prompt_ids) + 1} new tokens")
     room = len(prompt_ids) if args.prefill == "mesh" else 0
-    mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, tokens, prefill_tokens=room)
+    if args.mesh:
+        mesh = parse_grid(args.mesh)
+    else:
+        mesh = conv.mesh if conv else default_mesh(cfg, device, tokens, prefill_tokens=room)
     print(f"{cfg.name}: {cfg.n_layers} layers, dim {cfg.dim}, loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if args.transport == "ray":
         _start_ray()
     if drain:  # before placement: a node that is not there is refused before any work
         drain = (_alive_node(drain[0]), drain[1])
+    loading = tqdm(desc="weights", unit="B", unit_scale=True, leave=False, file=sys.stderr)
     with WaferLlama(cfg, weights, mesh=mesh, device=device, tiles=tiles, transport=args.transport, kv=args.kv,
-                    tokens=tokens, regions=args.regions, algo=args.algo, prefill_tokens=room, executor=args.executor,
-                    on_failure=args.on_failure, snapshot_every=args.snapshot_every) as engine:
+                    tokens=tokens, regions=regions, algo=args.algo, prefill_tokens=room, executor=args.executor,
+                    on_failure=args.on_failure, snapshot_every=args.snapshot_every, on_load=_progress(loading)) as engine:
+        loading.close()
         p = engine.placement
         print(f"placed on {len(p.regions)} region(s) of {mesh[0]}x{mesh[1]} cores of {device.name}, {tiles[0]}x{tiles[1]} "
               f"tiles per region ({args.transport}); KV {args.kv}: {p.cap} slots per core, {p.capacity()} tokens",
@@ -247,6 +260,53 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   "text": tok.decode(result.output_ids), "stop": result.stop, **summary}
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Write a model in the tiles' layout (one shard file per tile) for fast starts; see ``llm.converted``."""
+    from tqdm import tqdm
+
+    from .checkpoint import LlamaWeights, default_model_path
+    from .converted import DTYPES, convert, source_digest
+    from .models import DEFAULT_MODEL, load_model
+    from .placement import default_mesh
+
+    tiles, device = parse_grid(args.tiles), resolve(args.device)
+    if args.mesh:
+        device.check_mesh(*parse_grid(args.mesh))
+    if args.dtype not in DTYPES:
+        raise InvalidArgument(f"--dtype must be one of {DTYPES}, got {args.dtype!r}")
+    if args.tokens < 1 or args.prefill_tokens < 0:
+        raise InvalidArgument(f"--tokens must be at least 1 and --prefill-tokens at least 0, got {args.tokens} and "
+                              f"{args.prefill_tokens}")
+    out = Path(args.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidArgument(f"{out} exists and is not an empty directory: convert into a new one")
+    t0 = time.perf_counter()
+    cfg, weights, tok = load_model(args.model)
+    if not isinstance(weights, LlamaWeights):
+        raise InvalidArgument(f"{args.model} is converted already: convert its source model")
+    mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, args.tokens, prefill_tokens=args.prefill_tokens)
+    source = default_model_path() if args.model == DEFAULT_MODEL else Path(args.model)
+    digest = source_digest(source)
+    bar = tqdm(desc="convert", unit="B", unit_scale=True, leave=False, file=sys.stderr)
+    index = convert(cfg, weights, tok, out, mesh=mesh, device=device, tiles=tiles, regions=args.regions, kv=args.kv,
+                    tokens=args.tokens, prefill_tokens=args.prefill_tokens, dtype=args.dtype, source=str(source),
+                    digest=digest, progress=_progress(bar))
+    bar.close()
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"converted {cfg.name} for {len(index['regions'])} region(s) of {mesh[0]}x{mesh[1]} cores of {device.name}, "
+          f"{tiles[0]}x{tiles[1]} tiles, {args.dtype}: {size / 2**20:,.0f} MiB in {out} "
+          f"({time.perf_counter() - t0:.1f} s); run it with `wafer-llm generate --model {out} ...`", file=sys.stderr)
+    return 0
+
+
+def _progress(bar: Any) -> Any:
+    """A ``(done, total)`` callback that moves the tqdm ``bar``."""
+    def update(n: int, total: int) -> None:
+        bar.total = total
+        bar.update(n)
+    return update
 
 
 def _drain(value: str | None, transport: str) -> tuple[str, int] | None:
@@ -404,17 +464,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(fn=cmd_demo)
 
     gen = sub.add_parser("generate", help="decode a prompt with a real model on an emulated wafer")
-    gen.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a .gguf file or a Hugging Face directory")
+    gen.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a .gguf file, a Hugging Face directory "
+                     "or a directory written by `wafer-llm convert`")
     what = gen.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="raw prompt text (special tokens such as <|im_start|> are parsed)")
     what.add_argument("--chat", help="a user message, wrapped in the model's chat template")
     gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--mesh", default=None, help="cores per region, ROWSxCOLS (default: the smallest square region that holds the model)")
-    gen.add_argument("--regions", type=int, default=1, help="spread the layers over at least this many regions")
-    gen.add_argument("--tiles", default="1x1", help="tile actors per region, ROWSxCOLS")
+    gen.add_argument("--mesh", default=None, help="cores per region, ROWSxCOLS (default: the smallest square region that "
+                     "holds the model; a converted model's mesh)")
+    gen.add_argument("--regions", type=int, default=None, help="spread the layers over at least this many regions (default 1; "
+                     "a converted model's)")
+    gen.add_argument("--tiles", default=None, help="tile actors per region, ROWSxCOLS (default 1x1; a converted model's)")
     gen.add_argument("--transport", default="ray", choices=["ray", "local"])
     gen.add_argument("--address", default=None, help=ADDRESS_HELP)
-    gen.add_argument("--device", default="wse2", help="preset name or a .toml/.json device file")
+    gen.add_argument("--device", default=None, help="preset name or a .toml/.json device file (default wse2; a converted "
+                     "model's)")
     gen.add_argument("--kv", default="shift", choices=["shift", "concat"], help="KV cache: WaferLLM's shift or the concat baseline")
     gen.add_argument("--algo", default="ktree", choices=["ktree", "pipeline", "ring", "chain"], help="allreduce of every GEMV")
     gen.add_argument("--prefill", default="mesh", choices=["mesh", "token"],
@@ -435,6 +499,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="when a Ray tile or node is lost: start the wafer again on the surviving nodes and replay the "
                           "sequence (recover, default; tokens and predicted cycles unchanged), or stop with an error (fail)")
     gen.set_defaults(fn=cmd_generate)
+
+    conv = sub.add_parser("convert", help="write a model in the tiles' layout, one shard file per tile, for fast starts")
+    conv.add_argument("model", help="smollm2-135m, a .gguf file or a Hugging Face directory")
+    conv.add_argument("out_dir", help="a new (or empty) directory")
+    conv.add_argument("--mesh", default=None, help="cores per region, ROWSxCOLS (default: the smallest square region that "
+                      "holds the model with --tokens of KV cache and room to prefill --prefill-tokens)")
+    conv.add_argument("--regions", type=int, default=1, help="spread the layers over at least this many regions")
+    conv.add_argument("--tiles", default="1x1", help="tile actors per region, ROWSxCOLS")
+    conv.add_argument("--device", default="wse2", help="preset name or a .toml/.json device file")
+    conv.add_argument("--kv", default="shift", choices=["shift", "concat"], help="KV cache the placement makes room for")
+    conv.add_argument("--tokens", type=int, default=64, help="KV entries the placement makes room for (default 64)")
+    conv.add_argument("--prefill-tokens", type=int, default=64, help="prompt length the placement keeps room to prefill "
+                      "on the wafer (default 64; 0: none)")
+    conv.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                      help="weights in the files (float16: half the bytes, the weights rounded; tiles compute in float32)")
+    conv.set_defaults(fn=cmd_convert)
 
     val = sub.add_parser("validate", help="predict the paper's decode and prefill settings with the calibrated cost model")
     val.add_argument("--device", default="wse2", help="preset name or a .toml/.json device file")

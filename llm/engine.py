@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -30,25 +31,12 @@ from wafer_actors.errors import InvalidArgument, TileLost
 from wafer_actors.layout import Spec
 
 from .checkpoint import LlamaWeights
+from .converted import Converted
 from .config import LlamaConfig
 from .decode_protocol import KV_MODES, RegionPlan, decode_step
 from .paper_kernel import check_kernel
-from .placement import Placement, Region, place, region_weights, weight_shapes
+from .placement import SPECS, STACKED, Placement, Region, place, region_weights, weight_shapes
 from .prefill_protocol import kv_handover, prefill, relayout
-
-SPECS = {
-    "attn_norm": Spec(None, "y"),
-    "wqkv": Spec(None, "y", None, "x"),
-    "wo": Spec(None, None, "x", "y"),
-    "ffn_norm": Spec(None, "y"),
-    "w13": Spec(None, "y", None, "x"),
-    "w2": Spec(None, "x", "y"),
-    "final_norm": Spec("y"),
-    "lm_head": Spec("y", "x"),
-}
-
-STACKED = {"attn_norm", "wqkv", "wo", "ffn_norm", "w13", "w2", "k_cache", "v_cache"}  # (layers, ...): read a layer at a time
-
 
 ON_FAILURE = ("recover", "fail")
 MAX_RECOVERIES = 3  # per call: a wafer that keeps losing tiles is not going to finish
@@ -154,7 +142,9 @@ class WaferLlama:
     """A Llama placed on one or more regions of an emulated wafer.
 
     Args:
-        cfg, weights: the model (weights may be None with ``cost_only``).
+        cfg, weights: the model: its weights in host memory, or a converted checkpoint whose
+            tiles read their own shards (``llm.converted``; see ``from_converted``); None with
+            ``cost_only``.
         mesh: ``(height, width)`` of one region, in cores.
         device: preset, device file or ``DeviceSpec``.
         tiles: ``(rows, cols)`` of tiles (actors) per region.
@@ -178,17 +168,20 @@ class WaferLlama:
         snapshot_every: with ``recover``, copy every tile's state but the weights (KV cache,
             activations, clocks) to the host every this many decode steps, so that a recovery
             restores it and replays only the steps since (0: replay the whole sequence).
+        on_load: called with the bytes of each weight tensor as the tiles receive it and the
+            total (``weight_bytes()``), on every (re)start: a progress bar.
 
     Raises:
         PlacementError: the model does not fit (bytes needed and available in the message).
         ValueError: bad ``kv`` or ``algo``.
     """
 
-    def __init__(self, cfg: LlamaConfig, weights: LlamaWeights | None, *, mesh: tuple[int, int],
+    def __init__(self, cfg: LlamaConfig, weights: LlamaWeights | Converted | None, *, mesh: tuple[int, int],
                  device: str | DeviceSpec = "wse2", tiles: tuple[int, int] = (1, 1), transport: str = "ray",
                  kv: str = "shift", tokens: int = 1, regions: int = 1, algo: str = "ktree", group_num: int | None = None,
                  cost_only: bool = False, dtype: str = "float32", lm_head: bool = True, prefill_tokens: int = 0,
-                 executor: str = "fused", kernel: str = "faithful", on_failure: str = "recover", snapshot_every: int = 0):
+                 executor: str = "fused", kernel: str = "faithful", on_failure: str = "recover", snapshot_every: int = 0,
+                 on_load: Callable[[int, int], None] | None = None):
         if on_failure not in ON_FAILURE:
             raise InvalidArgument(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
         if not isinstance(snapshot_every, int) or snapshot_every < 0:
@@ -203,9 +196,13 @@ class WaferLlama:
             raise InvalidArgument(f"dtype must be float32, or float16 with cost_only=True (numerics are float32); got {dtype!r}")
         self.cfg, self.weights = cfg, weights
         self.device: DeviceSpec = resolve(device)
+        if isinstance(weights, Converted):
+            weights.check_request(tuple(mesh), tuple(tiles), self.device)
         self.dtype = dtype
         self.placement: Placement = place(cfg, self.device, *mesh, kv_mode=kv, tokens=tokens, regions=regions,
                                           elem_bytes=np.dtype(dtype).itemsize, head=lm_head, prefill_tokens=prefill_tokens)
+        if isinstance(weights, Converted):
+            weights.check_placement(self.placement)
         self.mesh, self.tiles, self.kv, self.algo = tuple(mesh), tuple(tiles), kv, algo
         self.cost_only = cost_only
         self.plans = [
@@ -215,13 +212,40 @@ class WaferLlama:
             for r in self.placement.regions
         ]
         self.transport, self.executor, self.on_failure = transport, executor, on_failure
-        self.snapshot_every = snapshot_every
+        self.snapshot_every, self.on_load = snapshot_every, on_load
         self.recoveries: list[Recovery] = []
         self.migrations: list[Migration] = []
         self._moving: dict[int, tuple[Any, float]] = {}  # region -> (move, start) of its migration under way
         self.wafers: list[Wafer] = []
         self.reset()
         self._start(None)
+
+    @classmethod
+    def from_converted(cls, path: str | Path, *, mesh: tuple[int, int] | None = None, tiles: tuple[int, int] | None = None,
+                       device: str | DeviceSpec | None = None, regions: int | None = None, dtype: str | None = None,
+                       **kwargs: Any) -> "WaferLlama":
+        """Start a model from a directory written by ``llm.converted.convert`` (``wafer-llm convert``): each tile
+        reads its own weights from its shard file. ``mesh``, ``tiles``, ``device`` and ``regions`` default to those
+        it was converted for; ``dtype`` (float32 or float16), if given, is the weights' precision the caller expects
+        the files to hold; other arguments as for ``WaferLlama`` (``tokens``, ``prefill_tokens``, ``transport``, ...).
+
+        Raises:
+            CheckpointError: not a finished conversion.
+            ConvertedMismatch: a mesh, tiling, device, dtype or layer split other than the conversion's.
+        """
+        conv = Converted(path)
+        if dtype is not None:
+            conv.check_dtype(dtype)
+        return cls(conv.cfg, conv, mesh=mesh or conv.mesh, tiles=tiles or conv.tiles,
+                   device=conv.device if device is None else device, regions=regions or len(conv.index["regions"]),
+                   **kwargs)
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights the tiles receive on a start (what ``on_load`` counts up to)."""
+        if isinstance(self.weights, Converted):
+            return self.weights.nbytes()
+        s = self.placement.shape
+        return sum(4 * int(np.prod(shape)) for r in self.placement.regions for shape in weight_shapes(self.cfg, s, r).values())
 
     def _start(self, nodes: tuple[str, ...] | None) -> None:
         """Start one wafer per region (its Ray tiles on ``nodes``; None: every alive node) and place the weights."""
@@ -342,9 +366,13 @@ class WaferLlama:
         if self.cost_only:
             for name, shape in weight_shapes(cfg, s, region).items():
                 wafer.alloc(name, shape, self.dtype, SPECS[name], stacked=name in STACKED)
+        elif isinstance(self.weights, Converted):
+            self.weights.load(wafer, self.placement, region, self.on_load)
         else:
             for name, array in region_weights(cfg, self.weights, s, region):
                 wafer.load(name, array, SPECS[name], stacked=name in STACKED)
+                if self.on_load:
+                    self.on_load(array.nbytes, self.weight_bytes())
                 del array  # before the next padded tensor is built
         work = {
             "x": ((s.dim,), Spec("y")), "h": ((s.dim,), Spec("y")), "y": ((s.dim,), Spec("y")),

