@@ -175,7 +175,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _start_ray()
     if drain:  # before placement: a node that is not there is refused before any work
         drain = (_alive_node(drain[0]), drain[1])
-    loading = tqdm(desc="weights", unit="B", unit_scale=True, leave=False, file=sys.stderr)
+    loading = tqdm(desc="weights", unit="B", unit_scale=True, leave=False, file=sys.stderr, delay=1)
     with WaferLlama(cfg, weights, mesh=mesh, device=device, tiles=tiles, transport=args.transport, kv=args.kv,
                     tokens=tokens, regions=regions, algo=args.algo, prefill_tokens=room, executor=args.executor,
                     on_failure=args.on_failure, snapshot_every=args.snapshot_every, on_load=_progress(loading)) as engine:

@@ -11,9 +11,11 @@ import pytest
 import ray
 
 from llm.checkpoint import random_weights
+from llm.converted import convert
 from llm.engine import WaferLlama
 from llm.generate import generate
 from wafer_actors import TileLost
+from wafer_actors.device import preset
 from wafer_actors.fabric.ray import NAMESPACE
 
 from .test_wafer_decode import TINY
@@ -25,11 +27,16 @@ NEW = 6
 KILL_AT = len(PROMPT) + 2  # when the third new token is chosen: six tokens fed, mid-decode
 
 
-def run(transport, *, prefill="token", fault=None, on_failure="recover", snapshot_every=0):
-    """Greedy generation on tiles 1x3 (one per node on the cluster); ``fault(engine)`` strikes at KILL_AT."""
-    w = random_weights(TINY, seed=5)
-    with WaferLlama(TINY, w, mesh=(6, 6), tiles=(1, 3), transport=transport, tokens=len(PROMPT) + NEW,
-                    prefill_tokens=len(PROMPT), on_failure=on_failure, snapshot_every=snapshot_every) as m:
+def run(transport, *, prefill="token", fault=None, on_failure="recover", snapshot_every=0, converted=None):
+    """Greedy generation on tiles 1x3 (one per node on the cluster); ``fault(engine)`` strikes at KILL_AT.
+    ``converted``: the tiles read the weights from this conversion of the same model."""
+    args = dict(transport=transport, tokens=len(PROMPT) + NEW, prefill_tokens=len(PROMPT), on_failure=on_failure,
+                snapshot_every=snapshot_every)
+    if converted:
+        engine = WaferLlama.from_converted(converted, **args)
+    else:
+        engine = WaferLlama(TINY, random_weights(TINY, seed=5), mesh=(6, 6), tiles=(1, 3), **args)
+    with engine as m:
         def on_token(i, _tok):
             if fault and i == KILL_AT:
                 fault(m)
