@@ -6,7 +6,11 @@ the peak resident memory of all processes (driver and Ray workers) against the m
 and the KV capacity of shift vs concat for LLaMA3-8B on a 360x360 region (float16, the
 paper's setting; shapes only).
 
-    python benchmarks/bench_decode.py [--tokens 8] [--mesh 120x120] [--skip-ray] [--executor fused|step]
+With ``--converted DIR`` (a ``wafer-llm convert`` of the default model) the tiles read their
+weights from its shards (its mesh and tiles), and the driver drops its own copy of the
+weights once the reference is timed, so the memory is that of a run started from the files.
+
+    python benchmarks/bench_decode.py [--tokens 8] [--mesh 120x120] [--skip-ray] [--executor fused|step] [--converted DIR]
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ def main() -> None:
     ap.add_argument("--mesh", default=None, help="region ROWSxCOLS (default: the model's default mesh)")
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--executor", default="fused", choices=["fused", "step"])
+    ap.add_argument("--converted", default=None, help="a converted checkpoint of the default model to start the tiles from")
     args = ap.parse_args()
     device = resolve("wse2")
     cfg, w, _ = load_model()
@@ -80,10 +85,16 @@ def main() -> None:
     print(f"model {cfg.name}: {model_bytes / 2**20:.0f} MiB of float32 weights; mesh {mesh[0]}x{mesh[1]} on {device.name}; "
           f"{args.executor} executor")
     print(f"numpy reference: {ref_ms:.1f} ms/token")
+    tilings = ((1, 1), (2, 2))
+    if args.converted:
+        del ref, w  # a run from the files holds no weights on the driver
+        conv = WaferLlama.from_converted
+        tilings = (None,)
+        print(f"tiles start from the converted checkpoint {args.converted}")
     print(f"{'tiles':>5} {'transport':>9} {'ms/token':>9} {'x ref':>6} {'cycles/token':>13} {'tok/s (device)':>15} {'peak RSS MiB':>13} {'x model':>8}")
     transports = ["local"] if args.skip_ray else ["local", "ray"]
     for transport in transports:
-        for tiles in ((1, 1), (2, 2)):
+        for tiles in tilings:
             if transport == "ray":
                 import ray
 
@@ -91,8 +102,11 @@ def main() -> None:
 
                 start_local_ray(num_cpus=2)
             with PeakRSS() as rss:
-                with WaferLlama(cfg, w, mesh=mesh, tiles=tiles, transport=transport, tokens=len(tokens),
-                                executor=args.executor) as m:
+                engine = (conv(args.converted, transport=transport, tokens=len(tokens), executor=args.executor)
+                          if args.converted else
+                          WaferLlama(cfg, w, mesh=mesh, tiles=tiles, transport=transport, tokens=len(tokens),
+                                     executor=args.executor))
+                with engine as m:
                     m.step(tokens[0])  # warm-up: plans and caches
                     t0 = time.perf_counter()
                     for t in tokens[1:]:
@@ -101,6 +115,7 @@ def main() -> None:
                     cycles = st.cycles
             if transport == "ray":
                 ray.shutdown()
+            tiles = m.tiles
             print(f"{tiles[0] * tiles[1]:>5} {transport:>9} {ms:>9.0f} {ms / ref_ms:>6.0f} {cycles:>13,.0f} "
                   f"{device.clock_hz / cycles:>15,.0f} {rss.peak / 2**20:>13,.0f} {rss.peak / model_bytes:>8.1f}")
 

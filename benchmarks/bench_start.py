@@ -34,13 +34,18 @@ from llm.engine import WaferLlama
 from llm.models import load_model
 cfg, weights, tok = load_model(sys.argv[1])
 t1 = time.perf_counter()
+if sys.argv[2] == "ray":  # Ray's own start, apart
+    from wafer_actors.fabric.ray import start_local_ray
+    start_local_ray()
+t2 = time.perf_counter()
 kw = dict(transport=sys.argv[2], tokens=64)
 if hasattr(weights, "index"):
     m = WaferLlama.from_converted(sys.argv[1], **kw)
 else:
     m = WaferLlama(cfg, weights, mesh=(120, 120), **kw)
-t2 = time.perf_counter()
-print(json.dumps({"open_s": t1 - t0, "place_s": t2 - t1, "bytes": m.weight_bytes()}), flush=True)
+t3 = time.perf_counter()
+print(json.dumps({"ready_at": time.time(), "open_s": t1 - t0, "ray_s": t2 - t1, "place_s": t3 - t2,
+                  "bytes": m.weight_bytes()}), flush=True)
 m.close()
 """
 
@@ -55,12 +60,12 @@ def evict(path: Path) -> None:
 
 
 def start(model: str, files: Path, transport: str) -> dict:
-    """One cold start in a fresh process: seconds from its launch until the model is placed."""
+    """One cold start in a fresh process: seconds from its launch until the model is placed (its exit not counted)."""
     evict(files)
-    t0 = time.perf_counter()
+    t0 = time.time()
     out = subprocess.run([sys.executable, "-c", CHILD, model, transport], capture_output=True, text=True, check=True)
     row = json.loads(out.stdout.strip().splitlines()[-1])
-    row["start_s"] = time.perf_counter() - t0
+    row["start_s"] = row["ready_at"] - t0
     return row
 
 
@@ -144,11 +149,12 @@ def main() -> None:
         disk = disk_read_bandwidth(tmp, size)
 
     print(f"start-up of SmolLM2-135M on 120x120 cores ({args.transport} tiles), cold page cache, fastest of {args.repeat}")
-    print(f"{'path':<20} {'start s':>8} {'open s':>7} {'place s':>8} {'x converted':>11}")
+    print(f"{'path':<20} {'start s':>8} {'open s':>7} {'Ray s':>6} {'place s':>8} {'x converted':>11}  (start: from process "
+          "launch; open: imports and reading the model; Ray: starting Ray; place: tiles started and weights placed)")
     best = {k: min(v, key=lambda r: r["start_s"]) for k, v in rows.items()}
     conv = best["converted (float32)"]
     for name, r in best.items():
-        print(f"{name:<20} {r['start_s']:>8.2f} {r['open_s']:>7.2f} {r['place_s']:>8.2f} {r['start_s'] / conv['start_s']:>10.1f}x")
+        print(f"{name:<20} {r['start_s']:>8.2f} {r['open_s']:>7.2f} {r['ray_s']:>6.2f} {r['place_s']:>8.2f} {r['start_s'] / conv['start_s']:>10.1f}x")
     bw = conv["bytes"] / conv["place_s"]
     print(f"converted: {conv['bytes'] / 2**20:,.0f} MiB read by the tiles in {conv['place_s']:.2f} s = {bw / 1e9:.2f} GB/s; "
           f"disk sequential read of {size / 2**20:,.0f} MiB: {disk / 1e9:.2f} GB/s ({bw / disk:.0%} of it)")
