@@ -19,19 +19,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from wafer_actors import Layout, Mesh, Spec, Tiling, Wafer, scatter
+from wafer_actors import Layout, Mesh, Tiling, Wafer, scatter
 from wafer_actors.device import DeviceSpec
 from wafer_actors.errors import InputError
 from wafer_actors.shards import Chunk, write_chunk
 
 from .checkpoint import LlamaWeights
 from .config import LlamaConfig
-from .placement import SPECS, STACKED, Placement, Region, place, region_weights, weight_shapes
+from .placement import (
+    SPECS,
+    STACKED,
+    Placement,
+    Region,
+    place,
+    region_weights,
+    weight_shapes,
+)
 from .tokenizer import Tokenizer
 
 FORMAT = "wafer-llm-converted"
@@ -102,30 +111,17 @@ def convert(cfg: LlamaConfig, weights: LlamaWeights, tok: Tokenizer | None, out:
     for region in placement.regions:
         folder = out / f"region{region.index}"
         folder.mkdir()
-        files = [open(folder / f"tile{i}.bin", "wb") for i in range(len(rects))]
         chunks: list[list[Chunk]] = [[] for _ in rects]
-        try:
+        with ExitStack() as stack:
+            files = [stack.enter_context(open(folder / f"tile{i}.bin", "wb")) for i in range(len(rects))]
             for name, array in region_weights(cfg, weights, placement.shape, region):
-                stacked = name in STACKED
-                spec = SPECS[name]
-                if stacked:  # one layer's blocks at a time
-                    entry = Layout(m, Spec(*spec[1:]))
-                    per_layer = [scatter(array[i], entry) for i in range(array.shape[0])]
-                    block = (array.shape[0],) + per_layer[0].shape[2:]
-                    parts = lambda r: (b[r.y0 : r.y1, r.x0 : r.x1] for b in per_layer)  # noqa: E731
-                else:
-                    blocks = scatter(array, Layout(m, spec))
-                    block = blocks.shape[2:]
-                    parts = lambda r: [blocks[r.y0 : r.y1, r.x0 : r.x1]]  # noqa: E731
+                blocks = scatter(array, Layout(m, SPECS[name]))  # one padded tensor and its blocks at a time
                 for i, r in enumerate(rects):
-                    chunk = write_chunk(files[i], name, block, stacked, parts(r), dtype)
+                    chunk = write_chunk(files[i], name, blocks[r.y0 : r.y1, r.x0 : r.x1], name in STACKED, dtype)
                     chunks[i].append(chunk)
                     if progress:
                         progress(chunk.nbytes, total)
-                del array, parts
-        finally:
-            for f in files:
-                f.close()
+                del array, blocks
         index_regions.append({**_regions_json(placement)[region.index],
                               "tiles": [{"file": f"region{region.index}/tile{i}.bin", "chunks": [c.as_json() for c in cs]}
                                         for i, cs in enumerate(chunks)]})

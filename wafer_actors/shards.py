@@ -14,7 +14,7 @@ import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 import numpy as np
 
@@ -50,27 +50,25 @@ class Chunk:
                 "stacked": self.stacked, "offset": self.offset, "nbytes": self.nbytes, "crc32": self.crc32}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Chunk":
+    def from_json(cls, d: dict) -> Chunk:
         return cls(d["name"], tuple(d["block"]), d["dtype"], d["stored"], bool(d["stacked"]), int(d["offset"]),
                    int(d["nbytes"]), int(d["crc32"]))
 
 
-def write_chunk(f: BinaryIO, name: str, block: tuple[int, ...], stacked: bool, pieces: Iterable[np.ndarray],
-                stored: str, dtype: str = "float32") -> Chunk:
-    """Append buffer ``name`` of one tile to the shard ``f`` (open for writing), at the next aligned offset.
+def in_tile_order(blocks: np.ndarray, stacked: bool) -> np.ndarray:
+    """A tile's blocks ``[h, w, *block]`` in the order the tile keeps them in memory (see ``Tile.alloc``)."""
+    return np.moveaxis(blocks, 2, 0) if stacked and blocks.ndim > 2 else blocks
 
-    ``pieces`` are the tile's data in its memory order, written one after the other: the
-    blocks ``[h, w, *block]``, or for a stacked buffer each entry ``[h, w, *block[1:]]`` in turn
-    (so a converter holds one layer at a time).
-    """
+
+def write_chunk(f: BinaryIO, name: str, blocks: np.ndarray, stacked: bool, stored: str, dtype: str = "float32") -> Chunk:
+    """Append one tile's blocks ``[h, w, *block]`` of buffer ``name`` to the shard ``f`` (open for writing), in the
+    tile's memory order, at the next aligned offset."""
     offset = -(-f.tell() // ALIGN) * ALIGN
     f.write(b"\0" * (offset - f.tell()))
-    crc, nbytes = 0, 0
-    for piece in pieces:
-        raw = memoryview(np.ascontiguousarray(piece, dtype=stored)).cast("B")
-        f.write(raw)
-        crc, nbytes = zlib.crc32(raw, crc), nbytes + raw.nbytes
-    return Chunk(name, tuple(int(b) for b in block), np.dtype(dtype).str, np.dtype(stored).str, stacked, offset, nbytes, crc)
+    raw = memoryview(np.ascontiguousarray(in_tile_order(blocks, stacked), dtype=stored)).cast("B")
+    f.write(raw)
+    return Chunk(name, tuple(int(b) for b in blocks.shape[2:]), np.dtype(dtype).str, np.dtype(stored).str, stacked,
+                 offset, raw.nbytes, zlib.crc32(raw))
 
 
 def read_chunk(path: str, chunk: Chunk, out: np.ndarray) -> None:

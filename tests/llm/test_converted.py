@@ -17,10 +17,8 @@ from llm.config import LlamaConfig
 from llm.converted import Converted, ConvertedMismatch, convert
 from llm.engine import WaferLlama
 from llm.errors import CheckpointError
-from llm.generate import generate
 from llm.models import load_model
-from wafer_actors import Spec, Wafer
-from wafer_actors import shards
+from wafer_actors import Spec, Wafer, shards
 from wafer_actors.device import preset
 from wafer_actors.errors import InvalidArgument
 from wafer_actors.shards import ShardError
@@ -164,14 +162,14 @@ def test_convert_refuses_a_directory_that_is_not_empty(tmp_path):
 
 
 def test_a_chunk_reads_back_in_pieces_checked_against_zlib(tmp_path, monkeypatch):
-    """A stacked buffer written one entry at a time reads back into a tile's stacked buffer in several pieces
-    (the checksum thread and the reads interleaved), and its CRC is zlib's of the bytes in the file."""
+    """A stacked buffer is written one layer after the other and reads back into a tile's stacked buffer in several
+    pieces (the checksum thread and the reads interleaved); its CRC is zlib's of the bytes in the file."""
     monkeypatch.setattr(shards, "PIECE", 1000)
     rng = np.random.default_rng(0)
     entries = [rng.standard_normal((2, 3, 7, 5)).astype(np.float32) for _ in range(4)]  # 4 layers of [h, w, 7, 5]
     with open(tmp_path / "t.bin", "wb") as f:
         f.write(b"x")  # the chunk starts at the next aligned offset
-        chunk = shards.write_chunk(f, "w", (4, 7, 5), True, entries, "float32")
+        chunk = shards.write_chunk(f, "w", np.stack(entries, axis=2), True, "float32")  # blocks [h, w, 4, 7, 5]
     assert chunk.offset == shards.ALIGN and chunk.nbytes == 4 * entries[0].nbytes
     raw = (tmp_path / "t.bin").read_bytes()[chunk.offset :]
     assert chunk.crc32 == zlib.crc32(raw) and raw == b"".join(e.tobytes() for e in entries)
