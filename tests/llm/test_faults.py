@@ -73,6 +73,17 @@ def test_a_killed_tile_is_replaced_and_the_run_is_unchanged(ray_cluster_3_nodes,
     assert len(set(nodes[0])) == 3  # the node kept its place: only the process was lost
 
 
+def test_a_lost_tile_of_a_converted_model_reads_its_shard_again(ray_cluster_3_nodes, tmp_path):
+    """The replacement tile reads its weights from the conversion's shard, not from the driver (which holds none)."""
+    base, base_cycles, _, _ = run("local")
+    convert(TINY, random_weights(TINY, seed=5), None, tmp_path / "conv", mesh=(6, 6), device=preset("wse2"),
+            tiles=(1, 3), tokens=len(PROMPT) + NEW, prefill_tokens=len(PROMPT))
+    out, cycles, recoveries, _ = run("ray", fault=kill_9, converted=tmp_path / "conv")
+    assert out.output_ids == base.output_ids
+    assert cycles == base_cycles
+    assert [r.tile for r in recoveries] == [1]
+
+
 @pytest.mark.parametrize("prefill, every, replayed", [("token", 4, 2), ("mesh", 2, 0), ("mesh", 4, KILL_AT)])
 def test_a_snapshot_shortens_the_replay_and_changes_nothing(ray_cluster_3_nodes, prefill, every, replayed):
     """The recovery restores the last snapshot and replays only the steps after it (6 decode steps before the
