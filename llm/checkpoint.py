@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import LlamaConfig
+from .config import LlamaConfig, rope_scaling_factors
 from .errors import CheckpointError
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,6 +35,9 @@ class LlamaWeights:
     w_down: np.ndarray  # (L, ffn_dim, dim)
     final_norm: np.ndarray  # (dim,)
     lm_head: np.ndarray  # (dim, vocab); a view of tok_embeddings.T when tied
+    bq: np.ndarray | None = None  # (L, n_heads * head_dim): biases of the q, k, v projections (Qwen2), or None
+    bk: np.ndarray | None = None  # (L, kv_dim)
+    bv: np.ndarray | None = None  # (L, kv_dim)
 
 
 def default_model_path() -> Path:
@@ -64,57 +67,83 @@ def _scalar(reader, key: str, path: Path):
     return field.parts[field.data[0]].tolist()[0]
 
 
+ARCHITECTURES = ("llama", "qwen2")  # GGUF general.architecture values read here (qwen2: a Llama with q, k, v biases)
+
+
+def _value(reader, key: str):
+    """A metadata value (a string decoded), or None when the key is absent."""
+    import gguf
+
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    part = field.parts[field.data[0]]
+    return bytes(part).decode() if field.types[0] == gguf.GGUFValueType.STRING else part.tolist()[0]
+
+
 def gguf_config(reader, path: Path) -> LlamaConfig:
-    """Read a Llama config from GGUF metadata."""
+    """Read a Llama (or Qwen2) config from GGUF metadata.
+
+    Raises:
+        CheckpointError: another architecture, a missing key, or a feature ``_gguf_features`` refuses.
+    """
     arch = bytes(_field(reader, "general.architecture", path).parts[-1]).decode()
-    if arch != "llama":
-        raise CheckpointError(f"{path}: architecture {arch!r} is not supported; expected 'llama'")
-    dim = int(_scalar(reader, "llama.embedding_length", path))
-    n_heads = int(_scalar(reader, "llama.attention.head_count", path))
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{path}: architecture {arch!r} is not supported; expected one of {', '.join(map(repr, ARCHITECTURES))}")
+    dim = int(_scalar(reader, f"{arch}.embedding_length", path))
+    n_heads = int(_scalar(reader, f"{arch}.attention.head_count", path))
     names = {t.name for t in reader.tensors}
-    _refuse_unsupported_gguf(reader, path, dim // n_heads, names)
+    head_dim, factors = _gguf_features(reader, path, arch, dim // n_heads, names)
+    base = float(_scalar(reader, f"{arch}.rope.freq_base", path))
+    factor = _value(reader, f"{arch}.rope.scaling.factor")
+    scaling = {} if factor is None else {"factor": factor}
     return LlamaConfig(
         name=path.stem,
-        n_layers=int(_scalar(reader, "llama.block_count", path)),
+        n_layers=int(_scalar(reader, f"{arch}.block_count", path)),
         dim=dim,
-        ffn_dim=int(_scalar(reader, "llama.feed_forward_length", path)),
+        ffn_dim=int(_scalar(reader, f"{arch}.feed_forward_length", path)),
         n_heads=n_heads,
-        n_kv_heads=int(_scalar(reader, "llama.attention.head_count_kv", path)),
-        head_dim=dim // n_heads,
+        n_kv_heads=int(_scalar(reader, f"{arch}.attention.head_count_kv", path)),
+        head_dim=head_dim,
         vocab_size=len(_field(reader, "tokenizer.ggml.tokens", path).data),
-        rope_base=float(_scalar(reader, "llama.rope.freq_base", path)),
-        norm_eps=float(_scalar(reader, "llama.attention.layer_norm_rms_epsilon", path)),
-        max_seq_len=int(_scalar(reader, "llama.context_length", path)),
+        rope_base=base,
+        norm_eps=float(_scalar(reader, f"{arch}.attention.layer_norm_rms_epsilon", path)),
+        max_seq_len=int(_scalar(reader, f"{arch}.context_length", path)),
         tied_embeddings="output.weight" not in names,
+        rope_factors=factors if factors is not None else rope_scaling_factors(
+            _value(reader, f"{arch}.rope.scaling.type"), scaling, head_dim, base, f"{path}: {arch}.rope.scaling.type"),
+        qkv_bias="blk.0.attn_q.bias" in names,
     )
 
 
-def _refuse_unsupported_gguf(reader, path: Path, head_dim: int, names: set[str]) -> None:
-    """Refuse a file that needs what this package does not compute, naming the feature and its value.
+def _gguf_features(reader, path: Path, arch: str, default_head: int, names: set[str]) -> tuple[int, tuple[float, ...] | None]:
+    """Check what a file asks for beyond a plain Llama: (head size, RoPE frequency factors of a ``rope_freqs.weight``
+    tensor, as llama.cpp stores Llama 3.1's scaling, or None).
 
     Raises:
-        CheckpointError: RoPE scaling, a key/value head size other than dim / heads, experts (MoE), or biases.
+        CheckpointError: key and value head sizes that differ, experts (MoE), biases other than q, k, v, or
+            q, k, v biases that not every layer has.
     """
     import gguf
 
-    def value(key: str):
-        field = reader.fields.get(key)
-        if field is None:
-            return None
-        part = field.parts[field.data[0]]
-        return bytes(part).decode() if field.types[0] == gguf.GGUFValueType.STRING else part.tolist()[0]
-
-    scaling = value("llama.rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise CheckpointError(f"{path}: llama.rope.scaling.type {scaling!r} is not supported (only unscaled RoPE)")
-    for key in ("llama.attention.key_length", "llama.attention.value_length"):
-        if value(key) not in (None, head_dim):
-            raise CheckpointError(f"{path}: {key} {value(key)} is not supported (only the head size dim / heads = {head_dim})")
-    if value("llama.expert_count"):
-        raise CheckpointError(f"{path}: llama.expert_count {value('llama.expert_count')}: mixture-of-experts is not supported")
-    biases = sorted(n for n in names if n.endswith(".bias"))
+    key, value = _value(reader, f"{arch}.attention.key_length"), _value(reader, f"{arch}.attention.value_length")
+    if key is not None and value is not None and key != value:
+        raise CheckpointError(f"{path}: {arch}.attention.key_length {key} and value_length {value} differ: not supported")
+    head_dim = int(key or value or default_head)
+    if _value(reader, f"{arch}.expert_count"):
+        raise CheckpointError(f"{path}: {arch}.expert_count {_value(reader, f'{arch}.expert_count')}: mixture-of-experts is not supported")
+    n_layers = int(_scalar(reader, f"{arch}.block_count", path))
+    qkv = {f"blk.{i}.attn_{p}.bias" for i in range(n_layers) for p in "qkv"}
+    biases = sorted(n for n in names if n.endswith(".bias") and n not in qkv)
     if biases:
-        raise CheckpointError(f"{path}: bias tensors ({biases[0]}, ...) are not supported")
+        raise CheckpointError(f"{path}: bias tensors ({biases[0]}, ...) are not supported (only q, k, v biases)")
+    if names & qkv and not qkv <= names:
+        raise CheckpointError(f"{path}: q, k, v bias tensors on some layers only ({sorted(qkv - names)[0]} is missing)")
+    factors = None
+    if "rope_freqs.weight" in names:
+        t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        factors = tuple(float(f) for f in np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).ravel())
+    return head_dim, factors
 
 
 GGUF_NAMES = {
@@ -122,8 +151,10 @@ GGUF_NAMES = {
     "wk": "blk.{i}.attn_k.weight", "wv": "blk.{i}.attn_v.weight", "wo": "blk.{i}.attn_output.weight",
     "ffn_norm": "blk.{i}.ffn_norm.weight", "w_gate": "blk.{i}.ffn_gate.weight", "w_up": "blk.{i}.ffn_up.weight",
     "w_down": "blk.{i}.ffn_down.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight",
+    "bq": "blk.{i}.attn_q.bias", "bk": "blk.{i}.attn_k.bias", "bv": "blk.{i}.attn_v.bias",
 }
 LAYER_FIELDS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
+BIAS_FIELDS = ("bq", "bk", "bv")
 
 
 def load_gguf(path: str | Path) -> tuple[LlamaConfig, LlamaWeights, object]:
@@ -167,7 +198,22 @@ def load_gguf(path: str | Path) -> tuple[LlamaConfig, LlamaWeights, object]:
             raise CheckpointError(f"{path}: tensor {name!r} has shape {data.shape}, expected {shape}")
         return np.ascontiguousarray(data)
 
-    return cfg, assemble(cfg, get, GGUF_NAMES), reader
+    # llama.cpp's converter permutes a Llama's q and k to adjacent-pair RoPE; a Qwen2 file keeps the rotate-half layout
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    return cfg, assemble(cfg, get, GGUF_NAMES, rotate_half_columns(cfg) if arch == "qwen2" else None), reader
+
+
+def rope_interleave(heads: int, head_dim: int) -> np.ndarray:
+    """Column order that turns each head's half-split (rotate-half) RoPE layout into adjacent pairs."""
+    half = head_dim // 2
+    per_head = np.stack([np.arange(half), np.arange(half) + half], axis=1).ravel()
+    return (np.arange(heads)[:, None] * head_dim + per_head).ravel()
+
+
+def rotate_half_columns(cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    """The column permutations (``assemble``'s ``cols``) that read q and k (and their biases) stored rotate-half."""
+    q, k = rope_interleave(cfg.n_heads, cfg.head_dim), rope_interleave(cfg.n_kv_heads, cfg.head_dim)
+    return {"wq": q, "wk": k, "bq": q, "bk": k}
 
 
 def assemble(cfg: LlamaConfig, get, names: dict[str, str], cols: dict[str, np.ndarray] | None = None) -> LlamaWeights:
@@ -181,7 +227,7 @@ def assemble(cfg: LlamaConfig, get, names: dict[str, str], cols: dict[str, np.nd
     """
     q, kv, d, f, v = cfg.n_heads * cfg.head_dim, cfg.kv_dim, cfg.dim, cfg.ffn_dim, cfg.vocab_size
     shapes = {"attn_norm": (d,), "wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "ffn_norm": (d,),
-              "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
+              "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d), "bq": (q,), "bk": (kv,), "bv": (kv,)}
     cols = cols or {}
 
     def layers(field: str) -> np.ndarray:
@@ -190,7 +236,8 @@ def assemble(cfg: LlamaConfig, get, names: dict[str, str], cols: dict[str, np.nd
 
     emb = np.ascontiguousarray(get(names["tok_embeddings"], (d, v)).T)  # kept (vocab, dim)
     lm_head = emb.T if cfg.tied_embeddings else get(names["lm_head"], (d, v))
-    return LlamaWeights(tok_embeddings=emb, **{field: layers(field) for field in LAYER_FIELDS},
+    fields = LAYER_FIELDS + (BIAS_FIELDS if cfg.qkv_bias else ())
+    return LlamaWeights(tok_embeddings=emb, **{field: layers(field) for field in fields},
                         final_norm=get(names["final_norm"], (d,)), lm_head=lm_head)
 
 
@@ -202,6 +249,9 @@ def random_weights(cfg: LlamaConfig, seed: int = 0) -> LlamaWeights:
     def mat(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) / np.sqrt(shape[-2])).astype(np.float32)
 
+    def vec(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+
     emb = (rng.standard_normal((cfg.vocab_size, d)) * 0.02).astype(np.float32)
     return LlamaWeights(
         tok_embeddings=emb,
@@ -211,4 +261,5 @@ def random_weights(cfg: LlamaConfig, seed: int = 0) -> LlamaWeights:
         w_gate=mat(n, d, f), w_up=mat(n, d, f), w_down=mat(n, f, d),
         final_norm=np.ones(d, np.float32),
         lm_head=emb.T if cfg.tied_embeddings else mat(d, cfg.vocab_size),
+        **({"bq": vec(n, q), "bk": vec(n, kv), "bv": vec(n, kv)} if cfg.qkv_bias else {}),
     )

@@ -221,7 +221,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(text, end="", flush=True)
         try:
             result = generate(engine, prompt_ids, max_new_tokens=args.max_new_tokens, sampler=sampler,
-                              eos_id=tok.eos_id, prefill=args.prefill, on_token=on_token, on_layer=on_layer)
+                              stop_ids=tok.stop_ids, prefill=args.prefill, on_token=on_token, on_layer=on_layer)
             engine.finish_migration()  # a drain whose copy outlasted the decode still completes (and is reported)
         except KeyboardInterrupt:  # the text so far is on stdout already; the tiles stop as the engine closes
             layers.close()

@@ -9,6 +9,7 @@ holds the queries that read the K/V columns it holds (GQA without copies).
     x, h        (D,)                 Spec("y")              dims of block py on every px
     wqkv        (L, D, G + 2, KV)    Spec(None, "y", None, "x")  reduce over y -> qkv
     qkv         (G + 2, KV)          Spec(None, "x")        q (G rows), k, v; on every py
+    bqkv        (L, G + 2, KV)       Spec(None, None, "x")  their biases (Qwen2), added after the reduce
     k/v cache   (L, cap, KV)         Spec(None, None, "x")  sequence along y: row py keeps
                                                             its tokens in slots j mod cap
     scores      (n_kv, G, cmax)      row py's tokens        reduce over x
@@ -60,7 +61,7 @@ class RegionPlan:
     head_dim: int
     kv_dim: int  # real K/V width
     eps: float
-    rope_base: float
+    rope_freqs: tuple[float, ...]  # angle per position of each RoPE pair of a head (LlamaConfig.rope_freqs)
     cap: int  # KV slots per core
     kv_mode: str = "shift"
     head: bool = False  # final norm and LM head on this region
@@ -68,6 +69,7 @@ class RegionPlan:
     K: int = 2
     group_num: int | None = None
     dtype: str = "float32"  # what the cores hold and compute in (cost-only runs may use float16)
+    qkv_bias: bool = False  # q, k, v add a bias (``bqkv``) after their allreduce
     split: bool = False  # the paper kernel: q, k, v and gate, up as separate GEMVs / GEMMs, not one fused each
 
     def as_kwargs(self) -> dict:
@@ -115,8 +117,8 @@ def _columns(p: RegionPlan, x0: int, x1: int, width: int) -> tuple[np.ndarray, n
     kvt = _pad(p.kv_dim, 2 * width) // width
     j = np.arange(x0 * kvt, x1 * kvt).reshape(x1 - x0, kvt)  # global K/V column
     head = np.where(j < p.kv_dim, j // p.head_dim, -1)
-    d = (j % p.head_dim)[:, 0::2]  # even element of each RoPE pair
-    return head, p.rope_base ** (-d.astype(np.float64) / p.head_dim)
+    pair = (j % p.head_dim)[:, 0::2] // 2  # which RoPE pair of its head
+    return head, np.asarray(p.rope_freqs, dtype=np.float64)[pair]
 
 
 def _pad(n: int, m: int) -> int:
@@ -174,6 +176,10 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         for heads in (G, 1, 1) if p.split else (G + 2,):
             tile.charge(dt * heads * kvt, p.dtype, calls=dt, maps=1)
         await _allreduce(tile, p, "qkv", "y")
+        if p.qkv_bias:
+            if full:
+                tile.data("qkv")[...] += tile.data("bqkv")[:, :, layer]
+            tile.charge((G + 2) * kvt, p.dtype)
         if full:  # RoPE on q and k
             rope(tile.data("qkv"), G + 1, cos, sin)
         tile.charge(3 * (G + 1) * kvt, p.dtype)

@@ -207,8 +207,8 @@ class WaferLlama:
         self.cost_only = cost_only
         self.plans = [
             RegionPlan(r.layers, cfg.dim, cfg.n_heads // cfg.n_kv_heads, cfg.n_kv_heads, cfg.head_dim, cfg.kv_dim,
-                       cfg.norm_eps, cfg.rope_base, r.cap, kv, r.head, algo, group_num=group_num, dtype=dtype,
-                       split=kernel == "paper")
+                       cfg.norm_eps, tuple(cfg.rope_freqs().tolist()), r.cap, kv, r.head, algo, group_num=group_num,
+                       dtype=dtype, qkv_bias=cfg.qkv_bias, split=kernel == "paper")
             for r in self.placement.regions
         ]
         self.transport, self.executor, self.on_failure = transport, executor, on_failure

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 
@@ -53,14 +53,15 @@ class Generation:
 
 
 def generate(engine: WaferLlama, prompt_ids: list[int], *, max_new_tokens: int, sampler: Sampler | None = None,
-             eos_id: int | None = None, keep_logits: bool = False, prefill: str = "token",
+             stop_ids: Collection[int] = (), keep_logits: bool = False, prefill: str = "token",
              on_token: Callable[[int, int], None] | None = None,
              on_layer: Callable[[int, int], None] | None = None) -> Generation:
     """Decode ``max_new_tokens`` tokens (fewer at end-of-sequence) after ``prompt_ids``.
 
     ``prefill="mesh"`` runs the whole prompt at once with ``WaferLlama.prefill`` (the engine
     must have been placed with ``prefill_tokens`` >= the prompt's length); ``"token"``
-    feeds it one decode step per token. ``on_token(i, token_id)`` is called for every
+    feeds it one decode step per token. Generation stops after a token of ``stop_ids`` (the
+    tokenizer's ``stop_ids``: end of sequence, end of turn). ``on_token(i, token_id)`` is called for every
     prompt token (i < len(prompt)), then for each new token as it is chosen;
     ``on_layer(done, total)`` after every layer of a mesh prefill.
 
@@ -108,7 +109,7 @@ def generate(engine: WaferLlama, prompt_ids: list[int], *, max_new_tokens: int, 
         out.output_ids.append(tok)
         if on_token:
             on_token(len(out.prompt_ids) + len(out.output_ids) - 1, tok)
-        if eos_id is not None and tok == eos_id:
+        if tok in stop_ids:
             out.stop = "eos"
             break
         if len(out.output_ids) == max_new_tokens:

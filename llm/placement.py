@@ -67,7 +67,8 @@ class RegionShape:
 def layer_bytes(cfg: LlamaConfig, s: RegionShape, elem: int = F32) -> int:
     """Weight bytes of one decoder layer on one core."""
     g = cfg.n_heads // cfg.n_kv_heads
-    return elem * (2 * s.dt + s.dt * (g + 2) * s.kvt + g * s.kvt * s.dt + s.dt * 2 * s.ft + s.ft * s.dt)
+    bias = (g + 2) * s.kvt if cfg.qkv_bias else 0
+    return elem * (2 * s.dt + s.dt * (g + 2) * s.kvt + g * s.kvt * s.dt + s.dt * 2 * s.ft + s.ft * s.dt + bias)
 
 
 def work_bytes(cfg: LlamaConfig, s: RegionShape, head: bool, elem: int = F32) -> int:
@@ -260,9 +261,10 @@ SPECS = {
     "w2": Spec(None, "x", "y"),
     "final_norm": Spec("y"),
     "lm_head": Spec("y", "x"),
+    "bqkv": Spec(None, None, "x"),  # like qkv after its allreduce: on every row
 }
 
-STACKED = {"attn_norm", "wqkv", "wo", "ffn_norm", "w13", "w2", "k_cache", "v_cache"}  # (layers, ...): read a layer at a time
+STACKED = {"attn_norm", "wqkv", "bqkv", "wo", "ffn_norm", "w13", "w2", "k_cache", "v_cache"}  # (layers, ...): read a layer at a time
 
 
 def weight_shapes(cfg: LlamaConfig, s: RegionShape, region: Region) -> dict[str, tuple[int, ...]]:
@@ -272,6 +274,8 @@ def weight_shapes(cfg: LlamaConfig, s: RegionShape, region: Region) -> dict[str,
         "attn_norm": (L, s.dim), "wqkv": (L, s.dim, g + 2, s.kv), "wo": (L, g, s.kv, s.dim),
         "ffn_norm": (L, s.dim), "w13": (L, s.dim, 2, s.ffn), "w2": (L, s.ffn, s.dim),
     }
+    if cfg.qkv_bias:
+        shapes["bqkv"] = (L, g + 2, s.kv)
     if region.head:
         shapes.update(final_norm=(s.dim,), lm_head=(s.dim, s.vocab))
     return shapes
@@ -295,6 +299,8 @@ def region_weights(cfg: LlamaConfig, w: LlamaWeights, s: RegionShape, region: Re
         "w2": lambda: w.w_down[sl],
         "final_norm": lambda: w.final_norm,
         "lm_head": lambda: w.lm_head,
+        "bqkv": lambda: np.concatenate([w.bq[sl].reshape(L, nkv, g, hd).transpose(0, 2, 1, 3).reshape(L, g, nkv * hd),
+                                        w.bk[sl][:, None], w.bv[sl][:, None]], axis=1),
     }
     for name, shape in weight_shapes(cfg, s, region).items():
         array = real[name]()

@@ -132,6 +132,10 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
             tile.alias(alias, n, (layer,))
         await _rmsnorm(tile, p, tile.data(weights["attn_norm"]) if full else None, st, dt)
         await _projection(tile, p, "hp", weights["wqkv"], "qkvp", (G, 1, 1), st * dt * kvt, dt)
+        if p.qkv_bias:  # on every row (not skewed): each core's columns
+            if full:
+                tile.data("qkvp")[...] += tile.data("bqkv")[:, :, None, layer]
+            tile.charge(st * (G + 2) * kvt, p.dtype)
         if full:
             qkv = tile.data("qkvp")
             _rope(qkv[:, :, :, : G + 1], cos, sin)

@@ -18,10 +18,8 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight).astype(np.float32)
 
 
-def rope(x: np.ndarray, pos: int, base: float) -> np.ndarray:
-    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by pos * base^(-2i/head_dim)."""
-    head_dim = x.shape[-1]
-    freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (head_dim/2,)
+def rope(x: np.ndarray, pos: int, freq: np.ndarray) -> np.ndarray:
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by pos * freq[i] (``LlamaConfig.rope_freqs``)."""
     angle = pos * freq
     cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
     even, odd = x[..., 0::2], x[..., 1::2]
@@ -41,6 +39,7 @@ class ReferenceModel:
 
     def __init__(self, cfg: LlamaConfig, weights: LlamaWeights, max_seq: int | None = None):
         self.cfg, self.w = cfg, weights
+        self.freq = cfg.rope_freqs()  # (head_dim/2,)
         self.max_seq = max_seq or cfg.max_seq_len
         shape = (cfg.n_layers, self.max_seq, cfg.n_kv_heads, cfg.head_dim)
         self.k_cache = np.zeros(shape, np.float32)  # (L, seq, n_kv_heads, head_dim)
@@ -57,11 +56,14 @@ class ReferenceModel:
             # attention rmsnorm
             h = rmsnorm(x, w.attn_norm[layer], c.norm_eps)
             # qkv matmuls for this position
-            q = (h @ w.wq[layer]).reshape(c.n_heads, c.head_dim)  # (n_heads, head_dim)
-            k = (h @ w.wk[layer]).reshape(c.n_kv_heads, c.head_dim)  # (n_kv_heads, head_dim)
-            v = (h @ w.wv[layer]).reshape(c.n_kv_heads, c.head_dim)
+            q, k, v = h @ w.wq[layer], h @ w.wk[layer], h @ w.wv[layer]
+            if c.qkv_bias:
+                q, k, v = q + w.bq[layer], k + w.bk[layer], v + w.bv[layer]
+            q = q.reshape(c.n_heads, c.head_dim)  # (n_heads, head_dim)
+            k = k.reshape(c.n_kv_heads, c.head_dim)  # (n_kv_heads, head_dim)
+            v = v.reshape(c.n_kv_heads, c.head_dim)
             # RoPE on q and k
-            q, k = rope(q, pos, c.rope_base), rope(k, pos, c.rope_base)
+            q, k = rope(q, pos, self.freq), rope(k, pos, self.freq)
             self.k_cache[layer, pos], self.v_cache[layer, pos] = k, v
             # attention over positions 0..pos, each query head reading its kv head (GQA)
             keys = self.k_cache[layer, : pos + 1]  # (pos+1, n_kv_heads, head_dim)

@@ -1,7 +1,9 @@
-"""A byte-level BPE tokenizer built with ``tokenizers`` from GGUF metadata.
+"""A byte-level BPE tokenizer built with ``tokenizers`` from GGUF metadata or a ``tokenizer.json``.
 
 Control tokens (``<|im_start|>``, ``<|endoftext|>``, ...) are special tokens: written in
-the prompt text they become their own ids instead of being split into bytes.
+the prompt text they become their own ids instead of being split into bytes. A GGUF file
+names its pre-tokenizer (``tokenizer.ggml.pre``: how text is split into words before BPE);
+``PRE_TOKENIZERS`` holds the split rules of the ones implemented, as llama.cpp applies them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,15 @@ from .errors import CheckpointError
 
 CONTROL = 3  # GGUF token type of control tokens
 
+# Split rules of GGUF pre-tokenizers (llama.cpp's, case-insensitive contractions spelled out)
+_CONTRACTIONS = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_WORDS = r"[^\r\n\p{L}\p{N}]?\p{L}+|{digits}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PRE_TOKENIZERS = {
+    "smollm": None,  # digits one by one, then GPT-2's split (ByteLevel's own regex)
+    "llama-bpe": _CONTRACTIONS + "|" + _WORDS.replace("{digits}", r"\p{N}{1,3}"),  # digits in threes
+    "qwen2": _CONTRACTIONS + "|" + _WORDS.replace("{digits}", r"\p{N}"),  # digits one by one
+}
+
 
 class Tokenizer:
     """Encode text to ids and back.
@@ -21,21 +32,26 @@ class Tokenizer:
     Attributes:
         bos_id, eos_id: beginning- and end-of-sequence ids.
         chat_template: the model's Jinja chat template, if the file has one.
-        add_bos: a plain prompt starts with BOS (the file's ``add_bos_token``).
+        add_bos, add_eos: a plain prompt starts with BOS / ends with EOS (the file's ``add_bos_token`` /
+            ``add_eos_token``).
+        stop_ids: tokens that end generation: EOS and the file's other end tokens (end of turn, of message).
     """
 
-    def __init__(self, backend, bos_id: int, eos_id: int, chat_template: str | None, add_bos: bool = False):
+    def __init__(self, backend, bos_id: int, eos_id: int, chat_template: str | None, add_bos: bool = False,
+                 add_eos: bool = False, stop_ids: frozenset[int] = frozenset()):
         self.backend, self.bos_id, self.eos_id, self.chat_template = backend, bos_id, eos_id, chat_template
-        self.add_bos = add_bos
+        self.add_bos, self.add_eos = add_bos, add_eos
+        self.stop_ids = frozenset(stop_ids) | {eos_id}
 
     @classmethod
     def from_gguf(cls, reader, path: str | Path = "model") -> "Tokenizer":
-        """Build the tokenizer a GGUF file describes (``tokenizer.ggml.model`` = gpt2).
+        """Build the tokenizer a GGUF file describes (``tokenizer.ggml.model`` = gpt2, a pre-tokenizer of
+        ``PRE_TOKENIZERS``).
 
         Raises:
-            CheckpointError: another tokenizer model, or missing vocabulary.
+            CheckpointError: another tokenizer model or pre-tokenizer, or missing vocabulary.
         """
-        from tokenizers import AddedToken, decoders, models, pre_tokenizers
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as Backend
 
         def strings(key: str) -> list[str]:
@@ -52,31 +68,44 @@ class Tokenizer:
         if kind != "gpt2":
             raise CheckpointError(f"{path}: tokenizer model {kind!r} is not supported; expected a byte-level BPE ('gpt2')")
         pre = bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]).decode() if "tokenizer.ggml.pre" in reader.fields else None
-        if pre not in (None, "smollm"):  # the split rules below are SmolLM's; others would tokenize differently
-            raise CheckpointError(f"{path}: pre-tokenizer tokenizer.ggml.pre {pre!r} is not supported (only 'smollm')")
+        pre = pre or "smollm"  # files written before the key existed
+        if pre not in PRE_TOKENIZERS:
+            raise CheckpointError(f"{path}: pre-tokenizer tokenizer.ggml.pre {pre!r} is not supported "
+                                  f"(only {', '.join(map(repr, PRE_TOKENIZERS))}): it would split text differently")
         tokens = strings("tokenizer.ggml.tokens")
         merges = [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")]
         types_field = reader.fields.get("tokenizer.ggml.token_type")
         types = [int(types_field.parts[i][0]) for i in types_field.data] if types_field else [1] * len(tokens)
-        backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-        )
+        # Llama 3 takes a word that is in the vocabulary whole, without merging (llama.cpp's ignore_merges)
+        backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
+                                     ignore_merges=pre == "llama-bpe"))
+        if PRE_TOKENIZERS[pre] is None:
+            backend.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+            )
+        else:
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ])
         backend.decoder = decoders.ByteLevel()
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL])
         template = reader.fields.get("tokenizer.chat_template")
+        ends = {int(scalar(f"tokenizer.ggml.{k}_token_id")) for k in ("eot", "eom") if f"tokenizer.ggml.{k}_token_id" in reader.fields}
         return cls(
             backend,
             bos_id=int(scalar("tokenizer.ggml.bos_token_id", 1)),
             eos_id=int(scalar("tokenizer.ggml.eos_token_id", 2)),
             chat_template=None if template is None else bytes(template.parts[template.data[0]]).decode("utf-8"),
             add_bos=bool(scalar("tokenizer.ggml.add_bos_token", False)),
+            add_eos=bool(scalar("tokenizer.ggml.add_eos_token", False)),
+            stop_ids=frozenset(ends),
         )
 
     @classmethod
     def from_hf(cls, path: str | Path) -> "Tokenizer":
         """Build the tokenizer of a Hugging Face directory (``tokenizer.json``, ids and template from
-        ``tokenizer_config.json`` / ``config.json``).
+        ``tokenizer_config.json`` / ``config.json``, end tokens also from ``generation_config.json``).
 
         Raises:
             CheckpointError: no readable ``tokenizer.json``.
@@ -95,7 +124,7 @@ class Tokenizer:
             f = path / name
             return json.loads(f.read_text()) if f.exists() else {}
 
-        tc, cfg = read("tokenizer_config.json"), read("config.json")
+        tc, cfg, gen = read("tokenizer_config.json"), read("config.json"), read("generation_config.json")
 
         def token_id(key: str, default: int) -> int:
             tok = tc.get(key)
@@ -105,27 +134,35 @@ class Tokenizer:
                 return int(backend.token_to_id(tok))
             return int(cfg.get(f"{key}_id", default) or default)
 
+        ends = set()
+        for source in (cfg, gen):  # an id or a list of ids
+            value = source.get("eos_token_id")
+            ends |= set(value if isinstance(value, list) else [] if value is None else [value])
         return cls(backend, token_id("bos_token", 1), token_id("eos_token", 2), tc.get("chat_template"),
-                   add_bos=bool(tc.get("add_bos_token", False)))
+                   add_bos=bool(tc.get("add_bos_token", False)), add_eos=bool(tc.get("add_eos_token", False)),
+                   stop_ids=frozenset(int(i) for i in ends))
 
     def save(self, path: str | Path) -> None:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` into the directory ``path`` (read by ``from_hf``)."""
         path = Path(path)
         self.backend.save(str(path / "tokenizer.json"))
         token = lambda i: self.backend.id_to_token(i)  # noqa: E731
-        config = {"bos_token": token(self.bos_id), "eos_token": token(self.eos_id), "add_bos_token": self.add_bos}
+        config = {"bos_token": token(self.bos_id), "eos_token": token(self.eos_id), "add_bos_token": self.add_bos,
+                  "add_eos_token": self.add_eos}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         (path / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))
+        (path / "generation_config.json").write_text(json.dumps({"eos_token_id": sorted(self.stop_ids)}))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special tokens written in it are parsed as such."""
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def encode_prompt(self, text: str) -> list[int]:
-        """Token ids of a plain prompt: BOS first where the file asks for it (``add_bos_token``), as llama.cpp and
-        transformers do. A chat template writes its own BOS, so its text goes through ``encode``."""
-        return ([self.bos_id] if self.add_bos else []) + self.encode(text)
+        """Token ids of a plain prompt: BOS first and EOS last where the file asks for them (``add_bos_token``,
+        ``add_eos_token``), as llama.cpp and transformers do. A chat template writes its own BOS, so its text goes
+        through ``encode``."""
+        return ([self.bos_id] if self.add_bos else []) + self.encode(text) + ([self.eos_id] if self.add_eos else [])
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids``, special tokens included."""

@@ -98,12 +98,15 @@ def test_presets_and_random_weights():
 
 
 @pytest.mark.parametrize("feature, extra", [
-    ("llama.rope.scaling.type 'linear'", lambda w: w.add_string("llama.rope.scaling.type", "linear")),
-    ("llama.attention.key_length 6", lambda w: w.add_uint32("llama.attention.key_length", 6)),
+    ("llama.rope.scaling.type: RoPE scaling of type 'yarn'", lambda w: w.add_string("llama.rope.scaling.type", "yarn")),
+    ("llama.attention.key_length 6 and value_length 4 differ",
+     lambda w: (w.add_uint32("llama.attention.key_length", 6), w.add_uint32("llama.attention.value_length", 4))),
     ("llama.expert_count 8", lambda w: w.add_uint32("llama.expert_count", 8)),
-    ("bias tensors (blk.0.attn_q.bias", lambda w: w.add_tensor("blk.0.attn_q.bias", np.zeros(8, np.float32))),
+    ("bias tensors (blk.0.attn_output.bias", lambda w: w.add_tensor("blk.0.attn_output.bias", np.zeros(8, np.float32))),
+    ("q, k, v bias tensors on some layers only", lambda w: w.add_tensor("blk.0.attn_q.bias", np.zeros(8, np.float32))),
 ])
 def test_gguf_features_we_do_not_compute_are_refused(tmp_path, feature, extra):
-    """A file that needs RoPE scaling, another head size, experts or biases is refused by name, not run wrong."""
+    """A file that needs another RoPE scaling, key and value head sizes that differ, experts or biases other than
+    every layer's q, k, v is refused by name, not run wrong."""
     with pytest.raises(CheckpointError, match=re.escape(feature)):
         load_gguf(write_gguf(tmp_path / "m.gguf", extra=extra))

@@ -80,7 +80,7 @@ def test_hf_checkpoint_loads_and_decodes_like_the_reference(tmp_path):
 def test_hf_rotate_half_matches_hf_rope(tmp_path):
     """Independent check of the permutation: Hugging Face's rotate-half RoPE on the file's q
     gives the adjacent-pair RoPE on the loaded q, up to the same column order."""
-    from llm.hf import _interleave
+    from llm.checkpoint import rope_interleave
     from llm.reference import rope
 
     rng = np.random.default_rng(0)
@@ -90,8 +90,8 @@ def test_hf_rotate_half_matches_hf_rope(tmp_path):
     cos, sin = np.cos(pos * inv), np.sin(pos * inv)
     x1, x2 = q_hf[:, : hd // 2], q_hf[:, hd // 2 :]
     rotated_hf = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=1)
-    perm = _interleave(CFG.n_heads, hd)
-    ours = rope(q_hf.ravel()[perm].reshape(CFG.n_heads, hd), pos, CFG.rope_base)
+    perm = rope_interleave(CFG.n_heads, hd)
+    ours = rope(q_hf.ravel()[perm].reshape(CFG.n_heads, hd), pos, CFG.rope_freqs())
     np.testing.assert_allclose(ours.ravel(), rotated_hf.ravel()[perm], rtol=1e-5, atol=1e-6)
 
 
@@ -158,11 +158,13 @@ def test_bf16_safetensors_widen_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, named", [
-    ("model_type", "qwen2", "model_type 'qwen2'"),
-    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling of type 'llama3'"),
+    ("model_type", "mistral", "model_type 'mistral'"),
+    ("rope_scaling", {"rope_type": "longrope", "factor": 8.0}, "rope_scaling of type 'longrope'"),
     ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e6}, "rope_parameters of type 'yarn'"),
     ("attention_bias", True, "attention_bias True"),
+    ("mlp_bias", True, "mlp_bias True"),
     ("num_local_experts", 8, "a mixture of experts"),
+    ("use_sliding_window", True, "sliding_window"),
 ])
 def test_hf_features_we_do_not_compute_are_refused(tmp_path, key, value, named):
     """A config that asks for another architecture, RoPE scaling, biases or experts is refused by name."""

@@ -54,14 +54,14 @@ def test_templates_render_with_the_options_transformers_uses():
 
 
 def test_other_gguf_pre_tokenizers_are_refused(tmp_path):
-    """Llama-3's 'llama-bpe' splits text by other rules than SmolLM's: refused by name rather than tokenized wrong."""
+    """A pre-tokenizer not implemented here would split text by other rules: refused by name, not tokenized wrong."""
     from llm.checkpoint import load_gguf
     from llm.tokenizer import Tokenizer
 
     from .test_checkpoint import write_gguf
 
-    path = write_gguf(tmp_path / "m.gguf", extra=lambda w: w.add_string("tokenizer.ggml.pre", "llama-bpe"))
-    with pytest.raises(CheckpointError, match="tokenizer.ggml.pre 'llama-bpe' is not supported"):
+    path = write_gguf(tmp_path / "m.gguf", extra=lambda w: w.add_string("tokenizer.ggml.pre", "deepseek-llm"))
+    with pytest.raises(CheckpointError, match="tokenizer.ggml.pre 'deepseek-llm' is not supported"):
         Tokenizer.from_gguf(load_gguf(path)[2], path)
 
 
