@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-CONTROL = 3  # GGUF token type of control tokens
+NORMAL, CONTROL, BYTE = 1, 3, 6  # GGUF token types
 
 # Split rules of GGUF pre-tokenizers (llama.cpp's, case-insensitive contractions spelled out)
 _CONTRACTIONS = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
@@ -45,19 +45,16 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, reader, path: str | Path = "model") -> "Tokenizer":
-        """Build the tokenizer a GGUF file describes (``tokenizer.ggml.model`` = gpt2, a pre-tokenizer of
-        ``PRE_TOKENIZERS``).
+        """Build the tokenizer a GGUF file describes (``tokenizer.ggml.model``: ``gpt2`` with a pre-tokenizer of
+        ``PRE_TOKENIZERS``, or ``llama``, SentencePiece's BPE).
 
         Raises:
             CheckpointError: another tokenizer model or pre-tokenizer, or missing vocabulary.
         """
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-        from tokenizers import Tokenizer as Backend
+        from tokenizers import AddedToken
 
         def strings(key: str) -> list[str]:
-            field = reader.fields.get(key)
-            if field is None:
-                raise CheckpointError(f"{path}: metadata key {key!r} is missing")
+            field = _field(reader, key, path)
             return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
 
         def scalar(key: str, default=None):
@@ -65,30 +62,24 @@ class Tokenizer:
             return default if field is None else field.parts[field.data[0]].tolist()[0]
 
         kind = bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() if "tokenizer.ggml.model" in reader.fields else None
-        if kind != "gpt2":
-            raise CheckpointError(f"{path}: tokenizer model {kind!r} is not supported; expected a byte-level BPE ('gpt2')")
-        pre = bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]).decode() if "tokenizer.ggml.pre" in reader.fields else None
-        pre = pre or "smollm"  # files written before the key existed
-        if pre not in PRE_TOKENIZERS:
-            raise CheckpointError(f"{path}: pre-tokenizer tokenizer.ggml.pre {pre!r} is not supported "
-                                  f"(only {', '.join(map(repr, PRE_TOKENIZERS))}): it would split text differently")
         tokens = strings("tokenizer.ggml.tokens")
-        merges = [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")]
         types_field = reader.fields.get("tokenizer.ggml.token_type")
-        types = [int(types_field.parts[i][0]) for i in types_field.data] if types_field else [1] * len(tokens)
-        # Llama 3 takes a word that is in the vocabulary whole, without merging (llama.cpp's ignore_merges)
-        backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
-                                     ignore_merges=pre == "llama-bpe"))
-        if PRE_TOKENIZERS[pre] is None:
-            backend.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-            )
+        types = [int(types_field.parts[i][0]) for i in types_field.data] if types_field else [NORMAL] * len(tokens)
+        if kind == "gpt2":
+            pre = bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]).decode() if "tokenizer.ggml.pre" in reader.fields else None
+            pre = pre or "smollm"  # files written before the key existed
+            if pre not in PRE_TOKENIZERS:
+                raise CheckpointError(f"{path}: pre-tokenizer tokenizer.ggml.pre {pre!r} is not supported "
+                                      f"(only {', '.join(map(repr, PRE_TOKENIZERS))}): it would split text differently")
+            backend = _byte_level_bpe(tokens, [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")], pre)
+        elif kind == "llama":
+            scores_field = _field(reader, "tokenizer.ggml.scores", path)
+            scores = [float(scores_field.parts[i][0]) for i in scores_field.data]
+            backend = _sentencepiece_bpe(tokens, scores, types, int(scalar("tokenizer.ggml.unknown_token_id", 0)),
+                                         bool(scalar("tokenizer.ggml.add_space_prefix", True)))
         else:
-            backend.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre]), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ])
-        backend.decoder = decoders.ByteLevel()
+            raise CheckpointError(f"{path}: tokenizer model tokenizer.ggml.model {kind!r} is not supported "
+                                  "(only 'gpt2', a byte-level BPE, and 'llama', SentencePiece's BPE)")
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL])
         template = reader.fields.get("tokenizer.chat_template")
         ends = {int(scalar(f"tokenizer.ggml.{k}_token_id")) for k in ("eot", "eom") if f"tokenizer.ggml.{k}_token_id" in reader.fields}
@@ -179,6 +170,55 @@ class Tokenizer:
         token = lambda i: self.backend.id_to_token(i) or ""  # noqa: E731
         return render_chat(self.chat_template, [{"role": "user", "content": user}], bos_token=token(self.bos_id),
                            eos_token=token(self.eos_id))
+
+
+def _field(reader, key: str, path):
+    field = reader.fields.get(key)
+    if field is None:
+        raise CheckpointError(f"{path}: metadata key {key!r} is missing")
+    return field
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[tuple[str, str]], pre: str):
+    """GPT-2 style BPE over bytes shown as characters, words split by the pre-tokenizer ``pre`` (of
+    ``PRE_TOKENIZERS``) first."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    # Llama 3 takes a word that is in the vocabulary whole, without merging (llama.cpp's ignore_merges)
+    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
+                                 ignore_merges=pre == "llama-bpe"))
+    if PRE_TOKENIZERS[pre] is None:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        )
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int], unk: int, space_prefix: bool):
+    """SentencePiece's BPE (Llama 2, TinyLlama): spaces as U+2581 (one before the text, and after each special
+    token, as llama.cpp does), the adjacent pair whose union scores highest merged first, characters the
+    vocabulary lacks as their UTF-8 bytes (``<0xNN>`` tokens). As a merge list: every split of a token into
+    two tokens, highest-scoring union first."""
+    from tokenizers import decoders, models, normalizers
+    from tokenizers import Tokenizer as Backend
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pieces = {t for t, k in zip(tokens, types) if k != BYTE and k != CONTROL}
+    merges = [(t[:k], t[k:]) for i in sorted(range(len(tokens)), key=lambda i: -scores[i]) if tokens[i] in pieces
+              for t in (tokens[i],) for k in range(1, len(t)) if t[:k] in pieces and t[k:] in pieces]
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True, unk_token=tokens[unk]))
+    space = [normalizers.Prepend("▁")] if space_prefix else []
+    backend.normalizer = normalizers.Sequence(space + [normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
+    return backend
 
 
 def render_chat(template: str, messages: list[dict[str, str]], **special: str) -> str:

@@ -2,7 +2,8 @@
 hundred tokens), as GGUF files and Hugging Face directories, against independent references:
 
 - tokenization: ``tiktoken`` (the BPE library Llama 3's and Qwen's own tokenizers are built on), given
-  the same ranks and the published split pattern of each model;
+  the same ranks and the published split pattern of each model; ``sentencepiece`` (Llama 2's and
+  TinyLlama's tokenizer library) for a model it trains here;
 - numbers: a forward pass written in this file in Hugging Face's conventions (weights (out, in),
   rotate-half RoPE, Llama 3.1's frequency rule, biases, repeated K/V heads), float64, the whole
   sequence at once: none of the package's layouts, loaders or kernels.
@@ -294,6 +295,53 @@ def test_gguf_tokenizers_give_the_reference_ids(tmp_path, family, pre, pattern, 
     assert digits < 7 if family == "llama3" else digits == 7
 
 
+def test_a_sentencepiece_gguf_gives_the_reference_ids(tmp_path):
+    """Llama 2 / TinyLlama: a SentencePiece BPE model trained here, stored in a GGUF file the way llama.cpp's
+    converter stores it (pieces, scores, types, byte tokens), tokenizes as SentencePiece does, characters it
+    never saw as their bytes; a special token in the text is one id."""
+    import sentencepiece as spm
+
+    (tmp_path / "corpus.txt").write_text(CORPUS)
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"), model_type="bpe",
+                                   vocab_size=420, byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, character_coverage=1.0, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    kinds = [3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1 for i in range(sp.get_piece_size())]
+    c = {**QWEN2, "model_type": "llama", "tie_word_embeddings": True, "vocab_size": sp.get_piece_size()}
+    w = gguf.GGUFWriter(str(tmp_path / "tinyllama.gguf"), "llama")
+    for key, value in (("block_count", 2), ("embedding_length", 32), ("feed_forward_length", 40), ("attention.head_count", 4),
+                       ("attention.head_count_kv", 2), ("context_length", 64)):
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+    w.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
+    w.add_token_types(kinds)
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    for name, a in hf_state(c, 0).items():
+        if "layers" not in name:
+            w.add_tensor({"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}[name], a)
+        else:
+            i, rest = name.split(".", 3)[2:]
+            part = {"input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "ffn_norm",
+                    "self_attn.o_proj.weight": "attn_output", "mlp.gate_proj.weight": "ffn_gate",
+                    "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down"}.get(rest, f"attn_{rest[10]}")
+            w.add_tensor(f"blk.{i}.{part}.weight", a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = load_model(str(tmp_path / "tinyllama.gguf"))[2]
+    for text in TRICKY + [CORPUS]:
+        assert tok.encode(text) == sp.encode(text), text
+        assert tok.decode(tok.encode(text)) == text
+    assert any(k == 6 for k in (kinds[i] for i in tok.encode("日本語 🤖")))  # byte fallback used
+    assert tok.encode("</s>hi") == [sp.eos_id()] + sp.encode("hi")  # after a special token, a space prefix again
+
+
 def test_a_llama3_gguf_runs_as_the_reference(tmp_path):
     """GQA, a head size other than dim / heads (key_length), Llama 3.1's RoPE frequencies (rope_freqs.weight),
     BOS before a plain prompt, end of turn as a stop token: greedy tokens and logits equal the reference's,
@@ -353,3 +401,17 @@ def test_without_its_biases_qwen2_would_differ(tmp_path):
     sd = hf_state(QWEN2, 3)
     plain = {k: v for k, v in sd.items() if not k.endswith(".bias")}
     assert not np.allclose(hf_logits(QWEN2, sd, PROMPT), hf_logits(QWEN2, plain, PROMPT), atol=1e-2)
+
+
+def test_a_converted_qwen2_keeps_its_biases_and_tokenizer(tmp_path):
+    """wafer-llm convert of a Qwen2 GGUF: the tiles read the biases from their shards and decode as from the file."""
+    from llm.converted import convert
+    from wafer_actors.device import preset
+
+    sd = hf_state(QWEN2, 4)
+    path = write_gguf(tmp_path / "qwen2.gguf", QWEN2, sd, "qwen2", QWEN2_SPECIAL)
+    cfg, weights, tok = load_model(str(path))
+    convert(cfg, weights, tok, tmp_path / "conv", mesh=(4, 4), device=preset("wse2"), tokens=len(PROMPT) + 5)
+    conv_tok = load_model(str(tmp_path / "conv"))[2]
+    assert all(conv_tok.encode(t) == tok.encode(t) for t in TRICKY)
+    assert_same_run(wafer_greedy(tmp_path / "conv", PROMPT, 5, "token"), hf_greedy(QWEN2, sd, PROMPT, 5))
