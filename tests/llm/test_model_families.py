@@ -139,6 +139,8 @@ def inv_freq(c: dict) -> np.ndarray:
     hd = c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
     inv = c["rope_theta"] ** (-np.arange(0, hd, 2) / hd)
     s = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    if s.get("rope_type") == "linear":  # positions divided by the factor
+        inv = inv / s["factor"]
     if s.get("rope_type") == "llama3":
         orig, lo, hi, factor = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"], s["factor"]
         wavelen = 2 * np.pi / inv
@@ -380,6 +382,15 @@ def test_a_llama3_bf16_directory_runs_as_the_reference(tmp_path, style):
     want = hf_greedy(ref_c, bf16, PROMPT, 5)
     assert not np.allclose(want[1], hf_greedy(LLAMA3, sd, PROMPT, 5)[1])  # bfloat16 really changed the numbers
     assert_same_run(wafer_greedy(path, PROMPT, 5, "token", tiles=(1, 2)), want)
+
+
+def test_linear_rope_scaling_runs_as_the_reference(tmp_path):
+    """Linear RoPE scaling (positions interpolated by the factor), read from a Hugging Face config."""
+    c = {**LLAMA3, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}
+    sd = hf_state(c, 5)
+    want = hf_greedy(c, sd, PROMPT, 4)
+    assert not np.allclose(want[1], hf_greedy(LLAMA3, sd, PROMPT, 4)[1])  # the scaling changes the numbers
+    assert_same_run(wafer_greedy(write_hf(tmp_path / "linear", c, sd), PROMPT, 4, "token"), want)
 
 
 @pytest.mark.parametrize("form", ["hf", "gguf"])
