@@ -20,6 +20,7 @@ from wafer_actors.errors import InputError, InvalidArgument, TileLost
 from wafer_actors.mesh import parse_grid
 
 from .paper_kernel import check_kernel
+from .utilisation import generation_utilisation
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -123,6 +124,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot_sweep(rows, args.plot, f"{args.op} {args.M}x{args.N} on {device.name}")
     return 0
+
+
+def _percent(util: dict, key: str) -> str:
+    return f"{100 * util[key]:.2g}%" if key in util else "-"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -243,6 +248,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pred, emu = summary["predicted"], summary["emulation"]
     timing = result.timing(device.clock_hz)
     pred.update(timing)
+    pred["utilisation"] = util = generation_utilisation(
+        engine.cfg, device, engine.dtype, engine.placement.cores, len(result.prompt_ids), result.prefill_mode,
+        result.ttft_cycles, result.decode_steps, result.decode_cycles)
     if result.prefill:
         emu["prefill_s"] = result.prefill.host_s
     print(
@@ -251,7 +259,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"{pred['steps_per_s']:,.0f} steps/s; after the first token {timing['decode_tokens_per_s']:,.0f} tokens/s "
         f"(hand-over included) | end to end {timing['e2e_tokens_per_s']:,.0f} tokens/s | emulation: "
         + (f"prefill {result.prefill.host_s:.1f} s, " if result.prefill else "")
-        + f"{emu['ms_per_token']:.0f} ms/decode step | SRAM high-water {emu['sram_high_water_bytes']} of "
+        + f"{emu['ms_per_token']:.0f} ms/decode step | decode MBU {_percent(util['decode'], 'mbu')} MFU "
+        f"{_percent(util['decode'], 'mfu')} of the wafer ({_percent(util['decode'], 'mbu_cores_used')} / "
+        f"{_percent(util['decode'], 'mfu_cores_used')} of the cores in use) | SRAM high-water {emu['sram_high_water_bytes']} of "
         f"{emu['sram_bytes']} B per core | stop: {result.stop}",
         file=sys.stderr,
     )

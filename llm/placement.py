@@ -149,6 +149,11 @@ class Placement:
             )
 
     @property
+    def cores(self) -> int:
+        """Cores the model occupies: every region's."""
+        return len(self.regions) * self.shape.height * self.shape.width
+
+    @property
     def cap(self) -> int:
         """KV slots per core (the smallest over the regions)."""
         return min(r.cap for r in self.regions)

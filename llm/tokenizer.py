@@ -1,4 +1,5 @@
-"""A byte-level BPE tokenizer built with ``tokenizers`` from GGUF metadata or a ``tokenizer.json``.
+"""Tokenizers built with ``tokenizers`` from GGUF metadata (a byte-level BPE, or SentencePiece's BPE)
+or from a ``tokenizer.json``.
 
 Control tokens (``<|im_start|>``, ``<|endoftext|>``, ...) are special tokens: written in
 the prompt text they become their own ids instead of being split into bytes. A GGUF file
@@ -211,8 +212,11 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int],
 
     vocab = {t: i for i, t in enumerate(tokens)}
     pieces = {t for t, k in zip(tokens, types) if k != BYTE and k != CONTROL}
-    merges = [(t[:k], t[k:]) for i in sorted(range(len(tokens)), key=lambda i: -scores[i]) if tokens[i] in pieces
-              for t in (tokens[i],) for k in range(1, len(t)) if t[:k] in pieces and t[k:] in pieces]
+    merges = []
+    for i in sorted(range(len(tokens)), key=lambda i: -scores[i]):
+        t = tokens[i]
+        if t in pieces:
+            merges += [(t[:k], t[k:]) for k in range(1, len(t)) if t[:k] in pieces and t[k:] in pieces]
     backend = Backend(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True, unk_token=tokens[unk]))
     space = [normalizers.Prepend("▁")] if space_prefix else []
     backend.normalizer = normalizers.Sequence(space + [normalizers.Replace(" ", "▁")])

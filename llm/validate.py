@@ -28,6 +28,7 @@ from wafer_actors import Wafer
 from wafer_actors.device import DeviceSpec
 from wafer_actors.errors import RoutingError
 from wafer_actors.ops import TensorShape, gemm
+from wafer_actors.utilisation import Work, utilisation
 
 from .calibration import (
     CONTEXT,
@@ -41,6 +42,7 @@ from .config import preset
 from .engine import crossing_cycles
 from .paper_kernel import KERNELS, check_kernel, paper_config, paper_shape
 from .placement import PlacementError, place
+from .utilisation import decode_work, prefill_work
 
 MODELS = ("llama3-8b", "llama2-13b", "codellama-34b", "qwen2-72b")
 DECODE_GRIDS = (420, 540, 660)
@@ -66,6 +68,7 @@ def decode_row(model: str, device: DeviceSpec, grid: int, executor: str = "fused
     paper = PAPER_TPS.get((model, "decode", grid))
     tps = device.clock_hz / (cycles * cfg.n_layers)
     return {
+        **_utilisation(decode_work(cfg, CONTEXT, 2), 1 / tps, device, regions, grid),
         "model": model, "phase": "decode", "kernel": kernel, "grid": grid, "context": CONTEXT,
         "predicted_cycles_per_layer": cycles, "predicted_tps": tps, "paper_tps": paper,
         "error": None if paper is None else tps / paper - 1,
@@ -86,6 +89,12 @@ def _regions(cfg, device: DeviceSpec, grid: int, tokens: int, prefill_tokens: in
     return regions, regions <= (device.height // grid) * (device.width // grid)
 
 
+def _utilisation(work: Work, seconds: float, device: DeviceSpec, regions: int | None, grid: int) -> dict[str, float]:
+    """MBU and MFU of the real model's work (float16) in the predicted time, for the wafer and the regions it needs."""
+    u = utilisation(work, seconds, device, "float16", (regions or 1) * grid * grid)
+    return {k: u[k] for k in ("mbu", "mfu", "mbu_cores_used", "mfu_cores_used")}
+
+
 def _fit_note(regions: int | None, fits: bool) -> str:
     if regions is None:
         return "; the LM head does not fit a region with a layer"
@@ -103,6 +112,7 @@ def prefill_row(model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT
     paper = PAPER_TPS.get((model, "prefill", grid)) if tokens == CONTEXT else None
     tps = tokens * device.clock_hz / (cycles * cfg.n_layers)
     return {
+        **_utilisation(prefill_work(cfg, tokens, 2), tokens / tps, device, regions, grid),
         "model": model, "phase": "prefill", "kernel": kernel, "grid": grid, "context": tokens,
         "predicted_cycles_per_layer": cycles, "predicted_tps": tps, "paper_tps": paper,
         "error": None if paper is None else tps / paper - 1,

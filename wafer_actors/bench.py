@@ -14,6 +14,7 @@ import numpy as np
 
 from .device import DeviceSpec
 from .ops import TensorShape, gemm, gemv
+from .utilisation import Work, utilisation
 from .wafer import RunStats, Wafer
 
 
@@ -23,7 +24,9 @@ def _operand(shape: tuple[int, ...], dtype: str, cost_only: bool, rng: np.random
     return rng.standard_normal(shape).astype(dtype)
 
 
-def _row(kind: str, algo: str, p: int, device: DeviceSpec, stats: RunStats, wall: float, extra: dict[str, Any]) -> dict[str, Any]:
+def _row(kind: str, algo: str, p: int, device: DeviceSpec, stats: RunStats, wall: float, extra: dict[str, Any],
+         work: Work) -> dict[str, Any]:
+    u = utilisation(work, stats.seconds, device, extra["dtype"], p * p)
     return {
         "kind": kind,
         "algo": algo,
@@ -39,6 +42,7 @@ def _row(kind: str, algo: str, p: int, device: DeviceSpec, stats: RunStats, wall
         "run_wall_s": stats.host_wall_s,
         "device": device.name,
         "tile_messages": stats.counts["tile_messages"],
+        **{k: u.get(k) for k in ("mbu", "mfu", "mbu_cores_used", "mfu_cores_used")},
         **extra,
     }
 
@@ -63,7 +67,8 @@ def bench_gemv(p: int, m: int, n: int, *, algo: str, device: DeviceSpec, tiles: 
     if y is not None:
         ref = x.astype(np.float64) @ w.astype(np.float64)
         extra["max_abs_error"] = float(np.abs(y - ref).max())
-    return _row("gemv", algo, p, device, stats, wall, extra)
+    elem = np.dtype(dtype).itemsize
+    return _row("gemv", algo, p, device, stats, wall, extra, Work(bytes=elem * (m * n + m), flops=2 * m * n))
 
 
 def bench_gemm(p: int, m: int, k: int, n: int, *, algo: str, device: DeviceSpec, tiles: tuple[int, int] = (1, 1), transport: str = "local",
@@ -92,7 +97,8 @@ def bench_gemm(p: int, m: int, k: int, n: int, *, algo: str, device: DeviceSpec,
     if c is not None:
         ref = a.astype(np.float64) @ (b.astype(np.float64).T if algo == "gemm_t" else b.astype(np.float64))
         extra["max_abs_error"] = float(np.abs(c - ref).max())
-    return _row("gemm", algo, p, device, stats, wall, extra)
+    elem = np.dtype(dtype).itemsize
+    return _row("gemm", algo, p, device, stats, wall, extra, Work(bytes=elem * (m * k + k * n), flops=2 * m * k * n))
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str) -> None:

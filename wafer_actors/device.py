@@ -42,6 +42,10 @@ class DeviceSpec:
         task_overhead: cycles a core spends switching to its next task (the CSL activates one
             task per operation: it picks the task, sets up the operation's DSDs and fabric
             queues). Charged once per compute operation and once per phase of a collective.
+        sram_read_bytes_per_cycle: bytes one core can read from its SRAM per cycle (the peak
+            that utilisation's MBU divides by; not used by the cost rules).
+        peak_fmacs_per_cycle: the hardware's peak FMACs per cycle per dtype, for MFU (the cost
+            rules use ``fmacs_per_cycle``, a fitted sustained rate); empty: the same as it.
     """
 
     name: str
@@ -58,13 +62,15 @@ class DeviceSpec:
     call_overhead: float = 0.0
     map_overhead: float = 0.0
     task_overhead: float = 0.0
+    sram_read_bytes_per_cycle: float = 16.0
+    peak_fmacs_per_cycle: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("width", "height", "sram_bytes", "routes_per_core"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise DeviceSpecError(f"device {self.name!r}: field {name!r} must be a positive integer, got {value!r}")
-        for name in ("clock_hz", "link_bytes_per_cycle", "power_watts"):
+        for name in ("clock_hz", "link_bytes_per_cycle", "power_watts", "sram_read_bytes_per_cycle"):
             _check_number(self.name, name, getattr(self, name), positive=True)
         for name in ("alpha", "beta", "call_overhead", "map_overhead", "task_overhead"):
             _check_number(self.name, name, getattr(self, name), positive=False)
@@ -76,6 +82,9 @@ class DeviceSpec:
         for dtype, rate in self.fmacs_per_cycle.items():
             _check_number(self.name, f"fmacs_per_cycle.{dtype}", rate, positive=True)
         object.__setattr__(self, "fmacs_per_cycle", dict(self.fmacs_per_cycle))
+        for dtype, rate in self.peak_fmacs_per_cycle.items():
+            _check_number(self.name, f"peak_fmacs_per_cycle.{dtype}", rate, positive=True)
+        object.__setattr__(self, "peak_fmacs_per_cycle", dict(self.peak_fmacs_per_cycle))
 
     def rate(self, dtype: str) -> float:
         """Return the FMACs per cycle for ``dtype``.
@@ -90,6 +99,23 @@ class DeviceSpec:
                 f"device {self.name!r} has no compute rate for dtype {dtype!r}; "
                 f"known: {sorted(self.fmacs_per_cycle)}"
             ) from None
+
+    @property
+    def cores(self) -> int:
+        """Cores of the whole fabric."""
+        return self.width * self.height
+
+    def sram_bandwidth(self, cores: int | None = None) -> float:
+        """Aggregate SRAM read bandwidth of ``cores`` cores (default: the whole fabric), bytes/s."""
+        return self.sram_read_bytes_per_cycle * (cores or self.cores) * self.clock_hz
+
+    def peak_flops(self, dtype: str, cores: int | None = None) -> float:
+        """Peak FLOP/s of ``cores`` cores (default: the whole fabric) in ``dtype``: 2 FLOPs per FMAC.
+
+        Raises:
+            DeviceSpecError: no rate for that dtype.
+        """
+        return 2 * self.peak_fmacs_per_cycle.get(dtype, self.rate(dtype)) * (cores or self.cores) * self.clock_hz
 
     def seconds(self, cycles: float) -> float:
         """Convert device cycles to seconds."""
@@ -191,6 +217,9 @@ _PRESETS: dict[str, DeviceSpec] = {
         task_overhead=91.91,  # fitted
         routes_per_core=24,  # routable colours 0-23
         power_watts=15_000.0,  # 37.5 x a 400 W A100, the ratio behind the paper's energy tables
+        # two 64-bit reads per core per cycle (with the 64-bit write: 24 B x 850k cores x 1.1 GHz = the 22 PB/s quoted)
+        sram_read_bytes_per_cycle=16.0,
+        peak_fmacs_per_cycle={"float16": 2.0, "float32": 1.0},  # one 32-bit MAC per cycle, two float16 lanes
     ),
     "wse3": DeviceSpec(
         name="wse3",

@@ -27,9 +27,12 @@ def test_generate_writes_json_report(tmp_path, capsys, smollm2, tokenizer):
     assert pred["ttft_s"] > 0 and pred["handover_s"] > 0 and pred["decode_tokens_per_s"] > 0
     assert pred["e2e_tokens_per_s"] < pred["decode_tokens_per_s"]  # the prompt's time counts end to end
     assert report["emulation"]["mesh"] == [64, 64] and report["emulation"]["tiles"] == [1, 1]
+    for phase in ("prefill", "decode"):  # one 64x64 region of the wafer: most of it idle
+        util = pred["utilisation"][phase]
+        assert 0 < util["mbu"] < util["mbu_cores_used"] < 1 and 0 < util["mfu"] < util["mfu_cores_used"] < 1
     captured = capsys.readouterr()
     assert "The capital of France is Paris." in captured.out
-    assert "tokens/s" in captured.err
+    assert "tokens/s" in captured.err and "decode MBU" in captured.err
 
 
 @pytest.mark.parametrize(

@@ -63,6 +63,8 @@ def test_validate_runs_end_to_end_on_a_reduced_set(tmp_path, capsys):
         n_layers = preset(r["model"]).n_layers
         assert abs(r["predicted_tps"] * r["predicted_cycles_per_layer"] * n_layers - resolve("wse2").clock_hz) < 1e-3 * resolve("wse2").clock_hz
         assert r["sram_high_water_bytes"] <= r["sram_bytes"]
+        assert 0 < r["mbu"] < r["mbu_cores_used"] < 1 and 0 < r["mfu"] < r["mfu_cores_used"] < 1
+    assert all(0 < r["mfu"] < 1 for r in rows if r.get("phase") == "prefill")
     gemv = [r for r in rows if r.get("kind") == "gemv"]
     assert len(gemv) == 2 and all(r["ratio"] > 1 for r in gemv)  # the K-tree beats the pipeline allreduce
     efficiency = [r for r in rows if r.get("kind") == "fig9_efficiency"]
