@@ -20,6 +20,7 @@ from wafer_actors.errors import InputError, InvalidArgument, TileLost
 from wafer_actors.mesh import parse_grid
 
 from .paper_kernel import check_kernel
+from .trace import DETAILS, write_trace
 from .utilisation import generation_utilisation
 
 
@@ -183,7 +184,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loading = tqdm(desc="weights", unit="B", unit_scale=True, leave=False, file=sys.stderr, delay=1)
     with WaferLlama(cfg, weights, mesh=mesh, device=device, tiles=tiles, transport=args.transport, kv=args.kv,
                     tokens=tokens, regions=regions, algo=args.algo, prefill_tokens=room, executor=args.executor,
-                    on_failure=args.on_failure, snapshot_every=args.snapshot_every, on_load=_progress(loading)) as engine:
+                    on_failure=args.on_failure, snapshot_every=args.snapshot_every, on_load=_progress(loading),
+                    trace=args.trace is not None) as engine:
         loading.close()
         p = engine.placement
         print(f"placed on {len(p.regions)} region(s) of {mesh[0]}x{mesh[1]} cores of {device.name}, {tiles[0]}x{tiles[1]} "
@@ -265,6 +267,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"{emu['sram_bytes']} B per core | stop: {result.stop}",
         file=sys.stderr,
     )
+    if args.trace:
+        write_trace(args.trace, engine, result, args.trace_detail)
     if args.json:
         report = {"model": cfg.name, "prompt_ids": result.prompt_ids, "output_ids": result.output_ids,
                   "text": tok.decode(result.output_ids), "stop": result.stop, **summary}
@@ -498,6 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", default=None, help="write prompt/output ids, text and the predicted and emulation figures here")
+    gen.add_argument("--trace", default=None, metavar="OUT.json",
+                     help="write a timeline of predicted device time and host time (Trace Event Format: open in Perfetto)")
+    gen.add_argument("--trace-detail", choices=DETAILS, default="op",
+                     help="spans down to each operation (op, default), each layer, or each decode step (smaller files)")
     gen.add_argument("--executor", **EXECUTOR_ARG)
     gen.add_argument("--drain-node", default=None, metavar="NODE:N",
                      help="after N new tokens, move every tile on the Ray node whose id starts with NODE to another "

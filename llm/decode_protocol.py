@@ -170,12 +170,14 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
     for layer in range(p.layers):
         # attention RMSNorm, then q, k, v in one fused GEMV reduced along y
         await _rmsnorm(tile, p, tile.data("attn_norm")[:, :, layer] if full else None, dt)
+        tile.mark(f"{layer}:attn_norm")
         if full:
             w = tile.data("wqkv")[:, :, layer]
             block_vecmat(tile.data("h"), w, tile.data("qkv"))
         for heads in (G, 1, 1) if p.split else (G + 2,):
             tile.charge(dt * heads * kvt, p.dtype, calls=dt, maps=1)
         await _allreduce(tile, p, "qkv", "y")
+        tile.mark(f"{layer}:qkv")
         if p.qkv_bias:
             if full:
                 tile.data("qkv")[...] += tile.data("bqkv")[:, :, layer]
@@ -184,11 +186,13 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
             rope(tile.data("qkv"), G + 1, cos, sin)
         tile.charge(3 * (G + 1) * kvt, p.dtype)
         await _kv_append(tile, p, layer, pos, h_rows, counts, starts)
+        tile.mark(f"{layer}:rope_kv")
         # scores of each query head over the row's tokens, reduced along x
         if full:
             attention_scores(tile.data("qkv"), tile.data("k_cache")[:, :, layer], slots, here, head, tile.data("scores"))
         tile.charge(per_row * G * kvt, p.dtype, calls=G, maps=1)
         await _allreduce(tile, p, "scores", "x")
+        tile.mark(f"{layer}:scores")
         # softmax over the whole sequence: max and sum allreduced along y
         if full:
             masked_max(tile.data("scores"), here, np.float32(np.sqrt(p.head_dim)), tile.data("att_m"))
@@ -198,12 +202,14 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
             exp_sum(tile.data("scores"), tile.data("att_m"), tile.data("att_s"))
         tile.charge(2 * per_row * G * nkv, p.dtype)
         await _allreduce(tile, p, "att_s", "y")
+        tile.mark(f"{layer}:softmax")
         # o = softmax . V, reduced along y
         if full:
             attention_values(tile.data("scores"), tile.data("att_s"), tile.data("v_cache")[:, :, layer], slots, here, head,
                              tile.data("o"))
         tile.charge(per_row * G * (kvt + nkv), p.dtype, calls=G, maps=1)
         await _allreduce(tile, p, "o", "y")
+        tile.mark(f"{layer}:attn_values")
         # output projection reduced along x lands in x's layout; residual
         if full:
             block_vecmat(tile.data("o"), tile.data("wo")[:, :, layer], tile.data("y"))
@@ -211,8 +217,10 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         await _allreduce(tile, p, "y", "x")
         if full:
             tile.data("x")[...] += tile.data("y")
+        tile.mark(f"{layer}:attn_out")
         # FFN RMSNorm, gate and up in one GEMV reduced along y, SwiGLU
         await _rmsnorm(tile, p, tile.data("ffn_norm")[:, :, layer] if full else None, dt)
+        tile.mark(f"{layer}:ffn_norm")
         if full:
             block_vecmat(tile.data("h"), tile.data("w13")[:, :, layer], tile.data("ff"))
         for parts in (1, 1) if p.split else (2,):
@@ -221,6 +229,7 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         if full:
             swiglu(tile.data("ff"), tile.data("z"))
         tile.charge(3 * ft, p.dtype)
+        tile.mark(f"{layer}:gate_up")
         # down projection reduced along x; residual
         if full:
             block_vecmat(tile.data("z"), tile.data("w2")[:, :, layer], tile.data("y"))
@@ -228,6 +237,7 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         await _allreduce(tile, p, "y", "x")
         if full:
             tile.data("x")[...] += tile.data("y")
+        tile.mark(f"{layer}:down")
     tile.free("scores")
     if p.head:  # final norm and LM head: logits reduced along y
         await _rmsnorm(tile, p, tile.data("final_norm") if full else None, dt)
@@ -236,6 +246,7 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
             block_vecmat(tile.data("h"), tile.data("lm_head"), tile.data("logits"))
         tile.charge(dt * vt, p.dtype, calls=dt, maps=1)
         await _allreduce(tile, p, "logits", "y")
+        tile.mark("head:lm_head")
 
 
 async def _kv_append(tile, p: RegionPlan, layer: int, pos: int, h_rows: int, counts: np.ndarray, starts: np.ndarray) -> None:

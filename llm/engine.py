@@ -90,6 +90,7 @@ class StepStats:
     host_s: float
     counts: dict[str, int] = field(default_factory=dict)  # messages and bytes, summed over regions
     per_tile: list[dict] = field(default_factory=list, repr=False)  # each tile's statistics, with its region and node
+    phases: list[list[tuple[str, float, float, float]]] = field(default_factory=list, repr=False)  # per region, traced
 
 
 @dataclass
@@ -170,6 +171,7 @@ class WaferLlama:
             restores it and replays only the steps since (0: replay the whole sequence).
         on_load: called with the bytes of each weight tensor as the tiles receive it and the
             total (``weight_bytes()``), on every (re)start: a progress bar.
+        trace: record every decode step's phases (``StepStats.phases``) for a timeline (``llm.trace``).
 
     Raises:
         PlacementError: the model does not fit (bytes needed and available in the message).
@@ -181,7 +183,7 @@ class WaferLlama:
                  kv: str = "shift", tokens: int = 1, regions: int = 1, algo: str = "ktree", group_num: int | None = None,
                  cost_only: bool = False, dtype: str = "float32", lm_head: bool = True, prefill_tokens: int = 0,
                  executor: str = "fused", kernel: str = "faithful", on_failure: str = "recover", snapshot_every: int = 0,
-                 on_load: Callable[[int, int], None] | None = None):
+                 on_load: Callable[[int, int], None] | None = None, trace: bool = False):
         if on_failure not in ON_FAILURE:
             raise InvalidArgument(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
         if not isinstance(snapshot_every, int) or snapshot_every < 0:
@@ -212,7 +214,7 @@ class WaferLlama:
             for r in self.placement.regions
         ]
         self.transport, self.executor, self.on_failure = transport, executor, on_failure
-        self.snapshot_every, self.on_load = snapshot_every, on_load
+        self.snapshot_every, self.on_load, self.trace = snapshot_every, on_load, trace
         self.recoveries: list[Recovery] = []
         self.migrations: list[Migration] = []
         self._moving: dict[int, tuple[Any, float]] = {}  # region -> (move, start) of its migration under way
@@ -254,6 +256,8 @@ class WaferLlama:
                 self.wafers.append(Wafer(self.mesh, device=self.device, tiles=self.tiles, transport=self._transport(nodes),
                                          cost_only=self.cost_only, executor=self.executor))
                 self._load(self.wafers[-1], region)
+                if self.trace:
+                    self.wafers[-1].trace(True)
         except BaseException:
             self.close()
             raise
@@ -438,7 +442,7 @@ class WaferLlama:
         else:
             x = np.zeros(s.dim, np.float32)
             x[: self.cfg.dim] = self.weights.tok_embeddings[int(token)]
-        cycles, handoff, counts, per_tile = [], 0.0, Counter(), []
+        cycles, handoff, counts, per_tile, phases = [], 0.0, Counter(), [], []
         for i, (wafer, plan) in enumerate(zip(self.wafers, self.plans)):
             if i:
                 handoff += self._handoff_cycles()
@@ -448,12 +452,14 @@ class WaferLlama:
             wafer.reset_clocks()
             stats = wafer.run(decode_step, plan=plan.as_kwargs(), pos=self.pos)
             cycles.append(stats.cycles)
+            phases.append(stats.phases)
             counts.update(stats.counts)
             nodes = wafer.nodes()
             per_tile += [{"region": i, "tile": t, "node": nodes[t], **d} for t, d in enumerate(stats.per_tile)]
         logits = None if self.cost_only or not self.plans[-1].head else self.wafers[-1].read("logits")[: self.cfg.vocab_size]
         self.pos += 1
-        return logits, StepStats(sum(cycles) + handoff, cycles, handoff, time.perf_counter() - t0, dict(counts), per_tile)
+        return logits, StepStats(sum(cycles) + handoff, cycles, handoff, time.perf_counter() - t0, dict(counts), per_tile,
+                                 phases)
 
     def prefill(self, prompt_ids: list[int] | int, on_layer: Callable[[int, int], None] | None = None
                 ) -> tuple[np.ndarray | None, PrefillStats]:

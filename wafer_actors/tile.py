@@ -151,6 +151,8 @@ class Tile:
         self._local_parts: dict[tuple[str, str], tuple[Transfer, dict[int, _Local]]] = {}
         self._fused: dict[str, tuple[Program, Fused]] = {}
         self._baseline: dict[str, np.ndarray] = {}  # mutable buffers as last sent by export_buffers
+        self.tracing = False  # protocols' marks are recorded (for timelines)
+        self._marks: list[tuple[str, float, float, float]] = []
 
     # ---- wiring ---------------------------------------------------------------------------
     def connect(self, post: Callable[[int, bytes], None], nodes: list[str]) -> None:
@@ -344,6 +346,16 @@ class Tile:
             self.stats = Counter(state["stats"])
 
     # ---- clocks and compute ---------------------------------------------------------------
+    def set_tracing(self, on: bool) -> None:
+        self.tracing = bool(on)
+
+    def mark(self, label: str) -> None:
+        """End of a phase of the running protocol, when tracing: the latest core's clock, the compute on its
+        critical path so far, and the host time since the run started."""
+        if self.tracing:
+            i = int(np.argmax(self.clock))
+            self._marks.append((label, float(self.clock.flat[i]), float(self.path_compute.flat[i]), time.perf_counter()))
+
     def clocks(self) -> np.ndarray:
         return self.clock.copy()
 
@@ -689,6 +701,7 @@ class Tile:
         self.stages[...] = 0
         self.path_compute[...] = 0.0
         self.relaying[...] = False
+        self._marks = []
         t0 = time.perf_counter()
         await proto.body(self, **kwargs)
         self.stats["wall_s"] += time.perf_counter() - t0
@@ -702,4 +715,5 @@ class Tile:
             "relay_stages": int(self.stages[y, x]),
             "compute_cycles": float(self.path_compute[y, x]),
             "stats": dict(delta),
+            "marks": [(label, clock, compute, host - t0) for label, clock, compute, host in self._marks],
         }

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .device import DeviceSpec, resolve
-from .errors import InvalidArgument, LayoutError
+from .errors import InvalidArgument, LayoutError, ProtocolError
 from .fabric.base import Transport
 from .fabric.local import LocalTransport
 from .layout import Layout, Spec, gather, scatter
@@ -57,6 +57,9 @@ class RunStats:
             steps the fused executor ran without messages.
         host_wall_s: host seconds the run took.
         per_tile: each tile's own statistics (``wall_s``, ``wait_s`` and the counts).
+        phases: with tracing on (``Wafer.trace``), the protocol's marks in order: (label, cycles from the run's
+            start to the phase's end on the latest core of any tile, compute on that core's critical path so far,
+            host seconds from the start to the last tile's mark).
     """
 
     protocol: str
@@ -72,6 +75,18 @@ class RunStats:
     counts: dict[str, int]
     host_wall_s: float
     per_tile: list[dict[str, Any]] = field(repr=False)
+    phases: list[tuple[str, float, float, float]] = field(default_factory=list, repr=False)
+
+
+def _phases(marks: list[list[tuple[str, float, float, float]]], start: float) -> list[tuple[str, float, float, float]]:
+    """Every tile marks the same phases; a phase ends when its latest core does (that core's compute with it)."""
+    out = []
+    for per_tile in zip(*marks):
+        label, clock, compute, _ = max(per_tile, key=lambda m: m[1])
+        if any(m[0] != label for m in per_tile):
+            raise ProtocolError(f"tiles marked different phases: {sorted({m[0] for m in per_tile})}")
+        out.append((label, clock - start, compute, max(m[3] for m in per_tile)))
+    return out
 
 
 class Wafer:
@@ -120,6 +135,7 @@ class Wafer:
         self.transport.spawn(self.tiling, self.device, self.cost_only, executor)
         self._tensors: dict[str, tuple[tuple[int, ...], Layout]] = {}
         self._run_id = 0
+        self._tracing = False
 
     # ---- tensors --------------------------------------------------------------------------
     def load(self, name: str, array: np.ndarray, spec: Spec | Layout, *, stacked: bool = False) -> None:
@@ -256,7 +272,13 @@ class Wafer:
             counts=counts,
             host_wall_s=wall,
             per_tile=[r["stats"] for r in results],
+            phases=_phases([r["marks"] for r in results], start),
         )
+
+    def trace(self, on: bool = True) -> None:
+        """Record the phases of every protocol run from now on (``RunStats.phases``)."""
+        self._tracing = on
+        self.transport.call("set_tracing", [(on,)] * len(self.tiling))
 
     def _check_routes(self, routes: tuple[Route, ...]) -> tuple[np.ndarray, list[str]]:
         key = (self.mesh, self.device.routes_per_core, tuple(map(id, routes)))  # the entry holds the routes: ids stay theirs
@@ -327,6 +349,8 @@ class Wafer:
         """Complete a move between runs: what changed in each tile's buffers since the background copy, and its
         clocks and SRAM accounting, are copied; the new actors take over and the old ones stop."""
         self.transport.move_finish(move)
+        if self._tracing:  # the new actors trace as the old ones did
+            self.trace(True)
 
     def _assemble(self, parts: list[np.ndarray]) -> np.ndarray:
         out = np.empty(self.mesh.shape, dtype=parts[0].dtype)

@@ -1,0 +1,78 @@
+"""The timeline of a generation: valid Trace Event Format, spans nested in time, each layer the sum of its
+operations and each step the sum of its regions' spans and hand-offs, in predicted device time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llm.checkpoint import random_weights
+from llm.engine import WaferLlama
+from llm.generate import generate
+from llm.trace import DEVICE, HOST, trace_events
+
+from .test_wafer_decode import TINY
+
+OPS = ["attn_norm", "qkv", "rope_kv", "scores", "softmax", "attn_values", "attn_out", "ffn_norm", "gate_up", "down"]
+
+
+def run(prefill: str, regions: int):
+    engine = WaferLlama(TINY, random_weights(TINY, seed=2), mesh=(4, 4), tiles=(2, 2), transport="local", tokens=10,
+                        regions=regions, prefill_tokens=4 if prefill == "mesh" else 0, trace=True)
+    with engine:
+        out = generate(engine, [3, 1, 4, 1], max_new_tokens=4, prefill=prefill)
+    return engine, out
+
+
+def inside(child, parent) -> bool:
+    eps = 1e-6 * max(1.0, parent["dur"])
+    return parent["ts"] - eps <= child["ts"] and child["ts"] + child["dur"] <= parent["ts"] + parent["dur"] + eps
+
+
+@pytest.mark.parametrize("prefill, regions", [("token", 2), ("mesh", 1)])
+def test_the_trace_is_valid_and_adds_up(prefill, regions):
+    engine, out = run(prefill, regions)
+    trace = json.loads(json.dumps(trace_events(engine, out)))
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    for e in spans:
+        assert {"name", "ph", "ts", "dur", "pid", "tid"} <= set(e) and e["dur"] >= 0 and e["ts"] >= 0
+    us = 1e6 / engine.device.clock_hz
+    device = [e for e in spans if e["pid"] == DEVICE]
+    steps = [e for e in device if e["name"].startswith("step ")]
+    assert len(steps) == len(engine.totals.steps) * regions
+    handoffs = [e for e in device if e["name"] == "hand-off"]
+    assert len(handoffs) == len(engine.totals.steps) * (regions - 1)
+    for i, st in enumerate(engine.totals.steps):  # a step: its regions one after another, a hand-off between two
+        mine = [e for e in steps if e["name"] == f"step {i}"]
+        assert sum(e["dur"] for e in mine) == pytest.approx((st.cycles - st.handoff_cycles) * us, rel=1e-9)
+        assert [e["tid"] for e in mine] == list(range(regions))
+        assert all(a["ts"] + a["dur"] <= b["ts"] + 1e-9 for a, b in zip(mine, mine[1:]))
+    assert sum(e["dur"] for e in handoffs) == pytest.approx(sum(st.handoff_cycles for st in engine.totals.steps) * us)
+    layers = [e for e in device if e["name"].startswith("layer ")]
+    assert len(layers) == len(engine.totals.steps) * TINY.n_layers
+    ops = [e for e in device if e["name"] in OPS]
+    for layer in layers:
+        children = [e for e in ops if e["tid"] == layer["tid"] and inside(e, layer)]
+        assert [e["name"] for e in children] == OPS
+        assert sum(e["dur"] for e in children) == pytest.approx(layer["dur"], rel=1e-9, abs=1e-9)
+        assert all(e["args"]["compute_cycles"] >= 0 and e["args"]["comm_cycles"] >= -1e-9 for e in children)
+        parent = [s for s in steps if s["tid"] == layer["tid"] and inside(layer, s)]
+        assert len(parent) == 1
+    assert any(e["args"]["comm_cycles"] > 0 for e in ops) and any(e["args"]["compute_cycles"] > 0 for e in ops)
+    assert {e["pid"] for e in spans} == {DEVICE, HOST}
+    if prefill == "mesh":
+        assert [e["name"] for e in device[:2]] == ["weight skew", "prefill 4 tokens"]
+        assert any(e["name"] == "KV hand-over" for e in device)
+
+
+@pytest.mark.parametrize("tiles", [(1, 1), (1, 3)])
+def test_phases_are_the_same_on_both_executors_and_any_tiling(tiles):
+    """The marks read the cores' clocks, which the executors and tilings keep identical."""
+    runs = []
+    for executor, t in (("step", (1, 1)), ("fused", tiles)):
+        with WaferLlama(TINY, random_weights(TINY, seed=2), mesh=(4, 6), tiles=t, transport="local", tokens=3,
+                        executor=executor, trace=True) as m:
+            runs.append([[(label, cycles, compute) for label, cycles, compute, _ in m.step(5)[1].phases[0]],
+                         [(label, cycles, compute) for label, cycles, compute, _ in m.step(7)[1].phases[0]]])
+    assert runs[0] == runs[1] and len(runs[0][0]) == TINY.n_layers * len(OPS) + 1  # and the LM head
