@@ -20,6 +20,7 @@ from wafer_actors.errors import InputError, InvalidArgument, TileLost
 from wafer_actors.mesh import parse_grid
 
 from .paper_kernel import check_kernel
+from .heatmap import draw, heatmap_data, heatmap_json
 from .trace import DETAILS, write_trace
 from .utilisation import generation_utilisation
 
@@ -185,7 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with WaferLlama(cfg, weights, mesh=mesh, device=device, tiles=tiles, transport=args.transport, kv=args.kv,
                     tokens=tokens, regions=regions, algo=args.algo, prefill_tokens=room, executor=args.executor,
                     on_failure=args.on_failure, snapshot_every=args.snapshot_every, on_load=_progress(loading),
-                    trace=args.trace is not None) as engine:
+                    trace=bool(args.trace or args.heatmap)) as engine:
         loading.close()
         p = engine.placement
         print(f"placed on {len(p.regions)} region(s) of {mesh[0]}x{mesh[1]} cores of {device.name}, {tiles[0]}x{tiles[1]} "
@@ -241,6 +242,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.close()
         print()
         summary = engine.summary()
+        if args.heatmap:
+            heat = heatmap_data(engine)
+            draw(heat, args.heatmap, device.sram_bytes, f"{cfg.name} on {device.name}: {len(prompt_ids)} prompt tokens, "
+                 f"{len(result.output_ids)} new ({args.prefill} prefill)")
+            summary["heatmap"] = heatmap_json(heat)
     for m in summary["migrations"]:
         print(f"wafer-llm: moved tiles {list(m['tiles'])} of region {m['region']} to node {m['node'][:12]} while decoding "
               f"(pause {1e3 * m['pause_s']:.0f} ms)", file=sys.stderr)
@@ -504,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", default=None, help="write prompt/output ids, text and the predicted and emulation figures here")
     gen.add_argument("--trace", default=None, metavar="OUT.json",
                      help="write a timeline of predicted device time and host time (Trace Event Format: open in Perfetto)")
+    gen.add_argument("--heatmap", default=None, metavar="OUT.png",
+                     help="draw per-core SRAM high-water, compute cycles and bytes per link of each region (and put the "
+                          "data, downsampled, in --json)")
     gen.add_argument("--trace-detail", choices=DETAILS, default="op",
                      help="spans down to each operation (op, default), each layer, or each decode step (smaller files)")
     gen.add_argument("--executor", **EXECUTOR_ARG)

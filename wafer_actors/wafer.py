@@ -275,8 +275,15 @@ class Wafer:
             phases=_phases([r["marks"] for r in results], start),
         )
 
+    def activity(self) -> tuple[np.ndarray, np.ndarray]:
+        """With tracing on: compute cycles charged to each core ``[y, x]`` and bytes sent on each directed link
+        ``[4, y, x]`` (the links leaving core (y, x) toward N, S, W, E), over every run since tracing began."""
+        parts = self.transport.call("activity", [()] * len(self.tiling))
+        links = np.stack([self._assemble([p[1][k] for p in parts]) for k in range(4)])
+        return self._assemble([p[0] for p in parts]), links
+
     def trace(self, on: bool = True) -> None:
-        """Record the phases of every protocol run from now on (``RunStats.phases``)."""
+        """Record the phases of every protocol run from now on (``RunStats.phases``), and ``activity``."""
         self._tracing = on
         self.transport.call("set_tracing", [(on,)] * len(self.tiling))
 
