@@ -110,6 +110,9 @@ class PrefillStats:
     handover_cycles: float  # KV cache to decode rows, weights un-skewed (slowest region)
     host_s: float
     sram_high_water_bytes: int
+    # per region, per layer run (the LM head last): start and end cycles from the region's start, and its phases
+    # (``RunStats.phases``, from the layer's start) when traced
+    layers: list[list[tuple[float, float, list]]] = field(default_factory=list, repr=False)
 
     @property
     def ttft_cycles(self) -> float:
@@ -506,7 +509,7 @@ class WaferLlama:
             x[:n, : self.cfg.dim] = self.weights.tok_embeddings[ids]
             x = skew_rows(x, p)
         relay = [w.run(relayout, layers=r.layers, head=r.head, to="prefill").cycles for w, r in self._regions()]
-        cycles, crossing = [], 0.0
+        cycles, crossing, layers = [], 0.0, []
         total, done = sum(r.layers + r.head for r in self.placement.regions), 0
         for i, (wafer, region) in enumerate(self._regions()):
             wafer.alloc("kv_p", (st * p, region.layers, 2, s.kv), self.dtype, Spec("y", None, None, "x"))
@@ -528,6 +531,7 @@ class WaferLlama:
                 if on_layer:
                     on_layer(done, total)
             cycles.append(max(r.end for r in runs) - runs[0].start)
+            layers.append([(r.start - runs[0].start, r.end - runs[0].start, r.phases) for r in runs])
         last = self.wafers[-1]
         logits = None
         if not self.cost_only and self.plans[-1].head:
@@ -542,7 +546,8 @@ class WaferLlama:
             wafer.free("kv_p")
             handover.append(c + wafer.run(relayout, layers=region.layers, head=region.head, to="decode").cycles)
         self.pos = n
-        return logits, PrefillStats(n, max(relay), cycles, crossing, max(handover), time.perf_counter() - t0, self.sram_high_water())
+        return logits, PrefillStats(n, max(relay), cycles, crossing, max(handover), time.perf_counter() - t0,
+                                    self.sram_high_water(), layers)
 
     def _regions(self):
         return zip(self.wafers, self.placement.regions)

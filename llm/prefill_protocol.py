@@ -131,7 +131,9 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
         for n, alias in weights.items():
             tile.alias(alias, n, (layer,))
         await _rmsnorm(tile, p, tile.data(weights["attn_norm"]) if full else None, st, dt)
+        tile.mark("attn_norm")
         await _projection(tile, p, "hp", weights["wqkv"], "qkvp", (G, 1, 1), st * dt * kvt, dt)
+        tile.mark("qkv")
         if p.qkv_bias:  # on every row (not skewed): each core's columns
             if full:
                 tile.data("qkvp")[...] += tile.data("bqkv")[:, :, None, layer]
@@ -144,7 +146,9 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
             tile.data("v_s")[...] = qkv[:, :, :, G + 1]
         tile.charge(3 * st * (G + 1) * kvt, p.dtype)
         await skew(tile, ["k_s", "v_s"], axis="y")
+        tile.mark("rope_kv")
         await gemm_t_skewed(tile, a="qkvp", b="k_s", c="sc", product=scores, **cost(per_step * G * kvt, G * kvt))
+        tile.mark("scores")
         if full:  # causal softmax over the row's keys, max and sum allreduced along x
             sc = tile.data("sc")
             sc /= np.float32(np.sqrt(p.head_dim))
@@ -161,36 +165,44 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
         if full:
             tile.data("sc")[...] /= tile.data("att_sp")[..., None]
         tile.charge(per_step * G * nkv, p.dtype)
+        tile.mark("softmax")
         await mesh_gemm_skewed(tile, a="sc", b="v_s", c="op", product=attend, **cost(per_step * G * kvt, G * st))
+        tile.mark("attn_values")
         await gemm_t_skewed(tile, a="op", b=weights["wo"], c="yp",
                             product=block_matmul,
                             **cost(st * G * kvt * dt, G * kvt))
         if full:
             tile.data("xp")[...] += tile.data("yp")
         tile.charge(st * dt, p.dtype)
+        tile.mark("attn_out")
         await _rmsnorm(tile, p, tile.data(weights["ffn_norm"]) if full else None, st, dt)
+        tile.mark("ffn_norm")
         await _projection(tile, p, "hp", weights["w13"], "ffp", (1, 1), st * dt * ft, dt)
         if full:
             ff = tile.data("ffp")
             gate, up = ff[:, :, :, 0], ff[:, :, :, 1]
             tile.data("zp")[...] = gate / (1 + np.exp(-gate)) * up
         tile.charge(3 * st * ft, p.dtype)
+        tile.mark("gate_up")
         await gemm_t_skewed(tile, a="zp", b=weights["w2"], c="yp",
                             product=block_matmul,
                             **cost(st * ft * dt, ft))
         if full:
             tile.data("xp")[...] += tile.data("yp")
         tile.charge(st * dt, p.dtype)
+        tile.mark("down")
         for alias in weights.values():
             tile.free(alias)
     else:  # the vocabulary in column chunks, so the LM head's second buffer is no larger than the FFN's
         await _rmsnorm(tile, p, tile.data("final_norm") if full else None, st, dt)
+        tile.mark("final_norm")
         for c0, c1 in head_chunks(dt, tile.buffer("lm_head").block[1], 2 * ft):
             tile.alias("lm_head@", "lm_head", (slice(None), slice(c0, c1)))
             tile.alias("logits@", "logits_p", (slice(None), slice(c0, c1)))
             await mesh_gemm_skewed(tile, a="hp", b="lm_head@", c="logits@", product=block_matmul, **cost(st * dt * (c1 - c0), dt))
             tile.free("lm_head@")
             tile.free("logits@")
+        tile.mark("lm_head")
     for name in work:
         tile.free(name)
 

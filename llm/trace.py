@@ -40,6 +40,23 @@ def _layers(phases: list[tuple[str, float, float, float]]) -> list[tuple[str, li
     return out
 
 
+def _ops(ops: list[tuple[str, float, float, float]], start: tuple[float, float, float], region: int, t_dev: float,
+         t_host: float | None, us: float, keep: bool) -> tuple[list[dict[str, Any]], tuple[float, float, float]]:
+    """Spans of consecutive operations from ``start`` (cycles, compute, host seconds at the previous mark): device
+    spans with their compute and communication on the critical path, and host spans unless ``t_host`` is None."""
+    events = []
+    for op, end, compute, host_s in ops:
+        end = max(end, start[0])  # an operation ends no earlier than the span it is in begins
+        if keep:
+            comp = min(max(compute - start[1], 0.0), end - start[0])
+            events.append(_span(op, DEVICE, region, t_dev + start[0] * us, (end - start[0]) * us,
+                                compute_cycles=comp, comm_cycles=end - start[0] - comp))
+            if t_host is not None:
+                events.append(_span(op, HOST, region, t_host + start[2] * 1e6, (host_s - start[2]) * 1e6))
+        start = (end, compute, host_s)
+    return events, start
+
+
 def _step_events(st: StepStats, index: int, t_dev: float, t_host: float, clock_hz: float, detail: str
                  ) -> list[dict[str, Any]]:
     """A decode step's spans, device time from ``t_dev`` and host time from ``t_host`` (microseconds)."""
@@ -57,18 +74,13 @@ def _step_events(st: StepStats, index: int, t_dev: float, t_host: float, clock_h
         if detail != "step" and phases:
             start = (0.0, 0.0, 0.0)  # cycles, compute, host seconds at the previous mark
             for layer, ops in _layers(phases):
-                first = start
-                for op, end, compute, host_s in ops:
-                    if detail == "op":
-                        comp = min(max(compute - start[1], 0.0), end - start[0])
-                        events.append(_span(op, DEVICE, region, t_dev + start[0] * us, (end - start[0]) * us,
-                                            compute_cycles=comp, comm_cycles=end - start[0] - comp))
-                        events.append(_span(op, HOST, region, t_host + start[2] * 1e6, (host_s - start[2]) * 1e6))
-                    start = (end, compute, host_s)
-                name = f"layer {layer}" if layer.isdigit() else layer
-                events.append(_span(name, DEVICE, region, t_dev + first[0] * us, (start[0] - first[0]) * us,
-                                    cycles=start[0] - first[0]))
-                events.append(_span(name, HOST, region, t_host + first[2] * 1e6, (start[2] - first[2]) * 1e6))
+                name = f"layer {layer}" if layer.isdigit() else "LM head"
+                spans, end = _ops(ops, start, region, t_dev, t_host, us, detail == "op")
+                events += spans
+                events.append(_span(name, DEVICE, region, t_dev + start[0] * us, (end[0] - start[0]) * us,
+                                    cycles=end[0] - start[0]))
+                events.append(_span(name, HOST, region, t_host + start[2] * 1e6, (end[2] - start[2]) * 1e6))
+                start = end
         t_dev += cycles * us
         t_host += host
     return events
@@ -99,6 +111,13 @@ def trace_events(engine: WaferLlama, generation: Generation, detail: str = "op")
                 events.append(_span("prompt crossing", DEVICE, region, t_dev, crossing * us, cycles=crossing))
                 t_dev += crossing * us
             events.append(_span(f"prefill {p.tokens} tokens", DEVICE, region, t_dev, cycles * us, cycles=cycles))
+            done = 0.0  # a layer starts where the previous one ended on its latest core (cores overlap the two)
+            for i, (begin, end, phases) in enumerate(p.layers[region] if detail != "step" and p.layers else []):
+                last = i == len(p.layers[region]) - 1 and engine.placement.regions[region].head
+                events.append(_span("LM head" if last else f"layer {i}", DEVICE, region, t_dev + done * us,
+                                    (end - done) * us, cycles=end - done))
+                events += _ops(phases, (done - begin, 0.0, 0.0), region, t_dev + begin * us, None, us, detail == "op")[0]
+                done = end
             t_dev += cycles * us
         events.append(_span(f"prefill {p.tokens} tokens", HOST, 0, 0.0, p.host_s * 1e6))
         t_host = p.host_s * 1e6

@@ -15,6 +15,7 @@ from llm.trace import DEVICE, HOST, trace_events
 from .test_wafer_decode import TINY
 
 OPS = ["attn_norm", "qkv", "rope_kv", "scores", "softmax", "attn_values", "attn_out", "ffn_norm", "gate_up", "down"]
+HEAD_OPS = {"decode": ["lm_head"], "prefill": ["final_norm", "lm_head"]}
 
 
 def run(prefill: str, regions: int):
@@ -49,21 +50,26 @@ def test_the_trace_is_valid_and_adds_up(prefill, regions):
         assert [e["tid"] for e in mine] == list(range(regions))
         assert all(a["ts"] + a["dur"] <= b["ts"] + 1e-9 for a, b in zip(mine, mine[1:]))
     assert sum(e["dur"] for e in handoffs) == pytest.approx(sum(st.handoff_cycles for st in engine.totals.steps) * us)
-    layers = [e for e in device if e["name"].startswith("layer ")]
-    assert len(layers) == len(engine.totals.steps) * TINY.n_layers
-    ops = [e for e in device if e["name"] in OPS]
+    prompt = [e for e in device if e["name"] == "prefill 4 tokens"]
+    layers = [e for e in device if e["name"].startswith("layer ") or e["name"] == "LM head"]
+    assert len(layers) == (len(engine.totals.steps) + len(prompt)) * (TINY.n_layers + 1)
+    ops = [e for e in device if "compute_cycles" in e.get("args", {})]
     for layer in layers:
+        parent = [s for s in steps + prompt if s["tid"] == layer["tid"] and inside(layer, s)]
+        assert len(parent) == 1
+        phase = "prefill" if parent[0] in prompt else "decode"
         children = [e for e in ops if e["tid"] == layer["tid"] and inside(e, layer)]
-        assert [e["name"] for e in children] == OPS
+        assert [e["name"] for e in children] == (HEAD_OPS[phase] if layer["name"] == "LM head" else OPS)
         assert sum(e["dur"] for e in children) == pytest.approx(layer["dur"], rel=1e-9, abs=1e-9)
         assert all(e["args"]["compute_cycles"] >= 0 and e["args"]["comm_cycles"] >= -1e-9 for e in children)
-        parent = [s for s in steps if s["tid"] == layer["tid"] and inside(layer, s)]
-        assert len(parent) == 1
+    assert sum(e["dur"] for e in layers if e["name"] != "LM head") > 0
     assert any(e["args"]["comm_cycles"] > 0 for e in ops) and any(e["args"]["compute_cycles"] > 0 for e in ops)
     assert {e["pid"] for e in spans} == {DEVICE, HOST}
     if prefill == "mesh":
         assert [e["name"] for e in device[:2]] == ["weight skew", "prefill 4 tokens"]
         assert any(e["name"] == "KV hand-over" for e in device)
+        in_prompt = [e for e in layers if inside(e, prompt[0])]
+        assert sum(e["dur"] for e in in_prompt) == pytest.approx(prompt[0]["dur"], rel=1e-9)  # the layers fill it
 
 
 @pytest.mark.parametrize("tiles", [(1, 1), (1, 3)])
