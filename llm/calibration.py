@@ -98,9 +98,11 @@ def row_names() -> list[str]:
 
 
 def decode_layer(cfg: LlamaConfig, device: DeviceSpec, grid: int, *, context: int = CONTEXT, kv: str = "shift",
-                 algo: str = "ktree", executor: str = "fused", kernel: str = "faithful") -> tuple[float, int, int]:
+                 algo: str = "ktree", executor: str = "fused", kernel: str = "faithful",
+                 phases: list | None = None) -> tuple[float, int, int]:
     """One decoder layer of ``cfg`` on a grid x grid region, float16, cost-only, the token at
     position ``context - 1``: (cycles, SRAM high-water bytes per core, KV slots per core).
+    ``phases``: a list the layer's traced phases (``RunStats.phases``) are appended to.
 
     ``kernel="paper"`` runs the authors' configuration instead (``llm.paper_kernel``: one
     head, rounded shapes, their ``group_num``; the context rounded up to a multiple of the grid).
@@ -112,16 +114,20 @@ def decode_layer(cfg: LlamaConfig, device: DeviceSpec, grid: int, *, context: in
     one = dataclasses.replace(cfg, n_layers=1, max_seq_len=max(cfg.max_seq_len, context))
     with WaferLlama(one, None, mesh=(grid, grid), device=device, cost_only=True, dtype="float16", lm_head=False,
                     tokens=context, kv=kv, algo=algo, group_num=group, transport="local", executor=executor,
-                    kernel=kernel) as m:
+                    kernel=kernel, trace=phases is not None) as m:
         m.seek(context - 1)
         _, stats = m.step(0)
+        if phases is not None:
+            phases += stats.phases[0]
         return stats.cycles, m.sram_high_water(), m.placement.cap
 
 
 def prefill_layer(cfg: LlamaConfig, device: DeviceSpec, grid: int, *, tokens: int = CONTEXT,
-                  executor: str = "fused", kernel: str = "faithful") -> tuple[float, int, float, float]:
+                  executor: str = "fused", kernel: str = "faithful", phases: list | None = None
+                  ) -> tuple[float, int, float, float]:
     """One decoder layer of ``cfg`` prefilling ``tokens`` tokens on a grid x grid region, float16, cost-only:
     (layer cycles, SRAM high-water bytes per core, weight skew cycles, KV hand-over + un-skew cycles).
+    ``phases``: a list the layer's traced phases are appended to.
 
     ``kernel="paper"``: the authors' shapes (the prompt rounded up to a multiple of the grid)
     and single-phase chain allreduces; attention is dense either way in cost-only runs.
@@ -133,8 +139,10 @@ def prefill_layer(cfg: LlamaConfig, device: DeviceSpec, grid: int, *, tokens: in
     one = dataclasses.replace(cfg, n_layers=1, max_seq_len=max(cfg.max_seq_len, tokens))
     with WaferLlama(one, None, mesh=(grid, grid), device=device, cost_only=True, dtype="float16", lm_head=False,
                     tokens=tokens, prefill_tokens=tokens, algo=algo, transport="local", executor=executor,
-                    kernel=kernel) as m:
+                    kernel=kernel, trace=phases is not None) as m:
         _, st = m.prefill(tokens)
+        if phases is not None:
+            phases += st.layers[0][0][2]
         return st.region_cycles[0], st.sram_high_water_bytes, st.relayout_cycles, st.handover_cycles
 
 

@@ -21,7 +21,7 @@ from wafer_actors.mesh import parse_grid
 
 from .paper_kernel import check_kernel
 from .heatmap import draw, heatmap_data, heatmap_json
-from .trace import DETAILS, write_trace
+from .trace import DETAILS, rows_trace, trace_events, write_trace
 from .utilisation import generation_utilisation
 
 
@@ -107,7 +107,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for p, algo in bar:
         bar.set_postfix_str(f"{algo} P={p}")
         common = dict(device=device, tiles=tiles, transport=args.transport, dtype=args.dtype, cost_only=args.cost_only,
-                      executor=args.executor)
+                      executor=args.executor, trace=args.trace is not None)
         try:
             if args.op == "gemv":
                 row = bench_gemv(p, args.M, args.N, algo=GEMV_ALGOS[algo], group_num=args.group_num, **common)
@@ -121,6 +121,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows.append(row)
         bar.clear()
         _print_row(row)
+    if args.trace:
+        write_trace(args.trace, rows_trace(rows, device.clock_hz, device.name, args.trace_detail))
     if args.json:
         Path(args.json).write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
     if args.plot:
@@ -274,7 +276,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     if args.trace:
-        write_trace(args.trace, engine, result, args.trace_detail)
+        write_trace(args.trace, trace_events(engine, result, args.trace_detail))
     if args.json:
         report = {"model": cfg.name, "prompt_ids": result.prompt_ids, "output_ids": result.output_ids,
                   "text": tok.decode(result.output_ids), "stop": result.stop, **summary}
@@ -393,8 +395,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
                         gemv_grid=args.gemv_grid,
                         gemv_sizes=tuple(int(n) for n in args.gemv_sizes.split(",")), gemm_grid=args.gemm_grid or None,
                         gemm_n=args.gemm_n, kv_grid=args.kv_grid, workers=args.workers, executor=args.executor,
-                        kernels=kernels, progress=progress)
+                        kernels=kernels, progress=progress, trace=args.trace is not None)
     bar.close()
+    if args.trace:
+        write_trace(args.trace, rows_trace(rows, device.clock_hz, device.name, args.trace_detail))
+        for r in rows:  # the JSON report keeps the rows' figures; the phases are in the trace
+            r.pop("phases", None)
     print(f"device {device.name}: alpha {device.alpha:g}, beta {device.beta:g} cycles per relay, "
           f"float16 {device.rate('float16'):g} FMAC/cycle, task switch {device.task_overhead:g} cycles, "
           f"@map set-up {device.map_overhead:g} cycles, vector instruction {device.call_overhead:g} cycles")
@@ -508,13 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", default=None, help="write prompt/output ids, text and the predicted and emulation figures here")
-    gen.add_argument("--trace", default=None, metavar="OUT.json",
-                     help="write a timeline of predicted device time and host time (Trace Event Format: open in Perfetto)")
     gen.add_argument("--heatmap", default=None, metavar="OUT.png",
                      help="draw per-core SRAM high-water, compute cycles and bytes per link of each region (and put the "
                           "data, downsampled, in --json)")
-    gen.add_argument("--trace-detail", choices=DETAILS, default="op",
-                     help="spans down to each operation (op, default), each layer, or each decode step (smaller files)")
+    _trace_args(gen)
     gen.add_argument("--executor", **EXECUTOR_ARG)
     gen.add_argument("--drain-node", default=None, metavar="NODE:N",
                      help="after N new tokens, move every tile on the Ray node whose id starts with NODE to another "
@@ -556,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--kv-grid", type=int, default=360, help="region side for the KV capacity of LLaMA3-8B")
     val.add_argument("--workers", type=int, default=1, help="processes computing rows at once (one per core helps)")
     val.add_argument("--json", default=None, help="write the rows as a JSON list")
+    _trace_args(val)
     val.add_argument("--plot", default=None, help="draw predicted vs paper tokens/s to this PNG")
     val.add_argument("--kernels", default="paper,faithful",
                      help="paper: the authors' measured kernel (one head, rounded shapes; what calibration fits); "
@@ -599,8 +603,18 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--json", default=None, help="write the results as JSON to this file")
         b.add_argument("--plot", default=None, help="draw predicted latency against P to this PNG")
         b.add_argument("--executor", **EXECUTOR_ARG)
+        _trace_args(b)
         b.set_defaults(fn=cmd_bench)
     return ap
+
+
+def _trace_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", default=None, metavar="OUT.json",
+                        help="write a timeline of predicted device time and host time (Trace Event Format: open it in "
+                             "Perfetto or chrome://tracing)")
+    parser.add_argument("--trace-detail", choices=DETAILS, default="op",
+                        help="spans down to each GEMM step inside an operation (all), each operation (op, default), "
+                             "each layer, or each decode step (smaller files)")
 
 
 def _connect(address: str | None) -> None:

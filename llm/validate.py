@@ -57,10 +57,13 @@ def _shapes(model: str, grid: int, kernel: str):
     return cfg if kernel == "faithful" else paper_config(cfg, paper_shape(cfg, grid))
 
 
-def decode_row(model: str, device: DeviceSpec, grid: int, executor: str = "fused", kernel: str = "faithful") -> dict[str, Any]:
-    """One decode row: predicted cycles per layer and tokens/s, memory, regions and hand-off."""
+def decode_row(model: str, device: DeviceSpec, grid: int, executor: str = "fused", kernel: str = "faithful",
+               trace: bool = False) -> dict[str, Any]:
+    """One decode row: predicted cycles per layer and tokens/s, memory, regions and hand-off (``trace``: and the
+    layer's phases)."""
     cfg = preset(model)
-    cycles, sram, _ = decode_layer(cfg, device, grid, executor=executor, kernel=kernel)
+    phases = [] if trace else None
+    cycles, sram, _ = decode_layer(cfg, device, grid, executor=executor, kernel=kernel, phases=phases)
     shaped = _shapes(model, grid, kernel)
     regions, fits = _regions(shaped, device, grid, CONTEXT, 0)
     hop = crossing_cycles(device, grid, math.ceil(shaped.dim / grid) * 2)
@@ -75,6 +78,7 @@ def decode_row(model: str, device: DeviceSpec, grid: int, executor: str = "fused
         "sram_high_water_bytes": sram, "sram_bytes": device.sram_bytes,
         "regions_needed": regions, "fits_wafer": fits, "handoff_cycles_per_token": handoff,
         "note": "one layer measured and scaled" + _fit_note(regions, fits),
+        **_traced(phases, f"{model} {kernel} decode {grid}x{grid}", cycles),
     }
 
 
@@ -95,6 +99,11 @@ def _utilisation(work: Work, seconds: float, device: DeviceSpec, regions: int | 
     return {k: u[k] for k in ("mbu", "mfu", "mbu_cores_used", "mfu_cores_used")}
 
 
+def _traced(phases: list | None, label: str, cycles: float) -> dict[str, Any]:
+    """What a row carries for ``llm.trace.rows_trace`` when traced."""
+    return {} if phases is None else {"label": label, "cycles": cycles, "phases": phases}
+
+
 def _fit_note(regions: int | None, fits: bool) -> str:
     if regions is None:
         return "; the LM head does not fit a region with a layer"
@@ -102,10 +111,13 @@ def _fit_note(regions: int | None, fits: bool) -> str:
 
 
 def prefill_row(model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT, executor: str = "fused",
-                kernel: str = "faithful") -> dict[str, Any]:
-    """One prefill row: predicted cycles per layer and prompt tokens/s for a ``tokens``-token prompt."""
+                kernel: str = "faithful", trace: bool = False) -> dict[str, Any]:
+    """One prefill row: predicted cycles per layer and prompt tokens/s for a ``tokens``-token prompt (``trace``: and
+    the layer's phases)."""
     cfg = preset(model)
-    cycles, sram, skew, handover = prefill_layer(cfg, device, grid, tokens=tokens, executor=executor, kernel=kernel)
+    phases = [] if trace else None
+    cycles, sram, skew, handover = prefill_layer(cfg, device, grid, tokens=tokens, executor=executor, kernel=kernel,
+                                                 phases=phases)
     shaped = _shapes(model, grid, kernel)
     regions, fits = _regions(shaped, device, grid, tokens, tokens)
     crossing = crossing_cycles(device, grid, -(-tokens // grid) * math.ceil(shaped.dim / grid) * 2, grid)
@@ -122,6 +134,7 @@ def prefill_row(model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT
         "skew_cycles_per_layer": skew, "handover_cycles_per_layer": handover,
         "note": f"one layer measured and scaled; weight skew {skew:,.0f} and KV hand-over {handover:,.0f} cycles per layer "
                 "and the prompt's region crossings not in TPR" + _fit_note(regions, fits),
+        **_traced(phases, f"{model} {kernel} prefill {grid}x{grid}", cycles),
     }
 
 
@@ -188,14 +201,14 @@ def kv_capacity(device: DeviceSpec, grid: int = 360) -> dict[str, Any]:
 
 
 def model_row(phase: str, model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT, executor: str = "fused",
-              kernel: str = "faithful") -> dict[str, Any]:
+              kernel: str = "faithful", trace: bool = False) -> dict[str, Any]:
     """A decode or prefill row (with the host seconds it took), or the reason one layer does not fit the grid."""
     t0 = time.perf_counter()
     try:
         if phase == "decode":
-            row = decode_row(model, device, grid, executor, kernel)
+            row = decode_row(model, device, grid, executor, kernel, trace)
         else:
-            row = prefill_row(model, device, grid, tokens, executor, kernel)
+            row = prefill_row(model, device, grid, tokens, executor, kernel, trace)
     except PlacementError as err:
         return {"model": model, "phase": phase, "kernel": kernel, "grid": grid, "failed": str(err)}
     return {**row, "host_s": time.perf_counter() - t0, "executor": executor}
@@ -204,19 +217,20 @@ def model_row(phase: str, model: str, device: DeviceSpec, grid: int, tokens: int
 def run(device: DeviceSpec, *, models=MODELS, grids=DECODE_GRIDS, prefill_grids=PREFILL_GRIDS, prefill_tokens: int = CONTEXT,
         gemv_grid: int = 720, gemv_sizes=(16384, 32768), gemm_grid: int | None = 720, gemm_n: int = 2048, kv_grid: int = 360,
         workers: int = 1, executor: str = "fused", kernels: tuple[str, ...] = KERNELS,
-        progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+        progress: Callable[[str], None] | None = None, trace: bool = False) -> list[dict[str, Any]]:
     """Every row of the report, in order: decode and prefill rows of each kernel, GEMV ratios, GEMM comparison,
     the Fig. 9 check, KV capacity.
 
-    ``workers`` > 1 computes the rows on that many processes (each row is an independent run).
+    ``workers`` > 1 computes the rows on that many processes (each row is an independent run). ``trace``: the
+    decode and prefill rows carry their layer's phases (``llm.trace.rows_trace``).
     """
     jobs: list[tuple[str, Callable[[], Any]]] = []
     for model in models:
         for kernel in map(check_kernel, kernels):
-            jobs += [(f"{model} {kernel} decode {g}x{g}", partial(model_row, "decode", model, device, g, CONTEXT, executor, kernel))
-                     for g in grids]
+            jobs += [(f"{model} {kernel} decode {g}x{g}",
+                      partial(model_row, "decode", model, device, g, CONTEXT, executor, kernel, trace)) for g in grids]
             jobs += [(f"{model} {kernel} prefill {g}x{g}",
-                      partial(model_row, "prefill", model, device, g, prefill_tokens, executor, kernel)) for g in prefill_grids]
+                      partial(model_row, "prefill", model, device, g, prefill_tokens, executor, kernel, trace)) for g in prefill_grids]
     jobs.append((f"GEMV {gemv_grid}x{gemv_grid}", partial(gemv_rows, device, gemv_grid, tuple(gemv_sizes), executor)))
     if gemm_grid:
         jobs.append((f"GEMM {gemm_grid}x{gemm_grid}", partial(gemm_rows, device, gemm_grid, gemm_n, executor)))

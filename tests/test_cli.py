@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from llm.cli import main
 
 
@@ -18,6 +20,18 @@ def test_bench_gemv_writes_the_documented_json_keys(tmp_path, capsys):
         assert key in row, key
     assert row["algo"] == "meshgemv" and row["P"] == 8 and row["max_abs_error"] < 1e-4
     assert "meshgemv" in capsys.readouterr().out
+
+
+def test_bench_gemm_traces_each_compute_shift_step(tmp_path):
+    """MeshGEMM on 8 x 8 cores: the alignment, then 8 compute-shift steps, one after another in the run's span."""
+    out = tmp_path / "t.json"
+    assert main(["bench", "gemm", "--P", "8", "--M", "64", "--K", "64", "--N", "64", "--algo", "meshgemm",
+                 "--cost-only", "--trace", str(out), "--json", str(tmp_path / "g.json")]) == 0
+    spans = [e for e in json.loads(out.read_text())["traceEvents"] if e["ph"] == "X" and e["pid"] == 1]
+    run, parts = spans[0], spans[1:]
+    assert run["name"] == "gemm meshgemm P=8" and [e["name"] for e in parts] == ["align"] + ["meshgemm step"] * 8
+    assert sum(e["dur"] for e in parts) == pytest.approx(run["dur"], rel=1e-9)
+    assert json.loads((tmp_path / "g.json").read_text())["predicted_cycles"] == run["args"]["cycles"]
 
 
 def test_bench_gemm_sweep_writes_a_list_and_a_plot(tmp_path):

@@ -27,6 +27,7 @@ def _operand(shape: tuple[int, ...], dtype: str, cost_only: bool, rng: np.random
 def _row(kind: str, algo: str, p: int, device: DeviceSpec, stats: RunStats, wall: float, extra: dict[str, Any],
          work: Work) -> dict[str, Any]:
     u = utilisation(work, stats.seconds, device, extra["dtype"], p * p)
+    traced = {"label": f"{kind} {algo} P={p}", "cycles": stats.cycles, "phases": stats.phases} if stats.phases else {}
     return {
         "kind": kind,
         "algo": algo,
@@ -44,22 +45,25 @@ def _row(kind: str, algo: str, p: int, device: DeviceSpec, stats: RunStats, wall
         "tile_messages": stats.counts["tile_messages"],
         **{k: u.get(k) for k in ("mbu", "mfu", "mbu_cores_used", "mfu_cores_used")},
         **extra,
+        **traced,
     }
 
 
 def bench_gemv(p: int, m: int, n: int, *, algo: str, device: DeviceSpec, tiles: tuple[int, int] = (1, 1), transport: str = "local",
                dtype: str = "float16", cost_only: bool = False, group_num: int | None = None, seed: int = 0,
-               repeats: int = 1, executor: str = "fused") -> dict[str, Any]:
+               repeats: int = 1, executor: str = "fused", trace: bool = False) -> dict[str, Any]:
     """Run MeshGEMV (or a baseline) y = x . W with W of m x n on a P x P mesh; return its row.
 
     With ``repeats`` > 1 the GEMV runs again on the same wafer and ``run_wall_s`` is the
     last (warm) run's host time; ``host_wall_s`` covers everything, tile start-up included.
+    ``trace``: the row also holds the run's ``phases`` (``label``, ``cycles``) for a timeline.
     """
     rng = np.random.default_rng(seed)
     x, w = _operand((m,), dtype, cost_only, rng), _operand((m, n), dtype, cost_only, rng)
     options = {"group_num": group_num} if algo == "ktree" and group_num else {}
     t0 = time.perf_counter()
     with Wafer((p, p), device=device, tiles=tiles, transport=transport, cost_only=cost_only, executor=executor) as wafer:
+        wafer.trace(trace)
         for _ in range(repeats):
             y, stats = gemv(wafer, x, w, algo=algo, **options)
     wall = time.perf_counter() - t0
@@ -73,8 +77,9 @@ def bench_gemv(p: int, m: int, n: int, *, algo: str, device: DeviceSpec, tiles: 
 
 def bench_gemm(p: int, m: int, k: int, n: int, *, algo: str, device: DeviceSpec, tiles: tuple[int, int] = (1, 1), transport: str = "local",
                dtype: str = "float16", cost_only: bool = False, relay: bool = False, seed: int = 0,
-               executor: str = "fused") -> dict[str, Any]:
-    """Run one GEMM C = A . B (A m x k, B k x n) on a P x P mesh with ``algo``; return its row."""
+               executor: str = "fused", trace: bool = False) -> dict[str, Any]:
+    """Run one GEMM C = A . B (A m x k, B k x n) on a P x P mesh with ``algo``; return its row (``trace``: with
+    its phases, the alignment and each compute-shift step)."""
     rng = np.random.default_rng(seed)
     a, b = _operand((m, k), dtype, cost_only, rng), _operand((k, n), dtype, cost_only, rng)
     options: dict[str, Any] = {"transpose_b": False}
@@ -87,6 +92,7 @@ def bench_gemm(p: int, m: int, k: int, n: int, *, algo: str, device: DeviceSpec,
             options["relay"] = relay
     t0 = time.perf_counter()
     with Wafer((p, p), device=device, tiles=tiles, transport=transport, cost_only=cost_only, executor=executor) as wafer:
+        wafer.trace(trace)
         c, stats = gemm(wafer, a, b, **options)
     wall = time.perf_counter() - t0
     ideal = m * k * n / (p * p * device.rate(dtype))  # cycles if every core computed all the time

@@ -362,7 +362,8 @@ class Tile:
 
     def mark(self, label: str) -> None:
         """End of a phase of the running protocol, when tracing: the latest core's clock, the compute on its
-        critical path so far, and the host time since the run started."""
+        critical path so far, and the host time since the run started. A label that starts with ``.`` ends a
+        part of the next phase (a step of a GEMM inside an operation)."""
         if self.tracing:
             i = int(np.argmax(self.clock))
             self._marks.append((label, float(self.clock.flat[i]), float(self.path_compute.flat[i]), time.perf_counter()))

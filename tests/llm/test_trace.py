@@ -82,3 +82,18 @@ def test_phases_are_the_same_on_both_executors_and_any_tiling(tiles):
             runs.append([[(label, cycles, compute) for label, cycles, compute, _ in m.step(5)[1].phases[0]],
                          [(label, cycles, compute) for label, cycles, compute, _ in m.step(7)[1].phases[0]]])
     assert runs[0] == runs[1] and len(runs[0][0]) == TINY.n_layers * len(OPS) + 1  # and the LM head
+
+
+def test_all_detail_shows_each_gemm_step_inside_its_operation():
+    """A mesh prefill on 4 x 4 cores: the q/k/v MeshGEMM of every layer runs 4 compute-shift steps, each a span
+    inside the layer's qkv span; ``layer`` detail keeps no operation."""
+    engine, out = run("mesh", 1)
+    spans = [e for e in trace_events(engine, out, "all")["traceEvents"] if e["ph"] == "X" and e["pid"] == DEVICE]
+    prompt = next(e for e in spans if e["name"] == "prefill 4 tokens")
+    qkv = [e for e in spans if e["name"] == "qkv" and inside(e, prompt)]
+    assert len(qkv) == TINY.n_layers
+    for op in qkv:
+        steps = [e for e in spans if e["name"] == "meshgemm step" and inside(e, op)]
+        assert len(steps) == 4 and all(a["ts"] + a["dur"] <= b["ts"] + 1e-9 for a, b in zip(steps, steps[1:]))
+    names = {e["name"] for e in trace_events(engine, out, "layer")["traceEvents"] if e["ph"] == "X"}
+    assert not names & set(OPS) and "layer 0" in names

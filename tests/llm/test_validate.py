@@ -48,7 +48,7 @@ def test_validate_runs_end_to_end_on_a_reduced_set(tmp_path, capsys):
     code = main(["validate", "--models", "llama3-8b,llama2-13b", "--grids", "160,200", "--prefill-grids", "240",
                  "--prefill-tokens", "320", "--gemv-grid", "64",
                  "--gemv-sizes", "1024,2048", "--gemm-grid", "16", "--gemm-n", "256", "--kv-grid", "240", "--workers", "2",
-                 "--json", str(out), "--plot", str(png)])
+                 "--json", str(out), "--plot", str(png), "--trace", str(tmp_path / "t.json")])
     assert code == 0
     rows = json.loads(out.read_text())
     decode = [r for r in rows if r.get("phase") == "decode" and r["kernel"] == "faithful"]
@@ -63,7 +63,9 @@ def test_validate_runs_end_to_end_on_a_reduced_set(tmp_path, capsys):
         n_layers = preset(r["model"]).n_layers
         assert abs(r["predicted_tps"] * r["predicted_cycles_per_layer"] * n_layers - resolve("wse2").clock_hz) < 1e-3 * resolve("wse2").clock_hz
         assert r["sram_high_water_bytes"] <= r["sram_bytes"]
-        assert 0 < r["mbu"] < r["mbu_cores_used"] < 1 and 0 < r["mfu"] < r["mfu_cores_used"] < 1
+        assert 0 < r["mbu"] < 1 and 0 < r["mfu"] < 1  # of the whole wafer; of the regions the model needs:
+        used = (r["regions_needed"] or 1) * r["grid"] ** 2
+        assert r["mbu_cores_used"] / r["mbu"] == pytest.approx(resolve("wse2").cores / used)
     assert all(0 < r["mfu"] < 1 for r in rows if r.get("phase") == "prefill")
     gemv = [r for r in rows if r.get("kind") == "gemv"]
     assert len(gemv) == 2 and all(r["ratio"] > 1 for r in gemv)  # the K-tree beats the pipeline allreduce
@@ -75,6 +77,16 @@ def test_validate_runs_end_to_end_on_a_reduced_set(tmp_path, capsys):
     kv = next(r for r in rows if r.get("kind") == "kv_capacity")
     assert kv["shift"] == 240 * kv["concat"]
     assert png.stat().st_size > 1000
+    trace = json.loads((tmp_path / "t.json").read_text())["traceEvents"]  # a thread per decode and prefill row
+    threads = {e["args"]["name"] for e in trace if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert "llama3-8b faithful decode 160x160" in threads and "llama2-13b paper prefill 240x240" in threads
+    row = next(r for r in decode if (r["model"], r["grid"]) == ("llama3-8b", 160))
+    span = next(e for e in trace if e["ph"] == "X" and e["pid"] == 1 and e["name"] == "llama3-8b faithful decode 160x160")
+    assert span["args"]["cycles"] == row["predicted_cycles_per_layer"]
+    ops = [e for e in trace if e["ph"] == "X" and e["pid"] == 1 and e["tid"] == span["tid"] and "compute_cycles" in e.get("args", {})]
+    assert [e["name"] for e in ops][:3] == ["attn_norm", "qkv", "rope_kv"]
+    assert sum(e["dur"] for e in ops) == pytest.approx(span["dur"], rel=1e-9)
+    assert all("phases" not in r for r in rows)
     prefill = [r for r in rows if r.get("phase") == "prefill" and r["kernel"] == "faithful"]
     assert {(r["model"], r["grid"]) for r in prefill} == {("llama3-8b", 240), ("llama2-13b", 240)}
     for r in prefill:  # 320 tokens is not the paper's 4K prompt: no paper figure to compare

@@ -157,6 +157,7 @@ async def mesh_gemm_skewed(tile, *, a: str, b: str, c: str, product: Product, fm
         tile.charge(fmacs, tile.buffer(c).dtype.name, calls=calls, maps=maps)
         for op in ops:
             await op.land()
+        tile.mark(".meshgemm step")
     for op in ops:
         op.finish()
 
@@ -176,6 +177,7 @@ async def gemm_t_skewed(tile, *, a: str, b: str, c: str, product: Product, fmacs
         oc.send()  # the partial moves on once this core's share is in
         await ob.land()
         await oc.land()
+        tile.mark(".gemm-t step")
     ob.finish()
     oc.finish()
 

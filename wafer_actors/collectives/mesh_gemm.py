@@ -238,6 +238,7 @@ async def mesh_gemm(tile, *, a: str, b: str, c: str, algo: str = "meshgemm", rel
     tile.alloc("_gemm_a_in", (mt, k), tile.buffers[a].dtype.str)
     tile.alloc("_gemm_b_in", (k, nt), tile.buffers[b].dtype.str)
     await _align(tile, plan, a, b, k, reverse=False)  # A along x-rings, B along y-rings, the shorter way
+    tile.mark(".align")
     shifts = plan.size if restore else plan.size - 1
     everyone = np.ones(tile.rect.shape, dtype=bool)
     first_a, first_b = (slice(None), slice(0, k)), (slice(0, k),)
@@ -251,8 +252,10 @@ async def mesh_gemm(tile, *, a: str, b: str, c: str, algo: str = "meshgemm", rel
             await _recv(tile, plan.ring_y, "_gemm_b_in")
             _rotate(tile, a, "_gemm_a_in", axis=1, forward=True, rows=_lines(everyone, rh))
             _rotate(tile, b, "_gemm_b_in", axis=0, forward=True, rows=_lines(everyone, rw))
+        tile.mark(f".{algo} step")
     if restore:  # undo the alignment: the same rounds, the other way
         await _align(tile, plan, a, b, k, reverse=True)
+        tile.mark(".restore")
     tile.free("_gemm_a_in")
     tile.free("_gemm_b_in")
 
@@ -370,5 +373,6 @@ async def _summa(tile, a: str, b: str, c: str, relay: bool) -> None:
         await tile.recv(xs, "_summa_a")
         await tile.recv(ys, "_summa_b")
         _multiply(tile, "_summa_a", "_summa_b", c)
+        tile.mark(".summa step")
     tile.free("_summa_a")
     tile.free("_summa_b")
