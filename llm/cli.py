@@ -22,7 +22,7 @@ from wafer_actors.mesh import parse_grid
 from .paper_kernel import check_kernel
 from .heatmap import draw, heatmap_data, heatmap_json
 from .trace import DETAILS, rows_trace, trace_events, write_trace
-from .utilisation import generation_utilisation
+from .utilisation import generation_utilisation, op_utilisation
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -244,6 +244,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.close()
         print()
         summary = engine.summary()
+        if engine.trace:  # every decode step run (the prompt's too with --prefill token), operation by operation
+            first = len(prompt_ids) if result.prefill else 0
+            summary["predicted"]["decode_ops"] = op_utilisation(cfg, device, engine.dtype, engine.placement.cores,
+                                                                engine.totals.steps, first)
         if args.heatmap:
             heat = heatmap_data(engine)
             draw(heat, args.heatmap, device.sram_bytes, f"{cfg.name} on {device.name}: {len(prompt_ids)} prompt tokens, "

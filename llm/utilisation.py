@@ -37,13 +37,27 @@ def _vector_params(cfg: LlamaConfig) -> int:
     return cfg.n_layers * (2 * cfg.dim + bias) + cfg.dim
 
 
+def decode_op_work(cfg: LlamaConfig, context: int, elem_bytes: int) -> dict[str, Work]:
+    """One layer's operations of a decode token attending to ``context`` tokens (the names ``decode_protocol``
+    marks), and ``lm_head`` (the final norm with it)."""
+    q, kv, d, f = cfg.n_heads * cfg.head_dim, cfg.kv_dim, cfg.dim, cfg.ffn_dim
+    bias = q + 2 * kv if cfg.qkv_bias else 0
+
+    def work(reads: int, macs: int = 0) -> Work:
+        return Work(bytes=elem_bytes * reads, flops=2 * macs)
+
+    return {"attn_norm": work(d), "qkv": work(d * (q + 2 * kv) + bias, d * (q + 2 * kv)), "rope_kv": work(0),
+            "scores": work(kv * context, q * context), "softmax": work(0), "attn_values": work(kv * context, q * context),
+            "attn_out": work(q * d, q * d), "ffn_norm": work(d), "gate_up": work(2 * d * f, 2 * d * f),
+            "down": work(f * d, f * d), "lm_head": work(d + d * cfg.vocab_size, d * cfg.vocab_size)}
+
+
 def decode_work(cfg: LlamaConfig, context: int, elem_bytes: int) -> Work:
-    """One decode token that attends to ``context`` tokens (itself included)."""
-    q = cfg.n_heads * cfg.head_dim
-    kv_read = 2 * cfg.n_layers * cfg.kv_dim * context
-    attention = 2 * cfg.n_layers * q * context  # q.k and p.v: one multiply-add each per head element per token
-    return Work(bytes=elem_bytes * (_matmul_params(cfg) + _vector_params(cfg) + kv_read),
-                flops=2 * (_matmul_params(cfg) + attention))
+    """One decode token that attends to ``context`` tokens (itself included): every layer's operations and the head."""
+    ops = decode_op_work(cfg, context, elem_bytes)
+    head = ops.pop("lm_head")
+    layer = sum(ops.values(), Work())
+    return Work(cfg.n_layers * layer.bytes + head.bytes, cfg.n_layers * layer.flops + head.flops)
 
 
 def prefill_work(cfg: LlamaConfig, tokens: int, elem_bytes: int) -> Work:
@@ -67,3 +81,26 @@ def generation_utilisation(cfg: LlamaConfig, device: DeviceSpec, dtype: str, cor
     rest = sum((decode_work(cfg, prompt_tokens + k + 1, elem) for k in range(decode_steps)), Work())
     return {"prefill": utilisation(first, ttft_cycles / device.clock_hz, device, dtype, cores_used),
             "decode": utilisation(rest, decode_cycles / device.clock_hz, device, dtype, cores_used)}
+
+
+def op_utilisation(cfg: LlamaConfig, device: DeviceSpec, dtype: str, cores_used: int, steps: list,
+                   first_position: int) -> dict[str, dict]:
+    """MBU and MFU of each decode operation over traced decode steps (``StepStats.phases``; step k at position
+    ``first_position + k``), with its share of the steps' time: summed work over summed time per operation."""
+    elem = np.dtype(dtype).itemsize
+    work: dict[str, Work] = {}
+    cycles: dict[str, float] = {}
+    for k, st in enumerate(steps):
+        ops = decode_op_work(cfg, first_position + k + 1, elem)
+        for phases in st.phases:
+            last = 0.0
+            for label, end, _, _ in phases:
+                if label.startswith("."):
+                    continue
+                op = label.split(":", 1)[1]
+                work[op] = work.get(op, Work()) + ops[op]
+                cycles[op] = cycles.get(op, 0.0) + end - last
+                last = end
+    total = sum(cycles.values())
+    return {op: {**utilisation(work[op], cycles[op] / device.clock_hz, device, dtype, cores_used),
+                 "share_of_time": cycles[op] / total if total else 0.0} for op in cycles}
