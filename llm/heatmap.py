@@ -59,8 +59,8 @@ def draw(data: list[dict[str, np.ndarray]], path: str | Path, sram_bytes: int, t
         for c, (key, label) in enumerate(PANELS):
             ax = axes[r, c]
             sram = key == "sram_high_water_bytes"
-            im = ax.imshow(d[key], origin="upper", interpolation="nearest", cmap="viridis",
-                           vmin=0, vmax=sram_bytes if sram else None)
+            im = ax.imshow(d[key], origin="upper", interpolation="nearest", cmap="viridis",  # others: their own range
+                           vmin=0 if sram else None, vmax=sram_bytes if sram else None)
             bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
             if sram:
                 bar.ax.axhline(sram_bytes, color="red", linewidth=2)
