@@ -168,7 +168,8 @@ class DeviceSpec:
         data.setdefault("name", path.stem)
         if base_name is not None:
             return preset(base_name).replace(**data)
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.default is dataclasses.MISSING]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
         if missing:
             raise DeviceSpecError(f"device file {path}: missing field(s) {missing} (or give base = \"wse2\")")
         return cls(**data)

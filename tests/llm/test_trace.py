@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from llm.checkpoint import random_weights
@@ -81,12 +82,27 @@ def test_phases_are_the_same_on_both_executors_and_any_tiling(tiles):
                         executor=executor, trace=True) as m:
             runs.append([[(label, cycles, compute) for label, cycles, compute, _ in m.step(5)[1].phases[0]],
                          [(label, cycles, compute) for label, cycles, compute, _ in m.step(7)[1].phases[0]]])
-    assert runs[0] == runs[1] and len(runs[0][0]) == TINY.n_layers * len(OPS) + 1  # and the LM head
+    assert runs[0] == runs[1]
+    assert sum(not m[0].startswith(".") for m in runs[0][0]) == TINY.n_layers * len(OPS) + 1  # and the LM head
+    assert sum(m[0] == ".broadcast" for m in runs[0][0]) == TINY.n_layers * 10 + 2  # 10 allreduces a layer, 2 in the head
+
+
+@pytest.mark.parametrize("executor", ["step", "fused"])
+def test_tracing_changes_no_value_and_no_cycle(executor):
+    """Traced, each allreduce runs phase by phase (to mark them): the same steps, the same numbers."""
+    runs = []
+    for trace in (False, True):
+        with WaferLlama(TINY, random_weights(TINY, seed=2), mesh=(4, 6), tiles=(2, 3), transport="local", tokens=4,
+                        prefill_tokens=0, executor=executor, trace=trace) as m:
+            runs.append([m.step(t) for t in (5, 7, 9)])
+    for (a, sa), (b, sb) in zip(*runs):
+        assert np.array_equal(a, b) and sa.cycles == sb.cycles
 
 
 def test_all_detail_shows_each_gemm_step_inside_its_operation():
     """A mesh prefill on 4 x 4 cores: the q/k/v MeshGEMM of every layer runs 4 compute-shift steps, each a span
-    inside the layer's qkv span; ``layer`` detail keeps no operation."""
+    inside the layer's qkv span; a decode step's q/k/v holds its GEMV and its allreduce's phases; ``layer`` detail
+    keeps no operation."""
     engine, out = run("mesh", 1)
     spans = [e for e in trace_events(engine, out, "all")["traceEvents"] if e["ph"] == "X" and e["pid"] == DEVICE]
     prompt = next(e for e in spans if e["name"] == "prefill 4 tokens")
@@ -95,5 +111,9 @@ def test_all_detail_shows_each_gemm_step_inside_its_operation():
     for op in qkv:
         steps = [e for e in spans if e["name"] == "meshgemm step" and inside(e, op)]
         assert len(steps) == 4 and all(a["ts"] + a["dur"] <= b["ts"] + 1e-9 for a, b in zip(steps, steps[1:]))
+    step = next(e for e in spans if e["name"] == "step 0")
+    op = next(e for e in spans if e["name"] == "qkv" and inside(e, step))
+    parts = [e["name"] for e in spans if e["tid"] == op["tid"] and inside(e, op) and e is not op]
+    assert parts[0] == "compute" and parts[-1] == "broadcast" and "allreduce phase 1" in parts
     names = {e["name"] for e in trace_events(engine, out, "layer")["traceEvents"] if e["ph"] == "X"}
     assert not names & set(OPS) and "layer 0" in names

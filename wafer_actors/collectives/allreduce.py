@@ -209,6 +209,22 @@ def program(mesh: Mesh, axis: str, algo: str, k: int, group_num: int | None, roo
     return Program(key, tuple(chain) + ((Step(casts),) if casts else ()), sum(1 for p in steps if p) + bool(casts))
 
 
+@lru_cache(maxsize=128)
+def phase_programs(mesh: Mesh, axis: str, algo: str, k: int, group_num: int | None, root: int | None, broadcast: bool,
+                   op: str) -> tuple[tuple[str, Program], ...]:
+    """``program`` cut at its phases, each named: run one after another they are the same steps (a trace marks
+    the end of each)."""
+    whole = program(mesh, axis, algo, k, group_num, root, broadcast, op)
+    steps, casts = plan(mesh, axis, algo, k, group_num, root, broadcast)
+    out, first = [], 0
+    for i, phase in enumerate(p for p in steps if p):
+        out.append((f"allreduce phase {i + 1}", Program(f"{whole.key}:phase{i}", whole.steps[first : first + len(phase)])))
+        first += len(phase)
+    if casts:
+        out.append(("broadcast", Program(f"{whole.key}:broadcast", whole.steps[first:])))
+    return tuple(out)
+
+
 # ---- tile bodies ----------------------------------------------------------------------------
 async def run_allreduce(tile, *, buffer: str, axis: str, op: str = "add", algo: str = "ktree", K: int = 2,
                         group_num: int | None = None, root: int | None = None, broadcast: bool = True) -> None:
@@ -222,7 +238,13 @@ async def run_allreduce(tile, *, buffer: str, axis: str, op: str = "add", algo: 
         return await _ring(tile, buffer, axis, op)
     prog = program(tile.tiling.mesh, axis, algo, K, group_num, root, broadcast, op)
     tile.switch_tasks(prog.phases)
-    await tile.exchange(prog, buffer)
+    if not tile.tracing:
+        await tile.exchange(prog, buffer)
+        return
+    tile.mark(".compute")  # what the operation did before its allreduce
+    for name, part in phase_programs(tile.tiling.mesh, axis, algo, K, group_num, root, broadcast, op):
+        await tile.exchange(part, buffer)
+        tile.mark(f".{name}")
 
 
 async def _ring(tile, buffer: str, axis: str, op: str) -> None:
@@ -233,6 +255,7 @@ async def _ring(tile, buffer: str, axis: str, op: str) -> None:
         return
     step, place = ring_plan(mesh, axis)
     tile.switch_tasks(2)  # reduce-scatter, allgather
+    tile.mark(".compute")
     buf = tile.buffers[buffer]
     size = math.prod(buf.block)
     chunk = -(-size // n)
@@ -260,6 +283,8 @@ async def _ring(tile, buffer: str, axis: str, op: str) -> None:
         await tile.recv(step, "_ring_msg", op=op if reduce else "store", stream=True)
         if not tile.cost_only:
             tile.data("_ring_work")[rows, cols, recv_chunk] = tile.data("_ring_msg")
+        if s in (n - 2, 2 * n - 3):
+            tile.mark(".reduce-scatter" if reduce else ".allgather")
     if not tile.cost_only:
         tile.data(buffer)[...] = tile.data("_ring_work").reshape(r.shape + (n * chunk,))[..., :size].reshape(r.shape + buf.block)
     tile.free("_ring_work")
