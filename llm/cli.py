@@ -188,7 +188,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with WaferLlama(cfg, weights, mesh=mesh, device=device, tiles=tiles, transport=args.transport, kv=args.kv,
                     tokens=tokens, regions=regions, algo=args.algo, prefill_tokens=room, executor=args.executor,
                     on_failure=args.on_failure, snapshot_every=args.snapshot_every, on_load=_progress(loading),
-                    trace=bool(args.trace or args.heatmap)) as engine:
+                    trace=args.trace is not None, activity=args.heatmap is not None) as engine:
         loading.close()
         p = engine.placement
         print(f"placed on {len(p.regions)} region(s) of {mesh[0]}x{mesh[1]} cores of {device.name}, {tiles[0]}x{tiles[1]} "

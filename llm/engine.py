@@ -175,6 +175,7 @@ class WaferLlama:
         on_load: called with the bytes of each weight tensor as the tiles receive it and the
             total (``weight_bytes()``), on every (re)start: a progress bar.
         trace: record every decode step's phases (``StepStats.phases``) for a timeline (``llm.trace``).
+        activity: record per-core compute cycles and per-link bytes (``Wafer.activity``) for heatmaps.
 
     Raises:
         PlacementError: the model does not fit (bytes needed and available in the message).
@@ -186,7 +187,7 @@ class WaferLlama:
                  kv: str = "shift", tokens: int = 1, regions: int = 1, algo: str = "ktree", group_num: int | None = None,
                  cost_only: bool = False, dtype: str = "float32", lm_head: bool = True, prefill_tokens: int = 0,
                  executor: str = "fused", kernel: str = "faithful", on_failure: str = "recover", snapshot_every: int = 0,
-                 on_load: Callable[[int, int], None] | None = None, trace: bool = False):
+                 on_load: Callable[[int, int], None] | None = None, trace: bool = False, activity: bool = False):
         if on_failure not in ON_FAILURE:
             raise InvalidArgument(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
         if not isinstance(snapshot_every, int) or snapshot_every < 0:
@@ -217,7 +218,7 @@ class WaferLlama:
             for r in self.placement.regions
         ]
         self.transport, self.executor, self.on_failure = transport, executor, on_failure
-        self.snapshot_every, self.on_load, self.trace = snapshot_every, on_load, trace
+        self.snapshot_every, self.on_load, self.trace, self.activity = snapshot_every, on_load, trace, activity
         self.recoveries: list[Recovery] = []
         self.migrations: list[Migration] = []
         self._moving: dict[int, tuple[Any, float]] = {}  # region -> (move, start) of its migration under way
@@ -259,8 +260,8 @@ class WaferLlama:
                 self.wafers.append(Wafer(self.mesh, device=self.device, tiles=self.tiles, transport=self._transport(nodes),
                                          cost_only=self.cost_only, executor=self.executor))
                 self._load(self.wafers[-1], region)
-                if self.trace:
-                    self.wafers[-1].trace(True)
+                if self.trace or self.activity:
+                    self.wafers[-1].trace(self.trace, self.activity)
         except BaseException:
             self.close()
             raise

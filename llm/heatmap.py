@@ -1,6 +1,7 @@
 """Heatmaps of a run's regions: per-core SRAM high-water, per-core compute cycles and bytes per link.
 
-The data come from the tiles (``Wafer.memory``, ``Wafer.activity`` with tracing on):
+The data come from the tiles (``Wafer.memory``; ``Wafer.activity``, recorded with
+``WaferLlama(activity=True)``):
 compute cycles are what the protocols' operations charged each core (the combines inside
 collectives are not counted); link bytes are those sent on the links leaving each core,
 x links (toward W and E) and y links (toward N and S) summed per core as two panels.
@@ -21,7 +22,7 @@ MOST = 64  # the JSON report keeps at most MOST x MOST cells per panel
 
 
 def heatmap_data(engine: WaferLlama) -> list[dict[str, np.ndarray]]:
-    """Per region: each panel's ``[y, x]`` array (the engine must trace: ``WaferLlama(trace=True)``)."""
+    """Per region: each panel's ``[y, x]`` array (the engine must record them: ``WaferLlama(activity=True)``)."""
     out = []
     for wafer in engine.wafers:
         busy, links = wafer.activity()

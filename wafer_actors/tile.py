@@ -151,7 +151,8 @@ class Tile:
         self._local_parts: dict[tuple[str, str], tuple[Transfer, dict[int, _Local]]] = {}
         self._fused: dict[str, tuple[Program, Fused]] = {}
         self._baseline: dict[str, np.ndarray] = {}  # mutable buffers as last sent by export_buffers
-        self.tracing = False  # record protocols' marks, per-core compute cycles and per-link bytes
+        self.tracing = False  # record protocols' marks
+        self.counting = False  # record per-core compute cycles and per-link bytes
         self._marks: list[tuple[str, float, float, float]] = []
         self.busy = np.zeros(shape)  # compute cycles charged to each core while tracing
         self.link_bytes = np.zeros((4, *shape))  # bytes sent on each directed link leaving a core (N, S, W, E)
@@ -349,16 +350,16 @@ class Tile:
             self.stats = Counter(state["stats"])
 
     # ---- clocks and compute ---------------------------------------------------------------
-    def set_tracing(self, on: bool) -> None:
-        self.tracing = bool(on)
+    def set_tracing(self, marks: bool, activity: bool) -> None:
+        self.tracing, self.counting = bool(marks), bool(activity)
 
     def activity(self) -> tuple[np.ndarray, np.ndarray]:
-        """What tracing recorded: compute cycles per core ``[y, x]`` and bytes per directed link ``[4, y, x]``."""
+        """What counting recorded: compute cycles per core ``[y, x]`` and bytes per directed link ``[4, y, x]``."""
         return self.busy.copy(), self.link_bytes.copy()
 
     def _count_links(self, transfer: Transfer, nbytes: float) -> None:
         r = self.rect
-        self.link_bytes += transfer.link_streams[:, r.y0 : r.y1, r.x0 : r.x1] * nbytes
+        self.link_bytes += transfer.link_streams()[:, r.y0 : r.y1, r.x0 : r.x1] * nbytes
 
     def mark(self, label: str) -> None:
         """End of a phase of the running protocol, when tracing: the latest core's clock, the compute on its
@@ -396,20 +397,20 @@ class Tile:
         if cores is None:  # every core: no mask to build or apply
             self.clock += cycles
             self.path_compute += cycles
-            if self.tracing:
+            if self.counting:
                 self.busy += cycles
             return
         add = cycles if np.ndim(cycles) == 0 else cycles[cores]
         self.clock[cores] += add
         self.path_compute[cores] += add
-        if self.tracing:
+        if self.counting:
             self.busy[cores] += add
 
     def switch_tasks(self, n: int) -> None:
         """Charge every core ``n`` task switches: the tasks of a collective's phases, set up one after another."""
         self.clock += n * self.device.task_overhead
         self.path_compute += n * self.device.task_overhead
-        if self.tracing:
+        if self.counting:
             self.busy += n * self.device.task_overhead
 
     def _rate(self, dtype: Any) -> float:
@@ -438,7 +439,7 @@ class Tile:
         if select is not None:
             nbytes = math.prod(len(range(*s.indices(n))) for s, n in zip(select, buf.block)) * buf.dtype.itemsize
             nbytes *= math.prod(buf.block[len(select):])
-        if self.tracing:
+        if self.counting:
             self._count_links(transfer, nbytes)
         dev = self.device
         state = self.flat_clocks()
@@ -545,12 +546,12 @@ class Tile:
         flat = lambda b: None if b.data is None else b.data.reshape(self.clock.size, size)  # noqa: E731
         n = self._sent[program.key]
         self._sent[program.key] += 1
-        if self.tracing:
+        if self.counting:
             links = self._program_links.get(program.key)
             if links is None:
                 r = self.rect
                 links = self._program_links[program.key] = sum(
-                    t.link_streams[:, r.y0 : r.y1, r.x0 : r.x1] for s in program.steps for t in s.transfers)
+                    t.link_streams()[:, r.y0 : r.y1, r.x0 : r.x1] for s in program.steps for t in s.transfers)
             self.link_bytes += links * buf.nbytes
         await fused.run(self, f"{program.key}#{n}", flat(buf), flat(dest), buf.nbytes / self.device.link_bytes_per_cycle,
                         size / self._rate(buf.dtype))
@@ -601,7 +602,7 @@ class Tile:
         self._check_route(transfer)
         self._tag(transfer, self._sent)  # keep the step tags in step with tiles that run it step by step
         self._tag(transfer, self._received)
-        if self.tracing:
+        if self.counting:
             self._count_links(transfer, nbytes)
         dev = self.device
         parts = self._parts(transfer, "out")

@@ -152,10 +152,10 @@ class Transfer:
             t.__dict__["multicast"] = False  # fewer flows cannot share a source either
         return t
 
-    @cached_property
     def link_streams(self) -> np.ndarray:
         """Streams on each directed link, ``[port (N, S, W, E), y, x]`` for the link leaving core (y, x): each carries
-        the flow's block once (a multicast once per link), so times the block's bytes, the bytes per link."""
+        the flow's block once (a multicast once per link), so times the block's bytes, the bytes per link. Not
+        kept: a mesh-sized array per transfer would outgrow the host on large meshes."""
         if len(self) == 0:
             return np.zeros((4, *self.mesh.shape), dtype=np.int64)
         return _dense_loads(self.mesh, *_stream_ends(self.mesh, self.src_y, self.src_x, self.dst_y, self.dst_x))

@@ -135,7 +135,7 @@ class Wafer:
         self.transport.spawn(self.tiling, self.device, self.cost_only, executor)
         self._tensors: dict[str, tuple[tuple[int, ...], Layout]] = {}
         self._run_id = 0
-        self._tracing = False
+        self._tracing = (False, False)
 
     # ---- tensors --------------------------------------------------------------------------
     def load(self, name: str, array: np.ndarray, spec: Spec | Layout, *, stacked: bool = False) -> None:
@@ -276,16 +276,17 @@ class Wafer:
         )
 
     def activity(self) -> tuple[np.ndarray, np.ndarray]:
-        """With tracing on: compute cycles charged to each core ``[y, x]`` and bytes sent on each directed link
-        ``[4, y, x]`` (the links leaving core (y, x) toward N, S, W, E), over every run since tracing began."""
+        """With ``trace(activity=True)``: compute cycles charged to each core ``[y, x]`` and bytes sent on each
+        directed link ``[4, y, x]`` (the links leaving core (y, x) toward N, S, W, E), over every run since."""
         parts = self.transport.call("activity", [()] * len(self.tiling))
         links = np.stack([self._assemble([p[1][k] for p in parts]) for k in range(4)])
         return self._assemble([p[0] for p in parts]), links
 
-    def trace(self, on: bool = True) -> None:
-        """Record the phases of every protocol run from now on (``RunStats.phases``), and ``activity``."""
-        self._tracing = on
-        self.transport.call("set_tracing", [(on,)] * len(self.tiling))
+    def trace(self, on: bool = True, activity: bool = False) -> None:
+        """Record the phases of every protocol run from now on (``RunStats.phases``), and with ``activity`` what
+        ``activity`` returns (each send then costs the host a pass over the mesh)."""
+        self._tracing = (on, activity)
+        self.transport.call("set_tracing", [(on, activity)] * len(self.tiling))
 
     def _check_routes(self, routes: tuple[Route, ...]) -> tuple[np.ndarray, list[str]]:
         key = (self.mesh, self.device.routes_per_core, tuple(map(id, routes)))  # the entry holds the routes: ids stay theirs
@@ -356,8 +357,8 @@ class Wafer:
         """Complete a move between runs: what changed in each tile's buffers since the background copy, and its
         clocks and SRAM accounting, are copied; the new actors take over and the old ones stop."""
         self.transport.move_finish(move)
-        if self._tracing:  # the new actors trace as the old ones did
-            self.trace(True)
+        if any(self._tracing):  # the new actors trace as the old ones did
+            self.trace(*self._tracing)
 
     def _assemble(self, parts: list[np.ndarray]) -> np.ndarray:
         out = np.empty(self.mesh.shape, dtype=parts[0].dtype)

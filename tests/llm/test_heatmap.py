@@ -22,7 +22,7 @@ def test_a_shift_east_puts_one_block_on_each_east_link(tiles):
     columns 0-2, nothing on any other link; nothing computed."""
     with Wafer((2, 4), tiles=tiles) as w:
         w.load("v", np.ones((2, 4, 3), np.float32), Spec("y", "x", None))
-        w.trace(True)
+        w.trace(False, activity=True)
         w.run(shift, buffer="v", axis="x", disp=1, wrap=False)
         busy, links = w.activity()
     expected = np.zeros((4, 2, 4))
@@ -33,7 +33,7 @@ def test_a_shift_east_puts_one_block_on_each_east_link(tiles):
 
 def run(executor: str, tiles: tuple[int, int], prefill: str):
     with WaferLlama(TINY, random_weights(TINY, seed=2), mesh=(6, 6), tiles=tiles, transport="local", tokens=8,
-                    prefill_tokens=4, executor=executor, trace=True) as m:
+                    prefill_tokens=4, executor=executor, activity=True) as m:
         generate(m, [3, 1, 4, 1], max_new_tokens=3, prefill=prefill)
         return heatmap_data(m)[0], m.wafers[0].memory()[1]
 
