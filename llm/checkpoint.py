@@ -138,7 +138,7 @@ def _gguf_features(reader, path: Path, arch: str, default_head: int, names: set[
     if biases:
         raise CheckpointError(f"{path}: bias tensors ({biases[0]}, ...) are not supported (only q, k, v biases)")
     if names & qkv and not qkv <= names:
-        raise CheckpointError(f"{path}: q, k, v bias tensors on some layers only ({sorted(qkv - names)[0]} is missing)")
+        raise CheckpointError(f"{path}: q, k, v bias tensors on some layers only ({min(qkv - names)} is missing)")
     factors = None
     if "rope_freqs.weight" in names:
         t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
