@@ -16,8 +16,7 @@ def test_generate_writes_json_report(tmp_path, capsys, smollm2, tokenizer):
     expected = reference_greedy(cfg, w, ids, 3)
     out = tmp_path / "g.json"
     code = main(["generate", "--prompt", "The capital of France is", "--max-new-tokens", "3", "--mesh", "64x64",
-                 "--transport", "local", "--json", str(out), "--trace", str(tmp_path / "t.json"),
-                 "--heatmap", str(tmp_path / "h.png")])
+                 "--transport", "local", "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
     assert report["prompt_ids"] == ids
@@ -31,16 +30,6 @@ def test_generate_writes_json_report(tmp_path, capsys, smollm2, tokenizer):
     for phase in ("prefill", "decode"):  # one 64x64 region of the wafer: most of it idle
         util = pred["utilisation"][phase]
         assert 0 < util["mbu"] < util["mbu_cores_used"] < 1 and 0 < util["mfu"] < util["mfu_cores_used"] < 1
-    ops = pred["decode_ops"]  # traced: each operation's share of the decode steps and its utilisation
-    assert sum(o["share_of_time"] for o in ops.values()) == pytest.approx(1)
-    assert ops["gate_up"]["mbu"] > ops["attn_norm"]["mbu"] > 0 and ops["softmax"]["mbu"] == 0
-    trace = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
-    layers = sum(e["name"].startswith("layer ") for e in trace if e["ph"] == "X" and e["pid"] == 1)
-    assert layers == 30 * 3  # the prefill and 2 decode steps
-    assert (tmp_path / "h.png").stat().st_size > 5000 and report["heatmap"][0]["mesh"] == [64, 64]
-    assert len(report["heatmap"]) == report["predicted"]["regions"]  # 8 regions of 64x64 hold the model
-    high = max(max(map(max, r["sram_high_water_bytes"])) for r in report["heatmap"])
-    assert high == report["emulation"]["sram_high_water_bytes"]
     captured = capsys.readouterr()
     assert "The capital of France is Paris." in captured.out
     assert "tokens/s" in captured.err and "decode MBU" in captured.err

@@ -426,3 +426,26 @@ def test_a_converted_qwen2_keeps_its_biases_and_tokenizer(tmp_path):
     conv_tok = load_model(str(tmp_path / "conv"))[2]
     assert all(conv_tok.encode(t) == tok.encode(t) for t in TRICKY)
     assert_same_run(wafer_greedy(tmp_path / "conv", PROMPT, 5, "token"), hf_greedy(QWEN2, sd, PROMPT, 5))
+
+
+def test_generate_traces_and_draws_a_checkpoint_of_its_own(tmp_path):
+    """``generate --trace --heatmap --json`` on a small Llama-3 style GGUF over two regions: the trace holds the
+    prefill's and every decode step's layers, the JSON each operation's utilisation and each region's heatmap."""
+    from llm.cli import main
+
+    sd = hf_state(LLAMA3, 6)
+    path = write_gguf(tmp_path / "llama3.gguf", LLAMA3, sd, "llama-bpe", LLAMA3_SPECIAL)
+    out, trace, heat = tmp_path / "out.json", tmp_path / "t.json", tmp_path / "h.png"
+    assert main(["generate", "--model", str(path), "--prompt", "The capital of France is", "--max-new-tokens", "3",
+                 "--mesh", "8x8", "--regions", "2", "--transport", "local", "--json", str(out), "--trace", str(trace),
+                 "--heatmap", str(heat)]) == 0
+    report = json.loads(out.read_text())
+    ops = report["predicted"]["decode_ops"]  # each operation's share of the decode steps and its utilisation
+    assert sum(o["share_of_time"] for o in ops.values()) == pytest.approx(1)
+    assert ops["gate_up"]["mbu"] > ops["attn_norm"]["mbu"] > 0 and ops["softmax"]["mbu"] == 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    layers = sum(e["name"].startswith("layer ") for e in events if e["ph"] == "X" and e["pid"] == 1)
+    assert layers == LLAMA3["num_hidden_layers"] * 3  # the prefill and 2 decode steps
+    assert heat.stat().st_size > 5000 and [r["mesh"] for r in report["heatmap"]] == [[8, 8], [8, 8]]
+    high = max(max(map(max, r["sram_high_water_bytes"])) for r in report["heatmap"])
+    assert high == report["emulation"]["sram_high_water_bytes"]

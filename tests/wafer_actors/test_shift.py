@@ -53,8 +53,16 @@ def test_shift_is_invariant_to_tiling_and_transport(request, block, tiles, trans
     if transport == "ray":
         request.getfixturevalue("ray_local")
     base = {c: run_shift(block, tiles=(1, 1), transport="local", axis=c[0], disp=c[1], wrap=c[2]) for c in CASES}
+    with Wafer(MESH, device=DEV, tiles=tiles, transport=transport) as w:  # one wafer, its clocks reset per case
+        runs = {}
+        for c in CASES:
+            w.load("v", block, Spec("y", "x", None))
+            w.reset_clocks()
+            stats = w.run(shift, buffer="v", axis=c[0], disp=c[1], wrap=c[2])
+            runs[c] = w.read("v"), stats, w.clocks()
+            w.free("v")
     for c in CASES:
-        out, stats, clocks = run_shift(block, tiles=tiles, transport=transport, axis=c[0], disp=c[1], wrap=c[2])
+        out, stats, clocks = runs[c]
         np.testing.assert_array_equal(out, base[c][0])
         np.testing.assert_array_equal(clocks, base[c][2])
         assert stats.cycles == base[c][1].cycles
