@@ -154,7 +154,7 @@ class Tile:
         self.tracing = False  # record protocols' marks
         self.counting = False  # record per-core compute cycles and per-link bytes
         self._marks: list[tuple[str, float, float, float]] = []
-        self.busy = np.zeros(shape)  # compute cycles charged to each core while tracing
+        self.busy = np.zeros(shape)  # compute cycles charged to each core while counting
         self.link_bytes = np.zeros((4, *shape))  # bytes sent on each directed link leaving a core (N, S, W, E)
         self._program_links: dict[str, np.ndarray] = {}  # a program's streams per link of this tile, per block byte
 
