@@ -24,7 +24,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .timing import arrive, receive_one, send_flows, settle
+from .timing import arrive, arrive_one, launch, launched, receive_one, send_flows, settle, settle_one, take_one
 from .transfer import Transfer
 
 OP_CODES = {"store": 0, "add": 1, "max": 2}
@@ -57,6 +57,54 @@ class Program:
 
 
 @dataclass(frozen=True)
+class Lines:
+    """A program whose every part holds the same flows on each of the tile's lines (rows or columns).
+
+    Lanes are runs of the tile's lines (``bounds``, cut at multiples of 8 so that two threads do not
+    share a cache line of the per-core arrays). Within a part, flows are ordered by lane,
+    then pattern flow, then line: pattern flow ``ptr[p] + i`` on line l of the lane starting
+    at line b is flow ``part_ptr[p] + b * n + i * (lane's lines) + l - b`` (n pattern flows),
+    and its core is ``member * member_stride + l * line_stride`` (member -1: the other tile's
+    side). The compiled loop walks the lines of each pattern flow with no per-flow index arrays.
+    """
+
+    line_stride: int
+    member_stride: int
+    bounds: np.ndarray  # [lane + 1]: first line of each lane
+    ptr: np.ndarray  # [part + 1]: the part's pattern flows
+    src: np.ndarray  # per pattern flow: member of the source along the line (-1: on another tile)
+    dst: np.ndarray
+    load: np.ndarray
+    hops: np.ndarray
+    relays: np.ndarray
+
+
+def _lane_bounds(lines: int, lanes: int) -> np.ndarray:
+    """First line of each of ``lanes`` runs of lines, cut at multiples of 8 where the lines allow."""
+    cuts = [min(lines, round(i * lines / lanes / 8) * 8) for i in range(1, lanes)]
+    return np.array([0, *cuts, lines], dtype=np.int64)
+
+
+def _pattern(ln: np.ndarray, bounds: np.ndarray, *columns: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """The flow order of ``Lines`` and each column per pattern flow, if every line holds the same flows (same
+    count, equal columns in the same order); None otherwise."""
+    lines = int(bounds[-1])
+    counts = np.bincount(ln, minlength=lines)
+    if len(ln) == 0 or counts.min() != counts.max():
+        return None
+    by_line = np.argsort(ln, kind="stable").reshape(lines, -1)  # each line's flows in the transfer's order
+    order = by_line.T.ravel()  # pattern flow i of every line, then i + 1
+    pats = []
+    for col in columns:
+        grid = col[order].reshape(-1, lines)
+        if (grid != grid[:, :1]).any():
+            return None
+        pats.append(grid[:, 0])
+    order = np.concatenate([by_line[a:b].T.ravel() for a, b in zip(bounds[:-1], bounds[1:])])
+    return order, pats
+
+
+@dataclass(frozen=True)
 class Fused:
     """A program's flows on one tile, as flat arrays for the compiled loop.
 
@@ -65,7 +113,8 @@ class Fused:
     this tile (-1 on the side that is another tile's). Where every flow stays on its line
     (row or column: an allreduce), a part's flows are cut into lanes of whole lines (each
     lane keeps the transfer's order); lanes share no core, so they run on parallel threads
-    with the same result. Messages carry a part's flows in the transfer's order (``wire``).
+    with the same result. Where moreover every part repeats the same flows on each line
+    (``lines``), the flows are kept as one pattern per part and a faster loop walks the lines. Messages carry a part's flows in the transfer's order (``wire``).
     Step s sends the parts ``send_parts[send_ptr[s]:send_ptr[s + 1]]`` and receives
     ``recv_parts[...]``, in the order ``Tile.send`` and ``Tile.recv`` take them. Parts to and from other tiles travel
     in batches: a tile runs its steps until one needs a part it has not received, sends
@@ -95,6 +144,7 @@ class Fused:
     outbox: dict  # tile -> (upto, wire, cum): the same for the parts sent there; upto[s] parts in the send phases < s
     local_flows: int
     remote_flows: int
+    lines: Lines | None  # set where every part repeats on every line: the faster loop runs
     scratch: dict = field(default_factory=dict, repr=False)  # (dtype, width) -> per-flow arrays, reused by every run
 
     @classmethod
@@ -103,37 +153,24 @@ class Fused:
         index, (h, w), y0, x0 = tile.index, tile.rect.shape, tile.rect.y0, tile.rect.x0
         transfers = [t for step in program.steps for t in step.transfers]
         if all(np.array_equal(t.src_x, t.dst_x) for t in transfers):
-            line, lines, first = (lambda t: t.dst_x), w, x0  # noqa: E731  flows stay in their column
+            line, lines, first, along = (lambda t: t.dst_x), w, x0, "y"  # noqa: E731  flows stay in their column
         elif all(np.array_equal(t.src_y, t.dst_y) for t in transfers):
-            line, lines, first = (lambda t: t.dst_y), h, y0  # noqa: E731
+            line, lines, first, along = (lambda t: t.dst_y), h, y0, "x"  # noqa: E731
         else:
-            line, lines, first = None, 1, 0  # one lane
+            line, lines, first, along = None, 1, 0, None  # one lane
         lanes = min(numba.get_num_threads(), lines)
-        lane_ptr: list[np.ndarray] = []
-        wire: list[np.ndarray] = []
+        bounds = _lane_bounds(lines, lanes)
+        raw: list[tuple[Transfer, str, int, np.ndarray]] = []  # per part: transfer, way, peer, its flows
         parts: dict[tuple[int, str, int], int] = {}  # (transfer, way, peer) -> part
-        cols: dict[str, list] = {k: [] for k in ("src", "dst", "load", "hops", "relays")}
-        ptr, peer, send_parts, send_ptr, recv_parts, recv_ptr, waits = [0], [], [], [0], [], [0], []
+        send_parts, send_ptr, recv_parts, recv_ptr, waits = [], [0], [], [0], []
         from_peer: dict[int, list[int]] = {}
         flows = {True: 0, False: 0}
 
         def part(t: Transfer, way: str, other: int, f: np.ndarray) -> int:
             key = (id(t), "local" if other == index else way, other)
             if key not in parts:
-                parts[key] = len(parts)
-                lane = np.zeros(len(f), dtype=np.int64) if line is None else (line(t)[f] - first) * lanes // lines
-                order = np.argsort(lane, kind="stable")
-                f = f[order]
-                lane_ptr.append(ptr[-1] + np.searchsorted(lane[order], np.arange(lanes + 1)))
-                wire.append(ptr[-1] + np.argsort(order))
-                here = lambda y, x: (y[f] - y0) * w + x[f] - x0  # noqa: E731
-                none = np.full(len(f), -1)
-                cols["src"].append(here(t.src_y, t.src_x) if way == "out" or other == index else none)
-                cols["dst"].append(here(t.dst_y, t.dst_x) if way == "in" or other == index else none)
-                for k in ("load", "hops", "relays"):
-                    cols[k].append(getattr(t, k)[f])
-                ptr.append(ptr[-1] + len(f))
-                peer.append(other)
+                parts[key] = len(raw)
+                raw.append((t, "local" if other == index else way, other, f))
             return parts[key]
 
         for s, step in enumerate(program.steps):
@@ -153,6 +190,48 @@ class Fused:
             recv_ptr.append(len(recv_parts))
         cat = lambda a: np.concatenate(a).astype(np.int64) if a else np.zeros(0, dtype=np.int64)  # noqa: E731
         ints = lambda a: np.array(a, dtype=np.int64)  # noqa: E731
+        here = lambda t, f, y, x: (y[f] - y0) * w + x[f] - x0  # noqa: E731
+        member = (lambda t, f, y, x: y[f] - y0) if along == "y" else (lambda t, f, y, x: x[f] - x0)  # noqa: E731  position on its line
+        cols: dict[str, list] = {k: [] for k in ("src", "dst", "load", "hops", "relays")}
+        pats: dict[str, list] = {k: [] for k in cols}
+        orders = []
+        for t, way, other, f in raw:  # the pattern order where every part repeats on every line
+            ln = None if line is None else line(t)[f] - first
+            found = None if ln is None else _pattern(
+                ln, bounds, *(member(t, f, t.src_y, t.src_x) if way != "in" else np.full(len(f), -1),
+                             member(t, f, t.dst_y, t.dst_x) if way != "out" else np.full(len(f), -1),
+                             t.load[f], t.hops[f], t.relays[f]))
+            if found is None:
+                break
+            orders.append(found[0])
+            for k, v in zip(pats, found[1]):
+                pats[k].append(v)
+        by_line = line is not None and len(orders) == len(raw) and raw
+        lane_ptr, wire, ptr, peer = [], [], [0], []
+        for i, (t, way, other, f) in enumerate(raw):
+            if by_line:
+                order = orders[i]
+            else:
+                lane = np.zeros(len(f), dtype=np.int64) if line is None else (line(t)[f] - first) * lanes // lines
+                order = np.argsort(lane, kind="stable")
+                lane_ptr.append(ptr[-1] + np.searchsorted(lane[order], np.arange(lanes + 1)))
+            f = f[order]
+            wire.append(ptr[-1] + np.argsort(order))
+            none = np.full(len(f), -1)
+            cols["src"].append(here(t, f, t.src_y, t.src_x) if way != "in" else none)
+            cols["dst"].append(here(t, f, t.dst_y, t.dst_x) if way != "out" else none)
+            for k in ("load", "hops", "relays"):
+                cols[k].append(getattr(t, k)[f])
+            ptr.append(ptr[-1] + len(f))
+            peer.append(other)
+        if by_line:
+            line_stride, member_stride = (1, w) if along == "y" else (w, 1)
+            sizes = [len(a) for a in pats["src"]]
+            shape = Lines(line_stride, member_stride, bounds, np.cumsum([0] + sizes), *(cat(pats[k]) for k in pats))
+            lane_ptr = np.zeros((len(raw), 2), dtype=np.int64)  # unused: lanes are runs of lines
+        else:
+            shape = None
+            lane_ptr = np.array(lane_ptr, dtype=np.int64).reshape(len(raw), lanes + 1)
 
         def box(ps: list[int]) -> tuple[np.ndarray, np.ndarray]:
             return cat([wire[p] for p in ps]), np.cumsum([0] + [ptr[p + 1] - ptr[p] for p in ps])
@@ -177,12 +256,11 @@ class Fused:
             single.append(len(np.unique(into)) == len(into))
             direct.append(not np.isin(into, out[out >= 0]).any())
         return cls(
-            *(cat(cols[k]) for k in ("src", "dst", "load", "hops", "relays")), ints(ptr),
-            np.array(lane_ptr, dtype=np.int64).reshape(len(ptr) - 1, lanes + 1), cat(wire), ints(peer),
+            *(cat(cols[k]) for k in ("src", "dst", "load", "hops", "relays")), ints(ptr), lane_ptr, cat(wire), ints(peer),
             ints(send_ptr), ints(send_parts), ints(recv_ptr), ints(recv_parts),
             ints([OP_CODES[s.op] for s in program.steps]), np.array([s.stream for s in program.steps], dtype=np.bool_),
             np.array(single, dtype=np.bool_), np.array(direct, dtype=np.bool_), tuple(waits), needs, inbox, outbox,
-            flows[True], flows[False],
+            flows[True], flows[False], shape,
         )
 
     async def run(self, tile, tag: str, data: np.ndarray | None, out: np.ndarray | None, size_cycles: float,
@@ -202,8 +280,13 @@ class Fused:
             self.scratch[key] = (np.empty((n if has_data else 0, data.shape[1]), dtype=data.dtype), np.empty(n), np.empty(n),
                                  np.empty(n, dtype=np.int64), np.empty(n))
         msg, head, tail, stages, compute = self.scratch[key]
-        state = (*tile.flat_clocks(), *tile.acc, data, out, msg, has_data, self.src, self.dst, self.load, self.hops, self.relays,
-                 self.part_ptr, self.lane_ptr, self.peer, tile.index, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts,
+        if self.lines is None:
+            kernel, flows = _run_phases, (self.src, self.dst, self.load, self.hops, self.relays, self.part_ptr, self.lane_ptr)
+        else:
+            ln = self.lines
+            kernel, flows = _run_lines, (ln.src, ln.dst, ln.load, ln.hops, ln.relays, self.part_ptr, ln.ptr, ln.bounds,
+                                         ln.line_stride, ln.member_stride)
+        state = (*tile.flat_clocks(), *tile.acc, data, out, msg, has_data, *flows, self.peer, tile.index, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts,
                  self.step_op, self.step_stream, self.step_single, self.step_direct, size_cycles, dev.alpha, dev.beta,
                  combine, dev.call_overhead, head, tail, stages, compute)
         steps = len(self.step_op)
@@ -237,14 +320,14 @@ class Fused:
 
         done = 0  # half-steps run: 2 s is step s's sends, 2 s + 1 its receives
         for s in self.waits:
-            _run_phases(*state, done, 2 * s + 1)  # everything up to this step's receives
+            kernel(*state, done, 2 * s + 1)  # everything up to this step's receives
             sent = s + 1
             for src, need in self.needs[s]:
                 while taken[src] < need:
                     flush()
                     await take(src)
             done = 2 * s + 1
-        _run_phases(*state, done, 2 * steps)
+        kernel(*state, done, 2 * steps)
         sent = steps
         flush()
 
@@ -300,3 +383,90 @@ def _run_phases(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
                     a, b = lane_ptr[recv_parts[k], lane], lane_ptr[recv_parts[k], lane + 1]
                     settle(clock, fwd_head, relaying, sent, stages, compute, dst[a:b], beta, call_overhead, stream,
                            acc_end, acc_start, acc_combine, acc_stages, acc_compute)
+
+
+@njit(cache=True, parallel=True)
+def _run_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages, acc_compute,
+               data, out, msg, has_data, pat_src, pat_dst, pat_load, pat_hops, pat_relays, part_ptr, pat_ptr, bounds,
+               line_stride, member_stride, peer, me, send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_stream,
+               step_single, step_direct, size_cycles, alpha, beta, combine, call_overhead, head, tail, msg_stages,
+               msg_compute, first, last):
+    """``_run_phases`` for a program whose parts repeat on every line (``Lines``): the same rules on the same flows,
+    each part's pattern flows walked line by line; a lane is a run of lines."""
+    for lane in prange(bounds.size - 1):
+        l0, l1 = bounds[lane], bounds[lane + 1]
+        for h in range(first, last):
+            s = h // 2
+            stream, op, direct = step_stream[s], step_op[s], step_direct[s]
+            if h % 2 == 0:  # sends: sources read before any receive of the step
+                for k in range(send_ptr[s], send_ptr[s + 1]):
+                    p = send_parts[k]
+                    copy = has_data and not (direct and peer[p] == me)  # a block that must not change before it lands
+                    for q in range(pat_ptr[p], pat_ptr[p + 1]):
+                        j0 = part_ptr[p] + l0 * (pat_ptr[p + 1] - pat_ptr[p]) + (q - pat_ptr[p]) * (l1 - l0) - l0
+                        c0 = pat_src[q] * member_stride
+                        load, hops, relays = pat_load[q], pat_hops[q], pat_relays[q]
+                        for ln in range(l0, l1):
+                            c, j = c0 + ln * line_stride, j0 + ln
+                            head[j], tail[j] = launch(clock, fwd_head, relaying, c, load, hops, relays, size_cycles, alpha,
+                                                      beta, stream)
+                            msg_stages[j] = stages[c]
+                            msg_compute[j] = compute[c]
+                        if copy:
+                            _move(msg, j0 + l0, 1, data, c0 + l0 * line_stride, line_stride, l1 - l0, 0)
+                    for q in range(pat_ptr[p], pat_ptr[p + 1]):
+                        j0 = part_ptr[p] + l0 * (pat_ptr[p + 1] - pat_ptr[p]) + (q - pat_ptr[p]) * (l1 - l0) - l0
+                        c0 = pat_src[q] * member_stride
+                        for ln in range(l0, l1):
+                            launched(relaying, sent, c0 + ln * line_stride, tail[j0 + ln])
+                continue
+            cost = 0.0 if op == 0 else combine
+            single = step_single[s]
+            for k in range(recv_ptr[s], recv_ptr[s + 1]):  # receives, combined in the order of the transfers
+                p = recv_parts[k]
+                inplace = direct and peer[p] == me
+                for q in range(pat_ptr[p], pat_ptr[p + 1]):
+                    j0 = part_ptr[p] + l0 * (pat_ptr[p + 1] - pat_ptr[p]) + (q - pat_ptr[p]) * (l1 - l0) - l0
+                    d0, s0 = pat_dst[q] * member_stride, pat_src[q] * member_stride
+                    if has_data:
+                        if inplace:
+                            _move(out, d0 + l0 * line_stride, line_stride, data, s0 + l0 * line_stride, line_stride, l1 - l0, op)
+                        else:
+                            _move(out, d0 + l0 * line_stride, line_stride, msg, j0 + l0, 1, l1 - l0, op)
+                    for ln in range(l0, l1):
+                        d, j = d0 + ln * line_stride, j0 + ln
+                        if single:
+                            take_one(clock, fwd_head, relaying, sent, stages, compute, d, head[j], tail[j], msg_stages[j],
+                                     msg_compute[j], cost, beta, call_overhead, stream)
+                        else:
+                            arrive_one(clock, stages, compute, d, head[j], tail[j], msg_stages[j], msg_compute[j], cost,
+                                       beta, stream, acc_end, acc_start, acc_combine, acc_stages, acc_compute)
+            if not single:
+                for k in range(recv_ptr[s], recv_ptr[s + 1]):
+                    p = recv_parts[k]
+                    for q in range(pat_ptr[p], pat_ptr[p + 1]):
+                        d0 = pat_dst[q] * member_stride
+                        for ln in range(l0, l1):
+                            settle_one(clock, fwd_head, relaying, sent, stages, compute, d0 + ln * line_stride, beta,
+                                       call_overhead, stream, acc_end, acc_start, acc_combine, acc_stages, acc_compute)
+
+
+@njit(inline="always")
+def _move(out, o0, o_step, src, s0, s_step, n, op):
+    """Rows ``out[o0 + i * o_step] (op)= src[s0 + i * s_step]`` for i < n (op 0 store, 1 add, 2 max); rows that
+    follow each other in both arrays run as one loop over their elements, which the compiler vectorises."""
+    width = out.shape[1]
+    fo, fs = out.reshape(-1), src.reshape(-1)
+    if o_step == 1 and s_step == 1:  # one run of n * width elements
+        n, width = 1, n * width
+    for i in range(n):
+        a, b = (o0 + i * o_step) * out.shape[1], (s0 + i * s_step) * out.shape[1]
+        if op == 0:
+            for e in range(width):
+                fo[a + e] = fs[b + e]
+        elif op == 1:
+            for e in range(width):
+                fo[a + e] = fo[a + e] + fs[b + e]
+        else:
+            for e in range(width):
+                fo[a + e] = np.maximum(fo[a + e], fs[b + e])

@@ -28,6 +28,24 @@ import numpy as np
 from numba import njit, prange
 
 
+@njit(inline="always")
+def launch(clock, fwd_head, relaying, c, load, hops, relays, size_cycles, alpha, beta, stream):
+    """(head, tail) at its destination of one flow from core ``c`` (see ``send_flows``)."""
+    dur = size_cycles * load
+    own = clock[c]
+    head = fwd_head[c] if stream and relaying[c] else own
+    tail = max(head + dur, own)
+    latency = hops * alpha + relays * beta
+    return head + latency, tail + latency
+
+
+@njit(inline="always")
+def launched(relaying, sent, c, tail):
+    """Core ``c`` has sent a flow that lands at ``tail``: it no longer relays a stream, and its send buffer is busy until then."""
+    relaying[c] = False
+    sent[c] = max(sent[c], tail)
+
+
 @njit(cache=True)
 def send_flows(clock, fwd_head, relaying, sent, stages, compute, fi, load, hops, relays,
                size_cycles, alpha, beta, stream, head_out, tail_out, stages_out, compute_out):
@@ -39,19 +57,12 @@ def send_flows(clock, fwd_head, relaying, sent, stages, compute, fi, load, hops,
     """
     for j in range(fi.size):  # every flow reads its source's state before any flow changes it (multicasts)
         c = fi[j]
-        dur = size_cycles * load[j]
-        own = clock[c]
-        head = fwd_head[c] if stream and relaying[c] else own
-        tail = max(head + dur, own)
-        latency = hops[j] * alpha + relays[j] * beta
-        head_out[j] = head + latency
-        tail_out[j] = tail + latency
+        head_out[j], tail_out[j] = launch(clock, fwd_head, relaying, c, load[j], hops[j], relays[j], size_cycles, alpha,
+                                          beta, stream)
         stages_out[j] = stages[c]
         compute_out[j] = compute[c]
     for j in range(fi.size):
-        c = fi[j]
-        relaying[c] = False
-        sent[c] = max(sent[c], tail_out[j])
+        launched(relaying, sent, fi[j], tail_out[j])
 
 
 @njit(inline="always")
@@ -95,14 +106,21 @@ def arrive(clock, stages, compute, fi, head, tail, msg_stages, msg_compute, comb
     on ties) is on the critical path: its record is kept. Clocks do not move until ``settle``.
     """
     for j in range(fi.size):
-        c = fi[j]
-        end, start, waited = _input_ends(clock[c], head[j], tail[j], combine, beta, stream)
-        if end > acc_end[c]:
-            acc_stages[c] = msg_stages[j] if waited else stages[c]
-            acc_compute[c] = msg_compute[j] if waited else compute[c]
-        acc_end[c] = max(acc_end[c], end)
-        acc_start[c] = max(acc_start[c], start)
-        acc_combine[c] += combine
+        arrive_one(clock, stages, compute, fi[j], head[j], tail[j], msg_stages[j], msg_compute[j], combine, beta, stream,
+                   acc_end, acc_start, acc_combine, acc_stages, acc_compute)
+
+
+@njit(inline="always")
+def arrive_one(clock, stages, compute, c, head, tail, msg_stages, msg_compute, combine, beta, stream,
+               acc_end, acc_start, acc_combine, acc_stages, acc_compute):
+    """``arrive`` for one input at core ``c``."""
+    end, start, waited = _input_ends(clock[c], head, tail, combine, beta, stream)
+    if end > acc_end[c]:
+        acc_stages[c] = msg_stages if waited else stages[c]
+        acc_compute[c] = msg_compute if waited else compute[c]
+    acc_end[c] = max(acc_end[c], end)
+    acc_start[c] = max(acc_start[c], start)
+    acc_combine[c] += combine
 
 
 @njit(cache=True)
@@ -114,14 +132,21 @@ def settle(clock, fwd_head, relaying, sent, stages, compute, fi, beta, call_over
     before it has combined every input. The accumulators are left empty for the next step.
     """
     for j in range(fi.size):
-        c = fi[j]
-        if acc_end[c] == -np.inf:  # listed again: already settled
-            continue
-        _go_on(clock, fwd_head, relaying, sent, stages, compute, c, acc_end[c], acc_start[c], acc_combine[c],
-               acc_stages[c], acc_compute[c], beta, call_overhead, stream)
-        acc_end[c] = -np.inf
-        acc_start[c] = -np.inf
-        acc_combine[c] = 0.0
+        settle_one(clock, fwd_head, relaying, sent, stages, compute, fi[j], beta, call_overhead, stream,
+                   acc_end, acc_start, acc_combine, acc_stages, acc_compute)
+
+
+@njit(inline="always")
+def settle_one(clock, fwd_head, relaying, sent, stages, compute, c, beta, call_overhead, stream,
+               acc_end, acc_start, acc_combine, acc_stages, acc_compute):
+    """``settle`` for core ``c``."""
+    if acc_end[c] == -np.inf:  # listed again: already settled
+        return
+    _go_on(clock, fwd_head, relaying, sent, stages, compute, c, acc_end[c], acc_start[c], acc_combine[c],
+           acc_stages[c], acc_compute[c], beta, call_overhead, stream)
+    acc_end[c] = -np.inf
+    acc_start[c] = -np.inf
+    acc_combine[c] = 0.0
 
 
 @njit(cache=True)
@@ -129,12 +154,19 @@ def receive_one(clock, fwd_head, relaying, sent, stages, compute, fi, head, tail
                 beta, call_overhead, stream):
     """``arrive`` then ``settle`` for a step in which every core of ``fi`` takes exactly one input."""
     for j in range(fi.size):
-        c = fi[j]
-        end, start, waited = _input_ends(clock[c], head[j], tail[j], combine, beta, stream)
-        path_stages = msg_stages[j] if waited else stages[c]
-        path_compute = msg_compute[j] if waited else compute[c]
-        _go_on(clock, fwd_head, relaying, sent, stages, compute, c, end, start, combine, path_stages, path_compute,
-               beta, call_overhead, stream)
+        take_one(clock, fwd_head, relaying, sent, stages, compute, fi[j], head[j], tail[j], msg_stages[j], msg_compute[j],
+                 combine, beta, call_overhead, stream)
+
+
+@njit(inline="always")
+def take_one(clock, fwd_head, relaying, sent, stages, compute, c, head, tail, msg_stages, msg_compute, combine, beta,
+             call_overhead, stream):
+    """``receive_one`` for core ``c``, its only input."""
+    end, start, waited = _input_ends(clock[c], head, tail, combine, beta, stream)
+    path_stages = msg_stages if waited else stages[c]
+    path_compute = msg_compute if waited else compute[c]
+    _go_on(clock, fwd_head, relaying, sent, stages, compute, c, end, start, combine, path_stages, path_compute,
+           beta, call_overhead, stream)
 
 
 @njit(cache=True, parallel=True)

@@ -14,8 +14,12 @@ import pytest
 
 from wafer_actors import Spec, Wafer, preset
 from wafer_actors.collectives import allreduce, shift
+from wafer_actors.collectives.allreduce import program as ktree_program
 from wafer_actors.fabric.ray import RayOptions, RayTransport
+from wafer_actors.mesh import Mesh
 from wafer_actors.ops import gemm, gemv
+from wafer_actors.program import Fused, Program, Step
+from wafer_actors.transfer import Transfer
 
 DEV = preset("wse2").replace(name="test", alpha=1.0, beta=6.0, call_overhead=2.5, map_overhead=3.0, task_overhead=7.0)
 STATE = ("clock", "fwd_head", "relaying", "sent", "stages", "path_compute")
@@ -90,6 +94,20 @@ def test_fused_batches_what_crosses_a_tile_edge():
     assert fused.counts["steps_fused"] > 0 and step.counts["steps_fused"] == 0
     assert 0 < fused.counts["tile_messages"] < step.counts["tile_messages"]
     assert run_allreduce(a, (9, 8), (3, 1), "fused", axis="x")[1].counts["tile_messages"] == 0
+
+
+def test_programs_that_repeat_on_every_line_run_line_by_line():
+    """The allreduces above took the line-by-line loop (``Fused.lines``) on every tile of an uneven tiling; a
+    transfer on one row only does not repeat on every line and takes the general loop (also held to the step
+    executor above: shifts and GEMMs)."""
+    mesh = Mesh(7, 10)
+    one_row = Transfer.build("one-row", "one-row", mesh, ([0] * 9, range(9)), ([0] * 9, range(1, 10)))
+    with Wafer(mesh.shape, device=DEV, tiles=(2, 3), executor="fused") as w:
+        for tile in w.transport.tiles:
+            for axis in "xy":
+                assert Fused.build(ktree_program(mesh, axis, "ktree", 2, None, None, True, "add"), tile).lines is not None
+            fused = Fused.build(Program("one row", (Step((one_row,)),)), tile)
+            assert fused.lines is None and (len(fused.src) > 0) == (tile.rect.y0 == 0)
 
 
 @pytest.mark.parametrize("mesh", [(6, 6), (7, 10)], ids=lambda m: f"{m[0]}x{m[1]}")
