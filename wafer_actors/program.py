@@ -17,6 +17,7 @@ function of the mesh, so a protocol builds its program once (cached) and hands i
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -24,7 +25,17 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .timing import arrive, arrive_one, launch, launched, receive_one, send_flows, settle, settle_one, take_one
+from .timing import (
+    arrive,
+    arrive_one,
+    launch,
+    launched,
+    receive_one,
+    send_flows,
+    settle,
+    settle_one,
+    take_one,
+)
 from .transfer import Transfer
 
 OP_CODES = {"store": 0, "add": 1, "max": 2}
@@ -100,7 +111,7 @@ def _pattern(ln: np.ndarray, bounds: np.ndarray, *columns: np.ndarray) -> tuple[
         if (grid != grid[:, :1]).any():
             return None
         pats.append(grid[:, 0])
-    order = np.concatenate([by_line[a:b].T.ravel() for a, b in zip(bounds[:-1], bounds[1:])])
+    order = np.concatenate([by_line[a:b].T.ravel() for a, b in itertools.pairwise(bounds)])
     return order, pats
 
 
