@@ -370,6 +370,16 @@ def _drain_node(engine: Any, node: str) -> None:
             engine.migrate(target, tiles=tiles, region=region)
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    """Comma-separated positive integers ('' for none)."""
+    values = []
+    for part in filter(None, (t.strip() for t in text.split(","))):
+        if not part.isdigit() or int(part) < 1:
+            raise InvalidArgument(f"{flag} takes comma-separated positive integers ('' for none), got {part!r} in {text!r}")
+        values.append(int(part))
+    return values
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Predict the paper's settings with the calibrated device; compare the calibration rows."""
     from tqdm import tqdm
@@ -381,14 +391,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for m in models:
         if m not in validate.MODELS:
             raise InvalidArgument(f"unknown model {m!r} for validate; choose from {', '.join(validate.MODELS)}")
-    grids = [int(g) for g in args.grids.split(",")]
-    prefill_grids = [int(g) for g in args.prefill_grids.split(",") if g.strip()]
+    grids = _int_list(args.grids, "--grids")
+    prefill_grids = _int_list(args.prefill_grids, "--prefill-grids")
+    gemv_sizes = _int_list(args.gemv_sizes, "--gemv-sizes")
     for g in grids + prefill_grids + [args.gemv_grid, args.kv_grid] + ([args.gemm_grid] if args.gemm_grid else []):
         device.check_mesh(g, g)
     if args.workers < 1:
         raise InvalidArgument(f"--workers must be at least 1, got {args.workers}")
     kernels = tuple(check_kernel(k.strip()) for k in args.kernels.split(","))
-    steps = len(models) * len(kernels) * (len(grids) + len(prefill_grids)) + 2 + (2 if args.gemm_grid else 0)
+    steps = len(models) * len(kernels) * (len(grids) + len(prefill_grids)) + 1 + bool(gemv_sizes) + (2 if args.gemm_grid else 0)
     bar = tqdm(total=steps, desc="validate", unit="step", leave=False, file=sys.stderr)
 
     def progress(what: str) -> None:
@@ -397,7 +408,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     rows = validate.run(device, models=models, grids=grids, prefill_grids=prefill_grids, prefill_tokens=args.prefill_tokens,
                         gemv_grid=args.gemv_grid,
-                        gemv_sizes=tuple(int(n) for n in args.gemv_sizes.split(",")), gemm_grid=args.gemm_grid or None,
+                        gemv_sizes=tuple(gemv_sizes), gemm_grid=args.gemm_grid or None,
                         gemm_n=args.gemm_n, kv_grid=args.kv_grid, workers=args.workers, executor=args.executor,
                         kernels=kernels, progress=progress, trace=args.trace is not None)
     bar.close()
@@ -557,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--prefill-grids", default="480,600,720", help="prefill grids P ('' for none; 720 takes minutes per model)")
     val.add_argument("--prefill-tokens", type=int, default=4096, help="prompt length of the prefill rows (the paper's 4096)")
     val.add_argument("--gemv-grid", type=int, default=720, help="grid of the MeshGEMV vs pipeline comparison")
-    val.add_argument("--gemv-sizes", default="16384,32768", help="GEMV sizes N ([1,N] x [N,N]) of that comparison")
+    val.add_argument("--gemv-sizes", default="16384,32768", help="GEMV sizes N ([1,N] x [N,N]) of that comparison ('' for none)")
     val.add_argument("--gemm-grid", type=int, default=720, help="grid of the MeshGEMM vs Cannon/SUMMA comparison (0: skip; 720 takes minutes)")
     val.add_argument("--gemm-n", type=int, default=2048, help="GEMM size N (N x N times N x N)")
     val.add_argument("--kv-grid", type=int, default=360, help="region side for the KV capacity of LLaMA3-8B")

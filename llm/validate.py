@@ -231,7 +231,8 @@ def run(device: DeviceSpec, *, models=MODELS, grids=DECODE_GRIDS, prefill_grids=
                       partial(model_row, "decode", model, device, g, CONTEXT, executor, kernel, trace)) for g in grids]
             jobs += [(f"{model} {kernel} prefill {g}x{g}",
                       partial(model_row, "prefill", model, device, g, prefill_tokens, executor, kernel, trace)) for g in prefill_grids]
-    jobs.append((f"GEMV {gemv_grid}x{gemv_grid}", partial(gemv_rows, device, gemv_grid, tuple(gemv_sizes), executor)))
+    if gemv_sizes:
+        jobs.append((f"GEMV {gemv_grid}x{gemv_grid}", partial(gemv_rows, device, gemv_grid, tuple(gemv_sizes), executor)))
     if gemm_grid:
         jobs.append((f"GEMM {gemm_grid}x{gemm_grid}", partial(gemm_rows, device, gemm_grid, gemm_n, executor)))
         jobs.append(("Fig. 9 check", partial(fig9_rows, device, gemm_grid, gemm_n, executor)))

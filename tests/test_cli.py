@@ -52,6 +52,12 @@ def test_bench_refuses_unknown_algorithms(capsys):
     assert "unknown gemv algo 'fastest'; choose from meshgemv, ktree, pipeline, ring, chain" in capsys.readouterr().err
 
 
+def test_validate_refuses_a_grid_list_that_is_not_integers(capsys):
+    """A malformed list is named with the flag before any row runs."""
+    assert main(["validate", "--grids", "420,6x6"]) == 2
+    assert "--grids takes comma-separated positive integers ('' for none), got '6x6'" in capsys.readouterr().err
+
+
 def test_demo_runs_in_process(capsys):
     """The demo checks its protocols against NumPy and reports predicted cycles."""
     assert main(["demo", "--mesh", "4x4", "--tiles", "2x2", "--transport", "local", "--block", "8"]) == 0

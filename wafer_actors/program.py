@@ -264,8 +264,10 @@ class Fused:
         for s in range(len(program.steps)):
             into = cat([cols["dst"][p] for p in recv_parts[recv_ptr[s] : recv_ptr[s + 1]]])
             out = cat([cols["src"][p] for p in send_parts[send_ptr[s] : send_ptr[s + 1]]])
-            single.append(len(np.unique(into)) == len(into))
-            direct.append(not np.isin(into, out[out >= 0]).any())
+            single.append(len(into) == 0 or np.bincount(into, minlength=h * w).max() == 1)
+            sends = np.zeros(h * w, dtype=bool)
+            sends[out[out >= 0]] = True
+            direct.append(not sends[into].any())
         return cls(
             *(cat(cols[k]) for k in ("src", "dst", "load", "hops", "relays")), ints(ptr), lane_ptr, cat(wire), ints(peer),
             ints(send_ptr), ints(send_parts), ints(recv_ptr), ints(recv_parts),

@@ -184,16 +184,15 @@ class Transfer:
         out_port = _ports(sy, sx, ey, ex)[stream]
         in_port = out_port ^ 1  # travelling east enters from the west, and so on
 
-        def key(src: np.ndarray, port: np.ndarray, dst: np.ndarray) -> np.ndarray:
-            return (src * 4 + port) * mesh.size + dst
-
         first, last = k == 0, k == n[stream] - 1
         if len(sy) == len(self.src_y):  # one flow per stream: it stops only at its end
             delivered = last
-        else:
-            flows = key(self.src_y * mesh.width + self.src_x, _ports(self.src_y, self.src_x, self.dst_y, self.dst_x),
-                        self.dst_y * mesh.width + self.dst_x)
-            delivered = np.isin(key(sy[stream] * mesh.width + sx[stream], out_port, core), flows)  # a multicast stop
+        else:  # a multicast stops where one of its stream's flows ends: at the flow's distance along the path
+            ids = (sy * mesh.width + sx) * 4 + _ports(sy, sx, ey, ex)  # sorted (``_stream_ends``)
+            of = np.searchsorted(ids, (self.src_y * mesh.width + self.src_x) * 4
+                                 + _ports(self.src_y, self.src_x, self.dst_y, self.dst_x))
+            delivered = np.zeros(len(stream), dtype=bool)
+            delivered[(np.cumsum(n) - n)[of] + self.hops] = True
         role = np.select([first, last, delivered], [0, 1, 2], 3)
         ramp = 4
         setting = role * 25 + np.where(first, ramp, in_port) * 5 + np.where(last, ramp, out_port)
@@ -270,13 +269,33 @@ def _dense_loads(mesh: Mesh, sy, sx, ey, ex) -> np.ndarray:
     return loads
 
 
+def _disjoint(sy, sx, ey, ex) -> bool:
+    """Whether no two streams use one directed link (every link's load at most 1), without a mesh-sized array.
+
+    A stream uses the links leaving the cores of an interval of its line toward its port;
+    sorted by (port, line, first core), the intervals are disjoint if each ends before the
+    next one of its line starts.
+    """
+    port = _ports(sy, sx, ey, ex)
+    vertical = port < 2
+    line = np.where(vertical, sx, sy)
+    a, b = np.where(vertical, sy, sx), np.where(vertical, ey, ex)
+    lo = np.where(port % 2 == 0, b + 1, a)  # N and W run toward lower indices
+    hi = np.where(port % 2 == 0, a, b - 1)
+    order = np.lexsort((lo, line, port))
+    port, line, lo, hi = port[order], line[order], lo[order], hi[order]
+    same = (port[1:] == port[:-1]) & (line[1:] == line[:-1])
+    return not (same & (lo[1:] <= hi[:-1])).any()
+
+
 def _link_load(mesh: Mesh, sy, sx, dy, dx) -> np.ndarray:
     """For each flow, the largest number of streams sharing a directed link on its path."""
     if len(sy) == 0:
         return np.zeros(0, dtype=np.int64)
-    loads = _dense_loads(mesh, *_stream_ends(mesh, sy, sx, dy, dx))
-    if loads.max() <= 1:
+    ends = _stream_ends(mesh, sy, sx, dy, dx)
+    if _disjoint(*ends):
         return np.ones(len(sy), dtype=np.int64)
+    loads = _dense_loads(mesh, *ends)
     n = np.abs(dy - sy) + np.abs(dx - sx)
     flow = np.repeat(np.arange(len(n)), n)
     k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
@@ -300,9 +319,9 @@ class Route:
             return np.zeros(mesh.shape, dtype=np.int64)
         core = np.concatenate([c for c, _ in pairs])
         setting = np.concatenate([s for _, s in pairs])
-        used = np.zeros((mesh.size, SETTINGS), dtype=bool)
-        used[core, setting] = True
-        return used.sum(axis=1).reshape(mesh.shape)
+        used = np.zeros(mesh.size * SETTINGS, dtype=bool)
+        used[core * SETTINGS + setting] = True
+        return np.bincount(np.flatnonzero(used) // SETTINGS, minlength=mesh.size).reshape(mesh.shape)
 
 
 def check_routes(mesh: Mesh, routes: Iterable[Route], limit: int) -> tuple[np.ndarray, list[str]]:

@@ -85,6 +85,11 @@ def test_default_group_count_minimises_relay_stages():
     assert default_group_num(420) in range(19, 23)
     phases = tree_phases(360, 2, None)
     assert len(phases) == 2 and len(phases[1]) == 1
+    for n in [*range(1, 130), 660, 720]:  # the fewest stages of the phases actually built, searched over every count
+        def stages(g):
+            first = tree_phases(n, 2, g)[0]
+            return max(max(r, len(m) - 1 - r) for m, r in first) + g // 2, abs(g - n**0.5)
+        assert default_group_num(n) == min(range(1, n + 1), key=stages), n
 
 
 def test_bad_allreduce_arguments_name_the_valid_choices():

@@ -89,3 +89,26 @@ def test_too_many_routes_on_one_core_is_a_routing_error():
     relay = Route("relay", (row_transfer([0, 1], [1, 2], route="relay"),))
     with pytest.raises(RoutingError, match=r"core \(y=0, x=1\) needs 2 routing entries \(at least\), the device has 1: routes relay x2"):
         check_routes(M, [relay], limit=1)
+
+
+def test_the_disjoint_streams_check_agrees_with_the_dense_link_loads():
+    """``_disjoint`` (sorted intervals) says no link carries two streams exactly where the mesh-sized link loads
+    it stands in for have a maximum of at most 1; random sets of straight flows, both outcomes occurring."""
+    from wafer_actors.transfer import _dense_loads, _disjoint, _stream_ends
+
+    rng = np.random.default_rng(0)
+    mesh = Mesh(7, 9)
+    seen = set()
+    for _ in range(2000):
+        n = int(rng.integers(1, 6))
+        sy, sx, along_y = rng.integers(0, 7, n), rng.integers(0, 9, n), rng.integers(0, 2, n).astype(bool)
+        dy = np.where(along_y, rng.integers(0, 7, n), sy)
+        dx = np.where(along_y, sx, rng.integers(0, 9, n))
+        moves = (dy != sy) | (dx != sx)
+        if not moves.any():
+            continue
+        ends = _stream_ends(mesh, sy[moves], sx[moves], dy[moves], dx[moves])
+        fast = _disjoint(*ends)
+        assert fast == (_dense_loads(mesh, *ends).max() <= 1)
+        seen.add(fast)
+    assert seen == {True, False}
