@@ -125,7 +125,8 @@ class Fused:
     (row or column: an allreduce), a part's flows are cut into lanes of whole lines (each
     lane keeps the transfer's order); lanes share no core, so they run on parallel threads
     with the same result. Where moreover every part repeats the same flows on each line
-    (``lines``), the flows are kept as one pattern per part and a faster loop walks the lines. Messages carry a part's flows in the transfer's order (``wire``).
+    (``lines``), the flows are kept as one pattern per part and a faster loop walks the
+    lines. Messages carry a part's flows in the transfer's order (``wire``).
     Step s sends the parts ``send_parts[send_ptr[s]:send_ptr[s + 1]]`` and receives
     ``recv_parts[...]``, in the order ``Tile.send`` and ``Tile.recv`` take them. Parts to and from other tiles travel
     in batches: a tile runs its steps until one needs a part it has not received, sends
@@ -201,23 +202,23 @@ class Fused:
             recv_ptr.append(len(recv_parts))
         cat = lambda a: np.concatenate(a).astype(np.int64) if a else np.zeros(0, dtype=np.int64)  # noqa: E731
         ints = lambda a: np.array(a, dtype=np.int64)  # noqa: E731
-        here = lambda t, f, y, x: (y[f] - y0) * w + x[f] - x0  # noqa: E731
-        member = (lambda t, f, y, x: y[f] - y0) if along == "y" else (lambda t, f, y, x: x[f] - x0)  # noqa: E731  position on its line
+        here = lambda f, y, x: (y[f] - y0) * w + x[f] - x0  # noqa: E731  flat core index on this tile
+        member = (lambda f, y, x: y[f] - y0) if along == "y" else (lambda f, y, x: x[f] - x0)  # noqa: E731  position on its line
         cols: dict[str, list] = {k: [] for k in ("src", "dst", "load", "hops", "relays")}
         pats: dict[str, list] = {k: [] for k in cols}
         orders = []
         for t, way, other, f in raw:  # the pattern order where every part repeats on every line
             ln = None if line is None else line(t)[f] - first
             found = None if ln is None else _pattern(
-                ln, bounds, *(member(t, f, t.src_y, t.src_x) if way != "in" else np.full(len(f), -1),
-                             member(t, f, t.dst_y, t.dst_x) if way != "out" else np.full(len(f), -1),
+                ln, bounds, *(member(f, t.src_y, t.src_x) if way != "in" else np.full(len(f), -1),
+                             member(f, t.dst_y, t.dst_x) if way != "out" else np.full(len(f), -1),
                              t.load[f], t.hops[f], t.relays[f]))
             if found is None:
                 break
             orders.append(found[0])
             for k, v in zip(pats, found[1]):
                 pats[k].append(v)
-        by_line = line is not None and len(orders) == len(raw) and raw
+        by_line = line is not None and len(orders) == len(raw) > 0
         lane_ptr, wire, ptr, peer = [], [], [0], []
         for i, (t, way, other, f) in enumerate(raw):
             if by_line:
@@ -229,8 +230,8 @@ class Fused:
             f = f[order]
             wire.append(ptr[-1] + np.argsort(order))
             none = np.full(len(f), -1)
-            cols["src"].append(here(t, f, t.src_y, t.src_x) if way != "in" else none)
-            cols["dst"].append(here(t, f, t.dst_y, t.dst_x) if way != "out" else none)
+            cols["src"].append(here(f, t.src_y, t.src_x) if way != "in" else none)
+            cols["dst"].append(here(f, t.dst_y, t.dst_x) if way != "out" else none)
             for k in ("load", "hops", "relays"):
                 cols[k].append(getattr(t, k)[f])
             ptr.append(ptr[-1] + len(f))
