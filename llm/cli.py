@@ -92,7 +92,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     device = resolve(args.device)
     tiles = parse_grid(args.tiles)
-    sizes = [int(p) for p in args.sweep_P.split(",")] if args.sweep_P else [args.P]
+    sizes = _int_list(args.sweep_P, "--sweep-P") if args.sweep_P else [args.P]
     algos = [a.strip() for a in args.algo.split(",")]
     valid = GEMV_ALGOS if args.op == "gemv" else GEMM_ALGOS
     for a in algos:
@@ -371,11 +371,11 @@ def _drain_node(engine: Any, node: str) -> None:
 
 
 def _int_list(text: str, flag: str) -> list[int]:
-    """Comma-separated positive integers ('' for none)."""
+    """Comma-separated positive integers ('' gives none)."""
     values = []
     for part in filter(None, (t.strip() for t in text.split(","))):
         if not part.isdigit() or int(part) < 1:
-            raise InvalidArgument(f"{flag} takes comma-separated positive integers ('' for none), got {part!r} in {text!r}")
+            raise InvalidArgument(f"{flag} takes comma-separated positive integers, got {part!r} in {text!r}")
         values.append(int(part))
     return values
 
@@ -458,7 +458,9 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
     from . import scale
 
-    counts = [int(c) for c in args.nodes_or_tiles.split(",")]
+    counts = _int_list(args.nodes_or_tiles, "--nodes-or-tiles")
+    if not counts:
+        raise InvalidArgument("--nodes-or-tiles needs at least one tile-actor count, e.g. 1,2,4")
     bar = tqdm(total=len(counts), desc="scale", unit="point", leave=False, file=sys.stderr)
 
     def progress(what: str) -> None:

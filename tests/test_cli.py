@@ -52,10 +52,12 @@ def test_bench_refuses_unknown_algorithms(capsys):
     assert "unknown gemv algo 'fastest'; choose from meshgemv, ktree, pipeline, ring, chain" in capsys.readouterr().err
 
 
-def test_validate_refuses_a_grid_list_that_is_not_integers(capsys):
-    """A malformed list is named with the flag before any row runs."""
-    assert main(["validate", "--grids", "420,6x6"]) == 2
-    assert "--grids takes comma-separated positive integers ('' for none), got '6x6'" in capsys.readouterr().err
+@pytest.mark.parametrize("argv", [["validate", "--grids", "420,6x6"], ["bench", "gemm", "--sweep-P", "4,6x6"],
+                                  ["scale", "--nodes-or-tiles", "1,6x6"]], ids=lambda a: a[0])
+def test_a_list_that_is_not_integers_is_refused_by_its_flag(argv, capsys):
+    """A malformed comma-separated list is named with its flag before any work runs."""
+    assert main(argv) == 2
+    assert f"{argv[-2]} takes comma-separated positive integers, got '6x6'" in capsys.readouterr().err
 
 
 def test_demo_runs_in_process(capsys):
