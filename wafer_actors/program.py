@@ -26,6 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from .timing import (
+    EXACT,
     arrive,
     arrive_one,
     launch,
@@ -81,6 +82,7 @@ class Lines:
 
     line_stride: int
     member_stride: int
+    members: int  # cores of the tile on each line
     bounds: np.ndarray  # [lane + 1]: first line of each lane
     ptr: np.ndarray  # [part + 1]: the part's pattern flows
     src: np.ndarray  # per pattern flow: member of the source along the line (-1: on another tile)
@@ -88,6 +90,30 @@ class Lines:
     load: np.ndarray
     hops: np.ndarray
     relays: np.ndarray
+
+    def flows(self, part_ptr: np.ndarray, p: int, q: int) -> np.ndarray:
+        """The flow of pattern flow ``q`` (of part ``p``) on each line."""
+        ln = np.arange(int(self.bounds[-1]))
+        lane = np.searchsorted(self.bounds, ln, side="right") - 1
+        l0, l1 = self.bounds[lane], self.bounds[lane + 1]
+        n = self.ptr[p + 1] - self.ptr[p]
+        return part_ptr[p] + l0 * n + (q - self.ptr[p]) * (l1 - l0) + ln - l0
+
+
+@dataclass(frozen=True)
+class Segment:
+    """What the line classes of one stretch of half-steps (run between two waits) need to know.
+
+    A line's state is its cores' timing state and the flows from other tiles it takes in
+    the stretch; ``launches`` / ``streams``: the members that send (their ``sent`` moves) /
+    take a stream (their ``fwd_head`` moves) in it; ``taken`` / ``given``: per line, the
+    flows from / to other tiles the stretch takes / writes (``[flows, line]``).
+    """
+
+    launches: np.ndarray
+    streams: np.ndarray
+    taken: np.ndarray
+    given: np.ndarray
 
 
 def _lane_bounds(lines: int, lanes: int) -> np.ndarray:
@@ -158,6 +184,7 @@ class Fused:
     remote_flows: int
     lines: Lines | None  # set where every part repeats on every line: the faster loop runs
     scratch: dict = field(default_factory=dict, repr=False)  # (dtype, width) -> per-flow arrays, reused by every run
+    segments: dict = field(default_factory=dict, repr=False)  # (first, last) half-step -> Segment (line programs)
 
     @classmethod
     def build(cls, program: Program, tile) -> "Fused":
@@ -239,7 +266,8 @@ class Fused:
         if by_line:
             line_stride, member_stride = (1, w) if along == "y" else (w, 1)
             sizes = [len(a) for a in pats["src"]]
-            shape = Lines(line_stride, member_stride, bounds, np.cumsum([0] + sizes), *(cat(pats[k]) for k in pats))
+            shape = Lines(line_stride, member_stride, h * w // lines, bounds, np.cumsum([0] + sizes),
+                          *(cat(pats[k]) for k in pats))
             lane_ptr = np.zeros((len(raw), 2), dtype=np.int64)  # unused: lanes are runs of lines
         else:
             shape = None
@@ -277,6 +305,32 @@ class Fused:
             flows[True], flows[False], shape,
         )
 
+    def segment(self, first: int, last: int, me: int) -> Segment:
+        """The ``Segment`` of half-steps ``first .. last - 1`` (a line program) on tile ``me``."""
+        seg = self.segments.get((first, last))
+        if seg is not None:
+            return seg
+        ln = self.lines
+        launches, streams = np.zeros(ln.members, dtype=np.bool_), np.zeros(ln.members, dtype=np.bool_)
+        taken, given = [], []
+        for h in range(first, last):
+            s = h // 2
+            sends = h % 2 == 0
+            ptr, parts = (self.send_ptr, self.send_parts) if sends else (self.recv_ptr, self.recv_parts)
+            for p in parts[ptr[s] : ptr[s + 1]]:
+                for q in range(ln.ptr[p], ln.ptr[p + 1]):
+                    member = ln.src[q] if sends else ln.dst[q]
+                    if member >= 0 and sends:
+                        launches[member] = True
+                    elif member >= 0 and self.step_stream[s]:
+                        streams[member] = True
+                    if self.peer[p] != me:
+                        (given if sends else taken).append(ln.flows(self.part_ptr, p, q))
+        lines = int(ln.bounds[-1])
+        stack = lambda a: np.array(a, dtype=np.int64).reshape(len(a), lines)  # noqa: E731
+        seg = self.segments[first, last] = Segment(launches, streams, stack(taken), stack(given))
+        return seg
+
     async def run(self, tile, tag: str, data: np.ndarray | None, out: np.ndarray | None, size_cycles: float,
                   combine: float) -> None:
         """Run every step on ``tile``'s clocks: send blocks of ``data``, receive into ``out`` (``[cores, elements]``,
@@ -284,7 +338,7 @@ class Fused:
 
         ``tag`` names this run of the program in the messages between tiles.
         """
-        dev = tile.device
+        costs = tile.costs
         n = len(self.src)
         has_data = data is not None
         if not has_data:
@@ -294,15 +348,42 @@ class Fused:
             self.scratch[key] = (np.empty((n if has_data else 0, data.shape[1]), dtype=data.dtype), np.empty(n), np.empty(n),
                                  np.empty(n, dtype=np.int64), np.empty(n))
         msg, head, tail, stages, compute = self.scratch[key]
+        clocks = tile.flat_clocks()
+        rest = (self.peer, tile.index, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts, self.step_op,
+                self.step_stream, self.step_single, self.step_direct, size_cycles, costs.alpha, costs.beta, combine,
+                costs.call_overhead, head, tail, stages, compute)
         if self.lines is None:
-            kernel, flows = _run_phases, (self.src, self.dst, self.load, self.hops, self.relays, self.part_ptr, self.lane_ptr)
+            flows = (self.src, self.dst, self.load, self.hops, self.relays, self.part_ptr, self.lane_ptr)
+            state = (*clocks, *tile.acc, data, out, msg, has_data, *flows, *rest)
+
+            def kernel(first: int, last: int) -> None:
+                _run_phases(*state, first, last)
         else:
             ln = self.lines
-            kernel, flows = _run_lines, (ln.src, ln.dst, ln.load, ln.hops, ln.relays, self.part_ptr, ln.ptr, ln.bounds,
-                                         ln.line_stride, ln.member_stride)
-        state = (*tile.flat_clocks(), *tile.acc, data, out, msg, has_data, *flows, self.peer, tile.index, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts,
-                 self.step_op, self.step_stream, self.step_single, self.step_direct, size_cycles, dev.alpha, dev.beta,
-                 combine, dev.call_overhead, head, tail, stages, compute)
+            lines = int(ln.bounds[-1])
+            pattern = (ln.src, ln.dst, ln.load, ln.hops, ln.relays, self.part_ptr, ln.ptr, ln.bounds, ln.line_stride,
+                       ln.member_stride)
+            timing = (*clocks, *tile.acc, *pattern, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts,
+                      self.step_op, self.step_stream, self.step_single, size_cycles, costs.alpha, costs.beta, combine,
+                      costs.call_overhead, head, tail, stages, compute)
+            moves = (data, out, msg, ln.src, ln.dst, self.part_ptr, ln.ptr, ln.bounds, ln.line_stride, ln.member_stride,
+                     ln.members, self.peer, tile.index, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts,
+                     self.step_op, self.step_direct)
+            block = max(1, DATA_BLOCK_BYTES // max(1, ln.members * data.shape[1] * data.itemsize))
+            if "classes" not in self.scratch:
+                self.scratch["classes"] = (np.empty(lines, dtype=np.int64), np.empty(lines, dtype=np.int64), np.empty(lines))
+            reps, rep_of, shift = self.scratch["classes"]
+
+            def kernel(first: int, last: int) -> None:  # time one line of each class, move every line's data
+                seg = self.segment(first, last, tile.index)
+                geometry = (lines, ln.members, ln.line_stride, ln.member_stride)
+                n = _line_classes(*clocks, head, tail, stages, compute, *geometry, seg.taken, reps, rep_of, shift)
+                _time_lines(*timing, reps[:n], first, last)
+                if has_data:
+                    _move_lines(*moves, block, first, last)
+                if n < lines:
+                    _expand(*clocks, head, tail, stages, compute, *geometry, seg.launches, seg.streams, reps[:n],
+                            rep_of, shift, seg.given)
         steps = len(self.step_op)
         sent = 0  # send phases run so far: their parts to other tiles are owed until the next flush
         flushed = dict.fromkeys(self.outbox, 0)  # tile -> parts of its outbox sent
@@ -334,14 +415,14 @@ class Fused:
 
         done = 0  # half-steps run: 2 s is step s's sends, 2 s + 1 its receives
         for s in self.waits:
-            kernel(*state, done, 2 * s + 1)  # everything up to this step's receives
+            kernel(done, 2 * s + 1)  # everything up to this step's receives
             sent = s + 1
             for src, need in self.needs[s]:
                 while taken[src] < need:
                     flush()
                     await take(src)
             done = 2 * s + 1
-        kernel(*state, done, 2 * steps)
+        kernel(done, 2 * steps)
         sent = steps
         flush()
 
@@ -400,54 +481,49 @@ def _run_phases(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
 
 
 @njit(cache=True, parallel=True)
-def _run_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages, acc_compute,
-               data, out, msg, has_data, pat_src, pat_dst, pat_load, pat_hops, pat_relays, part_ptr, pat_ptr, bounds,
-               line_stride, member_stride, peer, me, send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_stream,
-               step_single, step_direct, size_cycles, alpha, beta, combine, call_overhead, head, tail, msg_stages,
-               msg_compute, first, last):
-    """``_run_phases`` for a program whose parts repeat on every line (``Lines``): the same rules on the same flows,
-    each part's pattern flows walked line by line; a lane is a run of lines."""
+def _time_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages, acc_compute,
+                pat_src, pat_dst, pat_load, pat_hops, pat_relays, part_ptr, pat_ptr, bounds, line_stride, member_stride,
+                send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_stream, step_single, size_cycles, alpha, beta,
+                combine, call_overhead, head, tail, msg_stages, msg_compute, reps, first, last):
+    """The timing of ``_run_phases`` for a program whose parts repeat on every line (``Lines``), on the lines
+    ``reps`` (ascending) only: the same rules on the same flows, each part's pattern flows walked line by line; a
+    lane is a run of lines."""
     for lane in prange(bounds.size - 1):
         l0, l1 = bounds[lane], bounds[lane + 1]
+        r0, r1 = np.searchsorted(reps, l0), np.searchsorted(reps, l1)
         for h in range(first, last):
             s = h // 2
-            stream, op, direct = step_stream[s], step_op[s], step_direct[s]
-            if h % 2 == 0:  # sends: sources read before any receive of the step
+            stream = step_stream[s]
+            if h % 2 == 0:  # sends: every source's state read before any changes
                 for k in range(send_ptr[s], send_ptr[s + 1]):
                     p = send_parts[k]
-                    copy = has_data and not (direct and peer[p] == me)  # a block that must not change before it lands
                     for q in range(pat_ptr[p], pat_ptr[p + 1]):
                         j0 = part_ptr[p] + l0 * (pat_ptr[p + 1] - pat_ptr[p]) + (q - pat_ptr[p]) * (l1 - l0) - l0
                         c0 = pat_src[q] * member_stride
                         load, hops, relays = pat_load[q], pat_hops[q], pat_relays[q]
-                        for ln in range(l0, l1):
+                        for r in range(r0, r1):
+                            ln = reps[r]
                             c, j = c0 + ln * line_stride, j0 + ln
                             head[j], tail[j] = launch(clock, fwd_head, relaying, c, load, hops, relays, size_cycles, alpha,
                                                       beta, stream)
                             msg_stages[j] = stages[c]
                             msg_compute[j] = compute[c]
-                        if copy:
-                            _move(msg, j0 + l0, 1, data, c0 + l0 * line_stride, line_stride, l1 - l0, 0)
                     for q in range(pat_ptr[p], pat_ptr[p + 1]):
                         j0 = part_ptr[p] + l0 * (pat_ptr[p + 1] - pat_ptr[p]) + (q - pat_ptr[p]) * (l1 - l0) - l0
                         c0 = pat_src[q] * member_stride
-                        for ln in range(l0, l1):
+                        for r in range(r0, r1):
+                            ln = reps[r]
                             launched(relaying, sent, c0 + ln * line_stride, tail[j0 + ln])
                 continue
-            cost = 0.0 if op == 0 else combine
+            cost = 0.0 if step_op[s] == 0 else combine
             single = step_single[s]
-            for k in range(recv_ptr[s], recv_ptr[s + 1]):  # receives, combined in the order of the transfers
+            for k in range(recv_ptr[s], recv_ptr[s + 1]):  # receives, in the order of the transfers
                 p = recv_parts[k]
-                inplace = direct and peer[p] == me
                 for q in range(pat_ptr[p], pat_ptr[p + 1]):
                     j0 = part_ptr[p] + l0 * (pat_ptr[p + 1] - pat_ptr[p]) + (q - pat_ptr[p]) * (l1 - l0) - l0
-                    d0, s0 = pat_dst[q] * member_stride, pat_src[q] * member_stride
-                    if has_data:
-                        if inplace:
-                            _move(out, d0 + l0 * line_stride, line_stride, data, s0 + l0 * line_stride, line_stride, l1 - l0, op)
-                        else:
-                            _move(out, d0 + l0 * line_stride, line_stride, msg, j0 + l0, 1, l1 - l0, op)
-                    for ln in range(l0, l1):
+                    d0 = pat_dst[q] * member_stride
+                    for r in range(r0, r1):
+                        ln = reps[r]
                         d, j = d0 + ln * line_stride, j0 + ln
                         if single:
                             take_one(clock, fwd_head, relaying, sent, stages, compute, d, head[j], tail[j], msg_stages[j],
@@ -460,9 +536,49 @@ def _run_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_st
                     p = recv_parts[k]
                     for q in range(pat_ptr[p], pat_ptr[p + 1]):
                         d0 = pat_dst[q] * member_stride
-                        for ln in range(l0, l1):
-                            settle_one(clock, fwd_head, relaying, sent, stages, compute, d0 + ln * line_stride, beta,
+                        for r in range(r0, r1):
+                            settle_one(clock, fwd_head, relaying, sent, stages, compute, d0 + reps[r] * line_stride, beta,
                                        call_overhead, stream, acc_end, acc_start, acc_combine, acc_stages, acc_compute)
+
+
+DATA_BLOCK_BYTES = 196_608  # the data of a block of lines that the data loop runs through every step (about L1's size)
+
+
+@njit(cache=True, parallel=True)
+def _move_lines(data, out, msg, pat_src, pat_dst, part_ptr, pat_ptr, bounds, line_stride, member_stride, members, peer,
+                me, send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_direct, block, first, last):
+    """The data of ``_run_phases`` for a ``Lines`` program: every line's blocks sent (copied where they might change
+    before they land) and combined in the order of the transfers. Lines are independent, so each lane runs its
+    lines in blocks that stay in the cache through all the half-steps."""
+    for lane in prange(bounds.size - 1):
+        l0, l1 = bounds[lane], bounds[lane + 1]
+        for b0 in range(l0, l1, block):
+            b1 = min(b0 + block, l1)
+            for h in range(first, last):
+                s = h // 2
+                direct = step_direct[s]
+                if h % 2 == 0:
+                    for k in range(send_ptr[s], send_ptr[s + 1]):
+                        p = send_parts[k]
+                        if direct and peer[p] == me:  # read in place when it lands
+                            continue
+                        for q in range(pat_ptr[p], pat_ptr[p + 1]):
+                            j0 = part_ptr[p] + l0 * (pat_ptr[p + 1] - pat_ptr[p]) + (q - pat_ptr[p]) * (l1 - l0) - l0
+                            _move(msg, j0 + b0, 1, data, pat_src[q] * member_stride + b0 * line_stride, line_stride,
+                                  b1 - b0, 0)
+                    continue
+                op = step_op[s]
+                for k in range(recv_ptr[s], recv_ptr[s + 1]):
+                    p = recv_parts[k]
+                    inplace = direct and peer[p] == me
+                    for q in range(pat_ptr[p], pat_ptr[p + 1]):
+                        j0 = part_ptr[p] + l0 * (pat_ptr[p + 1] - pat_ptr[p]) + (q - pat_ptr[p]) * (l1 - l0) - l0
+                        d0 = pat_dst[q] * member_stride + b0 * line_stride
+                        if inplace:
+                            _move(out, d0, line_stride, data, pat_src[q] * member_stride + b0 * line_stride, line_stride,
+                                  b1 - b0, op)
+                        else:
+                            _move(out, d0, line_stride, msg, j0 + b0, 1, b1 - b0, op)
 
 
 @njit(inline="always")
@@ -484,3 +600,147 @@ def _move(out, o0, o_step, src, s0, s_step, n, op):
         else:
             for e in range(width):
                 fo[a + e] = np.maximum(fo[a + e], fs[b + e])
+
+
+MAX_CLASSES = 16  # lines are compared with at most this many classes; the rest are timed on their own
+
+
+@njit(inline="always")
+def _alike(clock, sent, fwd_head, relaying, stages, compute, d, rc, rs, rf, rr, rst, rco):
+    """Whether a core's state, its times less ``d``, is a class core's (``rc`` its clock, ``rs`` its sent or clock
+    if later, ...) as far as the rules read it."""
+    return ((clock - d == rc) & (stages == rst) & (compute == rco) & (relaying == rr) & (max(sent, clock) - d == rs)
+            & ((not rr) | (fwd_head - d == rf)))
+
+
+@njit(cache=True)
+def _line_classes(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_stages, msg_compute, lines, members,
+                  line_stride, member_stride, taken, reps, rep_of, shift):
+    """Sort the lines into classes whose timing state is the same up to a shift of every time (``timing``: on the
+    grid such a shift is exact); return the count n and fill ``reps[:n]`` (one line per class, ascending),
+    ``rep_of`` and ``shift`` (a line's times minus its class line's).
+
+    Times are measured from the clock of a line's first core. Parts of the state that no rule reads compare as
+    equal: ``fwd_head`` of a core that relays no stream, and ``sent`` where it lies below the core's clock (both
+    maxima it enters are then decided by the clock). A line with a time outside the exact range is a class of its
+    own. A line is a column (``line_stride`` 1, ``member_stride`` = lines) or a row (``line_stride`` = members,
+    ``member_stride`` 1); the loops run in memory order.
+    """
+    exact = np.ones(lines, dtype=np.bool_)
+    if not _all_exact(clock, fwd_head, relaying, sent, head, tail, taken):
+        for ln in range(lines):
+            for m in range(members):
+                c = ln * line_stride + m * member_stride
+                if not (abs(clock[c]) < EXACT and abs(sent[c]) < EXACT and (abs(fwd_head[c]) < EXACT or not relaying[c])):
+                    exact[ln] = False
+            for k in range(taken.shape[0]):
+                if not (abs(head[taken[k, ln]]) < EXACT and abs(tail[taken[k, ln]]) < EXACT):
+                    exact[ln] = False
+    off = np.empty(lines)
+    for ln in range(lines):
+        off[ln] = clock[ln * line_stride]
+    d = np.empty(lines)
+    ok = np.empty(lines, dtype=np.bool_)
+    rep_of[:] = -1
+    n = 0
+    for r in range(lines):
+        if rep_of[r] >= 0:
+            continue
+        reps[n], rep_of[r], shift[r] = r, r, 0.0
+        n += 1
+        if not exact[r] or n > MAX_CLASSES:
+            continue
+        for ln in range(lines):
+            d[ln] = off[ln] - off[r]
+            ok[ln] = ln > r and rep_of[ln] < 0 and exact[ln]
+        if line_stride == 1:  # a member's cores on every line are contiguous: compare them with the class line's
+            for m in range(members):
+                b = m * lines
+                cr = b + r
+                rc, rs, rf = clock[cr], max(sent[cr], clock[cr]), fwd_head[cr]
+                rr, rst, rco = relaying[cr], stages[cr], compute[cr]
+                for ln in range(lines):
+                    c = b + ln
+                    ok[ln] &= _alike(clock[c], sent[c], fwd_head[c], relaying[c], stages[c], compute[c], d[ln], rc, rs,
+                                     rf, rr, rst, rco)
+        else:  # each line's cores are contiguous
+            rb = r * members
+            e = rb + members
+            rcl, rse, rfw, rre, rsta, rcom = clock[rb:e], sent[rb:e], fwd_head[rb:e], relaying[rb:e], stages[rb:e], compute[rb:e]
+            for ln in range(r + 1, lines):
+                b = ln * members
+                e = b + members
+                lcl, lse, lfw, lre, lsta, lcom = clock[b:e], sent[b:e], fwd_head[b:e], relaying[b:e], stages[b:e], compute[b:e]
+                miss = 0
+                for m in range(members):
+                    miss += not _alike(lcl[m], lse[m], lfw[m], lre[m], lsta[m], lcom[m], d[ln], rcl[m],
+                                       max(rse[m], rcl[m]), rfw[m], rre[m], rsta[m], rcom[m])
+                ok[ln] &= miss == 0
+        for k in range(taken.shape[0]):
+            jr = taken[k, r]
+            for ln in range(lines):
+                j = taken[k, ln]
+                ok[ln] &= ((head[j] - d[ln] == head[jr]) & (tail[j] - d[ln] == tail[jr]) & (msg_stages[j] == msg_stages[jr])
+                           & (msg_compute[j] == msg_compute[jr]))
+        for ln in range(r + 1, lines):
+            if ok[ln]:
+                rep_of[ln], shift[ln] = r, d[ln]
+    return n
+
+
+@njit(inline="always")
+def _all_exact(clock, fwd_head, relaying, sent, head, tail, taken):
+    """Whether every time of the tile's cores and of the flows taken lies below ``EXACT``."""
+    out = 0
+    for c in range(clock.size):
+        out += (abs(clock[c]) >= EXACT) | (abs(sent[c]) >= EXACT) | (relaying[c] & (abs(fwd_head[c]) >= EXACT))
+        out += clock[c] != clock[c]  # NaN
+    for k in range(taken.shape[0]):
+        for ln in range(taken.shape[1]):
+            out += (abs(head[taken[k, ln]]) >= EXACT) | (abs(tail[taken[k, ln]]) >= EXACT)
+    return out == 0
+
+
+@njit(cache=True)
+def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_stages, msg_compute, lines, members,
+            line_stride, member_stride, launches, streams, reps, rep_of, shift, given):
+    """Give every line that was not timed its class line's outcome, shifted: the timing state of its cores (``sent``
+    and ``fwd_head`` only where the stretch moved them) and the flows it sends other tiles. A class line takes its
+    own outcome (shift 0), so every line can be written. Strides as in ``_line_classes``."""
+    if line_stride == 1:  # columns: one class at a time, a member's cores on every line at once
+        for r in reps:
+            one = len(reps) == 1
+            for m in range(members):
+                b = m * lines
+                cr = b + r
+                rc, rr, rst, rco, rs, rf = clock[cr], relaying[cr], stages[cr], compute[cr], sent[cr], fwd_head[cr]
+                launch, stream = launches[m], streams[m]
+                for ln in range(lines):
+                    if one or rep_of[ln] == r:
+                        c = b + ln
+                        clock[c] = rc + shift[ln]
+                        relaying[c], stages[c], compute[c] = rr, rst, rco
+                        if launch:
+                            sent[c] = rs + shift[ln]
+                        if stream:
+                            fwd_head[c] = rf + shift[ln]
+    else:  # rows: each line from its class line
+        for ln in range(lines):
+            r, d = rep_of[ln], shift[ln]
+            if r == ln:
+                continue
+            b, rb = ln * members, r * members
+            e, re = b + members, rb + members
+            clock[b:e] = clock[rb:re] + d
+            relaying[b:e], stages[b:e], compute[b:e] = relaying[rb:re], stages[rb:re], compute[rb:re]
+            lse, rse, lfw, rfw = sent[b:e], sent[rb:re], fwd_head[b:e], fwd_head[rb:re]
+            for m in range(members):
+                if launches[m]:
+                    lse[m] = rse[m] + d
+                if streams[m]:
+                    lfw[m] = rfw[m] + d
+    for k in range(given.shape[0]):
+        for ln in range(lines):
+            r, d = rep_of[ln], shift[ln]
+            j, jr = given[k, ln], given[k, r]
+            head[j], tail[j], msg_stages[j], msg_compute[j] = head[jr] + d, tail[jr] + d, msg_stages[jr], msg_compute[jr]

@@ -29,7 +29,7 @@ from .mesh import Mesh, Tiling
 from .program import Fused, Program
 from .protocol import resolve
 from .shards import Chunk, read_chunk
-from .timing import arrive, receive_one, receive_one_split, send_flows, send_flows_split, settle
+from .timing import Costs, arrive, receive_one, receive_one_split, send_flows, send_flows_split, settle
 from .transfer import Transfer
 
 OPS = ("store", "add", "max")
@@ -122,6 +122,7 @@ class Tile:
         self.rect = self.tiling.rects[index]
         self.index = index
         self.device = device
+        self.costs = Costs.of(device)
         self.cost_only = cost_only
         self.executor = executor
         shape = self.rect.shape
@@ -391,9 +392,7 @@ class Tile:
                maps: int = 0) -> None:
         """Advance the clocks of ``cores`` (local mask; default all) by one task: ``fmacs`` FMACs issued as
         ``calls`` vector instructions from ``maps`` loops over a DSD (a GEMV's one, a GEMM step's one per row of B)."""
-        dev = self.device
-        rate = self._rate(dtype)
-        cycles = np.asarray(fmacs, dtype=float) / rate + calls * dev.call_overhead + maps * dev.map_overhead + dev.task_overhead
+        cycles = self.costs.compute(fmacs, self._rate(dtype), calls, maps)
         if cores is None:  # every core: no mask to build or apply
             self.clock += cycles
             self.path_compute += cycles
@@ -408,10 +407,11 @@ class Tile:
 
     def switch_tasks(self, n: int) -> None:
         """Charge every core ``n`` task switches: the tasks of a collective's phases, set up one after another."""
-        self.clock += n * self.device.task_overhead
-        self.path_compute += n * self.device.task_overhead
+        cycles = n * self.costs.task_overhead
+        self.clock += cycles
+        self.path_compute += cycles
         if self.counting:
-            self.busy += n * self.device.task_overhead
+            self.busy += cycles
 
     def _rate(self, dtype: Any) -> float:
         """FMACs per cycle for ``dtype`` (memoised: dtype names are slow to build)."""
@@ -441,13 +441,13 @@ class Tile:
             nbytes *= math.prod(buf.block[len(select):])
         if self.counting:
             self._count_links(transfer, nbytes)
-        dev = self.device
+        costs = self.costs
         state = self.flat_clocks()
         for dest, lp in self._parts(transfer, "out").items():
             n = len(lp.fi)
             head, tail, stages, compute = np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n)
-            send_flows(*state, lp.fi, lp.load, lp.latency_hops, lp.relays, nbytes / dev.link_bytes_per_cycle,
-                       dev.alpha, dev.beta, stream, head, tail, stages, compute)
+            send_flows(*state, lp.fi, lp.load, lp.latency_hops, lp.relays, costs.duration(nbytes),
+                       costs.alpha, costs.beta, stream, head, tail, stages, compute)
             data = None
             if buf.data is not None:
                 data = buf.data.reshape((-1,) + buf.block)[lp.fi_src]
@@ -507,7 +507,7 @@ class Tile:
         transfers = [transfers] if isinstance(transfers, Transfer) else list(transfers)
         buf = self.buffer(name)
         state = self.flat_clocks()
-        combine = 0.0 if op == "store" else math.prod(buf.block) / self._rate(buf.dtype)
+        combine = 0.0 if op == "store" else self.costs.combine(math.prod(buf.block), self._rate(buf.dtype))
         fed = []
         for transfer in transfers:
             self._check_route(transfer)
@@ -517,10 +517,10 @@ class Tile:
                 if buf.data is not None:
                     _combine(buf, lp.fi if lp.span is None else lp.span, msg.data if lp.in_order else msg.data[lp.fi_src], op)
                 arrive(state[0], state[4], state[5], lp.fi, msg.head, msg.tail, msg.stages, msg.compute, combine,
-                       self.device.beta, stream, *self.acc)
+                       self.costs.beta, stream, *self.acc)
                 fed.append(lp.fi)
         if fed:
-            settle(*state, np.concatenate(fed), self.device.beta, self.device.call_overhead, stream, *self.acc)
+            settle(*state, np.concatenate(fed), self.costs.beta, self.costs.call_overhead, stream, *self.acc)
 
     async def exchange(self, program: Program, name: str, into: str | None = None) -> None:
         """Run the steps of ``program`` (a collective): send from buffer ``name``, receive into ``into`` (default: ``name``).
@@ -553,8 +553,8 @@ class Tile:
                 links = self._program_links[program.key] = sum(
                     t.link_streams()[:, r.y0 : r.y1, r.x0 : r.x1] for s in program.steps for t in s.transfers)
             self.link_bytes += links * buf.nbytes
-        await fused.run(self, f"{program.key}#{n}", flat(buf), flat(dest), buf.nbytes / self.device.link_bytes_per_cycle,
-                        size / self._rate(buf.dtype))
+        await fused.run(self, f"{program.key}#{n}", flat(buf), flat(dest), self.costs.duration(buf.nbytes),
+                        self.costs.combine(size, self._rate(buf.dtype)))
         for where, flows in (("local", fused.local_flows), ("remote", fused.remote_flows)):
             self.stats[f"core_messages_{where}"] += flows
             self.stats[f"core_bytes_{where}"] += flows * buf.nbytes
@@ -604,15 +604,15 @@ class Tile:
         self._tag(transfer, self._received)
         if self.counting:
             self._count_links(transfer, nbytes)
-        dev = self.device
+        costs = self.costs
         parts = self._parts(transfer, "out")
         if not parts:
             return ()
         lp = parts[self.index]
         n = len(lp.fi)
         head, tail, stages, compute = np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n)
-        args = (*self.flat_clocks(), lp.fi, lp.load, lp.latency_hops, lp.relays, nbytes / dev.link_bytes_per_cycle,
-                dev.alpha, dev.beta, stream, head, tail, stages, compute)
+        args = (*self.flat_clocks(), lp.fi, lp.load, lp.latency_hops, lp.relays, costs.duration(nbytes),
+                costs.alpha, costs.beta, stream, head, tail, stages, compute)
         if transfer.multicast or n < SPLIT_FLOWS:
             send_flows(*args)
         else:
@@ -624,7 +624,7 @@ class Tile:
     def land_local(self, started: tuple[np.ndarray, ...]) -> None:
         """Receive a transfer begun with ``start_local`` (a plain store, as ``recv`` of it would)."""
         if started:
-            args = (*self.flat_clocks(), *started, 0.0, self.device.beta, self.device.call_overhead, False)
+            args = (*self.flat_clocks(), *started, 0.0, self.costs.beta, self.costs.call_overhead, False)
             if len(started[0]) < SPLIT_FLOWS:
                 receive_one(*args)
             else:

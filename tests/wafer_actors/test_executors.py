@@ -18,7 +18,7 @@ from wafer_actors.collectives.allreduce import program as ktree_program
 from wafer_actors.fabric.ray import RayOptions, RayTransport
 from wafer_actors.mesh import Mesh
 from wafer_actors.ops import gemm, gemv
-from wafer_actors.program import Fused, Program, Step
+from wafer_actors.program import Fused, Program, Step, _line_classes
 from wafer_actors.transfer import Transfer
 
 DEV = preset("wse2").replace(name="test", alpha=1.0, beta=6.0, call_overhead=2.5, map_overhead=3.0, task_overhead=7.0)
@@ -163,3 +163,80 @@ def test_ray_tiles_on_one_node_talk_over_sockets_as_over_actor_calls(ray_local, 
         assert_same_run(base, run, f"direct={direct}")
         assert run[1].counts["tile_messages"] > 0
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "wafer-*"))) == before
+
+
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadcast):
+    """Lines (columns, then rows) whose timing state is one of three patterns shifted by a per-line time, and differs
+    in parts no rule reads (the ``fwd_head`` of a core that relays nothing, a ``sent`` below the clock), are timed once
+    per pattern by the fused executor: every core's state still ends as the step executor's, which times each line.
+    Without the broadcast the roots never send and the chains' first cores take no stream: their ``sent`` and
+    ``fwd_head`` must stay their own."""
+    mesh = (7, 9)
+    rng = np.random.default_rng(5)
+    grid = lambda a: np.round(a * 1024) / 1024  # noqa: E731  times on the timing grid
+    a = rng.standard_normal(mesh + (3,)).astype(np.float32)
+    for axis in "yx":
+        lines, members = (mesh[1], mesh[0]) if axis == "y" else mesh
+        pattern = rng.integers(0, 3, lines)
+        clock0 = grid(rng.uniform(0, 500, (3, members)))
+        sent0 = np.where(rng.random((3, members)) < 0.5, clock0 + grid(rng.uniform(1, 50, (3, members))), -1.0)
+        shift_ = grid(rng.uniform(0, 1000, lines))
+        clock = clock0[pattern] + shift_[:, None]
+        sent = np.where(sent0[pattern] > 0, sent0[pattern] + shift_[:, None], clock - grid(rng.uniform(0, 9, clock.shape)))
+        fwd = grid(rng.uniform(0, 2000, clock.shape))
+        if axis == "y":  # [line, member] -> [y, x]
+            clock, sent, fwd = clock.T, sent.T, fwd.T
+        for tiles in ((1, 1), (2, 1), (1, 3), (2, 3)):
+            runs = []
+            for executor in ("step", "fused"):
+                with Wafer(mesh, device=DEV, tiles=tiles, executor=executor) as w:
+                    for t in w.transport.tiles:
+                        for name, value in (("clock", clock), ("sent", sent), ("fwd_head", fwd)):
+                            getattr(t, name)[...] = t.local(value)
+                    if executor == "fused" and tiles == (1, 1):  # the classifier sees the three patterns
+                        t = w.transport.tiles[0]
+                        fused = Fused.build(ktree_program(Mesh(*mesh), axis, "ktree", 2, 2, None, broadcast, "add"), t)
+                        seg = fused.segment(0, 2, t.index)
+                        reps, rep_of, shift = np.empty(lines, dtype=np.int64), np.empty(lines, dtype=np.int64), np.empty(lines)
+                        n = _line_classes(*t.flat_clocks(), np.zeros(1), np.zeros(1), np.zeros(1, dtype=np.int64),
+                                          np.zeros(1), lines, members, fused.lines.line_stride, fused.lines.member_stride,
+                                          seg.taken, reps, rep_of, shift)
+                        assert n == len(set(pattern)) and (pattern[rep_of] == pattern).all()
+                        np.testing.assert_array_equal(shift, shift_ - shift_[rep_of])
+                    w.load("v", a, Spec("y", "x", None))
+                    s = w.run(allreduce, buffer="v", axis=axis, group_num=2, broadcast=broadcast)
+                    runs.append(([w.blocks("v")], s, core_state(w)))
+            assert_same_run(*runs, f"{axis} in {tiles} tiles, broadcast={broadcast}")
+
+
+def test_line_classes_read_what_the_rules_read():
+    """Four lines of three cores, alike up to a shift; a ``fwd_head`` counts only where the core relays a stream, a
+    ``sent`` only above the clock, the flows taken from another tile as times; a time out of the exact range is
+    compared with no other line."""
+    lines, members = 4, 3
+
+    def classes(clock, fwd, relaying, sent, head=None):
+        taken = np.arange(lines)[None, :] if head is not None else np.zeros((0, lines), dtype=np.int64)
+        head = np.zeros(lines) if head is None else head
+        reps, rep_of, shift = np.empty(lines, dtype=np.int64), np.empty(lines, dtype=np.int64), np.empty(lines)
+        n = _line_classes(clock.ravel(), fwd.ravel(), relaying.ravel(), sent.ravel(), np.zeros(lines * members, dtype=np.int64),
+                          np.zeros(lines * members), head, head + 4.0, np.zeros(lines, dtype=np.int64), np.zeros(lines), lines,
+                          members, members, 1, taken, reps, rep_of, shift)
+        return n, rep_of.tolist(), shift.tolist()
+
+    base = np.array([0.0, 2.5, 7.0])
+    clock = base + np.array([0.0, 10.0, 20.0, 30.0])[:, None]  # line l: base shifted by 10 l
+    relaying = np.zeros((lines, members), dtype=bool)
+    fwd, sent = np.random.default_rng(0).uniform(0, 99, (2, lines, members))
+    sent = np.minimum(sent, clock)
+    assert classes(clock, fwd, relaying, sent) == (1, [0, 0, 0, 0], [0.0, 10.0, 20.0, 30.0])
+    relaying[:, 1] = True  # now fwd_head is read: only shifted copies are alike
+    fwd[:, 1] = clock[:, 1] + np.array([1.0, 1.0, 2.0, 1.0])
+    assert classes(clock, fwd, relaying, sent)[:2] == (2, [0, 0, 2, 0])
+    relaying[:, 1] = False
+    sent[3, 2] = clock[3, 2] + 1.0  # a send still in flight
+    assert classes(clock, fwd, relaying, sent)[:2] == (2, [0, 0, 0, 3])
+    assert classes(clock, fwd, relaying, np.minimum(sent, clock), head=np.array([5.0, 15.0, 26.0, 35.0]))[:2] == (2, [0, 0, 2, 0])
+    clock[[1, 3]] += 2.0**43  # beyond the exact range: timed on their own, even though alike
+    assert classes(clock, fwd, relaying, np.minimum(sent, clock))[:2] == (3, [0, 1, 0, 3])
