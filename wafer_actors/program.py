@@ -584,22 +584,25 @@ def _move_lines(data, out, msg, pat_src, pat_dst, part_ptr, pat_ptr, bounds, lin
 @njit(inline="always")
 def _move(out, o0, o_step, src, s0, s_step, n, op):
     """Rows ``out[o0 + i * o_step] (op)= src[s0 + i * s_step]`` for i < n (op 0 store, 1 add, 2 max); rows that
-    follow each other in both arrays run as one loop over their elements, which the compiler vectorises."""
-    width = out.shape[1]
+    follow each other in both arrays run as one loop over their elements. Each loop runs over two slices, which the
+    compiler vectorises (over index arithmetic on the whole arrays it does not)."""
+    row = out.shape[1]
     fo, fs = out.reshape(-1), src.reshape(-1)
-    if o_step == 1 and s_step == 1:  # one run of n * width elements
-        n, width = 1, n * width
+    run = row
+    if o_step == 1 and s_step == 1:  # one run of n rows
+        n, run = 1, n * row
     for i in range(n):
-        a, b = (o0 + i * o_step) * out.shape[1], (s0 + i * s_step) * out.shape[1]
+        a, b = (o0 + i * o_step) * row, (s0 + i * s_step) * row
+        o, s = fo[a : a + run], fs[b : b + run]
         if op == 0:
-            for e in range(width):
-                fo[a + e] = fs[b + e]
+            for e in range(run):
+                o[e] = s[e]
         elif op == 1:
-            for e in range(width):
-                fo[a + e] = fo[a + e] + fs[b + e]
+            for e in range(run):
+                o[e] = o[e] + s[e]
         else:
-            for e in range(width):
-                fo[a + e] = np.maximum(fo[a + e], fs[b + e])
+            for e in range(run):
+                o[e] = np.maximum(o[e], s[e])
 
 
 MAX_CLASSES = 16  # lines are compared with at most this many classes; the rest are timed on their own
