@@ -151,8 +151,10 @@ class Fused:
     (row or column: an allreduce), a part's flows are cut into lanes of whole lines (each
     lane keeps the transfer's order); lanes share no core, so they run on parallel threads
     with the same result. Where moreover every part repeats the same flows on each line
-    (``lines``), the flows are kept as one pattern per part and a faster loop walks the
-    lines. Messages carry a part's flows in the transfer's order (``wire``).
+    (``lines``), the flows are kept as one pattern per part (no per-flow arrays): one line
+    of each class of lines alike up to a shift of every time is timed (``_line_classes``)
+    and every line's data moves. Messages carry a part's flows in the transfer's order
+    (``inbox``, ``outbox``: where each is held here).
     Step s sends the parts ``send_parts[send_ptr[s]:send_ptr[s + 1]]`` and receives
     ``recv_parts[...]``, in the order ``Tile.send`` and ``Tile.recv`` take them. Parts to and from other tiles travel
     in batches: a tile runs its steps until one needs a part it has not received, sends
@@ -166,7 +168,6 @@ class Fused:
     relays: np.ndarray
     part_ptr: np.ndarray
     lane_ptr: np.ndarray  # [part, lane + 1]: the part's flows of each lane (a run of lines; lanes run in parallel)
-    wire: np.ndarray  # per flow of a part, in the transfer's order (both ends agree on it): where it is held here
     peer: np.ndarray  # per part: the other tile (this tile's index for a local part)
     send_ptr: np.ndarray
     send_parts: np.ndarray
@@ -254,13 +255,14 @@ class Fused:
                 lane = np.zeros(len(f), dtype=np.int64) if line is None else (line(t)[f] - first) * lanes // lines
                 order = np.argsort(lane, kind="stable")
                 lane_ptr.append(ptr[-1] + np.searchsorted(lane[order], np.arange(lanes + 1)))
-            f = f[order]
-            wire.append(ptr[-1] + np.argsort(order))
-            none = np.full(len(f), -1)
-            cols["src"].append(here(f, t.src_y, t.src_x) if way != "in" else none)
-            cols["dst"].append(here(f, t.dst_y, t.dst_x) if way != "out" else none)
-            for k in ("load", "hops", "relays"):
-                cols[k].append(getattr(t, k)[f])
+            wire.append(ptr[-1] + np.argsort(order) if other != index else None)  # only messages need it
+            if not by_line:  # a line program keeps its pattern instead
+                f = f[order]
+                none = np.full(len(f), -1)
+                cols["src"].append(here(f, t.src_y, t.src_x) if way != "in" else none)
+                cols["dst"].append(here(f, t.dst_y, t.dst_x) if way != "out" else none)
+                for k in ("load", "hops", "relays"):
+                    cols[k].append(getattr(t, k)[f])
             ptr.append(ptr[-1] + len(f))
             peer.append(other)
         if by_line:
@@ -269,8 +271,9 @@ class Fused:
             shape = Lines(line_stride, member_stride, h * w // lines, bounds, np.cumsum([0] + sizes),
                           *(cat(pats[k]) for k in pats))
             lane_ptr = np.zeros((len(raw), 2), dtype=np.int64)  # unused: lanes are runs of lines
+            cores, cols = shape.members, {"src": pats["src"], "dst": pats["dst"]}  # each line alike: check one
         else:
-            shape = None
+            shape, cores = None, h * w
             lane_ptr = np.array(lane_ptr, dtype=np.int64).reshape(len(raw), lanes + 1)
 
         def box(ps: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -293,12 +296,13 @@ class Fused:
         for s in range(len(program.steps)):
             into = cat([cols["dst"][p] for p in recv_parts[recv_ptr[s] : recv_ptr[s + 1]]])
             out = cat([cols["src"][p] for p in send_parts[send_ptr[s] : send_ptr[s + 1]]])
-            single.append(len(into) == 0 or np.bincount(into, minlength=h * w).max() == 1)
-            sends = np.zeros(h * w, dtype=bool)
+            into = into[into >= 0]
+            single.append(len(into) == 0 or np.bincount(into, minlength=cores).max() == 1)
+            sends = np.zeros(cores, dtype=bool)
             sends[out[out >= 0]] = True
             direct.append(not sends[into].any())
         return cls(
-            *(cat(cols[k]) for k in ("src", "dst", "load", "hops", "relays")), ints(ptr), lane_ptr, cat(wire), ints(peer),
+            *(cat(cols.get(k, [])) for k in ("src", "dst", "load", "hops", "relays")), ints(ptr), lane_ptr, ints(peer),
             ints(send_ptr), ints(send_parts), ints(recv_ptr), ints(recv_parts),
             ints([OP_CODES[s.op] for s in program.steps]), np.array([s.stream for s in program.steps], dtype=np.bool_),
             np.array(single, dtype=np.bool_), np.array(direct, dtype=np.bool_), tuple(waits), needs, inbox, outbox,
@@ -339,7 +343,7 @@ class Fused:
         ``tag`` names this run of the program in the messages between tiles.
         """
         costs = tile.costs
-        n = len(self.src)
+        n = int(self.part_ptr[-1])
         has_data = data is not None
         if not has_data:
             data = out = np.zeros((0, 0), dtype=np.float32)

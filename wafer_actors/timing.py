@@ -27,7 +27,7 @@ overheads, a block's duration, a combine, a compute charge) is rounded to a mult
 float64, so a schedule whose inputs are all shifted by a constant comes out exactly
 shifted by that constant: the fused executor times one line of a collective for all
 lines whose state differs only by such a shift (``program``). The rounding moves a
-prediction by less than a millionth.
+prediction by a few parts per million (the main job's decode step: 0.4 of 222,420 cycles).
 """
 
 from __future__ import annotations
