@@ -106,8 +106,9 @@ class Segment:
 
     A line's state is its cores' timing state and the flows from other tiles it takes in
     the stretch; ``launches`` / ``streams``: the members that send (their ``sent`` moves) /
-    take a stream (their ``fwd_head`` moves) in it; ``taken`` / ``given``: per line, the
-    flows from / to other tiles the stretch takes / writes (``[flows, line]``).
+    take a stream (their ``fwd_head`` moves) in it; ``taken``: per line, the flows from
+    other tiles the stretch takes (``[flows, line]``); ``given``: the flows it sends that
+    are read after it (to other tiles, or received in the next stretch).
     """
 
     launches: np.ndarray
@@ -330,6 +331,8 @@ class Fused:
                         streams[member] = True
                     if self.peer[p] != me:
                         (given if sends else taken).append(ln.flows(self.part_ptr, p, q))
+                    elif sends and 2 * s + 1 >= last:  # received in a later stretch, whose classes may differ
+                        given.append(ln.flows(self.part_ptr, p, q))
         lines = int(ln.bounds[-1])
         stack = lambda a: np.array(a, dtype=np.int64).reshape(len(a), lines)  # noqa: E731
         seg = self.segments[first, last] = Segment(launches, streams, stack(taken), stack(given))

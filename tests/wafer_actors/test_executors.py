@@ -165,13 +165,15 @@ def test_ray_tiles_on_one_node_talk_over_sockets_as_over_actor_calls(ray_local, 
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "wafer-*"))) == before
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["alike", "split at the edge"])
 @pytest.mark.parametrize("broadcast", [False, True])
-def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadcast):
+def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadcast, split):
     """Lines (columns, then rows) whose timing state is one of three patterns shifted by a per-line time, and differs
     in parts no rule reads (the ``fwd_head`` of a core that relays nothing, a ``sent`` below the clock), are timed once
     per pattern by the fused executor: every core's state still ends as the step executor's, which times each line.
     Without the broadcast the roots never send and the chains' first cores take no stream: their ``sent`` and
-    ``fwd_head`` must stay their own."""
+    ``fwd_head`` must stay their own. Split: lines alike on one tile differ in what they take from the next, so
+    their classes change between the stretch that sends a step and the one that receives it."""
     mesh = (7, 9)
     rng = np.random.default_rng(5)
     grid = lambda a: np.round(a * 1024) / 1024  # noqa: E731  times on the timing grid
@@ -184,6 +186,10 @@ def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadc
         shift_ = grid(rng.uniform(0, 1000, lines))
         clock = clock0[pattern] + shift_[:, None]
         sent = np.where(sent0[pattern] > 0, sent0[pattern] + shift_[:, None], clock - grid(rng.uniform(0, 9, clock.shape)))
+        if split:  # the far ends of the lines follow other patterns: lines alike on one tile part at the edge
+            far = rng.integers(0, 3, lines)
+            clock[:, 4:] = (clock0[far] + shift_[:, None])[:, 4:]
+            sent[:, 4:] = clock[:, 4:]
         fwd = grid(rng.uniform(0, 2000, clock.shape))
         if axis == "y":  # [line, member] -> [y, x]
             clock, sent, fwd = clock.T, sent.T, fwd.T
@@ -194,9 +200,9 @@ def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadc
                     for t in w.transport.tiles:
                         for name, value in (("clock", clock), ("sent", sent), ("fwd_head", fwd)):
                             getattr(t, name)[...] = t.local(value)
-                    if executor == "fused" and tiles == (1, 1):  # the classifier sees the three patterns
+                    if executor == "fused" and tiles == (1, 1) and not split:  # the classifier sees the three patterns
                         t = w.transport.tiles[0]
-                        fused = Fused.build(ktree_program(Mesh(*mesh), axis, "ktree", 2, 2, None, broadcast, "add"), t)
+                        fused = Fused.build(ktree_program(Mesh(*mesh), axis, "ktree", 2, 3, None, broadcast, "add"), t)
                         seg = fused.segment(0, 2, t.index)
                         reps, rep_of, shift = np.empty(lines, dtype=np.int64), np.empty(lines, dtype=np.int64), np.empty(lines)
                         n = _line_classes(*t.flat_clocks(), np.zeros(1), np.zeros(1), np.zeros(1, dtype=np.int64),
@@ -205,7 +211,7 @@ def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadc
                         assert n == len(set(pattern)) and (pattern[rep_of] == pattern).all()
                         np.testing.assert_array_equal(shift, shift_ - shift_[rep_of])
                     w.load("v", a, Spec("y", "x", None))
-                    s = w.run(allreduce, buffer="v", axis=axis, group_num=2, broadcast=broadcast)
+                    s = w.run(allreduce, buffer="v", axis=axis, group_num=3, broadcast=broadcast)
                     runs.append(([w.blocks("v")], s, core_state(w)))
             assert_same_run(*runs, f"{axis} in {tiles} tiles, broadcast={broadcast}")
 
