@@ -26,7 +26,6 @@ import numpy as np
 from numba import njit, prange
 
 from .timing import (
-    EXACT,
     arrive,
     arrive_one,
     launch,
@@ -40,6 +39,7 @@ from .timing import (
 from .transfer import Transfer
 
 OP_CODES = {"store": 0, "add": 1, "max": 2}
+EXACT = 2.0**36  # times below this are multiples of timing.GRID whose sums are exact (float64 has 53 bits)
 
 
 @dataclass(frozen=True)
@@ -338,6 +338,32 @@ class Fused:
         seg = self.segments[first, last] = Segment(launches, streams, stack(taken), stack(given))
         return seg
 
+    def timing(self) -> tuple[np.ndarray, ...]:
+        """Per flow: arrival head and tail, and the record it carries (stages, compute); reused by every run."""
+        if "timing" not in self.scratch:
+            n = int(self.part_ptr[-1])
+            self.scratch["timing"] = (np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n))
+        return self.scratch["timing"]
+
+    def time_lines(self, tile, first: int, last: int, size_cycles: float, combine: float) -> None:
+        """Half-steps ``first .. last - 1`` of a line program on ``tile``'s clocks, no data: one line of each class of
+        lines alike up to a shift of every time is timed, the others take its outcome, shifted."""
+        ln, costs = self.lines, tile.costs
+        lines = int(ln.bounds[-1])
+        clocks, flows = tile.flat_clocks(), self.timing()
+        if "classes" not in self.scratch:
+            self.scratch["classes"] = (np.empty(lines, dtype=np.int64), np.empty(lines, dtype=np.int64), np.empty(lines))
+        reps, rep_of, shift = self.scratch["classes"]
+        seg = self.segment(first, last, tile.index)
+        geometry = (lines, ln.members, ln.line_stride, ln.member_stride)
+        n = _line_classes(*clocks, *flows, *geometry, seg.taken, reps, rep_of, shift)
+        _time_lines(*clocks, *tile.acc, ln.src, ln.dst, ln.load, ln.hops, ln.relays, self.part_ptr, ln.ptr, ln.bounds,
+                    ln.line_stride, ln.member_stride, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts,
+                    self.step_op, self.step_stream, self.step_single, size_cycles, costs.alpha, costs.beta, combine,
+                    costs.call_overhead, *flows, reps[:n], first, last)
+        if n < lines:
+            _expand(*clocks, *flows, *geometry, seg.launches, seg.streams, reps[:n], rep_of, shift, seg.given)
+
     async def run(self, tile, tag: str, data: np.ndarray | None, out: np.ndarray | None, size_cycles: float,
                   combine: float) -> None:
         """Run every step on ``tile``'s clocks: send blocks of ``data``, receive into ``out`` (``[cores, elements]``,
@@ -345,52 +371,34 @@ class Fused:
 
         ``tag`` names this run of the program in the messages between tiles.
         """
-        costs = tile.costs
-        n = int(self.part_ptr[-1])
         has_data = data is not None
         if not has_data:
             data = out = np.zeros((0, 0), dtype=np.float32)
         key = (data.dtype.str, data.shape[1])
         if key not in self.scratch:
-            self.scratch[key] = (np.empty((n if has_data else 0, data.shape[1]), dtype=data.dtype), np.empty(n), np.empty(n),
-                                 np.empty(n, dtype=np.int64), np.empty(n))
-        msg, head, tail, stages, compute = self.scratch[key]
-        clocks = tile.flat_clocks()
-        rest = (self.peer, tile.index, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts, self.step_op,
-                self.step_stream, self.step_single, self.step_direct, size_cycles, costs.alpha, costs.beta, combine,
-                costs.call_overhead, head, tail, stages, compute)
+            self.scratch[key] = np.empty((int(self.part_ptr[-1]) if has_data else 0, data.shape[1]), dtype=data.dtype)
+        msg = self.scratch[key]
+        head, tail, stages, compute = self.timing()
         if self.lines is None:
-            flows = (self.src, self.dst, self.load, self.hops, self.relays, self.part_ptr, self.lane_ptr)
-            state = (*clocks, *tile.acc, data, out, msg, has_data, *flows, *rest)
+            costs = tile.costs
+            state = (*tile.flat_clocks(), *tile.acc, data, out, msg, has_data, self.src, self.dst, self.load, self.hops,
+                     self.relays, self.part_ptr, self.lane_ptr, self.peer, tile.index, self.send_ptr, self.send_parts,
+                     self.recv_ptr, self.recv_parts, self.step_op, self.step_stream, self.step_single, self.step_direct,
+                     size_cycles, costs.alpha, costs.beta, combine, costs.call_overhead, head, tail, stages, compute)
 
             def kernel(first: int, last: int) -> None:
                 _run_phases(*state, first, last)
         else:
             ln = self.lines
-            lines = int(ln.bounds[-1])
-            pattern = (ln.src, ln.dst, ln.load, ln.hops, ln.relays, self.part_ptr, ln.ptr, ln.bounds, ln.line_stride,
-                       ln.member_stride)
-            timing = (*clocks, *tile.acc, *pattern, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts,
-                      self.step_op, self.step_stream, self.step_single, size_cycles, costs.alpha, costs.beta, combine,
-                      costs.call_overhead, head, tail, stages, compute)
             moves = (data, out, msg, ln.src, ln.dst, self.part_ptr, ln.ptr, ln.bounds, ln.line_stride, ln.member_stride,
                      ln.members, self.peer, tile.index, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts,
                      self.step_op, self.step_direct)
             block = max(1, DATA_BLOCK_BYTES // max(1, ln.members * data.shape[1] * data.itemsize))
-            if "classes" not in self.scratch:
-                self.scratch["classes"] = (np.empty(lines, dtype=np.int64), np.empty(lines, dtype=np.int64), np.empty(lines))
-            reps, rep_of, shift = self.scratch["classes"]
 
-            def kernel(first: int, last: int) -> None:  # time one line of each class, move every line's data
-                seg = self.segment(first, last, tile.index)
-                geometry = (lines, ln.members, ln.line_stride, ln.member_stride)
-                n = _line_classes(*clocks, head, tail, stages, compute, *geometry, seg.taken, reps, rep_of, shift)
-                _time_lines(*timing, reps[:n], first, last)
+            def kernel(first: int, last: int) -> None:  # every line's data moves; the timing goes by classes
+                self.time_lines(tile, first, last, size_cycles, combine)
                 if has_data:
                     _move_lines(*moves, block, first, last)
-                if n < lines:
-                    _expand(*clocks, head, tail, stages, compute, *geometry, seg.launches, seg.streams, reps[:n],
-                            rep_of, shift, seg.given)
         steps = len(self.step_op)
         sent = 0  # send phases run so far: their parts to other tiles are owed until the next flush
         flushed = dict.fromkeys(self.outbox, 0)  # tile -> parts of its outbox sent

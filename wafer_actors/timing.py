@@ -23,11 +23,12 @@ executors' clocks bit-identical. Every per-core array is a flat view of the tile
 
 Cycles on a grid. Every cost the rules add (``Costs``: the device's latencies and
 overheads, a block's duration, a combine, a compute charge) is rounded to a multiple of
-``GRID`` (1/1024 cycle). Sums and maxima of such values below ``EXACT`` are exact in
-float64, so a schedule whose inputs are all shifted by a constant comes out exactly
-shifted by that constant: the fused executor times one line of a collective for all
-lines whose state differs only by such a shift (``program``). The rounding moves a
-prediction by a few parts per million (the main job's decode step: 0.4 of 222,420 cycles).
+``GRID`` (2^-16 cycle). Sums and maxima of such values below 2^36 cycles (a minute of
+device time: ``program.EXACT``) are exact in float64, so a schedule whose inputs are all shifted
+by a constant comes out exactly shifted by that constant: the fused executor times one
+line of a collective for all lines whose state differs only by such a shift
+(``program``). The rounding moves a prediction by far less than a cycle; the grid is fine
+enough that a calibration's difference steps (a thousandth of a parameter) see slopes.
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-GRID = 2.0**-10  # cycles: every cost is a multiple of this
-EXACT = 2.0**42  # clocks below this stay exact multiples of GRID (float64 has 53 bits)
+GRID = 2.0**-16  # cycles: every cost is a multiple of this
 
 
 def on_grid(cycles):

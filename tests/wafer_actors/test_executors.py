@@ -18,7 +18,8 @@ from wafer_actors.collectives.allreduce import program as ktree_program
 from wafer_actors.fabric.ray import RayOptions, RayTransport
 from wafer_actors.mesh import Mesh
 from wafer_actors.ops import gemm, gemv
-from wafer_actors.program import Fused, Program, Step, _line_classes
+from wafer_actors.program import EXACT, Fused, Program, Step, _line_classes
+from wafer_actors.timing import GRID, on_grid
 from wafer_actors.transfer import Transfer
 
 DEV = preset("wse2").replace(name="test", alpha=1.0, beta=6.0, call_overhead=2.5, map_overhead=3.0, task_overhead=7.0)
@@ -176,7 +177,7 @@ def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadc
     their classes change between the stretch that sends a step and the one that receives it."""
     mesh = (7, 9)
     rng = np.random.default_rng(5)
-    grid = lambda a: np.round(a * 1024) / 1024  # noqa: E731  times on the timing grid
+    grid = lambda a: np.round(a * 2**16) / 2**16  # noqa: E731  times on the timing grid
     a = rng.standard_normal(mesh + (3,)).astype(np.float32)
     for axis in "yx":
         lines, members = (mesh[1], mesh[0]) if axis == "y" else mesh
@@ -216,6 +217,16 @@ def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadc
             assert_same_run(*runs, f"{axis} in {tiles} tiles, broadcast={broadcast}")
 
 
+def test_times_below_the_exact_range_add_exactly_on_the_grid():
+    """What the line classes rely on: sums of multiples of GRID below EXACT are exact, with room for what a
+    program adds (a shifted copy of a schedule is the schedule shifted)."""
+    rng = np.random.default_rng(7)
+    a = on_grid(rng.uniform(0, EXACT, 10_000))
+    b = on_grid(rng.uniform(0, EXACT, 10_000))
+    assert ((a + b) - b == a).all() and ((a + b) - a == b).all()
+    assert 2 * EXACT / GRID <= 2.0**53 and on_grid(10.81) % GRID == 0
+
+
 def test_line_classes_read_what_the_rules_read():
     """Four lines of three cores, alike up to a shift; a ``fwd_head`` counts only where the core relays a stream, a
     ``sent`` only above the clock, the flows taken from another tile as times; a time out of the exact range is
@@ -244,5 +255,5 @@ def test_line_classes_read_what_the_rules_read():
     sent[3, 2] = clock[3, 2] + 1.0  # a send still in flight
     assert classes(clock, fwd, relaying, sent)[:2] == (2, [0, 0, 0, 3])
     assert classes(clock, fwd, relaying, np.minimum(sent, clock), head=np.array([5.0, 15.0, 26.0, 35.0]))[:2] == (2, [0, 0, 2, 0])
-    clock[[1, 3]] += 2.0**43  # beyond the exact range: timed on their own, even though alike
+    clock[[1, 3]] += 2.0**37  # beyond the exact range: timed on their own, even though alike
     assert classes(clock, fwd, relaying, np.minimum(sent, clock))[:2] == (3, [0, 1, 0, 3])

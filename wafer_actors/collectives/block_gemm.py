@@ -98,7 +98,8 @@ class _Operand:
         self.twin = _twin(tile, name)
         self.cur, self.nxt = name, self.twin
         self.fused = tile.fuses(transfer)
-        self.order = np.arange(tile.clock.size) if self.fused and indexed and transfer is not None else None
+        indexed = indexed and self.fused and transfer is not None and not tile.cost_only  # cost-only: no blocks to find
+        self.order = np.arange(tile.clock.size) if indexed else None
         self.flows = tile.local_flows(transfer) if self.order is not None else None
         self.started: tuple = ()
 
@@ -229,8 +230,9 @@ async def skew(tile, names: list[str], *, axis: str, reverse: bool = False) -> N
             started = [tile.start_local(t, tile.buffer(n).nbytes) for n in names]
             for s in started:
                 tile.land_local(s)
-            src, dst = tile.local_flows(t)
-            order[dst] = order[src]
+            if not tile.cost_only:
+                src, dst = tile.local_flows(t)
+                order[dst] = order[src]
             continue
         for n in names:
             tile.send(t, n)
