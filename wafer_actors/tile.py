@@ -609,11 +609,12 @@ class Tile:
                     return False
         return True
 
-    def start_local(self, transfer: Transfer, nbytes: int, *, stream: bool = False) -> tuple | Fused:
+    def start_local(self, transfer: Transfer, nbytes: int, *, stream: bool = False, ring: bool = False) -> tuple | Fused:
         """Start a transfer that ``fuses`` (timing only: the caller moves the data); returns what ``land_local`` takes.
 
-        A transfer that repeats on every line of the tile runs as a one-step line program (``program.Fused``):
-        one line of each class of lines alike up to a shift of every time is timed.
+        ``ring``: the transfer runs again and again (a GEMM's ring shift); where it repeats on every line of the
+        tile it runs as a one-step line program (``program.Fused``), one line of each class of lines alike up to
+        a shift of every time timed.
         """
         self._check_route(transfer)
         self._tag(transfer, self._sent)  # keep the step tags in step with tiles that run it step by step
@@ -621,7 +622,7 @@ class Tile:
         if self.counting:
             self._count_links(transfer, nbytes)
         costs = self.costs
-        line = self._line_program(transfer, stream)
+        line = self._line_program(transfer, stream) if ring else None
         if line is not None:
             line.time_lines(self, 0, 1, costs.duration(nbytes), 0.0)
             self._count(self.index, line.local_flows, line.local_flows * nbytes)

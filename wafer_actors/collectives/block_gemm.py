@@ -115,7 +115,7 @@ class _Operand:
         elif self.fused:
             if self.order is None:
                 tile.move_local(t, self.cur, self.nxt)
-            self.started = tile.start_local(t, tile.buffer(self.cur).nbytes)
+            self.started = tile.start_local(t, tile.buffer(self.cur).nbytes, ring=True)
         else:
             tile.send(t, self.cur)
 
