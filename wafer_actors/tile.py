@@ -26,7 +26,7 @@ from .device import DeviceSpec
 from .errors import CoreMemoryError, ProtocolAborted, ProtocolError
 from .fabric.wire import Message, decode, encode
 from .mesh import Mesh, Tiling
-from .program import Fused, Program, Step
+from .program import Fused, Program
 from .protocol import resolve
 from .shards import Chunk, read_chunk
 from .timing import Costs, arrive, receive_one, receive_one_split, send_flows, send_flows_split, settle
@@ -560,18 +560,6 @@ class Tile:
             self.stats[f"core_bytes_{where}"] += flows * buf.nbytes
         self.stats["steps_fused"] += len(program.steps)
 
-    def _line_program(self, transfer: Transfer, stream: bool) -> Fused | None:
-        """``transfer`` as a one-step program flattened for the fused executor, if it repeats on every line."""
-        key = f"line:{transfer.key}:{stream}"
-        cached = self._fused.get(key)
-        if cached is None or cached[0].steps[0].transfers[0] is not transfer:
-            if len(self._fused) >= FUSED_CACHE:
-                del self._fused[next(iter(self._fused))]
-            program = Program(key, (Step((transfer,), stream=stream),))
-            fused = Fused.build(program, self)
-            cached = self._fused[key] = (program, fused if fused.lines is not None else None)
-        return cached[1]
-
     def _fused_program(self, program: Program, *names: str) -> Fused | None:
         """``program`` flattened for the fused executor, or None where it runs step by step."""
         if self.executor != "fused":
@@ -609,25 +597,14 @@ class Tile:
                     return False
         return True
 
-    def start_local(self, transfer: Transfer, nbytes: int, *, stream: bool = False, ring: bool = False) -> tuple | Fused:
-        """Start a transfer that ``fuses`` (timing only: the caller moves the data); returns what ``land_local`` takes.
-
-        ``ring``: the transfer runs again and again (a GEMM's ring shift); where it repeats on every line of the
-        tile it runs as a one-step line program (``program.Fused``), one line of each class of lines alike up to
-        a shift of every time timed.
-        """
+    def start_local(self, transfer: Transfer, nbytes: int, *, stream: bool = False) -> tuple[np.ndarray, ...]:
+        """Start a transfer that ``fuses`` (timing only: the caller moves the data); returns what ``land_local`` takes."""
         self._check_route(transfer)
         self._tag(transfer, self._sent)  # keep the step tags in step with tiles that run it step by step
         self._tag(transfer, self._received)
         if self.counting:
             self._count_links(transfer, nbytes)
         costs = self.costs
-        line = self._line_program(transfer, stream) if ring else None
-        if line is not None:
-            line.time_lines(self, 0, 1, costs.duration(nbytes), 0.0)
-            self._count(self.index, line.local_flows, line.local_flows * nbytes)
-            self.stats["steps_fused"] += 1
-            return line
         parts = self._parts(transfer, "out")
         if not parts:
             return ()
@@ -644,11 +621,9 @@ class Tile:
         self.stats["steps_fused"] += 1
         return self._parts(transfer, "in")[self.index].fi, head, tail, stages, compute
 
-    def land_local(self, started: tuple | Fused) -> None:
+    def land_local(self, started: tuple[np.ndarray, ...]) -> None:
         """Receive a transfer begun with ``start_local`` (a plain store, as ``recv`` of it would)."""
-        if isinstance(started, Fused):
-            started.time_lines(self, 1, 2, 0.0, 0.0)
-        elif started:
+        if started:
             args = (*self.flat_clocks(), *started, 0.0, self.costs.beta, self.costs.call_overhead, False)
             if len(started[0]) < SPLIT_FLOWS:
                 receive_one(*args)

@@ -115,7 +115,7 @@ class _Operand:
         elif self.fused:
             if self.order is None:
                 tile.move_local(t, self.cur, self.nxt)
-            self.started = tile.start_local(t, tile.buffer(self.cur).nbytes, ring=True)
+            self.started = tile.start_local(t, tile.buffer(self.cur).nbytes)
         else:
             tile.send(t, self.cur)
 
