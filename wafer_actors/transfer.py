@@ -121,8 +121,10 @@ class Transfer:
             i = int(np.flatnonzero(np.diff(lin) == 0)[0])
             raise ProtocolError(f"transfer {key!r}: core ({dy[i]}, {dx[i]}) receives from two sources in one step")
         hops = np.abs(dy - sy) + np.abs(dx - sx)
-        load = _link_load(mesh, sy, sx, dy, dx)
-        return cls(key, route, mesh, sy, sx, dy, dx, hops, rl, load)
+        streams = _stream_ends(mesh, sy, sx, dy, dx)
+        t = cls(key, route, mesh, sy, sx, dy, dx, hops, rl, _link_load(mesh, sy, sx, dy, dx, streams))
+        t.__dict__["streams"] = streams
+        return t
 
     @classmethod
     def along(cls, mesh: Mesh, axis: str, key: str, route: str, src: np.ndarray, dst: np.ndarray,
@@ -158,7 +160,12 @@ class Transfer:
         kept: a mesh-sized array per transfer would outgrow the host on large meshes."""
         if len(self) == 0:
             return np.zeros((4, *self.mesh.shape), dtype=np.int64)
-        return _dense_loads(self.mesh, *_stream_ends(self.mesh, self.src_y, self.src_x, self.dst_y, self.dst_x))
+        return _dense_loads(self.mesh, *self.streams)
+
+    @cached_property
+    def streams(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The flows as streams, one per (source, direction) to its farthest destination: (sy, sx, ey, ex)."""
+        return _stream_ends(self.mesh, self.src_y, self.src_x, self.dst_y, self.dst_x)
 
     @cached_property
     def multicast(self) -> bool:
@@ -175,7 +182,7 @@ class Transfer:
         two settings of one route needs two entries (why CSL alternates colours by parity).
         """
         mesh = self.mesh
-        sy, sx, ey, ex = _stream_ends(mesh, self.src_y, self.src_x, self.dst_y, self.dst_x)
+        sy, sx, ey, ex = self.streams
         n = np.abs(ey - sy) + np.abs(ex - sx) + 1  # cores on each stream's path
         stream = np.repeat(np.arange(len(n)), n)
         k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
@@ -288,11 +295,12 @@ def _disjoint(sy, sx, ey, ex) -> bool:
     return not (same & (lo[1:] <= hi[:-1])).any()
 
 
-def _link_load(mesh: Mesh, sy, sx, dy, dx) -> np.ndarray:
-    """For each flow, the largest number of streams sharing a directed link on its path."""
+def _link_load(mesh: Mesh, sy, sx, dy, dx, ends: tuple | None = None) -> np.ndarray:
+    """For each flow, the largest number of streams sharing a directed link on its path (``ends``: its streams,
+    if known)."""
     if len(sy) == 0:
         return np.zeros(0, dtype=np.int64)
-    ends = _stream_ends(mesh, sy, sx, dy, dx)
+    ends = _stream_ends(mesh, sy, sx, dy, dx) if ends is None else ends
     if _disjoint(*ends):
         return np.ones(len(sy), dtype=np.int64)
     loads = _dense_loads(mesh, *ends)
