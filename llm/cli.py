@@ -214,10 +214,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             nonlocal bar
             if drain and i == len(prompt_ids) + drain[1] - 1:
                 _drain_node(engine, drain[0])
-            if bar is None:
+            if bar is None:  # the first token counts from the start, so the rate is that of the decode steps after it
                 layers.close()
-                bar = tqdm(total=total, initial=i, desc="decode", unit="tok", leave=False, file=sys.stderr)
-            bar.update(1)
+                bar = tqdm(total=total, initial=i + 1, desc="decode", unit="tok", leave=False, file=sys.stderr)
+            else:
+                bar.update(1)
             if i >= len(prompt_ids):  # stream the answer as it grows (decode whole: multi-byte characters)
                 so_far = tok.decode(out_ids + [token])
                 out_ids.append(token)
