@@ -42,7 +42,9 @@ GRID = 2.0**-16  # cycles: every cost is a multiple of this
 
 
 def on_grid(cycles):
-    """``cycles`` (a number or an array) rounded to the nearest multiple of ``GRID``."""
+    """``cycles`` (a number or an array) rounded to the nearest multiple of ``GRID`` (ties to even, as ``np.round``)."""
+    if isinstance(cycles, (int, float)):
+        return round(cycles / GRID) * GRID
     return np.round(np.asarray(cycles, dtype=float) / GRID) * GRID
 
 
@@ -59,23 +61,23 @@ class Costs:
 
     @classmethod
     def of(cls, device) -> "Costs":
-        grid = {k: float(on_grid(getattr(device, k))) for k in ("alpha", "beta", "call_overhead", "map_overhead",
+        grid = {k: on_grid(float(getattr(device, k))) for k in ("alpha", "beta", "call_overhead", "map_overhead",
                                                                  "task_overhead")}
         return cls(**grid, link_bytes_per_cycle=device.link_bytes_per_cycle)
 
     def duration(self, nbytes: float) -> float:
         """Cycles a block of ``nbytes`` occupies one link."""
-        return float(on_grid(nbytes / self.link_bytes_per_cycle))
+        return on_grid(float(nbytes) / self.link_bytes_per_cycle)
 
     def compute(self, fmacs, rate: float, calls=1, maps=0):
         """Cycles of one task: ``fmacs`` at ``rate`` FMACs per cycle, issued as ``calls`` vector instructions from
         ``maps`` loops over a DSD."""
-        return on_grid(np.asarray(fmacs, dtype=float) / rate + calls * self.call_overhead + maps * self.map_overhead
-                       + self.task_overhead)
+        fmacs = fmacs if isinstance(fmacs, (int, float)) else np.asarray(fmacs, dtype=float)
+        return on_grid(fmacs / rate + calls * self.call_overhead + maps * self.map_overhead + self.task_overhead)
 
     def combine(self, elements: int, rate: float) -> float:
         """Cycles to combine (add or max) a block of ``elements`` into another."""
-        return float(on_grid(elements / rate))
+        return on_grid(float(elements) / rate)
 
 
 @njit(inline="always")
