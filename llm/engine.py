@@ -447,20 +447,21 @@ class WaferLlama:
             x = np.zeros(s.dim, np.float32)
             x[: self.cfg.dim] = self.weights.tok_embeddings[int(token)]
         cycles, handoff, counts, per_tile, phases = [], 0.0, Counter(), [], []
+        last = len(self.wafers) - 1
         for i, (wafer, plan) in enumerate(zip(self.wafers, self.plans)):
             if i:
                 handoff += self._handoff_cycles()
-                x = None if self.cost_only else self.wafers[i - 1].read("x")
-            if x is not None:
-                wafer.load("x", x, Spec("y"))
-            wafer.reset_clocks()
-            stats = wafer.run(decode_step, plan=plan.as_kwargs(), pos=self.pos)
+            # one call per tile: the activation in, the clocks zeroed, the next region's activation or the logits out
+            out = [] if self.cost_only else ["x"] if i < last else ["logits"] if plan.head else []
+            stats = wafer.run(decode_step, plan=plan.as_kwargs(), pos=self.pos, reset=True, outputs=out,
+                              inputs=None if x is None else {"x": (x, Spec("y"))})
+            x = stats.outputs.get("x")
             cycles.append(stats.cycles)
             phases.append(stats.phases)
             counts.update(stats.counts)
             nodes = wafer.nodes()
             per_tile += [{"region": i, "tile": t, "node": nodes[t], **d} for t, d in enumerate(stats.per_tile)]
-        logits = None if self.cost_only or not self.plans[-1].head else self.wafers[-1].read("logits")[: self.cfg.vocab_size]
+        logits = stats.outputs["logits"][: self.cfg.vocab_size] if "logits" in stats.outputs else None
         self.pos += 1
         return logits, StepStats(sum(cycles) + handoff, cycles, handoff, time.perf_counter() - t0, dict(counts), per_tile,
                                  phases)

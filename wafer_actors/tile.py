@@ -716,11 +716,21 @@ class Tile:
                 fut.set_exception(ProtocolAborted(f"tile {self.index}: run {rid} was aborted"))
 
     # ---- running a protocol ---------------------------------------------------------------
-    async def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Run protocol ``path`` on this tile; return its clock span and statistics."""
+    async def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any], io: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+        """Run protocol ``path`` on this tile; return its clock span and statistics.
+
+        ``io``: the host's part, carried by the run: ``reset`` the clocks first, ``put`` {name: blocks} first
+        (as ``put``), ``get`` {name: (rows, cols)} after (as ``get``, returned under ``got``).
+        """
         if run_id <= self._aborted_run:
             raise ProtocolAborted(f"tile {self.index}: run {run_id} was aborted before it started")
         proto = resolve(path)
+        io = io or {}
+        if io.get("reset"):
+            self.reset_clocks()
+        for name, blocks in io.get("put", {}).items():
+            self.put(name, blocks)
         for key in [k for k in self._mail if k[0] < run_id]:  # leftovers of aborted runs
             del self._mail[key]
         self._run_id, self._routes = run_id, frozenset(routes)
@@ -746,4 +756,6 @@ class Tile:
             "compute_cycles": float(self.path_compute[y, x]),
             "stats": dict(delta),
             "marks": [(label, clock, compute, host - t0) for label, clock, compute, host in self._marks],
+            "sram_high": int(self.high.max()),
+            "got": {name: self.get(name, *where) for name, where in io.get("get", {}).items()},
         }

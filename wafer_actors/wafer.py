@@ -56,6 +56,7 @@ class RunStats:
             ``node_*`` actor messages that crossed cluster nodes, ``steps_fused`` collective
             steps the fused executor ran without messages.
         host_wall_s: host seconds the run took.
+        outputs: the tensors ``run(outputs=...)`` read back after the run.
         per_tile: each tile's own statistics (``wall_s``, ``wait_s`` and the counts).
         phases: with tracing on (``Wafer.trace``), the protocol's marks in order: (label, cycles from the run's
             start to the phase's end on the latest core of any tile, compute on that core's critical path so far,
@@ -76,6 +77,7 @@ class RunStats:
     host_wall_s: float
     per_tile: list[dict[str, Any]] = field(repr=False)
     phases: list[tuple[str, float, float, float]] = field(default_factory=list, repr=False)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
 
 def _phases(marks: list[list[tuple[str, float, float, float]]], start: float) -> list[tuple[str, float, float, float]]:
@@ -160,9 +162,13 @@ class Wafer:
                 blocks = scatter(array[i], entry)
                 self.transport.call("put_entry", [(name, i, blocks[t.y0 : t.y1, t.x0 : t.x1]) for t in r])
             return
+        self.transport.call("put", [(name, part, stacked) for part in self._scatter(name, array, layout)])
+
+    def _scatter(self, name: str, array: np.ndarray, layout: Layout) -> list[np.ndarray]:
+        """Each tile's blocks of ``array`` laid out by ``layout`` (recorded as tensor ``name``)."""
         blocks = scatter(array, layout)
-        self.transport.call("put", [(name, blocks[t.y0 : t.y1, t.x0 : t.x1], stacked) for t in r])
         self._tensors[name] = (tuple(array.shape), layout)
+        return [blocks[t.y0 : t.y1, t.x0 : t.x1] for t in self.tiling.rects]
 
     def load_chunks(self, name: str, shape: Sequence[int], spec: Spec | Layout, parts: Sequence[tuple[str, Chunk]]) -> int:
         """Each tile reads its blocks of tensor ``name`` (of ``shape``, laid out by ``spec``) from its shard file:
@@ -193,17 +199,24 @@ class Wafer:
 
     def read(self, name: str) -> np.ndarray:
         """Copy tensor ``name`` back to the host (the copy on core index 0 of replicated axes)."""
+        return self._gather(name, self.transport.call_some("get", self._reads(name)))
+
+    def _reads(self, name: str) -> dict[int, tuple]:
+        """The ``Tile.get`` arguments, per tile, that bring tensor ``name`` back: only the copy at index 0 of each
+        replicated mesh axis travels to the host."""
         if name not in self._tensors:
             raise KeyError(f"no tensor {name!r} on the wafer; tensors: {sorted(self._tensors)}")
         if self.cost_only:
             raise InvalidArgument("a cost-only wafer holds shapes, not values; nothing to read")
+        replicated = self._tensors[name][1].replicated_axes()
+        first = lambda axis: (0, 1) if axis in replicated else None  # noqa: E731
+        return {i: (name, first("y"), first("x")) for i, t in enumerate(self.tiling.rects)
+                if ("y" not in replicated or t.y0 == 0) and ("x" not in replicated or t.x0 == 0)}
+
+    def _gather(self, name: str, parts: dict[int, np.ndarray]) -> np.ndarray:
+        """Tensor ``name`` from the blocks ``_reads`` brought back."""
         shape, layout = self._tensors[name]
-        # only the copy at index 0 of each replicated mesh axis travels back to the host
         replicated = layout.replicated_axes()
-        wanted = [t for t in self.tiling.rects if ("y" not in replicated or t.y0 == 0) and ("x" not in replicated or t.x0 == 0)]
-        parts = self.transport.call_some(
-            "get", {self.tiling.rects.index(t): (name, (0, 1) if "y" in replicated else None, (0, 1) if "x" in replicated else None) for t in wanted}
-        )
         first = next(iter(parts.values()))
         out_shape = tuple(1 if a in replicated else n for a, n in zip("yx", self.mesh.shape))
         blocks = np.empty(out_shape + first.shape[2:], dtype=first.dtype)
@@ -237,11 +250,15 @@ class Wafer:
         return Layout(self.mesh, spec if isinstance(spec, Spec) else Spec(*spec))
 
     # ---- protocols ------------------------------------------------------------------------
-    def run(self, proto: Protocol, **kwargs: Any) -> RunStats:
+    def run(self, proto: Protocol, *, inputs: dict[str, tuple[np.ndarray, Spec | Layout]] | None = None,
+            outputs: Sequence[str] = (), reset: bool = False, **kwargs: Any) -> RunStats:
         """Run ``proto`` on every tile and return what it cost.
 
         Routes are counted before anything runs (once per set of routes: a protocol that
-        returns the same cached ``Route`` objects is not counted again).
+        returns the same cached ``Route`` objects is not counted again). The host's part
+        travels with the run, one call per tile: ``inputs`` are loaded first (as ``load``,
+        name -> (array, spec)), ``reset`` zeroes the clocks first (``reset_clocks``), and the
+        tensors named in ``outputs`` come back in ``RunStats.outputs`` (as ``read``).
 
         Raises:
             RoutingError: a core needs more routing entries than the device has.
@@ -250,9 +267,18 @@ class Wafer:
         if not isinstance(proto, Protocol):
             raise TypeError(f"run() takes a Protocol (see wafer_actors.collectives), got {type(proto).__name__}")
         usage, routes = self._check_routes(tuple(proto.routes(self.mesh, **kwargs)))
+        if self.cost_only and (inputs or outputs):
+            raise InvalidArgument("a cost-only wafer holds shapes, not values: a run takes no inputs or outputs")
+        io = [{"reset": reset, "put": {}, "get": {}} for _ in self.tiling.rects]
+        for name, (array, spec) in (inputs or {}).items():
+            for tile, part in zip(io, self._scatter(name, np.asarray(array), self._layout(spec))):
+                tile["put"][name] = part
+        for name in outputs:
+            for i, args in self._reads(name).items():
+                io[i]["get"][name] = args[1:]
         self._run_id += 1
         t0 = time.perf_counter()
-        results = self.transport.run(proto.path, self._run_id, routes, kwargs)
+        results = self.transport.run(proto.path, self._run_id, routes, kwargs, io)
         wall = time.perf_counter() - t0
         start = min(r["start"] for r in results)
         last = min(results, key=lambda r: (-r["end"], r["last_core"]))  # tiling-independent choice
@@ -268,11 +294,13 @@ class Wafer:
             comm_cycles=end - start - min(last["compute_cycles"], end - start),
             relay_stages=last["relay_stages"],
             routes_per_core_max=int(usage.max()),
-            sram_peak_bytes_max=int(self.memory()[1].max()),
+            sram_peak_bytes_max=max(r["sram_high"] for r in results),
             counts=counts,
             host_wall_s=wall,
             per_tile=[r["stats"] for r in results],
             phases=_phases([r["marks"] for r in results], start),
+            outputs={name: self._gather(name, {i: r["got"][name] for i, r in enumerate(results) if name in r["got"]})
+                     for name in outputs},
         )
 
     def activity(self) -> tuple[np.ndarray, np.ndarray]:

@@ -114,3 +114,31 @@ def test_moving_tiles_is_refused_for_in_process_tiles_and_bad_arguments(ray_loca
             w.move_start([2], w.nodes()[0], [])
         with pytest.raises(InvalidArgument, match="node 'nowhere' is not an alive Ray node"):
             w.move_start([1], "nowhere", [])
+
+
+@pytest.mark.parametrize("transport", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+def test_a_run_carries_its_inputs_and_outputs_in_one_call_per_tile(transport, request):
+    """``inputs``, ``reset`` and ``outputs`` travel with the run, no other call reaching a tile, and give what
+    ``load``, ``reset_clocks`` and ``read`` around it give; the SRAM high-water comes back with it too."""
+    if transport == "ray":
+        request.getfixturevalue("ray_local")
+    a = np.random.default_rng(4).standard_normal((6, 4)).astype(np.float32)  # rows over y, replicated over x
+    with Wafer((6, 6), device=DEV, tiles=(2, 3)) as ref, Wafer((6, 6), device=DEV, tiles=(2, 3), transport=transport) as w:
+        for wafer in (ref, w):
+            wafer.load("v", np.zeros((6, 4), np.float32), Spec("y", None))
+            wafer.run(chain_allreduce, buffer="v", axis="y")  # clocks that the reset must clear
+        ref.load("v", a, Spec("y", None))
+        ref.reset_clocks()
+        want = ref.run(chain_allreduce, buffer="v", axis="x")
+        calls = []
+        for method in ("call", "call_some"):
+            real = getattr(w.transport, method)
+            setattr(w.transport, method, lambda *args, real=real: calls.append(args) or real(*args))
+        got = w.run(chain_allreduce, buffer="v", axis="x", inputs={"v": (a, Spec("y", None))}, outputs=["v"], reset=True)
+        assert calls == []
+        np.testing.assert_array_equal(got.outputs["v"], ref.read("v"))
+        assert (got.cycles, got.end, got.sram_peak_bytes_max) == (want.cycles, want.end, want.sram_peak_bytes_max)
+    with Wafer((2, 2), device=DEV, cost_only=True) as w:
+        w.alloc("v", (2, 4), np.float32, Spec("y", None))
+        with pytest.raises(InvalidArgument, match="cost-only"):
+            w.run(chain_allreduce, buffer="v", axis="x", outputs=["v"])

@@ -30,8 +30,10 @@ class Transport(ABC):
         """Call ``Tile.method(*args[i])`` on the tiles i in ``args`` only; return {i: result}."""
 
     @abstractmethod
-    def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-        """Run a protocol on every tile; if one tile fails, abort the others and raise its error."""
+    def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any], io: list[dict[str, Any]]
+            ) -> list[dict[str, Any]]:
+        """Run a protocol on every tile (``io[i]``: what tile i loads before and reads back after, see ``Tile.run``);
+        if one tile fails, abort the others and raise its error."""
 
     @abstractmethod
     def nodes(self) -> list[str]:

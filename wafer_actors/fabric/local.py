@@ -40,11 +40,13 @@ class LocalTransport(Transport):
     def call_some(self, method: str, args: dict[int, tuple]) -> dict[int, Any]:
         return {i: getattr(self.tiles[i], method)(*a) for i, a in args.items()}
 
-    def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-        return self._loop.run_until_complete(self._run(path, run_id, routes, kwargs))
+    def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any], io: list[dict[str, Any]]
+            ) -> list[dict[str, Any]]:
+        return self._loop.run_until_complete(self._run(path, run_id, routes, kwargs, io))
 
-    async def _run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-        tasks = [asyncio.ensure_future(t.run(path, run_id, routes, kwargs)) for t in self.tiles]
+    async def _run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any], io: list[dict[str, Any]]
+                   ) -> list[dict[str, Any]]:
+        tasks = [asyncio.ensure_future(t.run(path, run_id, routes, kwargs, a)) for t, a in zip(self.tiles, io)]
         watch = asyncio.ensure_future(self._watch(tasks))
         await asyncio.wait([*tasks, watch], return_when=asyncio.FIRST_EXCEPTION)
         if watch.done() and watch.exception():

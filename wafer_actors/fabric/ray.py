@@ -87,8 +87,9 @@ class TileActor:
     async def abort(self, run_id: int) -> None:
         self.tile.abort(run_id)
 
-    async def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> dict[str, Any]:
-        return await self.tile.run(path, run_id, routes, kwargs)
+    async def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any], io: dict[str, Any]
+                  ) -> dict[str, Any]:
+        return await self.tile.run(path, run_id, routes, kwargs, io)
 
     async def call(self, method: str, *args: Any) -> Any:
         return getattr(self.tile, method)(*args)
@@ -314,8 +315,9 @@ class RayTransport(Transport):
             return TileLost(tile, node, f"{reason[:300]} (actor {self.tile_name(tile)})")
         return _unwrap(err)
 
-    def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-        refs = [a.run.remote(path, run_id, routes, kwargs) for a in self.actors]
+    def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any], io: list[dict[str, Any]]
+            ) -> list[dict[str, Any]]:
+        refs = [a.run.remote(path, run_id, routes, kwargs, part) for a, part in zip(self.actors, io)]
         pending = list(refs)
         stalled: dict[int, tuple] | None = None
         while pending:
