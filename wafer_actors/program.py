@@ -564,7 +564,9 @@ def _move_lines(data, out, msg, pat_src, pat_dst, part_ptr, pat_ptr, bounds, lin
                 me, send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_direct, block, first, last):
     """The data of ``_run_phases`` for a ``Lines`` program: every line's blocks sent (copied where they might change
     before they land) and combined in the order of the transfers. Lines are independent, so each lane runs its
-    lines in blocks that stay in the cache through all the half-steps."""
+    lines in blocks of ``block`` that stay in the cache through all the half-steps."""
+    row = data.shape[1]
+    fd, fo, fm = data.reshape(-1), out.reshape(-1), msg.reshape(-1)
     for lane in prange(bounds.size - 1):
         l0, l1 = bounds[lane], bounds[lane + 1]
         for b0 in range(l0, l1, block):
@@ -579,8 +581,8 @@ def _move_lines(data, out, msg, pat_src, pat_dst, part_ptr, pat_ptr, bounds, lin
                             continue
                         for q in range(pat_ptr[p], pat_ptr[p + 1]):
                             j0 = part_ptr[p] + l0 * (pat_ptr[p + 1] - pat_ptr[p]) + (q - pat_ptr[p]) * (l1 - l0) - l0
-                            _move(msg, j0 + b0, 1, data, pat_src[q] * member_stride + b0 * line_stride, line_stride,
-                                  b1 - b0, 0)
+                            _move(fm, j0 + b0, 1, fd, pat_src[q] * member_stride + b0 * line_stride, line_stride,
+                                  b1 - b0, row, 0)
                     continue
                 op = step_op[s]
                 for k in range(recv_ptr[s], recv_ptr[s + 1]):
@@ -590,19 +592,18 @@ def _move_lines(data, out, msg, pat_src, pat_dst, part_ptr, pat_ptr, bounds, lin
                         j0 = part_ptr[p] + l0 * (pat_ptr[p + 1] - pat_ptr[p]) + (q - pat_ptr[p]) * (l1 - l0) - l0
                         d0 = pat_dst[q] * member_stride + b0 * line_stride
                         if inplace:
-                            _move(out, d0, line_stride, data, pat_src[q] * member_stride + b0 * line_stride, line_stride,
-                                  b1 - b0, op)
+                            _move(fo, d0, line_stride, fd, pat_src[q] * member_stride + b0 * line_stride, line_stride,
+                                  b1 - b0, row, op)
                         else:
-                            _move(out, d0, line_stride, msg, j0 + b0, 1, b1 - b0, op)
+                            _move(fo, d0, line_stride, fm, j0 + b0, 1, b1 - b0, row, op)
 
 
 @njit(inline="always")
-def _move(out, o0, o_step, src, s0, s_step, n, op):
-    """Rows ``out[o0 + i * o_step] (op)= src[s0 + i * s_step]`` for i < n (op 0 store, 1 add, 2 max); rows that
-    follow each other in both arrays run as one loop over their elements. Each loop runs over two slices, which the
-    compiler vectorises (over index arithmetic on the whole arrays it does not)."""
-    row = out.shape[1]
-    fo, fs = out.reshape(-1), src.reshape(-1)
+def _move(fo, o0, o_step, fs, s0, s_step, n, row, op):
+    """Rows ``out[o0 + i * o_step] (op)= src[s0 + i * s_step]`` for i < n of ``row`` elements each, ``fo`` and ``fs``
+    the two arrays flat (op 0 store, 1 add, 2 max); rows that follow each other in both arrays run as one loop over
+    their elements. Each loop runs over two slices, which the compiler vectorises (over index arithmetic on the
+    whole arrays it does not)."""
     run = row
     if o_step == 1 and s_step == 1:  # one run of n rows
         n, run = 1, n * row
