@@ -185,7 +185,7 @@ class Fused:
     local_flows: int
     remote_flows: int
     lines: Lines | None  # set where every part repeats on every line: the faster loop runs
-    scratch: dict = field(default_factory=dict, repr=False)  # (dtype, width) -> per-flow arrays, reused by every run
+    scratch: dict = field(default_factory=dict, repr=False)  # per-flow messages by (dtype, width), timing, classes: reused
     segments: dict = field(default_factory=dict, repr=False)  # (first, last) half-step -> Segment (line programs)
 
     @classmethod
@@ -391,8 +391,8 @@ class Fused:
         else:
             ln = self.lines
             moves = (data, out, msg, ln.src, ln.dst, self.part_ptr, ln.ptr, ln.bounds, ln.line_stride, ln.member_stride,
-                     ln.members, self.peer, tile.index, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts,
-                     self.step_op, self.step_direct)
+                     self.peer, tile.index, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts, self.step_op,
+                     self.step_direct)
             block = max(1, DATA_BLOCK_BYTES // max(1, ln.members * data.shape[1] * data.itemsize))
 
             def kernel(first: int, last: int) -> None:  # every line's data moves; the timing goes by classes
@@ -509,7 +509,7 @@ def _time_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
         for h in range(first, last):
             s = h // 2
             stream = step_stream[s]
-            if h % 2 == 0:  # sends: every source's state read before any changes
+            if h % 2 == 0:  # sends: sources read before any receive of the step
                 for k in range(send_ptr[s], send_ptr[s + 1]):
                     p = send_parts[k]
                     for q in range(pat_ptr[p], pat_ptr[p + 1]):
@@ -556,12 +556,12 @@ def _time_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
                                        call_overhead, stream, acc_end, acc_start, acc_combine, acc_stages, acc_compute)
 
 
-DATA_BLOCK_BYTES = 196_608  # the data of a block of lines that the data loop runs through every step (about L1's size)
+DATA_BLOCK_BYTES = 196_608  # data of the lines run through every step at once (smaller blocks lost more to loop set-up)
 
 
 @njit(cache=True, parallel=True)
-def _move_lines(data, out, msg, pat_src, pat_dst, part_ptr, pat_ptr, bounds, line_stride, member_stride, members, peer,
-                me, send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_direct, block, first, last):
+def _move_lines(data, out, msg, pat_src, pat_dst, part_ptr, pat_ptr, bounds, line_stride, member_stride, peer, me,
+                send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_direct, block, first, last):
     """The data of ``_run_phases`` for a ``Lines`` program: every line's blocks sent (copied where they might change
     before they land) and combined in the order of the transfers. Lines are independent, so each lane runs its
     lines in blocks of ``block`` that stay in the cache through all the half-steps."""
