@@ -74,8 +74,10 @@ def test_ctrl_c_stops_at_once_and_leaves_no_process_behind():
     import psutil
 
     prompt = "Once upon a time"
-    # far more tokens than the signal needs to arrive: a run that ends first exits 0 (seen once in CI)
-    p = subprocess.Popen([sys.executable, "-m", "llm.cli", "generate", "--prompt", prompt, "--max-new-tokens", "200",
+    # SIGINT as a terminal delivers it, also where the tests run in the background (which starts them with it ignored)
+    cli = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+           "runpy.run_module('llm.cli', run_name='__main__')")
+    p = subprocess.Popen([sys.executable, "-c", cli, "generate", "--prompt", prompt, "--max-new-tokens", "40",
                           "--mesh", "64x64", "--tiles", "1x2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     os.set_blocking(p.stdout.fileno(), False)
     shown, deadline = b"", time.monotonic() + 240
