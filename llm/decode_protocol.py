@@ -154,12 +154,11 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
     full = not tile.cost_only
     h_rows, w_cols = tile.tiling.mesh.shape
     r = tile.rect
-    rows = np.arange(r.y0, r.y1)
     G, nkv = p.groups, p.n_kv
     counts, starts = kv_rows(p.kv_mode, h_rows, pos + 1)
     cmax = int(counts.max())
-    here = counts[rows]  # tokens held by each local row
-    slots = (starts[rows, None] + np.arange(cmax)) % p.cap  # (h, cmax): cache slot of each local row's tokens
+    here = counts[tile.rows]  # tokens held by each row of the tile
+    slots = (starts[tile.rows, None] + np.arange(cmax)) % p.cap  # (h, cmax): cache slot of each local row's tokens
     head, freq = _columns(p, r.x0, r.x1, w_cols)
     cos, sin = np.cos(pos * freq).astype(np.float32), np.sin(pos * freq).astype(np.float32)
     dt = tile.buffer("x").block[0]
@@ -252,7 +251,6 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
 async def _kv_append(tile, p: RegionPlan, layer: int, pos: int, h_rows: int, counts: np.ndarray, starts: np.ndarray) -> None:
     """Store the new token's k and v (held by every row after the QKV allreduce) in the cache."""
     full = not tile.cost_only
-    r = tile.rect
     G = p.groups
     if p.kv_mode == "shift" and h_rows > 1:
         m = pos % h_rows  # before this token the bottom m rows hold one entry more than the others
@@ -260,21 +258,21 @@ async def _kv_append(tile, p: RegionPlan, layer: int, pos: int, h_rows: int, cou
             first = h_rows - m - 1  # the row that receives without sending
             oldest = kv_rows("shift", h_rows, pos)[1]
             if full:
-                send = np.arange(max(r.y0, first + 1), r.y1)
-                if len(send):
-                    ly, slot = send - r.y0, oldest[send] % p.cap
+                ly = np.flatnonzero(tile.rows > first)  # the rows that send
+                if len(ly):
+                    slot = oldest[tile.rows[ly]] % p.cap
                     out = tile.data("kv_out")
                     out[ly, :, 0] = tile.data("k_cache")[ly, :, layer, slot]  # (rows, w, kvt)
                     out[ly, :, 1] = tile.data("v_cache")[ly, :, layer, slot]
             await tile.exchange(_kv_shift_program(tile.tiling.mesh, first), "kv_out", into="kv_in")
             if full:
-                take = np.arange(max(r.y0, first), min(r.y1, h_rows - 1))
-                if len(take):
-                    ly, slot = take - r.y0, oldest[take + 1] % p.cap
+                ly = np.flatnonzero((tile.rows >= first) & (tile.rows < h_rows - 1))  # the rows that receive
+                if len(ly):
+                    slot = oldest[tile.rows[ly] + 1] % p.cap
                     kin = tile.data("kv_in")
                     tile.data("k_cache")[ly, :, layer, slot] = kin[ly, :, 0]
                     tile.data("v_cache")[ly, :, layer, slot] = kin[ly, :, 1]
-    if r.y1 == h_rows and full:  # the tail row takes the new entry
+    if tile.rows[-1] == h_rows - 1 and full:  # the tail row takes the new entry
         qkv = tile.data("qkv")
         tile.data("k_cache")[-1, :, layer, pos % p.cap] = qkv[-1, :, G]
         tile.data("v_cache")[-1, :, layer, pos % p.cap] = qkv[-1, :, G + 1]

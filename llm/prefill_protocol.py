@@ -101,9 +101,8 @@ async def prefill(tile, *, plan: dict, tokens: int, layer: int) -> None:
     G, nkv = p.groups, p.n_kv
     st, dt = tile.buffer("xp").block
     kvt, ft = tile.buffer("wqkv").block[-1], tile.buffer("w13").block[-1]
-    rows = np.arange(r.y0, r.y1)
-    qpos = rows[:, None] * st + np.arange(st)  # (h, st): positions of each row's queries
-    kpos = skew_index(P)[r.y0 : r.y1, r.x0 : r.x1, None] * st + np.arange(st)  # keys of each core's x-skewed scores
+    qpos = tile.rows[:, None] * st + np.arange(st)  # (h, st): positions of each row's queries
+    kpos = tile.local(skew_index(P))[:, :, None] * st + np.arange(st)  # keys of each core's x-skewed scores
     allowed = (kpos[:, :, None, :] <= qpos[:, None, :, None]) & (kpos[:, :, None, :] < tokens)  # (h, w, st_q, st_k)
     head, freq = _columns(p, r.x0, r.x1, P)  # (w, kvt), (w, kvt / 2)
     angle = qpos[:, None, :, None, None] * freq[None, :, None, None, :]  # (h, w, st, 1, kvt / 2)
@@ -288,7 +287,6 @@ def _handover_routes(mesh: Mesh, *, st: int, tokens: int, mode: str, cap: int) -
 @protocol(routes=_handover_routes)
 async def kv_handover(tile, *, st: int, tokens: int, mode: str, cap: int) -> None:
     """Move the prompt's K and V from ``kv_p`` (prefill rows) into ``k_cache``/``v_cache`` (decode rows)."""
-    r = tile.rect
     full = not tile.cost_only
     kv_p = tile.buffer("kv_p")  # block (st, L, 2, kvt)
     tile.alloc("kv_send", kv_p.block[1:], kv_p.dtype.str)
@@ -296,18 +294,19 @@ async def kv_handover(tile, *, st: int, tokens: int, mode: str, cap: int) -> Non
     for moves, t in handover_plan(tile.tiling.mesh, st, tokens, mode, cap):
         src, sslot, dst, dslot = moves.T
         leaves = src != dst
+        ls, ld = tile.local_rows(src), tile.local_rows(dst)
         if full:
-            stay = (src >= r.y0) & (src < r.y1) & ~leaves
-            _store(tile, tile.data("kv_p")[src[stay] - r.y0, :, sslot[stay]], dst[stay] - r.y0, dslot[stay])
-            out = (src >= r.y0) & (src < r.y1) & leaves
-            tile.data("kv_send")[src[out] - r.y0] = tile.data("kv_p")[src[out] - r.y0, :, sslot[out]]
+            stay = (ls >= 0) & ~leaves
+            _store(tile, tile.data("kv_p")[ls[stay], :, sslot[stay]], ld[stay], dslot[stay])
+            out = (ls >= 0) & leaves
+            tile.data("kv_send")[ls[out]] = tile.data("kv_p")[ls[out], :, sslot[out]]
         if t is None:
             continue
         tile.send(t, "kv_send")
         await tile.recv(t, "kv_recv")
         if full:
-            into = (dst >= r.y0) & (dst < r.y1) & leaves
-            _store(tile, tile.data("kv_recv")[dst[into] - r.y0], dst[into] - r.y0, dslot[into])
+            into = (ld >= 0) & leaves
+            _store(tile, tile.data("kv_recv")[ld[into]], ld[into], dslot[into])
     tile.free("kv_send")
     tile.free("kv_recv")
 

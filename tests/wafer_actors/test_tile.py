@@ -46,6 +46,24 @@ def test_tensor_too_big_for_a_core_is_refused_on_load():
             w.load("odd", np.zeros((3, 2), np.float32), Spec("y", "x"))
 
 
+def test_a_tile_speaks_global_coordinates():
+    """Every core of an uneven 2x3 tiling of a 5x7 mesh is on exactly one tile, whose rows and columns name it and
+    whose local indices find it in a global array."""
+    grid = np.arange(35).reshape(5, 7) * 10
+    seen = np.zeros((5, 7), dtype=int)
+    for i in range(6):
+        t = Tile(i, (5, 7), (2, 3), SMALL, cost_only=True)
+        ly, lx = t.local_rows(np.arange(5)), t.local_cols(np.arange(7))
+        assert list(np.flatnonzero(ly >= 0)) == list(t.rows) and list(np.flatnonzero(lx >= 0)) == list(t.cols)
+        part = t.local(grid)
+        for y in t.rows:
+            for x in t.cols:
+                seen[y, x] += 1
+                assert part[ly[y], lx[x]] == grid[y, x] == 10 * (7 * y + x)
+        assert t.local_rows(5) == -1 and t.local_cols(-1) == -1
+    assert (seen == 1).all()
+
+
 def test_compute_charges_cycles_at_the_device_rate():
     """A compute task of F FMACs in c vector instructions from m @maps advances the chosen cores by
     F / rate + c x call overhead + m x map overhead + one task switch."""

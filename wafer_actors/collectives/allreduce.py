@@ -263,8 +263,7 @@ async def _ring(tile, buffer: str, axis: str, op: str) -> None:
     tile.alloc("_ring_msg", (chunk,), buf.dtype.str)
     ax = "yx".index(axis)
     r = tile.rect
-    local_place = place[np.arange(r.y0, r.y1)] if ax == 0 else place[np.arange(r.x0, r.x1)]
-    my_place = local_place[:, None] if ax == 0 else local_place[None, :]  # ring place of each core
+    my_place = place[tile.rows][:, None] if ax == 0 else place[tile.cols][None, :]  # ring place of each core
     my_place = np.broadcast_to(my_place, r.shape)
     rows, cols = np.indices(r.shape)
     if not tile.cost_only:

@@ -219,7 +219,6 @@ async def skew(tile, names: list[str], *, axis: str, reverse: bool = False) -> N
     """
     plan = skewed_plan(tile.tiling.mesh)
     moving = plan.b_moving if axis == "y" else plan.a_moving
-    r = tile.rect
     twins = {n: _twin(tile, n) for n in names}
     rounds = (t for rnd, m in enumerate(moving) for step in (+1, -1) if m[step].any()
               for t in [_skew_round(tile.tiling.mesh, axis, rnd, step, reverse)] if t is not None)
@@ -238,7 +237,7 @@ async def skew(tile, names: list[str], *, axis: str, reverse: bool = False) -> N
             tile.send(t, n)
         lines = np.zeros(tile.tiling.mesh.axis_size("x" if axis == "y" else "y"), dtype=bool)
         lines[t.dst_x if axis == "y" else t.dst_y] = True
-        here = (slice(None), np.flatnonzero(lines[r.x0 : r.x1])) if axis == "y" else (np.flatnonzero(lines[r.y0 : r.y1]),)
+        here = (slice(None), np.flatnonzero(lines[tile.cols])) if axis == "y" else (np.flatnonzero(lines[tile.rows]),)
         for n in names:
             await tile.recv(t, twins[n])
             if not tile.cost_only:  # only the moving lines took a block

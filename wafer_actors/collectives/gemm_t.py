@@ -70,7 +70,6 @@ async def gemm_t(tile, *, a: str, b: str, c: str) -> None:
     ring_y, roots = gemm_t_plan(mesh)
     tile.alloc("_gemm_t_b2", (nt, kt), bb.dtype.str)
     tile.alloc("_gemm_t_part", (mt, nt), bc.dtype.str)
-    r = tile.rect
     cur, nxt = b, "_gemm_t_b2"
     p = mesh.height
     for s in range(p):
@@ -84,7 +83,7 @@ async def gemm_t(tile, *, a: str, b: str, c: str) -> None:
             for t in live:
                 tile.send(t, "_gemm_t_part", stream=True)
             await tile.recv(live, "_gemm_t_part", op="add", stream=True)
-        is_root = (roots[s][r.y0 : r.y1, None] == np.arange(r.x0, r.x1)[None, :])  # [h, w]
+        is_root = roots[s][tile.rows, None] == tile.cols[None, :]  # [h, w]
         if not tile.cost_only:
             tile.data(c)[is_root] += tile.data("_gemm_t_part")[is_root]
         tile.charge(mt * nt, bc.dtype.name, cores=is_root)

@@ -280,12 +280,10 @@ def _lines(mask: np.ndarray, per: int) -> np.ndarray:
 
 def _local(tile, moving: np.ndarray, axis: str, per: int) -> np.ndarray:
     """Which block lines of each core of the tile move: ``[h, w, per]`` from a mask over virtual lines."""
-    r = tile.rect
+    shape = tile.rect.shape + (per,)
     if axis == "y":  # virtual rows: the same on every core of a physical row
-        cut = moving.reshape(-1, per)[r.y0 : r.y1]
-        return np.broadcast_to(cut[:, None, :], r.shape + (per,))
-    cut = moving.reshape(-1, per)[r.x0 : r.x1]
-    return np.broadcast_to(cut[None, :, :], r.shape + (per,))
+        return np.broadcast_to(moving.reshape(-1, per)[tile.rows][:, None, :], shape)
+    return np.broadcast_to(moving.reshape(-1, per)[tile.cols][None, :, :], shape)
 
 
 def _rotate(tile, name: str, incoming: str, *, axis: int, forward: bool, rows: np.ndarray) -> None:
@@ -347,7 +345,7 @@ async def _align(tile, plan: CannonPlan, a: str, b: str, k: int, *, reverse: boo
 
 async def _summa(tile, a: str, b: str, c: str, relay: bool) -> None:
     """SUMMA over the L = lcm(height, width) k blocks: multicast, then multiply, per block."""
-    mesh, r = tile.tiling.mesh, tile.rect
+    mesh = tile.tiling.mesh
     size = math.lcm(*mesh.shape)
     rh, rw = size // mesh.height, size // mesh.width
     (mt, kt), (kb, nt) = tile.buffers[a].block, tile.buffers[b].block
@@ -365,11 +363,12 @@ async def _summa(tile, a: str, b: str, c: str, relay: bool) -> None:
             tile.send(t, a, select=a_part)
         for t in ys:
             tile.send(t, b, select=b_part)
+        lx, ly = tile.local_cols(src_x), tile.local_rows(src_y)
         if not tile.cost_only:  # the sources use their own blocks
-            if r.x0 <= src_x < r.x1:
-                tile.data("_summa_a")[:, src_x - r.x0] = tile.data(a)[(slice(None), src_x - r.x0, *a_part)]
-            if r.y0 <= src_y < r.y1:
-                tile.data("_summa_b")[src_y - r.y0] = tile.data(b)[(src_y - r.y0, slice(None), *b_part)]
+            if lx >= 0:
+                tile.data("_summa_a")[:, lx] = tile.data(a)[(slice(None), lx, *a_part)]
+            if ly >= 0:
+                tile.data("_summa_b")[ly] = tile.data(b)[(ly, slice(None), *b_part)]
         await tile.recv(xs, "_summa_a")
         await tile.recv(ys, "_summa_b")
         _multiply(tile, "_summa_a", "_summa_b", c)

@@ -32,7 +32,7 @@ class LocalTransport(Transport):
             t.connect(self._post, nodes)
 
     def _post(self, dest: int, raw: bytes) -> None:
-        self.tiles[dest].deliver(raw)
+        self.tiles[dest].mailbox.deliver(raw)
 
     def call(self, method: str, args: list[tuple]) -> list[Any]:
         return [getattr(t, method)(*a) for t, a in zip(self.tiles, args)]
@@ -51,7 +51,7 @@ class LocalTransport(Transport):
         await asyncio.wait([*tasks, watch], return_when=asyncio.FIRST_EXCEPTION)
         if watch.done() and watch.exception():
             for tile in self.tiles:
-                tile.abort(run_id)
+                tile.mailbox.abort(run_id)
             await asyncio.wait(tasks)
             for t in tasks:
                 t.exception()  # each tile's ProtocolAborted is a knock-on of the deadlock reported here
@@ -59,7 +59,7 @@ class LocalTransport(Transport):
         watch.cancel()
         if any(t.done() and t.exception() for t in tasks):
             for tile in self.tiles:
-                tile.abort(run_id)
+                tile.mailbox.abort(run_id)
             await asyncio.wait(tasks)
             raise first_error([t.exception() for t in tasks])
         return [t.result() for t in tasks]
@@ -72,7 +72,7 @@ class LocalTransport(Transport):
         """
         while True:
             await asyncio.sleep(0)  # let every ready tile run first
-            live = [(t, t.waiting_for()) for t, task in zip(self.tiles, tasks) if not task.done()]
+            live = [(t, t.mailbox.waiting_for()) for t, task in zip(self.tiles, tasks) if not task.done()]
             if not live:
                 return
             if all(w is not None for _, w in live):

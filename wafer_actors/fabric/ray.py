@@ -44,7 +44,7 @@ class TileActor:
 
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # this tile's share of its node
         self.tile = Tile(index, mesh_shape, tiles, device, cost_only, executor)
-        self.inbox = Inbox(self.tile.deliver)
+        self.inbox = Inbox(self.tile.mailbox.deliver)
         self.boxes: dict[int, Outbox] = {}  # peer tile -> socket to it
 
     async def node(self) -> str:
@@ -82,10 +82,13 @@ class TileActor:
         await self.inbox.seal(peers)
 
     async def deliver(self, raw: bytes) -> None:
-        self.tile.deliver(raw)
+        self.tile.mailbox.deliver(raw)
 
     async def abort(self, run_id: int) -> None:
-        self.tile.abort(run_id)
+        self.tile.mailbox.abort(run_id)
+
+    async def waiting_for(self) -> tuple[str, int] | None:
+        return self.tile.mailbox.waiting_for()
 
     async def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any], io: dict[str, Any]
                   ) -> dict[str, Any]:
@@ -344,7 +347,7 @@ class RayTransport(Transport):
 
     def _waits(self, tiles: list[int]) -> dict[int, tuple] | None:
         """What each of ``tiles`` waits for, or None if one of them is running (or does not answer in time)."""
-        refs = [self.actors[i].call.remote("waiting_for") for i in tiles]
+        refs = [self.actors[i].waiting_for.remote() for i in tiles]
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.options.stall_s)
         if len(done) < len(refs):
             return None

@@ -1,0 +1,103 @@
+"""A tile's clocks: every core's virtual time, the compute it is charged, and what tracing records.
+
+``Clocks`` is the part of ``Tile`` that holds the per-core timing state the PLMR rules
+advance (``timing`` has the rules; both executors use them through these arrays), charges
+compute and task switches, and records marks and activity when asked. It reads the tile's
+``device`` and ``costs`` and owns the arrays below.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from .device import DeviceSpec
+from .mesh import TileRect
+from .timing import Costs
+
+
+class Clocks:
+    """Per-core clocks, compute charges and traces of a tile's cores (a part of ``Tile``)."""
+
+    rect: TileRect  # the tile's, read here
+    device: DeviceSpec
+    costs: Costs
+
+    def __init__(self) -> None:
+        shape = self.rect.shape
+        self.clock = np.zeros(shape)  # cycles, per core
+        self.fwd_head = np.zeros(shape)  # cycle a streaming relay may start forwarding
+        self.relaying = np.zeros(shape, dtype=bool)  # took a stream it has not forwarded yet
+        self.sent = np.zeros(shape)  # cycle the core's last send has fully landed
+        self.stages = np.zeros(shape, dtype=np.int64)  # relay stages on the critical path (this run)
+        self.path_compute = np.zeros(shape)  # compute cycles on the critical path (this run)
+        n = self.clock.size  # per-core accumulators of one receive step (left empty between steps)
+        self.acc = (np.full(n, -np.inf), np.full(n, -np.inf), np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n))
+        self.tracing = False  # record protocols' marks
+        self.counting = False  # record per-core compute cycles and per-link bytes
+        self.marks: list[tuple[str, float, float, float]] = []
+        self.busy = np.zeros(shape)  # compute cycles charged to each core while counting
+        self.link_bytes = np.zeros((4, *shape))  # bytes sent on each directed link leaving a core (N, S, W, E)
+        self._rates: dict[Any, float] = {}
+
+    def set_tracing(self, marks: bool, activity: bool) -> None:
+        self.tracing, self.counting = bool(marks), bool(activity)
+
+    def activity(self) -> tuple[np.ndarray, np.ndarray]:
+        """What counting recorded: compute cycles per core ``[y, x]`` and bytes per directed link ``[4, y, x]``."""
+        return self.busy.copy(), self.link_bytes.copy()
+
+    def mark(self, label: str) -> None:
+        """End of a phase of the running protocol, when tracing: the latest core's clock, the compute on its
+        critical path so far, and the host time since the run started. A label that starts with ``.`` ends a
+        part of the next phase (a step of a GEMM inside an operation)."""
+        if self.tracing:
+            i = int(np.argmax(self.clock))
+            self.marks.append((label, float(self.clock.flat[i]), float(self.path_compute.flat[i]), time.perf_counter()))
+
+    def clocks(self) -> np.ndarray:
+        return self.clock.copy()
+
+    def flat_clocks(self) -> tuple[np.ndarray, ...]:
+        """The per-core timing state as flat views: clock, fwd_head, relaying, sent, stages, path_compute."""
+        return tuple(a.ravel() for a in (self.clock, self.fwd_head, self.relaying, self.sent, self.stages, self.path_compute))
+
+    def reset_clocks(self) -> None:
+        self.clock[...] = 0.0
+        self.fwd_head[...] = 0.0
+        self.relaying[...] = False
+        self.sent[...] = 0.0
+
+    def charge(self, fmacs: float | np.ndarray, dtype: str, cores: np.ndarray | None = None, calls: int = 1,
+               maps: int = 0) -> None:
+        """Advance the clocks of ``cores`` (local mask; default all) by one task: ``fmacs`` FMACs issued as
+        ``calls`` vector instructions from ``maps`` loops over a DSD (a GEMV's one, a GEMM step's one per row of B)."""
+        cycles = self.costs.compute(fmacs, self.rate(dtype), calls, maps)
+        if cores is None:  # every core: no mask to build or apply
+            self.clock += cycles
+            self.path_compute += cycles
+            if self.counting:
+                self.busy += cycles
+            return
+        add = cycles if np.ndim(cycles) == 0 else cycles[cores]
+        self.clock[cores] += add
+        self.path_compute[cores] += add
+        if self.counting:
+            self.busy[cores] += add
+
+    def switch_tasks(self, n: int) -> None:
+        """Charge every core ``n`` task switches: the tasks of a collective's phases, set up one after another."""
+        cycles = n * self.costs.task_overhead
+        self.clock += cycles
+        self.path_compute += cycles
+        if self.counting:
+            self.busy += cycles
+
+    def rate(self, dtype: Any) -> float:
+        """FMACs per cycle for ``dtype`` (memoised: dtype names are slow to build)."""
+        rate = self._rates.get(dtype)
+        if rate is None:
+            rate = self._rates[dtype] = self.device.rate(np.dtype(dtype).name)
+        return rate
