@@ -763,3 +763,43 @@ def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_st
             r, d = rep_of[ln], shift[ln]
             j, jr = given[k, ln], given[k, r]
             head[j], tail[j], msg_stages[j], msg_compute[j] = head[jr] + d, tail[jr] + d, msg_stages[jr], msg_compute[jr]
+
+
+@njit(cache=True, parallel=True)
+def shift_lines(clock, fwd_head, relaying, sent, stages, compute, src, dst, load, hops, relays, flow_ptr, move_ptr, moves,
+                sizes, alpha, beta, call_overhead, order):
+    """Rounds of whole-line transfers, line by line: line ``l`` runs the transfers ``moves[move_ptr[l]:move_ptr[l + 1]]``
+    in order, transfer ``k``'s flows on it being ``flow_ptr[k, l]:flow_ptr[k, l + 1]``; in each, every buffer (a block
+    of ``sizes[b]`` cycles) is sent, then every one received (plain stores), as ``Tile.start_local`` and
+    ``land_local`` would for each round's part of the transfers. Lines share no core, so running one line's rounds
+    before the next line's gives what the rounds give, in the same float operations. ``order`` (if not empty): the
+    core whose block each core holds, moved along with the blocks."""
+    nb = sizes.size
+    for line in prange(move_ptr.size - 1):
+        width = 0
+        for k in range(flow_ptr.shape[0]):
+            width = max(width, flow_ptr[k, line + 1] - flow_ptr[k, line])
+        head, tail = np.empty((nb, width)), np.empty((nb, width))
+        st, cp = np.empty((nb, width), dtype=np.int64), np.empty((nb, width))
+        held = np.empty(width, dtype=np.int64)
+        for m in range(move_ptr[line], move_ptr[line + 1]):
+            k = moves[m]
+            a, b = flow_ptr[k, line], flow_ptr[k, line + 1]
+            if order.size:
+                for j in range(a, b):
+                    held[j - a] = order[src[j]]
+                for j in range(a, b):
+                    order[dst[j]] = held[j - a]
+            for q in range(nb):
+                for j in range(a, b):
+                    c = src[j]
+                    head[q, j - a], tail[q, j - a] = launch(clock, fwd_head, relaying, c, load[j], hops[j], relays[j],
+                                                            sizes[q], alpha, beta, False)
+                    st[q, j - a] = stages[c]
+                    cp[q, j - a] = compute[c]
+                for j in range(a, b):
+                    launched(relaying, sent, src[j], tail[q, j - a])
+            for q in range(nb):
+                for j in range(a, b):
+                    take_one(clock, fwd_head, relaying, sent, stages, compute, dst[j], head[q, j - a], tail[q, j - a],
+                             st[q, j - a], cp[q, j - a], 0.0, beta, call_overhead, False)

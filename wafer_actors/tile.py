@@ -31,7 +31,7 @@ from .fabric.wire import Message, encode
 from .mailbox import Mailbox
 from .memory import OPS, Buffer, Memory, combine_blocks
 from .mesh import Mesh, Tiling
-from .program import Fused, Program
+from .program import Fused, Program, shift_lines
 from .protocol import resolve
 from .timing import Costs, arrive, receive_one, receive_one_split, send_flows, send_flows_split, settle
 from .transfer import Transfer
@@ -414,6 +414,47 @@ class Tile(Memory, Clocks):
                 receive_one(*args)
             else:
                 receive_one_split(*args, numba.get_num_threads())
+
+    def shift_lines(self, transfers: Sequence[Transfer], along: str, rounds: np.ndarray, nbytes: Sequence[int],
+                    order: np.ndarray | None = None) -> None:
+        """Run rounds of parts of ``transfers`` that ``fuses``, each flow along ``along`` (a line is a column for ``y``,
+        a row for ``x``), as ``start_local`` and ``land_local`` would: in round ``r``, transfer ``k`` moves the lines
+        where ``rounds[r, k]`` (bool over the mesh's lines) is true, sending a block of each of ``nbytes`` then
+        receiving them all. The tile times each line's rounds in one pass (``program.shift_lines``). ``order``
+        (the core whose block each core holds) moves with the blocks."""
+        w = self.rect.shape[1]
+        mine = self.cols if along == "y" else self.rows
+        rounds = rounds[:, :, mine]  # [rounds, transfers, local lines]
+        parts = []
+        for k, t in enumerate(transfers):
+            self._check_route(t)
+            src, dst = self.local_flows(t)
+            lp = self._parts(t, "out")[self.index]
+            line = dst % w if along == "y" else dst // w
+            by = np.argsort(line, kind="stable")
+            ptr = np.searchsorted(line[by], np.arange(len(mine) + 1))
+            parts.append((src[by], dst[by], lp.load[by], lp.latency_hops[by], lp.relays[by], ptr))
+        offsets = np.cumsum([0] + [len(p[0]) for p in parts[:-1]])
+        flow_ptr = np.array([p[5] + o for p, o in zip(parts, offsets)])
+        cols = [np.concatenate([p[i] for p in parts]) for i in range(5)]
+        line_moves, kind = np.nonzero(np.moveaxis(rounds, 2, 0).reshape(len(mine), -1))  # by line, then round order
+        move_ptr = np.searchsorted(line_moves, np.arange(len(mine) + 1))
+        moves = kind % len(transfers)
+        costs = self.costs
+        shift_lines(*self.flat_clocks(), *cols, flow_ptr, move_ptr, moves,
+                    np.array([costs.duration(n) for n in nbytes]), costs.alpha, costs.beta, costs.call_overhead,
+                    np.zeros(0, dtype=np.int64) if order is None else order)
+        per_line = np.diff(flow_ptr, axis=1)  # [transfers, local lines]: flows of each transfer on each line
+        times = rounds.sum(axis=0)  # [transfers, local lines]: rounds in which each line moves
+        flows = int((per_line * times).sum())
+        self.stats["core_messages_local"] += flows * len(nbytes)
+        self.stats["core_bytes_local"] += flows * sum(nbytes)
+        self.stats["steps_fused"] += int(rounds.any(axis=2).sum()) * len(nbytes)
+        if self.counting:
+            r = self.rect
+            for t, n in zip(transfers, times):
+                streams = t.link_streams()[:, r.y0 : r.y1, r.x0 : r.x1]
+                self.link_bytes += streams * (n[None, None, :] if along == "y" else n[None, :, None]) * sum(nbytes)
 
     def local_flows(self, transfer: Transfer) -> tuple[np.ndarray, np.ndarray]:
         """(source, destination) flat core indices of each flow of a transfer that ``fuses``."""

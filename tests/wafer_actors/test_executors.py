@@ -15,10 +15,12 @@ import pytest
 from wafer_actors import Spec, Wafer, preset
 from wafer_actors.collectives import allreduce, shift
 from wafer_actors.collectives.allreduce import program as ktree_program
+from wafer_actors.collectives.block_gemm import block_gemm_routes, skew
 from wafer_actors.fabric.ray import RayOptions, RayTransport
 from wafer_actors.mesh import Mesh
 from wafer_actors.ops import gemm, gemv
 from wafer_actors.program import EXACT, Fused, Program, Step, _line_classes
+from wafer_actors.protocol import protocol
 from wafer_actors.timing import GRID, on_grid
 from wafer_actors.transfer import Transfer
 
@@ -142,6 +144,42 @@ def test_matrix_protocols_fused_equal_step(mesh, tiles):
     step, fused = runs("step"), runs("fused")
     for name in step:
         assert_same_run(step[name], fused[name], f"{name} on {mesh} in {tiles} tiles")
+
+
+@protocol(routes=lambda mesh, **_: block_gemm_routes(mesh))
+async def skew_there_and_back(tile, *, charge: bool) -> None:
+    """Skew ``a`` and ``b`` along y, ``a`` along x, undo the x skew; cores start apart when ``charge``."""
+    if charge:  # every core a different clock, so the rounds' messages decide when cores go on
+        tile.charge(tile.local(np.arange(tile.tiling.mesh.size).reshape(tile.tiling.mesh.shape) % 5 * 3.0), "float32")
+    await skew(tile, ["a", "b"], axis="y")
+    await skew(tile, ["a"], axis="x")
+    tile.mark("skewed")
+    await skew(tile, ["a"], axis="x", reverse=True)
+
+
+@pytest.mark.parametrize("mesh", [(7, 7), (8, 8)], ids=lambda m: f"{m[0]}x{m[1]}")
+def test_skew_rounds_fused_line_by_line_equal_step(mesh):
+    """The skew's rounds (lines moving different distances, both ways round the INTERLEAVE ring) timed line by line
+    in one pass where the ring stays on the tile: values, clocks, records, SRAM and counts as step by step. The 1x3
+    tiling fuses the x skew only, 3x1 the y skew only."""
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal(mesh + (3,)).astype(np.float32)
+    b = 2 * a
+    for tiles in ((1, 1), (1, 3), (3, 1)):
+        for charge in (False, True):
+            for cost_only in (False, True):
+                out = {}
+                for executor in ("step", "fused"):
+                    with Wafer(mesh, device=DEV, tiles=tiles, executor=executor, cost_only=cost_only) as w:
+                        w.load("a", a, Spec("y", "x", None))
+                        w.load("b", b, Spec("y", "x", None))
+                        s = w.run(skew_there_and_back, charge=charge)
+                        out[executor] = [] if cost_only else [w.blocks("a"), w.blocks("b")], s, core_state(w)
+                assert_same_run(out["step"], out["fused"], f"{mesh} {tiles} charge={charge} cost_only={cost_only}")
+                if not cost_only:  # a and b both skewed along y only (a's x skew undone): b = 2a still, moved
+                    got_a, got_b = (v.reshape(a.shape) for v in out["fused"][0])
+                    np.testing.assert_array_equal(got_b, 2 * got_a)
+                    assert not np.array_equal(got_a, a)
 
 
 def test_ray_transport_fused_equals_step(ray_local):

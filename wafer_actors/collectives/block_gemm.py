@@ -215,24 +215,23 @@ def _skew_round(mesh: Mesh, axis: str, rnd: int, step: int, reverse: bool) -> Tr
 async def skew(tile, names: list[str], *, axis: str, reverse: bool = False) -> None:
     """Skew ``names`` along ``axis`` (``y``: column J moves J places; ``x``: row I moves I), or undo it.
 
-    Fused, inside the tile: the rounds are timed one by one but the blocks move once, at the end.
+    Fused, inside the tile: each line's rounds are timed in one pass and the blocks move once, at the end.
     """
     plan = skewed_plan(tile.tiling.mesh)
     moving = plan.b_moving if axis == "y" else plan.a_moving
     twins = {n: _twin(tile, n) for n in names}
-    rounds = (t for rnd, m in enumerate(moving) for step in (+1, -1) if m[step].any()
-              for t in [_skew_round(tile.tiling.mesh, axis, rnd, step, reverse)] if t is not None)
-    whole = [plan.full[(axis, step)] for step in (+1, -1)]  # every round is a part of one of these
-    order = np.arange(tile.clock.size) if tile.fuses(*whole) else None
+    whole = [plan.full[(axis, -step if reverse else step)] for step in (+1, -1)]  # every round is a part of one
+    order = None
+    if tile.fuses(*whole):
+        if whole[0] is not None:  # (a one-core ring moves nothing)
+            order = None if tile.cost_only else np.arange(tile.clock.size)
+            rounds = np.array([[m[step] for step in (+1, -1)] for m in moving], dtype=bool)  # [round, step, line]
+            tile.shift_lines(whole, axis, rounds, [tile.buffer(n).nbytes for n in names], order)
+        rounds = ()
+    else:
+        rounds = (t for rnd, m in enumerate(moving) for step in (+1, -1) if m[step].any()
+                  for t in [_skew_round(tile.tiling.mesh, axis, rnd, step, reverse)] if t is not None)
     for t in rounds:
-        if order is not None:
-            started = [tile.start_local(t, tile.buffer(n).nbytes) for n in names]
-            for s in started:
-                tile.land_local(s)
-            if not tile.cost_only:
-                src, dst = tile.local_flows(t)
-                order[dst] = order[src]
-            continue
         for n in names:
             tile.send(t, n)
         lines = np.zeros(tile.tiling.mesh.axis_size("x" if axis == "y" else "y"), dtype=bool)
@@ -242,7 +241,7 @@ async def skew(tile, names: list[str], *, axis: str, reverse: bool = False) -> N
             await tile.recv(t, twins[n])
             if not tile.cost_only:  # only the moving lines took a block
                 tile.data(n)[here] = tile.data(twins[n])[here]
-    if order is not None and not tile.cost_only:
+    if order is not None:
         for n in names:
             data = tile.data(n)
             data[...] = data.reshape(order.size, -1)[order].reshape(data.shape)
