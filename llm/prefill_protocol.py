@@ -269,12 +269,10 @@ def handover_rounds(height: int, st: int, tokens: int, mode: str, cap: int) -> t
 @lru_cache(maxsize=16)
 def handover_plan(mesh: Mesh, st: int, tokens: int, mode: str, cap: int) -> tuple[tuple[np.ndarray, Transfer | None], ...]:
     """Per round: the moves and the transfer of those that leave their row (every column at once), or None."""
-    plan, w = [], mesh.width
+    plan = []
     for i, moves in enumerate(handover_rounds(mesh.height, st, tokens, mode, cap)):
         far = moves[moves[:, 0] != moves[:, 2]]
-        cols = np.tile(np.arange(w), len(far))
-        t = None if not len(far) else Transfer.build(
-            f"kv_handover:{i}", "kv_handover", mesh, (np.repeat(far[:, 0], w), cols), (np.repeat(far[:, 2], w), cols))
+        t = None if not len(far) else Transfer.along(mesh, "y", f"kv_handover:{i}", "kv_handover", far[:, 0], far[:, 2])
         plan.append((moves, t))
     return tuple(plan)
 

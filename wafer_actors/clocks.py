@@ -74,7 +74,7 @@ class Clocks:
                maps: int = 0) -> None:
         """Advance the clocks of ``cores`` (local mask; default all) by one task: ``fmacs`` FMACs issued as
         ``calls`` vector instructions from ``maps`` loops over a DSD (a GEMV's one, a GEMM step's one per row of B)."""
-        cycles = self.costs.compute(fmacs, self.rate(dtype), calls, maps)
+        cycles = self.task_cycles(fmacs, dtype, calls, maps)
         if cores is None:  # every core: no mask to build or apply
             self.clock += cycles
             self.path_compute += cycles
@@ -86,6 +86,10 @@ class Clocks:
         self.path_compute[cores] += add
         if self.counting:
             self.busy[cores] += add
+
+    def task_cycles(self, fmacs: float | np.ndarray, dtype: str, calls: int = 1, maps: int = 0) -> float | np.ndarray:
+        """Cycles of one task (see ``charge``)."""
+        return self.costs.compute(fmacs, self.rate(dtype), calls, maps)
 
     def switch_tasks(self, n: int) -> None:
         """Charge every core ``n`` task switches: the tasks of a collective's phases, set up one after another."""

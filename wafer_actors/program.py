@@ -766,22 +766,24 @@ def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_st
 
 
 @njit(cache=True, parallel=True)
-def shift_lines(clock, fwd_head, relaying, sent, stages, compute, src, dst, load, hops, relays, flow_ptr, move_ptr, moves,
-                sizes, alpha, beta, call_overhead, order):
-    """Rounds of whole-line transfers, line by line: line ``l`` runs the transfers ``moves[move_ptr[l]:move_ptr[l + 1]]``
-    in order, transfer ``k``'s flows on it being ``flow_ptr[k, l]:flow_ptr[k, l + 1]``; in each, every buffer (a block
-    of ``sizes[b]`` cycles) is sent, then every one received (plain stores), as ``Tile.start_local`` and
-    ``land_local`` would for each round's part of the transfers. Lines share no core, so running one line's rounds
-    before the next line's gives what the rounds give, in the same float operations. ``order`` (if not empty): the
-    core whose block each core holds, moved along with the blocks."""
-    nb = sizes.size
+def shift_lines(clock, fwd_head, relaying, sent, stages, compute, cores, src, dst, src_at, dst_at, load, hops, relays,
+                flow_ptr, move_ptr, moves, sizes, alpha, beta, call_overhead, order):
+    """Rounds of whole-line transfers, line by line: line ``l`` (its cores ``cores[l]``) runs the transfers
+    ``moves[move_ptr[l]:move_ptr[l + 1]]`` in order, transfer ``k``'s flows on it being ``flow_ptr[k, l]:flow_ptr[k, l +
+    1]`` (cores ``src``/``dst``, at ``src_at``/``dst_at`` along the line); in each, every buffer (a block of ``sizes[b]``
+    cycles) is sent, then every one received (plain stores), as ``Tile.start_local`` and ``land_local`` would for each
+    round's part of the transfers. Lines share no core, so running one line's rounds before the next line's gives
+    what the rounds give, in the same float operations; a line's state is copied out and back, so its rounds work on
+    a few contiguous kilobytes. ``order`` (if not empty): the core whose block each core holds, moved with the blocks."""
+    nb, n = sizes.size, cores.shape[1]
     for line in prange(move_ptr.size - 1):
-        width = 0
-        for k in range(flow_ptr.shape[0]):
-            width = max(width, flow_ptr[k, line + 1] - flow_ptr[k, line])
-        head, tail = np.empty((nb, width)), np.empty((nb, width))
-        st, cp = np.empty((nb, width), dtype=np.int64), np.empty((nb, width))
-        held = np.empty(width, dtype=np.int64)
+        if move_ptr[line] == move_ptr[line + 1]:
+            continue
+        at = cores[line]
+        cl, fh, rl, se, sg, cm = clock[at], fwd_head[at], relaying[at], sent[at], stages[at], compute[at]
+        head, tail = np.empty((nb, n)), np.empty((nb, n))
+        st, cp = np.empty((nb, n), dtype=np.int64), np.empty((nb, n))
+        held = np.empty(n, dtype=np.int64)
         for m in range(move_ptr[line], move_ptr[line + 1]):
             k = moves[m]
             a, b = flow_ptr[k, line], flow_ptr[k, line + 1]
@@ -792,14 +794,62 @@ def shift_lines(clock, fwd_head, relaying, sent, stages, compute, src, dst, load
                     order[dst[j]] = held[j - a]
             for q in range(nb):
                 for j in range(a, b):
-                    c = src[j]
-                    head[q, j - a], tail[q, j - a] = launch(clock, fwd_head, relaying, c, load[j], hops[j], relays[j],
-                                                            sizes[q], alpha, beta, False)
-                    st[q, j - a] = stages[c]
-                    cp[q, j - a] = compute[c]
+                    c = src_at[j]
+                    head[q, j - a], tail[q, j - a] = launch(cl, fh, rl, c, load[j], hops[j], relays[j], sizes[q], alpha,
+                                                            beta, False)
+                    st[q, j - a] = sg[c]
+                    cp[q, j - a] = cm[c]
                 for j in range(a, b):
-                    launched(relaying, sent, src[j], tail[q, j - a])
+                    launched(rl, se, src_at[j], tail[q, j - a])
             for q in range(nb):
                 for j in range(a, b):
-                    take_one(clock, fwd_head, relaying, sent, stages, compute, dst[j], head[q, j - a], tail[q, j - a],
-                             st[q, j - a], cp[q, j - a], 0.0, beta, call_overhead, False)
+                    take_one(cl, fh, rl, se, sg, cm, dst_at[j], head[q, j - a], tail[q, j - a], st[q, j - a], cp[q, j - a],
+                             0.0, beta, call_overhead, False)
+        clock[at] = cl
+        fwd_head[at] = fh
+        relaying[at] = rl
+        sent[at] = se
+        stages[at] = sg
+        compute[at] = cm
+
+
+SEND, LAND, CHARGE = 0, 1, 2  # the operations of ``run_steps``
+
+
+@njit(cache=True, parallel=True)
+def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, load, hops, relays, ptr, sizes, codes,
+              which, cycles, steps, alpha, beta, call_overhead, head, tail, msg_stages, msg_compute, chunks):
+    """``steps`` repeats of one step's operations on transfers inside the tile (no multicast, plain stores):
+    ``codes[i]`` SEND or LAND transfer ``which[i]`` (flows ``ptr[k]:ptr[k + 1]``, a block of ``sizes[k]`` cycles) as
+    ``Tile.start_local`` / ``land_local`` would, or CHARGE every core ``cycles[which[i]]`` as ``Clocks.charge`` would
+    (``busy`` too if it is not empty). A transfer's flows have distinct sources and destinations, so each operation
+    runs in ``chunks`` on parallel threads. (One sweep per operation: a sweep doing a pass's operations core by core
+    measured twice as slow.)"""
+    for _ in range(steps):
+        for i in range(codes.size):
+            k = which[i]
+            if codes[i] == CHARGE:
+                add = cycles[k]
+                for q in prange(chunks):
+                    for c in range(q * clock.size // chunks, (q + 1) * clock.size // chunks):
+                        clock[c] += add
+                        compute[c] += add
+                        if busy.size:
+                            busy[c] += add
+                continue
+            a, b = ptr[k], ptr[k + 1]
+            for q in prange(chunks):
+                lo, hi = a + q * (b - a) // chunks, a + (q + 1) * (b - a) // chunks
+                if codes[i] == SEND:
+                    for j in range(lo, hi):
+                        c = src[j]
+                        head[j], tail[j] = launch(clock, fwd_head, relaying, c, load[j], hops[j], relays[j], sizes[k], alpha,
+                                                  beta, False)
+                        msg_stages[j] = stages[c]
+                        msg_compute[j] = compute[c]
+                    for j in range(lo, hi):
+                        launched(relaying, sent, src[j], tail[j])
+                else:
+                    for j in range(lo, hi):
+                        take_one(clock, fwd_head, relaying, sent, stages, compute, dst[j], head[j], tail[j], msg_stages[j],
+                                 msg_compute[j], 0.0, beta, call_overhead, False)

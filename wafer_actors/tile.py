@@ -31,7 +31,7 @@ from .fabric.wire import Message, encode
 from .mailbox import Mailbox
 from .memory import OPS, Buffer, Memory, combine_blocks
 from .mesh import Mesh, Tiling
-from .program import Fused, Program, shift_lines
+from .program import CHARGE, LAND, SEND, Fused, Program, run_steps, shift_lines
 from .protocol import resolve
 from .timing import Costs, arrive, receive_one, receive_one_split, send_flows, send_flows_split, settle
 from .transfer import Transfer
@@ -422,9 +422,12 @@ class Tile(Memory, Clocks):
         where ``rounds[r, k]`` (bool over the mesh's lines) is true, sending a block of each of ``nbytes`` then
         receiving them all. The tile times each line's rounds in one pass (``program.shift_lines``). ``order``
         (the core whose block each core holds) moves with the blocks."""
-        w = self.rect.shape[1]
+        h, w = self.rect.shape
         mine = self.cols if along == "y" else self.rows
         rounds = rounds[:, :, mine]  # [rounds, transfers, local lines]
+        cores = np.arange(h * w).reshape(h, w)
+        cores = cores.T if along == "y" else cores  # [local line, position along it]: flat core index
+        at = (lambda fi: fi // w) if along == "y" else (lambda fi: fi % w)  # noqa: E731  (a core's position on its line)
         parts = []
         for k, t in enumerate(transfers):
             self._check_route(t)
@@ -433,15 +436,15 @@ class Tile(Memory, Clocks):
             line = dst % w if along == "y" else dst // w
             by = np.argsort(line, kind="stable")
             ptr = np.searchsorted(line[by], np.arange(len(mine) + 1))
-            parts.append((src[by], dst[by], lp.load[by], lp.latency_hops[by], lp.relays[by], ptr))
+            parts.append((src[by], dst[by], at(src[by]), at(dst[by]), lp.load[by], lp.latency_hops[by], lp.relays[by], ptr))
         offsets = np.cumsum([0] + [len(p[0]) for p in parts[:-1]])
-        flow_ptr = np.array([p[5] + o for p, o in zip(parts, offsets)])
-        cols = [np.concatenate([p[i] for p in parts]) for i in range(5)]
+        flow_ptr = np.array([p[7] + o for p, o in zip(parts, offsets)])
+        cols = [np.concatenate([p[i] for p in parts]) for i in range(7)]
         line_moves, kind = np.nonzero(np.moveaxis(rounds, 2, 0).reshape(len(mine), -1))  # by line, then round order
         move_ptr = np.searchsorted(line_moves, np.arange(len(mine) + 1))
         moves = kind % len(transfers)
         costs = self.costs
-        shift_lines(*self.flat_clocks(), *cols, flow_ptr, move_ptr, moves,
+        shift_lines(*self.flat_clocks(), np.ascontiguousarray(cores), *cols, flow_ptr, move_ptr, moves,
                     np.array([costs.duration(n) for n in nbytes]), costs.alpha, costs.beta, costs.call_overhead,
                     np.zeros(0, dtype=np.int64) if order is None else order)
         per_line = np.diff(flow_ptr, axis=1)  # [transfers, local lines]: flows of each transfer on each line
@@ -455,6 +458,47 @@ class Tile(Memory, Clocks):
             for t, n in zip(transfers, times):
                 streams = t.link_streams()[:, r.y0 : r.y1, r.x0 : r.x1]
                 self.link_bytes += streams * (n[None, None, :] if along == "y" else n[None, :, None]) * sum(nbytes)
+
+    def run_steps(self, steps: int, script: Sequence[tuple]) -> bool:
+        """Time ``steps`` repeats of ``script`` at once, as the calls it names would one by one: ``("send", transfer,
+        nbytes)`` (``start_local``), ``("land", transfer)`` (``land_local``), ``("charge", cycles)`` (``charge`` of
+        every core). Only where every transfer ``fuses`` and is no multicast, and no mark reads the clocks between
+        steps; returns whether it ran (if not, nothing was done)."""
+        transfers = list(dict.fromkeys(op[1] for op in script if op[0] != "charge"))
+        if self.tracing or not transfers or not self.fuses(*transfers) or any(t.multicast for t in transfers):
+            return False
+        parts = []
+        for t in transfers:
+            lp, none = self._parts(t, "out").get(self.index), np.zeros(0, dtype=np.int64)
+            parts.append((*self.local_flows(t), *((lp.load, lp.latency_hops, lp.relays) if lp else (none,) * 3)))
+        ptr = np.cumsum([0] + [len(p[0]) for p in parts])
+        cols = [np.concatenate(c) for c in zip(*parts)]
+        sizes, cycles, codes, which = np.zeros(len(transfers)), [], [], []
+        for op in script:
+            if op[0] == "charge":
+                codes.append(CHARGE)
+                which.append(len(cycles))
+                cycles.append(op[1])
+                continue
+            k = transfers.index(op[1])
+            codes.append(SEND if op[0] == "send" else LAND)
+            which.append(k)
+            if op[0] == "send":
+                t, nbytes, n = op[1], op[2], len(parts[k][0])
+                self._check_route(t)
+                self._sent[t.key] += steps  # the step tags start_local would have taken
+                self._received[t.key] += steps
+                sizes[k] = self.costs.duration(nbytes)
+                self._count(self.index, n * steps, n * steps * nbytes)
+                self.stats["steps_fused"] += steps
+                if self.counting:
+                    self._count_links(t, nbytes * steps)
+        n, costs = ptr[-1], self.costs
+        run_steps(*self.flat_clocks(), self.busy.ravel() if self.counting else np.zeros(0), *cols, ptr, sizes,
+                  np.array(codes), np.array(which), np.array(cycles, dtype=float), steps, costs.alpha, costs.beta,
+                  costs.call_overhead, np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n),
+                  numba.get_num_threads() if n >= SPLIT_FLOWS else 1)
+        return True
 
     def local_flows(self, transfer: Transfer) -> tuple[np.ndarray, np.ndarray]:
         """(source, destination) flat core indices of each flow of a transfer that ``fuses``."""

@@ -82,6 +82,7 @@ class Transfer:
     relays: np.ndarray
     load: np.ndarray
     _views: dict = field(default_factory=dict, repr=False)
+    line: "Transfer | None" = field(default=None, repr=False)  # built ``along``: the same flows on a one-line mesh
 
     @classmethod
     def build(
@@ -92,8 +93,10 @@ class Transfer:
         src: tuple[Sequence[int], Sequence[int]],
         dst: tuple[Sequence[int], Sequence[int]],
         relays: Sequence[int] | None = None,
+        load: np.ndarray | None = None,
+        line: "Transfer | None" = None,
     ) -> "Transfer":
-        """Validate flows given as (ys, xs) of sources and of destinations.
+        """Validate flows given as (ys, xs) of sources and of destinations (``load``: each flow's, if known).
 
         Raises:
             ProtocolError: a flow leaves the mesh, is not along one axis, goes nowhere, or two
@@ -117,26 +120,36 @@ class Transfer:
         if len(lin) > 1 and not (np.diff(lin) > 0).all():
             order = np.argsort(lin, kind="stable")
             sy, sx, dy, dx, rl, lin = sy[order], sx[order], dy[order], dx[order], rl[order], lin[order]
+            load = None if load is None else load[order]
         if len(lin) > 1 and (np.diff(lin) == 0).any():
             i = int(np.flatnonzero(np.diff(lin) == 0)[0])
             raise ProtocolError(f"transfer {key!r}: core ({dy[i]}, {dx[i]}) receives from two sources in one step")
         hops = np.abs(dy - sy) + np.abs(dx - sx)
         streams = _stream_ends(mesh, sy, sx, dy, dx)
-        t = cls(key, route, mesh, sy, sx, dy, dx, hops, rl, _link_load(mesh, sy, sx, dy, dx, streams))
+        load = _link_load(mesh, sy, sx, dy, dx, streams) if load is None else load
+        t = cls(key, route, mesh, sy, sx, dy, dx, hops, rl, load, line=line)
         t.__dict__["streams"] = streams
         return t
 
     @classmethod
     def along(cls, mesh: Mesh, axis: str, key: str, route: str, src: np.ndarray, dst: np.ndarray,
               relays: np.ndarray | None = None) -> "Transfer":
-        """Flows ``src[i] -> dst[i]`` (indices along ``axis``), repeated on every line of the other axis."""
+        """Flows ``src[i] -> dst[i]`` (indices along ``axis``), repeated on every line of the other axis.
+
+        Lines share no link, so the loads (and the routing entries, ``Route.entries``) are those
+        of one line, worked out on a mesh of one line (``line``) and repeated.
+        """
+        src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
         other = mesh.shape[1 - axis_index(axis)]
+        zero = np.zeros(len(src), dtype=np.int64)
+        one = Mesh(mesh.height, 1) if axis == "y" else Mesh(1, mesh.width)
+        yx = (lambda a, line: (a, line)) if axis == "y" else (lambda a, line: (line, a))  # noqa: E731
+        line = cls.build(key, route, one, yx(src, zero), yx(dst, zero), relays)
+        load = _link_load(one, *yx(src, zero), *yx(dst, zero))  # in the order of ``src``
         lines = np.repeat(np.arange(other), len(src))
         s, d = np.tile(src, other), np.tile(dst, other)
         r = None if relays is None else np.tile(relays, other)
-        if axis == "x":
-            return cls.build(key, route, mesh, (lines, s), (lines, d), r)
-        return cls.build(key, route, mesh, (s, lines), (d, lines), r)
+        return cls.build(key, route, mesh, yx(s, lines), yx(d, lines), r, np.tile(load, other), line)
 
     def __len__(self) -> int:
         return len(self.src_y)
@@ -321,7 +334,15 @@ class Route:
     transfers: tuple[Transfer, ...]
 
     def entries(self, mesh: Mesh) -> np.ndarray:
-        """Routing entries this route needs on each core, ``[y, x]``: one per distinct setting."""
+        """Routing entries this route needs on each core, ``[y, x]``: one per distinct setting.
+
+        A route whose transfers all repeat one line's flows on every line of one axis needs, on
+        each line, what it needs on a mesh of one line.
+        """
+        lines = [t.line for t in self.transfers]
+        if lines and all(ln is not None and ln.mesh == lines[0].mesh for ln in lines):
+            one = lines[0].mesh
+            return np.broadcast_to(Route(self.name, tuple(lines)).entries(one), mesh.shape).copy()
         pairs = [t.router_configs() for t in self.transfers]
         if not pairs:
             return np.zeros(mesh.shape, dtype=np.int64)

@@ -15,7 +15,7 @@ import pytest
 from wafer_actors import Spec, Wafer, preset
 from wafer_actors.collectives import allreduce, shift
 from wafer_actors.collectives.allreduce import program as ktree_program
-from wafer_actors.collectives.block_gemm import block_gemm_routes, skew
+from wafer_actors.collectives.block_gemm import block_gemm_routes, gathered, gemm_t_skewed, mesh_gemm_skewed, skew
 from wafer_actors.fabric.ray import RayOptions, RayTransport
 from wafer_actors.mesh import Mesh
 from wafer_actors.ops import gemm, gemv
@@ -180,6 +180,39 @@ def test_skew_rounds_fused_line_by_line_equal_step(mesh):
                     got_a, got_b = (v.reshape(a.shape) for v in out["fused"][0])
                     np.testing.assert_array_equal(got_b, 2 * got_a)
                     assert not np.array_equal(got_a, a)
+
+
+def _product(a, ia, b, ib, c):
+    c += gathered(a, ia) * gathered(b, ib)  # each core's share: the blocks it holds this step
+
+
+@protocol(routes=lambda mesh, **_: block_gemm_routes(mesh))
+async def block_gemms(tile, *, charge: bool) -> None:
+    """A MeshGEMM and a GEMM-T on kept-skewed operands (elementwise shares), cores starting apart when ``charge``."""
+    if charge:
+        tile.charge(tile.local(np.arange(tile.tiling.mesh.size).reshape(tile.tiling.mesh.shape) % 7 * 50.0), "float32")
+    for name in ("c", "d"):
+        tile.alloc(name, (1, 1, 3), "float32")
+    await mesh_gemm_skewed(tile, a="a", b="b", c="c", product=_product, fmacs=10.0, calls=2, maps=1)
+    await gemm_t_skewed(tile, a="c", b="b", c="d", product=_product, fmacs=7.0, calls=1, maps=2)
+
+
+@pytest.mark.parametrize("mesh", [(7, 7), (8, 8)], ids=lambda m: f"{m[0]}x{m[1]}")
+def test_gemm_steps_timed_at_once_equal_step(mesh):
+    """The compute-shift steps of MeshGEMM and GEMM-T timed in one call where both rings stay on the tile (1x1), step
+    by step where one leaves it (1x3, 3x1): values, clocks, records, SRAM and counts as the step executor's."""
+    rng = np.random.default_rng(5)
+    a, b = (rng.standard_normal(mesh + (3,)).astype(np.float32) for _ in range(2))
+    for tiles in ((1, 1), (1, 3), (3, 1)):
+        for charge in (False, True):
+            out = {}
+            for executor in ("step", "fused"):
+                with Wafer(mesh, device=DEV, tiles=tiles, executor=executor) as w:
+                    w.load("a", a, Spec("y", "x", None))
+                    w.load("b", b, Spec("y", "x", None))
+                    s = w.run(block_gemms, charge=charge)
+                    out[executor] = [w.blocks("c"), w.blocks("d")], s, core_state(w)
+            assert_same_run(out["step"], out["fused"], f"{mesh} {tiles} charge={charge}")
 
 
 def test_ray_transport_fused_equals_step(ray_local):

@@ -112,3 +112,32 @@ def test_the_disjoint_streams_check_agrees_with_the_dense_link_loads():
         assert fast == (_dense_loads(mesh, *ends).max() <= 1)
         seen.add(fast)
     assert seen == {True, False}
+
+
+def test_along_takes_loads_and_routing_entries_from_one_line():
+    """A pattern repeated on every line (multicasts, overlapping streams, relays) gets from its one-line mesh the same
+    loads, and its route the same entries per core, as the flows of all lines built and counted on the whole mesh."""
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        mesh = Mesh(int(rng.integers(1, 9)), int(rng.integers(1, 9)))
+        axis = str(rng.choice(["x", "y"]))
+        n, other = mesh.axis_size(axis), mesh.axis_size("y" if axis == "x" else "x")
+        if n < 2:
+            continue
+        pair = []
+        for key in ("a", "b"):
+            dst = rng.choice(n, size=int(rng.integers(1, n + 1)), replace=False)
+            src = rng.integers(0, n, size=len(dst))
+            src = np.where(src == dst, (dst + 1) % n, src)
+            relays = rng.integers(0, 3, size=len(dst))
+            fast = Transfer.along(mesh, axis, key, "r", src, dst, relays)
+            lines = np.repeat(np.arange(other), len(src))
+            s, d, r = np.tile(src, other), np.tile(dst, other), np.tile(relays, other)
+            yx = (lambda a: (a, lines)) if axis == "y" else (lambda a: (lines, a))  # noqa: E731
+            slow = Transfer.build(key, "r", mesh, yx(s), yx(d), r)
+            assert fast.line is not None and slow.line is None
+            for name in ("src_y", "src_x", "dst_y", "dst_x", "hops", "relays", "load"):
+                np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name), err_msg=name)
+            pair.append((fast, slow))
+        np.testing.assert_array_equal(Route("r", tuple(f for f, _ in pair)).entries(mesh),
+                                      Route("r", tuple(s for _, s in pair)).entries(mesh))

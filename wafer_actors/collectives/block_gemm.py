@@ -102,6 +102,7 @@ class _Operand:
         self.order = np.arange(tile.clock.size) if indexed else None
         self.flows = tile.local_flows(transfer) if self.order is not None else None
         self.started: tuple = ()
+        self.timed = False  # the tile timed every step's send and land already (``Tile.run_steps``)
 
     def blocks(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(the blocks ``[h, w, *block]``, the flat core whose block each core holds now; None: its own)."""
@@ -115,7 +116,8 @@ class _Operand:
         elif self.fused:
             if self.order is None:
                 tile.move_local(t, self.cur, self.nxt)
-            self.started = tile.start_local(t, tile.buffer(self.cur).nbytes)
+            if not self.timed:
+                self.started = tile.start_local(t, tile.buffer(self.cur).nbytes)
         else:
             tile.send(t, self.cur)
 
@@ -147,6 +149,9 @@ async def mesh_gemm_skewed(tile, *, a: str, b: str, c: str, product: Product, fm
     """c = a . b with a x-skewed and b y-skewed (c natural); ``product`` adds one step's share."""
     plan = skewed_plan(tile.tiling.mesh)
     ops = _Operand(tile, a, plan.ring_x), _Operand(tile, b, plan.ring_y)
+    dtype = tile.buffer(c).dtype.name
+    timed = _time_steps(tile, ops, [("send", ops[0]), ("send", ops[1]), ("charge", fmacs, dtype, calls, maps),
+                                    ("land", ops[0]), ("land", ops[1])])
     full = not tile.cost_only
     if full:
         tile.data(c)[...] = 0
@@ -155,7 +160,8 @@ async def mesh_gemm_skewed(tile, *, a: str, b: str, c: str, product: Product, fm
             op.send()
         if full:
             product(*ops[0].blocks(), *ops[1].blocks(), tile.data(c))
-        tile.charge(fmacs, tile.buffer(c).dtype.name, calls=calls, maps=maps)
+        if not timed:
+            tile.charge(fmacs, dtype, calls=calls, maps=maps)
         for op in ops:
             await op.land()
         tile.mark(".meshgemm step")
@@ -167,6 +173,9 @@ async def gemm_t_skewed(tile, *, a: str, b: str, c: str, product: Product, fmacs
     """c = a . b^T with a natural, b (N, K) y-skewed, c x-skewed; ``product`` adds one step's share."""
     plan = skewed_plan(tile.tiling.mesh)
     ob, oc = _Operand(tile, b, plan.ring_y), _Operand(tile, c, plan.ring_x, indexed=False)
+    dtype = tile.buffer(c).dtype.name
+    timed = _time_steps(tile, (ob, oc), [("send", ob), ("charge", fmacs, dtype, calls, maps), ("send", oc), ("land", ob),
+                                         ("land", oc)])
     full = not tile.cost_only
     if full:
         tile.data(c)[...] = 0
@@ -174,13 +183,33 @@ async def gemm_t_skewed(tile, *, a: str, b: str, c: str, product: Product, fmacs
         ob.send()  # the next B block, hidden behind the product
         if full:
             product(tile.data(a), None, *ob.blocks(), tile.data(oc.cur))
-        tile.charge(fmacs, tile.buffer(c).dtype.name, calls=calls, maps=maps)
+        if not timed:
+            tile.charge(fmacs, dtype, calls=calls, maps=maps)
         oc.send()  # the partial moves on once this core's share is in
         await ob.land()
         await oc.land()
         tile.mark(".gemm-t step")
     ob.finish()
     oc.finish()
+
+
+def _time_steps(tile, ops: tuple[_Operand, ...], script: list[tuple]) -> bool:
+    """Time all the compute-shift steps of a GEMM at once where its rings stay on the tile (``Tile.run_steps``):
+    ``script`` is one step's sends, charge and lands of ``ops``; the steps then move only data."""
+    if not all(op.fused for op in ops):
+        return False
+    steps = []
+    for kind, *what in script:
+        if kind == "charge":
+            steps.append(("charge", tile.task_cycles(*what)))
+        elif what[0].transfer is not None:  # (a one-core ring moves nothing)
+            op = what[0]
+            steps.append((kind, op.transfer, tile.buffer(op.cur).nbytes) if kind == "send" else (kind, op.transfer))
+    if not tile.run_steps(tile.tiling.mesh.height, steps):
+        return False
+    for op in ops:
+        op.timed = True
+    return True
 
 
 SKEW_CACHE_FLOWS = 20_000_000  # skew rounds kept for the next layer: a small mesh's all, a 720 x 720 one's not
