@@ -36,6 +36,11 @@ class Buffer:
         """Bytes of one core's block."""
         return math.prod(self.block) * self.dtype.itemsize
 
+    def part_bytes(self, select: tuple[slice, ...]) -> int:
+        """Bytes of the part ``select`` of one core's block (a DSD over part of the buffer)."""
+        kept = math.prod(len(range(*s.indices(n))) for s, n in zip(select, self.block))
+        return kept * math.prod(self.block[len(select):]) * self.dtype.itemsize
+
     @property
     def stacked(self) -> bool:
         """Whether the buffer was allocated stacked (each entry of its first block axis contiguous over the cores)."""

@@ -220,10 +220,7 @@ class Tile(Memory, Clocks):
         self._check_route(transfer)
         tag = self._tag(transfer, self._sent)
         buf = self.buffer(name)
-        nbytes = buf.nbytes
-        if select is not None:
-            nbytes = math.prod(len(range(*s.indices(n))) for s, n in zip(select, buf.block)) * buf.dtype.itemsize
-            nbytes *= math.prod(buf.block[len(select):])
+        nbytes = buf.nbytes if select is None else buf.part_bytes(select)
         if self.counting:
             self._count_links(transfer, nbytes)
         costs = self.costs

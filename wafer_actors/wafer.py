@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -266,7 +266,7 @@ class Wafer:
         """
         if not isinstance(proto, Protocol):
             raise TypeError(f"run() takes a Protocol (see wafer_actors.collectives), got {type(proto).__name__}")
-        usage, routes = self._check_routes(tuple(proto.routes(self.mesh, **kwargs)))
+        usage, routes = self._check_routes(proto.routes(self.mesh, **kwargs))
         if self.cost_only and (inputs or outputs):
             raise InvalidArgument("a cost-only wafer holds shapes, not values: a run takes no inputs or outputs")
         io = [{"reset": reset, "put": {}, "get": {}} for _ in self.tiling.rects]
@@ -316,7 +316,9 @@ class Wafer:
         self._tracing = (on, activity)
         self.transport.call("set_tracing", [(on, activity)] * len(self.tiling))
 
-    def _check_routes(self, routes: tuple[Route, ...]) -> tuple[np.ndarray, list[str]]:
+    def _check_routes(self, routes: Iterable[Route]) -> tuple[np.ndarray, list[str]]:
+        if not isinstance(routes, (list, tuple)):  # yielded lazily (each built anew): counted as they come, failing early
+            return check_routes(self.mesh, routes, self.device.routes_per_core)
         key = (self.mesh, self.device.routes_per_core, tuple(map(id, routes)))  # the entry holds the routes: ids stay theirs
         hit = _ROUTE_CHECKS.get(key)
         if hit is None:

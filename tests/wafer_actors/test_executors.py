@@ -18,7 +18,7 @@ from wafer_actors.collectives.allreduce import program as ktree_program
 from wafer_actors.collectives.block_gemm import block_gemm_routes, gathered, gemm_t_skewed, mesh_gemm_skewed, skew
 from wafer_actors.fabric.ray import RayOptions, RayTransport
 from wafer_actors.mesh import Mesh
-from wafer_actors.ops import gemm, gemv
+from wafer_actors.ops import TensorShape, gemm, gemv
 from wafer_actors.program import EXACT, Fused, Program, Step, _line_classes
 from wafer_actors.protocol import protocol
 from wafer_actors.timing import GRID, on_grid
@@ -213,6 +213,20 @@ def test_gemm_steps_timed_at_once_equal_step(mesh):
                     s = w.run(block_gemms, charge=charge)
                     out[executor] = [w.blocks("c"), w.blocks("d")], s, core_state(w)
             assert_same_run(out["step"], out["fused"], f"{mesh} {tiles} charge={charge}")
+
+
+@pytest.mark.parametrize("mesh", [(6, 6), (7, 7), (4, 6)], ids=lambda m: f"{m[0]}x{m[1]}")
+def test_cost_only_gemm_steps_timed_at_once_equal_step(mesh):
+    """Cost-only MeshGEMM and Cannon (several blocks per core on a non-square mesh) time their compute-shift steps in
+    one call where both rings stay on the tile (1x1): the same cycles, clocks, records and counts as step by step."""
+    for algo in ("meshgemm", "cannon"):
+        for tiles in ((1, 1), (2, 1)):
+            out = {}
+            for executor in ("step", "fused"):
+                with Wafer(mesh, device=DEV, tiles=tiles, executor=executor, cost_only=True) as w:
+                    _, s = gemm(w, TensorShape((20, 30), "float16"), TensorShape((30, 16), "float16"), algo=algo)
+                    out[executor] = [], s, core_state(w)
+            assert_same_run(out["step"], out["fused"], f"{algo} on {mesh} in {tiles} tiles")
 
 
 def test_ray_transport_fused_equals_step(ray_local):

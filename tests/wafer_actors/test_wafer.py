@@ -6,6 +6,9 @@ import pytest
 
 from wafer_actors import DeviceSpecError, InvalidArgument, RoutingError, Spec, Wafer, preset
 from wafer_actors.collectives import chain_allreduce, shift
+from wafer_actors.mesh import Mesh
+from wafer_actors.protocol import protocol
+from wafer_actors.transfer import Route, Transfer
 
 DEV = preset("wse2").replace(name="test", alpha=1.5, beta=7.0)
 
@@ -43,6 +46,27 @@ def test_routing_limit_is_checked_before_any_work():
             w.run(chain_allreduce, buffer="v", axis="x")
         assert (w.clocks() == 0).all()
         np.testing.assert_array_equal(w.read("v"), np.ones((2, 7), np.float32))
+
+
+def _many_routes(mesh: Mesh):
+    """Routes yielded lazily, each one more entry on core (0, 0): the fourth overflows a 3-entry device; asking for
+    more than five means the check read past the failure."""
+    for i in range(5):
+        yield Route(f"r{i}", (Transfer.build(f"t{i}", f"r{i}", mesh, ([0], [0]), ([0], [1])),))
+    raise AssertionError("routes were read past the first core out of entries")
+
+
+@protocol(routes=_many_routes)
+async def _never_runs(tile) -> None:
+    raise AssertionError("the protocol ran although its routes do not fit")
+
+
+def test_routes_yielded_lazily_are_checked_as_they_come():
+    """A protocol that yields its routes fails at the first core out of entries without building the rest (SUMMA's
+    one route per source at 720 x 720 would not fit in the host's memory)."""
+    with Wafer((2, 3), device=DEV.replace(name="few-colours", routes_per_core=3)) as w:
+        with pytest.raises(RoutingError, match=r"core \(y=0, x=0\) needs 4 routing entries"):
+            w.run(_never_runs)
 
 
 @pytest.mark.parametrize("transport", ["local", "ray"])

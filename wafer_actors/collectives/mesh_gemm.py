@@ -242,6 +242,8 @@ async def mesh_gemm(tile, *, a: str, b: str, c: str, algo: str = "meshgemm", rel
     shifts = plan.size if restore else plan.size - 1
     everyone = np.ones(tile.rect.shape, dtype=bool)
     first_a, first_b = (slice(None), slice(0, k)), (slice(0, k),)
+    if tile.cost_only and _time_steps(tile, plan, a, b, c, shifts, k):
+        return await _finish(tile, plan, a, b, k, restore)
     for s in range(plan.size):
         if s < shifts:  # first column of A to the x-ring predecessor, first row of B to the y-ring predecessor
             _send(tile, plan.ring_x, a, first_a, "_gemm_a_in")
@@ -253,11 +255,32 @@ async def mesh_gemm(tile, *, a: str, b: str, c: str, algo: str = "meshgemm", rel
             _rotate(tile, a, "_gemm_a_in", axis=1, forward=True, rows=_lines(everyone, rh))
             _rotate(tile, b, "_gemm_b_in", axis=0, forward=True, rows=_lines(everyone, rw))
         tile.mark(f".{algo} step")
+    await _finish(tile, plan, a, b, k, restore)
+
+
+async def _finish(tile, plan: CannonPlan, a: str, b: str, k: int, restore: bool) -> None:
     if restore:  # undo the alignment: the same rounds, the other way
         await _align(tile, plan, a, b, k, reverse=True)
         tile.mark(".restore")
     tile.free("_gemm_a_in")
     tile.free("_gemm_b_in")
+
+
+def _time_steps(tile, plan: CannonPlan, a: str, b: str, c: str, shifts: int, k: int) -> bool:
+    """Cost-only, where both rings stay on the tile: time the compute-shift steps at once (``Tile.run_steps``), as
+    the loop above does step by step (each step sends A's first column and B's first row, multiplies, receives)."""
+    rings = [t for t in (plan.ring_x, plan.ring_y) if t is not None]
+    mt, nt = tile.buffers[a].block[0], tile.buffers[b].block[1]
+    m, n = mt // plan.rh, nt // plan.rw
+    work = plan.rh * plan.rw
+    charge = ("charge", tile.task_cycles(work * m * k * n, tile.buffers[c].dtype.name, calls=work * k * n, maps=work * k))
+    size = {plan.ring_x: mt * k * tile.buffers[a].dtype.itemsize, plan.ring_y: k * nt * tile.buffers[b].dtype.itemsize}
+    script = [*(("send", t, size[t]) for t in rings), charge, *(("land", t) for t in rings)]
+    if not tile.run_steps(shifts, script):
+        return False
+    for _ in range(plan.size - shifts):  # the last step multiplies only
+        _multiply(tile, a, b, c, plan.rh, plan.rw)
+    return True
 
 
 def _send(tile, t: Transfer | None, name: str, select: tuple[slice, ...], inbox: str) -> None:
@@ -313,9 +336,11 @@ def _rotate(tile, name: str, incoming: str, *, axis: int, forward: bool, rows: n
 async def _align(tile, plan: CannonPlan, a: str, b: str, k: int, *, reverse: bool) -> None:
     """Cannon's skew (or its undoing): block row I of A moves I places, block column J of B moves J.
 
-    Each round moves every line that still has places to go by one, A and B at once.
+    Each round moves every line that still has places to go by one, A and B at once. Cost-only, where the rings stay
+    on the tile, the rounds are timed as local transfers (no messages, no blocks).
     """
     operands = (("x", a, "_gemm_a_in", plan.a_moving, plan.rh), ("y", b, "_gemm_b_in", plan.b_moving, plan.rw))
+    local = tile.cost_only and tile.fuses(*plan.full.values())
     for r in range(len(plan.a_moving)):
         moves = []
         for axis, name, inbox, moving, per in operands:
@@ -332,12 +357,17 @@ async def _align(tile, plan: CannonPlan, a: str, b: str, k: int, *, reverse: boo
                 sel = slice(0, k) if go > 0 else slice(total - k, total)  # the part that leaves this core
                 moves.append((t, name, inbox, (slice(None), sel) if axis == "x" else (sel,), axis, go,
                               _local(tile, lines, "y" if axis == "x" else "x", per)))
+        started = []
         for t, name, inbox, select, *_ in moves:
-            if t is not None:
+            if t is not None and local:
+                started.append(tile.start_local(t, tile.buffer(name).part_bytes(select)))
+            elif t is not None:
                 tile.send(t, name, select=select)
         for t, name, inbox, select, axis, go, rows in moves:  # a core with lines going both ways takes them in turn
             if t is None:
                 _send(tile, None, name, select, inbox)  # a one-core ring: the part stays on its core
+            elif local:
+                tile.land_local(started.pop(0))
             else:
                 await tile.recv(t, inbox)
             _rotate(tile, name, inbox, axis=1 if axis == "x" else 0, forward=go > 0, rows=rows)
