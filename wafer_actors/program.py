@@ -768,11 +768,11 @@ def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_st
 @njit(cache=True, parallel=True)
 def shift_lines(clock, fwd_head, relaying, sent, stages, compute, cores, src, dst, src_at, dst_at, load, hops, relays,
                 flow_ptr, move_ptr, moves, sizes, alpha, beta, call_overhead, order):
-    """Rounds of whole-line transfers, line by line: line ``l`` (its cores ``cores[l]``) runs the transfers
-    ``moves[move_ptr[l]:move_ptr[l + 1]]`` in order, transfer ``k``'s flows on it being ``flow_ptr[k, l]:flow_ptr[k, l +
-    1]`` (cores ``src``/``dst``, at ``src_at``/``dst_at`` along the line); in each, every buffer (a block of ``sizes[b]``
-    cycles) is sent, then every one received (plain stores), as ``Tile.start_local`` and ``land_local`` would for each
-    round's part of the transfers. Lines share no core, so running one line's rounds before the next line's gives
+    """Rounds of whole-line transfers (no multicast), line by line: line ``l`` (its cores ``cores[l]``) runs the
+    transfers ``moves[move_ptr[l]:move_ptr[l + 1]]`` in order, transfer ``k``'s flows on it being
+    ``flow_ptr[k, l]:flow_ptr[k, l + 1]`` (cores ``src``/``dst``, at ``src_at``/``dst_at`` along the line); in each,
+    every buffer (a block of ``sizes[b]`` cycles) is sent, then every one received (plain stores), as
+    ``Tile.start_local`` and ``land_local`` would for each round's part of the transfers. Lines share no core, so running one line's rounds before the next line's gives
     what the rounds give, in the same float operations; a line's state is copied out and back, so its rounds work on
     a few contiguous kilobytes. ``order`` (if not empty): the core whose block each core holds, moved with the blocks."""
     nb, n = sizes.size, cores.shape[1]
@@ -793,14 +793,13 @@ def shift_lines(clock, fwd_head, relaying, sent, stages, compute, cores, src, ds
                 for j in range(a, b):
                     order[dst[j]] = held[j - a]
             for q in range(nb):
-                for j in range(a, b):
+                for j in range(a, b):  # distinct sources: a flow's launch reads no state another flow's changes
                     c = src_at[j]
                     head[q, j - a], tail[q, j - a] = launch(cl, fh, rl, c, load[j], hops[j], relays[j], sizes[q], alpha,
                                                             beta, False)
                     st[q, j - a] = sg[c]
                     cp[q, j - a] = cm[c]
-                for j in range(a, b):
-                    launched(rl, se, src_at[j], tail[q, j - a])
+                    launched(rl, se, c, tail[q, j - a])
             for q in range(nb):
                 for j in range(a, b):
                     take_one(cl, fh, rl, se, sg, cm, dst_at[j], head[q, j - a], tail[q, j - a], st[q, j - a], cp[q, j - a],
@@ -840,15 +839,14 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
             a, b = ptr[k], ptr[k + 1]
             for q in prange(chunks):
                 lo, hi = a + q * (b - a) // chunks, a + (q + 1) * (b - a) // chunks
-                if codes[i] == SEND:
+                if codes[i] == SEND:  # distinct sources: a flow's launch reads no state another flow's changes
                     for j in range(lo, hi):
                         c = src[j]
                         head[j], tail[j] = launch(clock, fwd_head, relaying, c, load[j], hops[j], relays[j], sizes[k], alpha,
                                                   beta, False)
                         msg_stages[j] = stages[c]
                         msg_compute[j] = compute[c]
-                    for j in range(lo, hi):
-                        launched(relaying, sent, src[j], tail[j])
+                        launched(relaying, sent, c, tail[j])
                 else:
                     for j in range(lo, hi):
                         take_one(clock, fwd_head, relaying, sent, stages, compute, dst[j], head[j], tail[j], msg_stages[j],

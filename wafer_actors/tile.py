@@ -419,6 +419,8 @@ class Tile(Memory, Clocks):
         where ``rounds[r, k]`` (bool over the mesh's lines) is true, sending a block of each of ``nbytes`` then
         receiving them all. The tile times each line's rounds in one pass (``program.shift_lines``). ``order``
         (the core whose block each core holds) moves with the blocks."""
+        if any(t.multicast for t in transfers):
+            raise ProtocolError("shift_lines runs transfers whose sources are distinct; a multicast is not one")
         h, w = self.rect.shape
         mine = self.cols if along == "y" else self.rows
         rounds = rounds[:, :, mine]  # [rounds, transfers, local lines]
