@@ -817,13 +817,14 @@ SEND, LAND, CHARGE = 0, 1, 2  # the operations of ``run_steps``
 
 @njit(cache=True, parallel=True)
 def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, load, hops, relays, ptr, sizes, codes,
-              which, cycles, steps, alpha, beta, call_overhead, head, tail, msg_stages, msg_compute, chunks):
+              which, first, cycles, steps, alpha, beta, call_overhead, head, tail, msg_stages, msg_compute, chunks):
     """``steps`` repeats of one step's operations on transfers inside the tile (no multicast, plain stores):
     ``codes[i]`` SEND or LAND transfer ``which[i]`` (flows ``ptr[k]:ptr[k + 1]``, a block of ``sizes[k]`` cycles) as
     ``Tile.start_local`` / ``land_local`` would, or CHARGE every core ``cycles[which[i]]`` as ``Clocks.charge`` would
-    (``busy`` too if it is not empty). A transfer's flows have distinct sources and destinations, so each operation
-    runs in ``chunks`` on parallel threads. (One sweep per operation: a sweep doing a pass's operations core by core
-    measured twice as slow.)"""
+    (``busy`` too if it is not empty). A send or land whose flows reach every core once may take the charge before it
+    (``first[i]``: its index in ``cycles``, or -1): each core is charged just before its own flow, which reads no other
+    core's state. A transfer's flows have distinct sources and destinations, so each operation runs in ``chunks`` on
+    parallel threads."""
     for _ in range(steps):
         for i in range(codes.size):
             k = which[i]
@@ -837,11 +838,17 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
                             busy[c] += add
                 continue
             a, b = ptr[k], ptr[k + 1]
+            add = cycles[first[i]] if first[i] >= 0 else 0.0
             for q in prange(chunks):
                 lo, hi = a + q * (b - a) // chunks, a + (q + 1) * (b - a) // chunks
                 if codes[i] == SEND:  # distinct sources: a flow's launch reads no state another flow's changes
                     for j in range(lo, hi):
                         c = src[j]
+                        if first[i] >= 0:
+                            clock[c] += add
+                            compute[c] += add
+                            if busy.size:
+                                busy[c] += add
                         head[j], tail[j] = launch(clock, fwd_head, relaying, c, load[j], hops[j], relays[j], sizes[k], alpha,
                                                   beta, False)
                         msg_stages[j] = stages[c]
@@ -849,5 +856,11 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
                         launched(relaying, sent, c, tail[j])
                 else:
                     for j in range(lo, hi):
-                        take_one(clock, fwd_head, relaying, sent, stages, compute, dst[j], head[j], tail[j], msg_stages[j],
+                        c = dst[j]
+                        if first[i] >= 0:
+                            clock[c] += add
+                            compute[c] += add
+                            if busy.size:
+                                busy[c] += add
+                        take_one(clock, fwd_head, relaying, sent, stages, compute, c, head[j], tail[j], msg_stages[j],
                                  msg_compute[j], 0.0, beta, call_overhead, False)

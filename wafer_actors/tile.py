@@ -472,14 +472,20 @@ class Tile(Memory, Clocks):
             parts.append((*self.local_flows(t), *((lp.load, lp.latency_hops, lp.relays) if lp else (none,) * 3)))
         ptr = np.cumsum([0] + [len(p[0]) for p in parts])
         cols = [np.concatenate(c) for c in zip(*parts)]
-        sizes, cycles, codes, which = np.zeros(len(transfers)), [], [], []
+        sizes, cycles, codes, which, first = np.zeros(len(transfers)), [], [], [], []
         for op in script:
             if op[0] == "charge":
                 codes.append(CHARGE)
                 which.append(len(cycles))
+                first.append(-1)
                 cycles.append(op[1])
                 continue
             k = transfers.index(op[1])
+            if codes and codes[-1] == CHARGE and len(parts[k][0]) == self.clock.size:  # its flows reach every core once
+                codes.pop(), first.pop()
+                first.append(which.pop())
+            else:
+                first.append(-1)
             codes.append(SEND if op[0] == "send" else LAND)
             which.append(k)
             if op[0] == "send":
@@ -494,7 +500,7 @@ class Tile(Memory, Clocks):
                     self._count_links(t, nbytes * steps)
         n, costs = ptr[-1], self.costs
         run_steps(*self.flat_clocks(), self.busy.ravel() if self.counting else np.zeros(0), *cols, ptr, sizes,
-                  np.array(codes), np.array(which), np.array(cycles, dtype=float), steps, costs.alpha, costs.beta,
+                  np.array(codes), np.array(which), np.array(first), np.array(cycles, dtype=float), steps, costs.alpha, costs.beta,
                   costs.call_overhead, np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n),
                   numba.get_num_threads() if n >= SPLIT_FLOWS else 1)
         return True
