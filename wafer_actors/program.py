@@ -815,6 +815,15 @@ def shift_lines(clock, fwd_head, relaying, sent, stages, compute, cores, src, ds
 SEND, LAND, CHARGE = 0, 1, 2  # the operations of ``run_steps``
 
 
+@njit(inline="always")
+def _charge_core(clock, compute, busy, c, add):
+    """``Clocks.charge`` of core ``c`` (``busy`` too if it is not empty)."""
+    clock[c] += add
+    compute[c] += add
+    if busy.size:
+        busy[c] += add
+
+
 @njit(cache=True, parallel=True)
 def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, load, hops, relays, ptr, sizes, codes,
               which, first, cycles, steps, alpha, beta, call_overhead, head, tail, msg_stages, msg_compute, chunks):
@@ -832,10 +841,7 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
                 add = cycles[k]
                 for q in prange(chunks):
                     for c in range(q * clock.size // chunks, (q + 1) * clock.size // chunks):
-                        clock[c] += add
-                        compute[c] += add
-                        if busy.size:
-                            busy[c] += add
+                        _charge_core(clock, compute, busy, c, add)
                 continue
             a, b = ptr[k], ptr[k + 1]
             add = cycles[first[i]] if first[i] >= 0 else 0.0
@@ -845,10 +851,7 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
                     for j in range(lo, hi):
                         c = src[j]
                         if first[i] >= 0:
-                            clock[c] += add
-                            compute[c] += add
-                            if busy.size:
-                                busy[c] += add
+                            _charge_core(clock, compute, busy, c, add)
                         head[j], tail[j] = launch(clock, fwd_head, relaying, c, load[j], hops[j], relays[j], sizes[k], alpha,
                                                   beta, False)
                         msg_stages[j] = stages[c]
@@ -858,9 +861,6 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
                     for j in range(lo, hi):
                         c = dst[j]
                         if first[i] >= 0:
-                            clock[c] += add
-                            compute[c] += add
-                            if busy.size:
-                                busy[c] += add
+                            _charge_core(clock, compute, busy, c, add)
                         take_one(clock, fwd_head, relaying, sent, stages, compute, c, head[j], tail[j], msg_stages[j],
                                  msg_compute[j], 0.0, beta, call_overhead, False)

@@ -218,7 +218,15 @@ def _multiply(tile, a: str, b: str, c: str, rh: int = 1, rw: int = 1) -> None:
         a6 = tile.data(a).reshape(h, w, rh, m, rw, k).transpose(0, 1, 2, 4, 3, 5)
         b6 = tile.data(b).reshape(h, w, rh, k, rw, n).transpose(0, 1, 2, 4, 3, 5)
         tile.data(c)[...] += (a6 @ b6).transpose(0, 1, 2, 4, 3, 5).reshape(h, w, mt, nt)
-    tile.charge(rh * rw * m * k * n, tile.buffers[c].dtype.name, calls=rh * rw * k * n, maps=rh * rw * k)
+    fmacs, dtype, calls, maps = _work(tile, a, b, c, rh, rw)
+    tile.charge(fmacs, dtype, calls=calls, maps=maps)
+
+
+def _work(tile, a: str, b: str, c: str, rh: int, rw: int) -> tuple[int, str, int, int]:
+    """One ``_multiply``'s charge: (FMACs, dtype, vector instructions, @maps)."""
+    (mt, kt), (_, nt) = tile.buffers[a].block, tile.buffers[b].block
+    m, k, n = mt // rh, kt // rw, nt // rw
+    return rh * rw * m * k * n, tile.buffers[c].dtype.name, rh * rw * k * n, rh * rw * k
 
 
 @protocol(routes=_routes)
@@ -271,9 +279,7 @@ def _time_steps(tile, plan: CannonPlan, a: str, b: str, c: str, shifts: int, k: 
     the loop above does step by step (each step sends A's first column and B's first row, multiplies, receives)."""
     rings = [t for t in (plan.ring_x, plan.ring_y) if t is not None]
     mt, nt = tile.buffers[a].block[0], tile.buffers[b].block[1]
-    m, n = mt // plan.rh, nt // plan.rw
-    work = plan.rh * plan.rw
-    charge = ("charge", tile.task_cycles(work * m * k * n, tile.buffers[c].dtype.name, calls=work * k * n, maps=work * k))
+    charge = ("charge", tile.task_cycles(*_work(tile, a, b, c, plan.rh, plan.rw)))
     size = {plan.ring_x: mt * k * tile.buffers[a].dtype.itemsize, plan.ring_y: k * nt * tile.buffers[b].dtype.itemsize}
     script = [*(("send", t, size[t]) for t in rings), charge, *(("land", t) for t in rings)]
     if not tile.run_steps(shifts, script):
