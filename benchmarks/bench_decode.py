@@ -2,7 +2,8 @@
 
 Prints, in one run: NumPy reference ms/token; emulation ms/token with 1 and 4 tiles (local
 in-process tiles and Ray actors); their ratio to the reference; the predicted device speed;
-the peak resident memory of all processes (driver and Ray workers) against the model's bytes;
+the peak memory of all processes (driver and Ray workers; resident and proportional sets) against
+the model's bytes;
 and the KV capacity of shift vs concat for LLaMA3-8B on a 360x360 region (float16, the
 paper's setting; shapes only).
 
@@ -32,28 +33,37 @@ from wafer_actors.mesh import parse_grid
 
 
 class PeakRSS:
-    """Samples the resident memory of this process and all its descendants every 50 ms."""
+    """Samples the memory of this process and all its descendants: the sum of their resident sets every 50 ms
+    (pages shared by several processes, such as libraries and Ray's object store, counted once in each) and
+    the sum of their proportional sets every 0.5 s (each shared page split among its processes: the physical
+    memory the run holds)."""
 
     def __init__(self) -> None:
-        self.peak, self._stop = 0, threading.Event()
+        self.peak = self.peak_pss = 0
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    @staticmethod
+    def _sample(pss: bool) -> int:
         me = psutil.Process()
         total = 0
         for p in [me, *me.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                total += p.memory_full_info().pss if pss else p.memory_info().rss
             except psutil.Error:
                 pass
         return total
 
     def _run(self) -> None:
+        tick = 0
         while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self._sample())
+            self.peak = max(self.peak, self._sample(False))
+            tick += 1
+            if tick % 10 == 0:
+                self.peak_pss = max(self.peak_pss, self._sample(True))
 
     def __enter__(self) -> PeakRSS:
-        self.peak = self._sample()
+        self.peak, self.peak_pss = self._sample(False), self._sample(True)
         self._thread.start()
         return self
 
@@ -91,7 +101,7 @@ def main() -> None:
         conv = WaferLlama.from_converted
         tilings = (None,)
         print(f"tiles start from the converted checkpoint {args.converted}")
-    print(f"{'tiles':>5} {'transport':>9} {'ms/token':>9} {'x ref':>6} {'cycles/token':>13} {'tok/s (device)':>15} {'peak RSS MiB':>13} {'x model':>8}")
+    print(f"{'tiles':>5} {'transport':>9} {'ms/token':>9} {'x ref':>6} {'cycles/token':>13} {'tok/s (device)':>15} {'peak RSS MiB':>13} {'x model':>8} {'peak PSS MiB':>13} {'x model':>8}")
     transports = ["local"] if args.skip_ray else ["local", "ray"]
     for transport in transports:
         for tiles in tilings:
@@ -117,7 +127,8 @@ def main() -> None:
                 ray.shutdown()
             tiles = m.tiles
             print(f"{tiles[0] * tiles[1]:>5} {transport:>9} {ms:>9.0f} {ms / ref_ms:>6.0f} {cycles:>13,.0f} "
-                  f"{device.clock_hz / cycles:>15,.0f} {rss.peak / 2**20:>13,.0f} {rss.peak / model_bytes:>8.1f}")
+                  f"{device.clock_hz / cycles:>15,.0f} {rss.peak / 2**20:>13,.0f} {rss.peak / model_bytes:>8.1f} "
+                  f"{rss.peak_pss / 2**20:>13,.0f} {rss.peak_pss / model_bytes:>8.1f}")
 
     llama = preset("llama3-8b")
     print("KV capacity, LLaMA3-8B (float16) on the four 360x360-core regions of wse2, context limit lifted:")

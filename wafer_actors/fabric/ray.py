@@ -122,6 +122,9 @@ class RayOptions:
 # share few cores). Ray expects no more worker processes starting at once than a node has
 # CPUs and warns, repeatedly, at 4x that; a Ray instance we start expects this many.
 STARTUP_CONCURRENCY = 256
+# Ray starts one idle worker per CPU ahead of the first task; tiles get their own workers as
+# they start, so those would only hold ~80 MB each for the whole run.
+SYSTEM_CONFIG = {"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY, "prestart_worker_first_driver": False}
 
 
 def start_local_ray(**kwargs: Any) -> None:
@@ -136,7 +139,7 @@ def start_local_ray(**kwargs: Any) -> None:
         ray.init(log_to_driver=False)
         return
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             _system_config={"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY}, **kwargs)
+             _system_config=SYSTEM_CONFIG, **kwargs)
 
 
 def describe_cluster() -> str:
