@@ -36,7 +36,7 @@ from .timing import (
     settle_one,
     take_one,
 )
-from .transfer import Transfer
+from .transfer import Transfer, contend
 
 OP_CODES = {"store": 0, "add": 1, "max": 2}
 EXACT = 2.0**36  # times below this are multiples of timing.GRID whose sums are exact (float64 has 53 bits)
@@ -49,6 +49,9 @@ class Step:
     transfers: tuple[Transfer, ...]
     op: str = "store"
     stream: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "transfers", contend(self.transfers))  # sent together: they share the links
 
 
 @dataclass(frozen=True, eq=False)

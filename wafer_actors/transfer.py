@@ -11,9 +11,13 @@ per distinct setting on every router its paths touch: a core that receives on a 
 also sends on it (a relay) needs two, one that only forwards needs one. A core may not
 need more entries than the device's ``routes_per_core``.
 
-Contention: flows of one transfer that share a directed link are serialised, so a flow
-pays ``load x bytes / link_width`` where ``load`` is the largest number of streams on any
-link of its path (a multicast stream counts once per link).
+Contention: flows that share a directed link in one step are serialised, so a flow pays
+``load x bytes / link_width`` where ``load`` is the largest number of streams on any link
+of its path (a multicast stream counts once per link). A transfer counts its own flows'
+streams; ``contend`` gives the transfers of one step the loads of all their streams together.
+A program's ``Step`` applies it; a protocol body that sends several transfers before receiving
+them and whose transfers could share a link must too (those here send theirs along different
+axes or in opposite directions: shift's wrap, SUMMA's casts, Cannon's alignment, GEMM-T).
 
 Everything here is a pure function of coordinates: the same for every tile, every tiling
 and every process, which is what keeps reduction order and predicted cycles independent
@@ -22,7 +26,7 @@ of how the mesh is split into actors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Iterable, Sequence
 
@@ -316,7 +320,32 @@ def _link_load(mesh: Mesh, sy, sx, dy, dx, ends: tuple | None = None) -> np.ndar
     ends = _stream_ends(mesh, sy, sx, dy, dx) if ends is None else ends
     if _disjoint(*ends):
         return np.ones(len(sy), dtype=np.int64)
-    loads = _dense_loads(mesh, *ends)
+    return _path_max(_dense_loads(mesh, *ends), sy, sx, dy, dx)
+
+
+def contend(transfers: Sequence[Transfer]) -> tuple[Transfer, ...]:
+    """The transfers of one step, each flow's load counted over the streams of all of them: flows of different
+    transfers (different routes) that share a directed link are serialised as those of one transfer are.
+
+    Transfers whose streams share no link with another's come back as they are (the common case, checked
+    without a mesh-sized array).
+    """
+    live = [t for t in transfers if len(t)]
+    if len(live) < 2:
+        return tuple(transfers)
+    ends = [np.concatenate(parts) for parts in zip(*(t.streams for t in live))]
+    if _disjoint(*ends):
+        return tuple(transfers)
+    loads = _dense_loads(live[0].mesh, *ends)
+    out = []
+    for t in transfers:
+        load = _path_max(loads, t.src_y, t.src_x, t.dst_y, t.dst_x) if len(t) else t.load
+        out.append(t if np.array_equal(load, t.load) else replace(t, load=load))
+    return tuple(out)
+
+
+def _path_max(loads: np.ndarray, sy, sx, dy, dx) -> np.ndarray:
+    """For each flow, the largest of ``loads`` (``[port, y, x]``, streams per directed link) on its path."""
     n = np.abs(dy - sy) + np.abs(dx - sx)
     flow = np.repeat(np.arange(len(n)), n)
     k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)

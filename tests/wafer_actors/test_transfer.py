@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
 
-from wafer_actors import Mesh, ProtocolError, RoutingError
+from wafer_actors import Mesh, ProtocolError, RoutingError, Spec, Wafer, preset
 from wafer_actors.mesh import Tiling
-from wafer_actors.transfer import Route, Transfer, check_routes
+from wafer_actors.program import Program, Step
+from wafer_actors.protocol import protocol
+from wafer_actors.transfer import Route, Transfer, check_routes, contend
 
 M = Mesh(3, 6)
 
@@ -141,3 +143,55 @@ def test_along_takes_loads_and_routing_entries_from_one_line():
             pair.append((fast, slow))
         np.testing.assert_array_equal(Route("r", tuple(f for f, _ in pair)).entries(mesh),
                                       Route("r", tuple(s for _, s in pair)).entries(mesh))
+
+
+def _crossing(mesh: Mesh, same_way: bool) -> Program:
+    """One step of two transfers on routes of their own: (0, 0) -> (0, 3) east, and (0, 2) -> (0, 4) east (sharing
+    the link from core 2 to core 3 with the first) or (0, 4) -> (0, 2) west (sharing none)."""
+    src, dst = (2, 4) if same_way else (4, 2)
+    one = Transfer.build("a:0", "a", mesh, ([0], [0]), ([0], [3]))
+    two = Transfer.build("b:0", "b", mesh, ([0], [src]), ([0], [dst]))
+    return Program(f"crossing:{same_way}", (Step((one, two)),))
+
+
+def _crossing_routes(mesh: Mesh, *, same_way: bool) -> list[Route]:
+    return [Route(t.route, (t,)) for t in _crossing(mesh, same_way).steps[0].transfers]
+
+
+@protocol(routes=_crossing_routes)
+async def crossing(tile, *, same_way: bool) -> None:
+    await tile.exchange(_crossing(tile.tiling.mesh, same_way), "v")
+
+
+def test_transfers_of_one_step_contend_for_a_shared_link():
+    """Flows of two transfers (two routes) that cross one directed link in the same step share its bandwidth:
+    each is charged 2 x B/w, so the 3-hop flow lands at 3 alpha + 2 B/w and the 2-hop one at 2 alpha + 2 B/w;
+    the same flows in opposite directions share no link and land at 3 alpha + B/w and 2 alpha + B/w."""
+    dev = preset("wse2").replace(name="test", alpha=2.0, beta=5.0, link_bytes_per_cycle=2.0)
+    a = np.random.default_rng(0).standard_normal((1, 6, 5)).astype(np.float32)
+    dur = 5 * 4 / dev.link_bytes_per_cycle
+    for same_way, shared in ((True, 2), (False, 1)):
+        for tiles in ((1, 1), (1, 2), (1, 3)):
+            for executor in ("step", "fused"):
+                with Wafer((1, 6), device=dev, tiles=tiles, transport="local", executor=executor) as w:
+                    w.load("v", a, Spec("y", "x", None))
+                    stats = w.run(crossing, same_way=same_way)
+                    out, clocks = w.read("v"), w.clocks()
+                where = (3, 4) if same_way else (3, 2)
+                np.testing.assert_array_equal(out[0, where[0]], a[0, 0])
+                np.testing.assert_array_equal(out[0, where[1]], a[0, 2 if same_way else 4])
+                assert clocks[0, where[0]] == 3 * dev.alpha + shared * dur, (same_way, tiles, executor)
+                assert clocks[0, where[1]] == 2 * dev.alpha + shared * dur, (same_way, tiles, executor)
+                assert stats.cycles == 3 * dev.alpha + shared * dur
+
+
+def test_contend_leaves_transfers_that_share_no_link_as_they_are():
+    """``contend`` returns the very transfers when no link carries streams of two of them, and otherwise the
+    loads the flows of all of them would have as one transfer."""
+    one, two = row_transfer([0], [3], "a:0", "a"), row_transfer([2], [4], "b:0", "b")
+    apart = row_transfer([4], [2], "b:0", "b")
+    assert all(x is y for x, y in zip(contend((one, apart)), (one, apart)))
+    both = contend((one, two))
+    whole = row_transfer([0, 2], [3, 4])
+    np.testing.assert_array_equal(np.concatenate([t.load for t in both]), whole.load)
+    np.testing.assert_array_equal(whole.load, 2)
