@@ -15,7 +15,7 @@ import numpy as np
 
 from wafer_actors import Spec, Wafer
 from wafer_actors.collectives import chain_allreduce, shift
-from wafer_actors.device import _PRESETS, resolve
+from wafer_actors.device import _PRESETS, CALIBRATION, resolve
 from wafer_actors.errors import InputError, InvalidArgument, TileLost
 from wafer_actors.mesh import parse_grid
 
@@ -29,9 +29,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
     """Print the device presets."""
     for d in _PRESETS.values():
         print(
-            f"{d.name}: {d.height}x{d.width} cores, {d.sram_bytes // 1024} KB SRAM/core, {d.clock_hz / 1e9:.1f} GHz, "
+            f"{d.name}: {d.height}x{d.width} cores, {d.sram_bytes // 1024} KB SRAM/core, {d.clock_hz / 1e9:g} GHz, "
             f"link {d.link_bytes_per_cycle:g} B/cycle, alpha {d.alpha:g}, beta {d.beta:g} cycles, "
-            f"{d.routes_per_core} routes/core"
+            f"{d.routes_per_core} routes/core, {d.power_watts / 1e3:g} kW\n"
+            f"  {CALIBRATION.get(d.name, 'not calibrated: no figure of this device is in the calibration set')}"
         )
     return 0
 

@@ -16,6 +16,22 @@ def test_wse2_preset_has_the_papers_figures():
     assert d.seconds(1.1e9) == pytest.approx(1.0)
 
 
+def test_wse3_preset_has_its_own_figures_and_says_it_is_not_calibrated(capsys):
+    """wse3: the WSE-3 fabric the authors compile for, about the vendor's 44 GB of SRAM, its own clock and power
+    (not WSE-2's); ``wafer-llm devices`` says that wse2 is calibrated and wse3 is not."""
+    from llm.cli import main
+
+    d, wse2 = preset("wse3"), preset("wse2")
+    assert (d.width, d.height) == (762, 1172)
+    assert d.width * d.height * d.sram_bytes == pytest.approx(44e9, rel=0.01)
+    assert d.clock_hz != wse2.clock_hz and d.power_watts != wse2.power_watts
+    assert main(["devices"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("wse2:") and lines[1].strip().startswith("calibrated:")
+    assert lines[2].startswith("wse3:") and "1.09 GHz" in lines[2] and "23 kW" in lines[2]
+    assert lines[3].strip().startswith("not calibrated")
+
+
 def test_unknown_preset_lists_the_presets():
     """Asking for a preset that does not exist names the valid ones."""
     with pytest.raises(DeviceSpecError, match=r"unknown device preset 'wse9'.*wse2.*wse3"):
