@@ -607,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--M", type=int, default=4096)
         if op == "gemm":
             b.add_argument("--K", type=int, default=4096)
-            b.add_argument("--relay", action="store_true", help="SUMMA relays its broadcasts instead of one route per source")
+            b.add_argument("--relay", action="store_true", help="SUMMA's broadcasts charged as relayed core to core (beta per core on the way, "
+                           "neighbour-hop routes) instead of one route per source; the relay cores are not emulated")
         else:
             b.add_argument("--group-num", type=int, default=None, help="K-tree groups (default: near sqrt(P))")
         b.add_argument("--N", type=int, default=4096)

@@ -23,7 +23,11 @@ L x L grid of blocks, L = lcm(height, width) (the paper's N_lcm), so every core 
     every row and the core row holding B's k-th block row multicasts it down every column,
     then every core multiplies. Each source needs its own route, so a core holds about
     ``height + width`` entries and large meshes fail the routing limit; with ``relay=True``
-    the broadcasts are relayed core to core instead (O(1) routes, each relay costs beta).
+    the broadcasts are charged as relayed core to core instead: each core on the way adds
+    beta, and the routes checked are the neighbour hops a relay chain uses (O(1) per core).
+    That baseline is a timing model, not an emulation of the relays: the block still travels
+    as one multicast, so no relay core holds it, charges SRAM for it or spends its own clock
+    forwarding it (``relay_stages`` counts the charged relays).
 
 On a non-square mesh the x- and y-rings differ, so B's k blocks must be loaded in the
 order ``b_row_order`` gives (the host arranges B, as WaferLLM's host pre-skews it;
@@ -146,7 +150,7 @@ def _summa_cast(mesh: Mesh, relay: bool, axis: str, src: int) -> tuple[Transfer,
     for sign, dst in (("-", np.arange(src)), ("+", np.arange(src + 1, mesh.axis_size(axis)))):
         if len(dst):
             route = f"summa_relay_{axis}{sign}" if relay else f"summa_{axis}{src}{sign}"
-            relays = np.abs(dst - src) - 1 if relay else None  # every core on the way relays in software
+            relays = np.abs(dst - src) - 1 if relay else None  # every core on the way charged a software relay
             casts.append(Transfer.along(mesh, axis, f"{route}:{src}", route, np.full(len(dst), src), dst, relays))
     return tuple(casts)
 
