@@ -146,9 +146,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .placement import default_mesh
     from .sampling import Sampler
 
-    sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)  # bad values fail before loading
     if args.max_new_tokens < 1:
         raise InvalidArgument(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.cost_only:
+        return _generate_cost_only(args)
+    for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--one-layer", args.one_layer or None)):
+        if value is not None:
+            raise InvalidArgument(f"{flag} is for --cost-only runs (a model's shapes, no weights)")
+    if args.prompt is None and args.chat is None:
+        raise InvalidArgument("give the prompt: --prompt TEXT or --chat MESSAGE (or --cost-only --prompt-tokens N)")
+    args.transport = args.transport or "ray"
+    sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)  # bad values fail before loading
     tiles = parse_grid(args.tiles) if args.tiles else None
     device = resolve(args.device) if args.device else None
     if args.mesh:
@@ -287,6 +295,64 @@ def cmd_generate(args: argparse.Namespace) -> int:
         report = {"model": cfg.name, "prompt_ids": result.prompt_ids, "output_ids": result.output_ids,
                   "text": tok.decode(result.output_ids), "stop": result.stop, **summary}
         Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _generate_cost_only(args: argparse.Namespace) -> int:
+    """``generate --cost-only``: a preset model's shapes on the whole device (``llm.whole_device``)."""
+    from tqdm import tqdm
+
+    from .config import preset
+    from .whole_device import run_whole
+
+    if args.prompt is not None or args.chat is not None:
+        raise InvalidArgument("--cost-only runs shapes, not text: give --prompt-tokens N instead of --prompt/--chat")
+    if args.prompt_tokens is None or args.prompt_tokens < 1:
+        raise InvalidArgument(f"--cost-only needs --prompt-tokens N (N >= 1), got {args.prompt_tokens}")
+    for flag, value in (("--transport", args.transport), ("--tiles", args.tiles), ("--regions", args.regions)):
+        if value is not None:
+            raise InvalidArgument(f"{flag} does not apply to --cost-only runs (in-process, one tile per region, as many "
+                                  "regions as the model needs)")
+    cfg = preset(args.model)
+    device = resolve(args.device or "wse2")
+    side = None
+    if args.mesh not in (None, "full"):
+        rows, cols = parse_grid(args.mesh)
+        if rows != cols:
+            raise InvalidArgument(f"--cost-only regions are square (prefill runs MeshGEMM on them), got --mesh {args.mesh}")
+        device.check_mesh(rows, cols)
+        side = rows
+    bar = tqdm(desc="prefill", unit="layer", leave=False, file=sys.stderr, delay=1)
+
+    def on_layer(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(1)
+
+    try:
+        r = run_whole(cfg, device, args.prompt_tokens, args.max_new_tokens, side=side, one_layer=args.one_layer,
+                      executor=args.executor, on_layer=on_layer)
+    finally:
+        bar.close()
+    where = (f"{r['regions']} region(s) of {r['side']}x{r['side']} cores in snake order ({r['slots']} fit the fabric; "
+             f"{r['idle_cores']:,} cores idle)" if r["regions"] else f"one {r['side']}x{r['side']}-core region")
+    print(f"{cfg.name} (float16, cost-only) on {device.name}: {where}; {r['method']}")
+    print(f"prefill of {r['prompt_tokens']} tokens: {1e3 * r['ttft_s']:.3f} ms to the first token")
+    if r["decode_cycles_per_token"] is not None:
+        handoff = ("" if r["handoff_cycles_per_token"] is None else
+                   f"; region hand-offs {r['handoff_cycles_per_token']:,.0f} cycles per token, by the crossing formula")
+        print(f"decode: {r['decode_cycles_per_token']:,.0f} cycles per token = {r['decode_tps']:,.1f} tokens/s{handoff}")
+    if r["handover_cycles"] is not None:
+        print(f"between the first and second token: KV hand-over and weights back to decode's layout "
+              f"{r['handover_cycles']:,.0f} cycles")
+    print(f"{'region':>6} {'origin':>12} {'layers':>8} {'SRAM high-water B':>18} {'prefill cycles':>15} {'decode cycles':>14}")
+    for row in r["region_table"]:
+        layers = f"{row['layers']}{'+head' if row['lm_head'] else ''}"
+        dec = "" if row["decode_cycles"] is None else f"{row['decode_cycles']:,.0f}"
+        print(f"{row['region']:>6} {str(tuple(row['origin'])):>12} {layers:>8} {row['sram_high_water_bytes']:>18,} "
+              f"{row['prefill_cycles']:>15,.0f} {dec:>14}")
+    print(f"host time {r['host_s']:.1f} s", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
     return 0
 
 
@@ -511,16 +577,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="decode a prompt with a real model on an emulated wafer")
     gen.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a .gguf file, a Hugging Face directory "
                      "or a directory written by `wafer-llm convert`")
-    what = gen.add_mutually_exclusive_group(required=True)
+    what = gen.add_mutually_exclusive_group()
     what.add_argument("--prompt", help="raw prompt text (special tokens such as <|im_start|> are parsed)")
     what.add_argument("--chat", help="a user message, wrapped in the model's chat template")
     gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--cost-only", action="store_true",
+                     help="a preset model's shapes (llama3-8b, ...), no weights, laid over the whole device: predicted "
+                          "time to first token, tokens/s and per-region memory (with --prompt-tokens)")
+    gen.add_argument("--prompt-tokens", type=int, default=None, help="--cost-only: the prompt's length in tokens")
+    gen.add_argument("--one-layer", action="store_true",
+                     help="--cost-only: measure one layer on one region and scale by the layer count (as the paper "
+                          "did), for models the device cannot hold")
     gen.add_argument("--mesh", default=None, help="cores per region, ROWSxCOLS (default: the smallest square region that "
-                     "holds the model; a converted model's mesh)")
+                     "holds the model; a converted model's mesh); with --cost-only, SIDExSIDE or full (default: the "
+                     "side whose regions use the most of the fabric)")
     gen.add_argument("--regions", type=int, default=None, help="spread the layers over at least this many regions (default 1; "
                      "a converted model's)")
     gen.add_argument("--tiles", default=None, help="tile actors per region, ROWSxCOLS (default 1x1; a converted model's)")
-    gen.add_argument("--transport", default="ray", choices=["ray", "local"])
+    gen.add_argument("--transport", default=None, choices=["ray", "local"], help="ray (default) or local (in-process)")
     gen.add_argument("--address", default=None, help=ADDRESS_HELP)
     gen.add_argument("--device", default=None, help="preset name or a .toml/.json device file (default wse2; a converted "
                      "model's)")

@@ -1,0 +1,167 @@
+"""Whole-device runs, cost-only: a model's shapes laid over the whole fabric, prefilled and decoded.
+
+The model goes on square regions of one side, as many as it needs, placed in snake order over
+the fabric (consecutive regions are neighbours). With no side asked for, the side is the one
+whose regions use the most cores (the largest such side on a tie). A model that the fabric
+cannot hold is refused with the bytes it needs and the bytes the fabric has, unless
+``one_layer``: then one decoder layer is measured on one region of the side (default: the
+largest square the fabric holds) and scaled by the number of layers, as the paper measured,
+and the report says so.
+
+The activation's hand-off between regions is still the formula of ``engine.crossing_cycles``
+(one row block per row, ``width + 1`` hops, one relay), not a transfer on the fabric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from wafer_actors.device import DeviceSpec
+
+from .calibration import decode_layer, prefill_layer
+from .config import LlamaConfig
+from .engine import WaferLlama
+from .placement import Placement, PlacementError, place
+
+F16 = 2  # bytes per element: the paper's float16
+
+
+@dataclass(frozen=True)
+class WholePlan:
+    """Square regions of ``side`` cores laid over the fabric: ``origins`` (top-left core of each, snake order)."""
+
+    device: DeviceSpec
+    side: int
+    placement: Placement
+    origins: tuple[tuple[int, int], ...]
+
+    @property
+    def slots(self) -> int:
+        """Regions of this side the fabric holds."""
+        return (self.device.height // self.side) * (self.device.width // self.side)
+
+    @property
+    def idle_cores(self) -> int:
+        """Cores of the fabric no region uses."""
+        return self.device.cores - len(self.origins) * self.side**2
+
+
+def snake(device: DeviceSpec, side: int, n: int) -> tuple[tuple[int, int], ...]:
+    """Top-left cores of ``n`` side x side regions in snake order: along the first row of regions, back along
+    the second, and so on, so that each region shares an edge with the next."""
+    per_row = device.width // side
+    out = []
+    for i in range(n):
+        r, c = divmod(i, per_row)
+        out.append((r * side, (c if r % 2 == 0 else per_row - 1 - c) * side))
+    return tuple(out)
+
+
+def _needed(cfg: LlamaConfig, device: DeviceSpec, side: int, tokens: int, prefill_tokens: int) -> Placement | None:
+    """The model on as many side x side regions as it needs (the fabric's size aside), or None if one layer does
+    not fit one region."""
+    unbounded = device.replace(width=side * cfg.n_layers, height=side)
+    try:
+        return place(cfg, unbounded, side, side, tokens=tokens, prefill_tokens=prefill_tokens, elem_bytes=F16)
+    except PlacementError:
+        return None
+
+
+def plan_whole(cfg: LlamaConfig, device: DeviceSpec, tokens: int, prefill_tokens: int,
+               side: int | None = None) -> WholePlan:
+    """Lay the model on the fabric (see the module docstring).
+
+    Raises:
+        PlacementError: no side (or not ``side``) lets the fabric hold the model; the message gives the bytes
+            needed at best and the bytes the fabric has.
+    """
+    sides = [side] if side else range(8, min(device.height, device.width) + 1)
+    best, closest = None, None  # (cores used, side, placement); (bytes needed, side, regions)
+    for s in sides:
+        p = _needed(cfg, device, s, tokens, prefill_tokens)
+        if p is None:
+            continue
+        n, fit = len(p.regions), (device.height // s) * (device.width // s)
+        if n <= fit and (best is None or n * s * s >= best[0]):
+            best = (n * s * s, s, p)
+        need = sum(r.bytes_fixed + r.bytes_prefill + r.bytes_slot * -(-tokens // s) for r in p.regions) * s * s
+        if closest is None or need < closest[0]:
+            closest = (need, s, n)
+    if best is None:
+        have = device.cores * device.sram_bytes
+        at = f" on {side}x{side}-core regions" if side else ""
+        if closest is None:
+            raise PlacementError(f"one layer of {cfg.name} does not fit one region{at} of {device.name} with room to "
+                                 f"prefill {prefill_tokens} tokens: measure it on a larger region")
+        need, s, n = closest
+        raise PlacementError(
+            f"{cfg.name} (float16) with {tokens} tokens of KV cache and room to prefill {prefill_tokens} needs "
+            f"{need / 2**30:.1f} GiB of core memory at best ({n} regions of {s}x{s} cores); {device.name} holds "
+            f"{(device.height // s) * (device.width // s)} such region(s) and {have / 2**30:.1f} GiB in all. "
+            "Ask for --one-layer (one layer measured and scaled by the layer count, as the paper did) or fewer "
+            "--prompt-tokens")
+    _, s, p = best
+    return WholePlan(device, s, p, snake(device, s, len(p.regions)))
+
+
+def run_whole(cfg: LlamaConfig, device: DeviceSpec, prompt_tokens: int, new_tokens: int, *, side: int | None = None,
+              one_layer: bool = False, executor: str = "fused",
+              on_layer: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Prefill ``prompt_tokens`` and decode until ``new_tokens`` tokens are out (the first comes from the prefill);
+    return the predicted time to first token, tokens/s and the per-region figures.
+
+    Raises:
+        PlacementError: the model does not fit the fabric (and ``one_layer`` is not asked for).
+    """
+    tokens = prompt_tokens + new_tokens - 1
+    if cfg.max_seq_len < tokens:
+        cfg = dataclasses.replace(cfg, max_seq_len=tokens)  # shapes only: the context is the caller's to choose
+    t0 = time.perf_counter()
+    if one_layer:
+        return _one_layer(cfg, device, prompt_tokens, tokens, side or min(device.height, device.width), executor, t0)
+    plan = plan_whole(cfg, device, tokens, prompt_tokens, side)
+    with WaferLlama(cfg, None, mesh=(plan.side, plan.side), device=device, cost_only=True, dtype="float16",
+                    tokens=tokens, prefill_tokens=prompt_tokens, regions=len(plan.origins), transport="local",
+                    executor=executor) as m:
+        _, pre = m.prefill(prompt_tokens, on_layer)
+        steps = [m.step(0)[1] for _ in range(new_tokens - 1)]
+        sram = [int(w.memory()[1].max()) for w in m.wafers]
+    decode = sum(st.cycles for st in steps) / len(steps) if steps else None
+    handoff = steps[-1].handoff_cycles if steps else None
+    return {
+        "model": cfg.name, "device": device.name, "method": f"all {cfg.n_layers} layers run",
+        "side": plan.side, "regions": len(plan.origins), "slots": plan.slots, "idle_cores": plan.idle_cores,
+        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+        "ttft_s": device.seconds(pre.ttft_cycles), "decode_cycles_per_token": decode,
+        "decode_tps": None if decode is None else device.clock_hz / decode,
+        "handoff_cycles_per_token": handoff, "crossing_cycles": pre.crossing_cycles,
+        "handover_cycles": pre.handover_cycles,
+        "region_table": [
+            {"region": i, "origin": list(o), "layers": r.layers, "lm_head": r.head, "sram_high_water_bytes": sram[i],
+             "prefill_cycles": pre.region_cycles[i], "decode_cycles": steps[-1].region_cycles[i] if steps else None}
+            for i, (o, r) in enumerate(zip(plan.origins, plan.placement.regions))],
+        "host_s": time.perf_counter() - t0,
+    }
+
+
+def _one_layer(cfg: LlamaConfig, device: DeviceSpec, prompt_tokens: int, tokens: int, side: int, executor: str,
+               t0: float) -> dict[str, Any]:
+    """One layer prefilled and decoded (at the last position) on one side x side region, scaled by the layers."""
+    pre, pre_sram, skew, _ = prefill_layer(cfg, device, side, tokens=prompt_tokens, executor=executor)
+    dec, dec_sram, _ = decode_layer(cfg, device, side, context=tokens, executor=executor)
+    n = cfg.n_layers
+    return {
+        "model": cfg.name, "device": device.name,
+        "method": f"one layer measured and scaled x{n} (LM head and region hand-offs not included)",
+        "side": side, "regions": None, "slots": (device.height // side) * (device.width // side),
+        "idle_cores": None, "prompt_tokens": prompt_tokens, "new_tokens": tokens - prompt_tokens + 1,
+        "ttft_s": device.seconds(skew + pre * n), "decode_cycles_per_token": dec * n,
+        "decode_tps": device.clock_hz / (dec * n), "handoff_cycles_per_token": None, "crossing_cycles": None,
+        "handover_cycles": None,
+        "region_table": [{"region": 0, "origin": [0, 0], "layers": 1, "lm_head": False,
+                          "sram_high_water_bytes": max(pre_sram, dec_sram), "prefill_cycles": pre, "decode_cycles": dec}],
+        "host_s": time.perf_counter() - t0,
+    }
