@@ -78,6 +78,6 @@ class Outbox:
         self._writer.close()
 
     def post(self, raw: bytes) -> None:
-        """Queue ``raw`` for the peer; the event loop writes what the socket does not take at once."""
-        self._writer.write(len(raw).to_bytes(_LENGTH, "little"))
-        self._writer.write(raw)
+        """Queue ``raw`` for the peer; the event loop writes what the socket does not take at once. One write: the
+        peer wakes once per message, not once for its length and again for its bytes."""
+        self._writer.write(len(raw).to_bytes(_LENGTH, "little") + raw)
