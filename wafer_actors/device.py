@@ -241,7 +241,6 @@ _PRESETS: dict[str, DeviceSpec] = {
         task_overhead=91.91,
         routes_per_core=24,
         power_watts=23_000.0,  # a CS-3 system as rated by its vendor (the same envelope as CS-2)
-        sram_read_bytes_per_cycle=16.0,
         peak_fmacs_per_cycle={"float16": 4.0, "float32": 1.0},
     ),
 }
