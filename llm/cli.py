@@ -324,9 +324,17 @@ def _generate_cost_only(args: argparse.Namespace) -> int:
         side = rows
     bar = tqdm(desc="prefill", unit="layer", leave=False, file=sys.stderr, delay=1)
 
+    started = time.perf_counter()
+
     def on_layer(done: int, total: int) -> None:
         bar.total = total
         bar.update(1)
+        left = (time.perf_counter() - started) / done * (total - done)
+        if done == 1 and left > LONG_S:
+            bar.clear()
+            print(f"wafer-llm: warning: the prefill of {args.prompt_tokens} tokens will take about {left / 60:.0f} more "
+                  f"minutes on this machine ({total} layers); --one-layer measures one layer and scales it",
+                  file=sys.stderr)
 
     try:
         r = run_whole(cfg, device, args.prompt_tokens, args.max_new_tokens, side=side, one_layer=args.one_layer,

@@ -14,12 +14,12 @@ The activation's hand-off between regions is still the formula of ``engine.cross
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from wafer_actors.device import DeviceSpec
+from wafer_actors.errors import InvalidArgument
 
 from .calibration import decode_layer, prefill_layer
 from .config import LlamaConfig
@@ -115,10 +115,12 @@ def run_whole(cfg: LlamaConfig, device: DeviceSpec, prompt_tokens: int, new_toke
 
     Raises:
         PlacementError: the model does not fit the fabric (and ``one_layer`` is not asked for).
+        InvalidArgument: more positions than the model's context.
     """
     tokens = prompt_tokens + new_tokens - 1
-    if cfg.max_seq_len < tokens:
-        cfg = dataclasses.replace(cfg, max_seq_len=tokens)  # shapes only: the context is the caller's to choose
+    if tokens > cfg.max_seq_len:
+        raise InvalidArgument(f"{prompt_tokens} prompt tokens and {new_tokens} new ones make {tokens} positions; "
+                              f"{cfg.name}'s context is {cfg.max_seq_len}")
     t0 = time.perf_counter()
     if one_layer:
         return _one_layer(cfg, device, prompt_tokens, tokens, side or min(device.height, device.width), executor, t0)

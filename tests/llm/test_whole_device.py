@@ -24,8 +24,8 @@ def test_snake_order_keeps_consecutive_regions_side_by_side(side, n):
 
 
 def test_a_model_the_device_cannot_hold_is_refused_with_the_bytes(capsys):
-    """LLaMA2-13B with room to prefill 4K tokens does not fit WSE-2: refused at once, bytes needed and available."""
-    code = main(["generate", "--cost-only", "--model", "llama2-13b", "--prompt-tokens", "4096", "--max-new-tokens", "4"])
+    """LLaMA2-13B with room to prefill 4,000 tokens does not fit WSE-2: refused at once, bytes needed and available."""
+    code = main(["generate", "--cost-only", "--model", "llama2-13b", "--prompt-tokens", "4000", "--max-new-tokens", "4"])
     assert code == 2
     err = capsys.readouterr().err
     assert "GiB of core memory" in err and "34.5 GiB in all" in err and "--one-layer" in err
@@ -64,6 +64,8 @@ def test_a_small_fabric_holds_the_model_on_regions_in_snake_order(tmp_path, caps
         (["--cost-only", "--model", "llama3-8b", "--prompt-tokens", "8", "--transport", "ray"], "--transport does not apply"),
         (["--cost-only", "--model", "llama3-8b", "--prompt-tokens", "8", "--mesh", "360x420"], "regions are square"),
         (["--cost-only", "--model", "llama9", "--prompt-tokens", "8"], "unknown model preset 'llama9'"),
+        (["--cost-only", "--model", "llama2-13b", "--prompt-tokens", "4096", "--max-new-tokens", "2"],
+         "make 4097 positions; llama2-13b's context is 4096"),
         (["--prompt", "hi", "--prompt-tokens", "8"], "--prompt-tokens is for --cost-only runs"),
         (["--max-new-tokens", "2"], "give the prompt"),
     ],
