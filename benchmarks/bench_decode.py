@@ -32,7 +32,7 @@ from wafer_actors.device import resolve
 from wafer_actors.mesh import parse_grid
 
 
-class PeakRSS:
+class PeakMemory:
     """Samples the memory of this process and all its descendants: the sum of their resident sets every 50 ms
     (pages shared by several processes, such as libraries and Ray's object store, counted once in each) and
     the sum of their proportional sets every 0.5 s (each shared page split among its processes: the physical
@@ -62,7 +62,7 @@ class PeakRSS:
             if tick % 10 == 0:
                 self.peak_pss = max(self.peak_pss, self._sample(True))
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> PeakMemory:
         self.peak, self.peak_pss = self._sample(False), self._sample(True)
         self._thread.start()
         return self
@@ -101,7 +101,8 @@ def main() -> None:
         conv = WaferLlama.from_converted
         tilings = (None,)
         print(f"tiles start from the converted checkpoint {args.converted}")
-    print(f"{'tiles':>5} {'transport':>9} {'ms/token':>9} {'x ref':>6} {'cycles/token':>13} {'tok/s (device)':>15} {'peak RSS MiB':>13} {'x model':>8} {'peak PSS MiB':>13} {'x model':>8}")
+    print(f"{'tiles':>5} {'transport':>9} {'ms/token':>9} {'x ref':>6} {'cycles/token':>13} {'tok/s (device)':>15} "
+          f"{'peak RSS MiB':>13} {'RSS x model':>12} {'peak PSS MiB':>13} {'PSS x model':>12}")
     transports = ["local"] if args.skip_ray else ["local", "ray"]
     for transport in transports:
         for tiles in tilings:
@@ -111,7 +112,7 @@ def main() -> None:
                 from wafer_actors.fabric.ray import start_local_ray
 
                 start_local_ray(num_cpus=2)
-            with PeakRSS() as rss:
+            with PeakMemory() as mem:
                 engine = (conv(args.converted, transport=transport, tokens=len(tokens), executor=args.executor)
                           if args.converted else
                           WaferLlama(cfg, w, mesh=mesh, tiles=tiles, transport=transport, tokens=len(tokens),
@@ -127,8 +128,8 @@ def main() -> None:
                 ray.shutdown()
             tiles = m.tiles
             print(f"{tiles[0] * tiles[1]:>5} {transport:>9} {ms:>9.0f} {ms / ref_ms:>6.0f} {cycles:>13,.0f} "
-                  f"{device.clock_hz / cycles:>15,.0f} {rss.peak / 2**20:>13,.0f} {rss.peak / model_bytes:>8.1f} "
-                  f"{rss.peak_pss / 2**20:>13,.0f} {rss.peak_pss / model_bytes:>8.1f}")
+                  f"{device.clock_hz / cycles:>15,.0f} {mem.peak / 2**20:>13,.0f} {mem.peak / model_bytes:>12.1f} "
+                  f"{mem.peak_pss / 2**20:>13,.0f} {mem.peak_pss / model_bytes:>12.1f}")
 
     llama = preset("llama3-8b")
     print("KV capacity, LLaMA3-8B (float16) on the four 360x360-core regions of wse2, context limit lifted:")

@@ -122,7 +122,7 @@ def decode_layer(cfg: LlamaConfig, device: DeviceSpec, grid: int, *, context: in
         return stats.cycles, m.sram_high_water(), m.placement.cap
 
 
-def prefill_layer(cfg: LlamaConfig, device: DeviceSpec, grid: int, *, tokens: int = CONTEXT,
+def prefill_layer(cfg: LlamaConfig, device: DeviceSpec, grid: int, *, tokens: int = CONTEXT, algo: str = "ktree",
                   executor: str = "fused", kernel: str = "faithful", phases: list | None = None
                   ) -> tuple[float, int, float, float]:
     """One decoder layer of ``cfg`` prefilling ``tokens`` tokens on a grid x grid region, float16, cost-only:
@@ -130,9 +130,9 @@ def prefill_layer(cfg: LlamaConfig, device: DeviceSpec, grid: int, *, tokens: in
     ``phases``: a list the layer's traced phases are appended to.
 
     ``kernel="paper"``: the authors' shapes (the prompt rounded up to a multiple of the grid)
-    and single-phase chain allreduces; attention is dense either way in cost-only runs.
+    and single-phase chain allreduces; attention is dense either way in cost-only runs. ``algo``: the allreduce of
+    the faithful kernel's GEMVs.
     """
-    algo = "ktree"
     if check_kernel(kernel) == "paper":
         shape = paper_shape(cfg, grid, tokens)
         cfg, tokens, algo = paper_config(cfg, shape), shape.seq_len, "chain"

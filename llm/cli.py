@@ -309,10 +309,14 @@ def _generate_cost_only(args: argparse.Namespace) -> int:
         raise InvalidArgument("--cost-only runs shapes, not text: give --prompt-tokens N instead of --prompt/--chat")
     if args.prompt_tokens is None or args.prompt_tokens < 1:
         raise InvalidArgument(f"--cost-only needs --prompt-tokens N (N >= 1), got {args.prompt_tokens}")
-    for flag, value in (("--transport", args.transport), ("--tiles", args.tiles), ("--regions", args.regions)):
-        if value is not None:
-            raise InvalidArgument(f"{flag} does not apply to --cost-only runs (in-process, one tile per region, as many "
-                                  "regions as the model needs)")
+    given = {"--transport": args.transport, "--tiles": args.tiles, "--regions": args.regions, "--address": args.address,
+             "--prefill": args.prefill != "mesh", "--heatmap": args.heatmap, "--trace": args.trace,
+             "--drain-node": args.drain_node, "--snapshot-every": args.snapshot_every, "--on-failure": args.on_failure != "recover",
+             "--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p != 1.0, "--seed": args.seed}
+    for flag, value in given.items():
+        if value:
+            raise InvalidArgument(f"{flag} does not apply to --cost-only runs (shapes only, in-process, one tile per "
+                                  "region, as many regions as the model needs, the prompt prefilled on the mesh)")
     cfg = preset(args.model)
     device = resolve(args.device or "wse2")
     side = None
@@ -324,13 +328,15 @@ def _generate_cost_only(args: argparse.Namespace) -> int:
         side = rows
     bar = tqdm(desc="prefill", unit="layer", leave=False, file=sys.stderr, delay=1)
 
-    started = time.perf_counter()
+    first = [0.0]  # when the first layer ended: the time before it (placement, weight skew) is not a layer's
 
     def on_layer(done: int, total: int) -> None:
         bar.total = total
         bar.update(1)
-        left = (time.perf_counter() - started) / done * (total - done)
-        if done == 1 and left > LONG_S:
+        if done == 1:
+            first[0] = time.perf_counter()
+        left = (time.perf_counter() - first[0]) / max(1, done - 1) * (total - done)
+        if done == 2 and left > LONG_S:
             bar.clear()
             print(f"wafer-llm: warning: the prefill of {args.prompt_tokens} tokens will take about {left / 60:.0f} more "
                   f"minutes on this machine ({total} layers); --one-layer measures one layer and scales it",
@@ -338,10 +344,10 @@ def _generate_cost_only(args: argparse.Namespace) -> int:
 
     try:
         r = run_whole(cfg, device, args.prompt_tokens, args.max_new_tokens, side=side, one_layer=args.one_layer,
-                      executor=args.executor, on_layer=on_layer)
+                      kv=args.kv, algo=args.algo, executor=args.executor, on_layer=on_layer)
     finally:
         bar.close()
-    where = (f"{r['regions']} region(s) of {r['side']}x{r['side']} cores in snake order ({r['slots']} fit the fabric; "
+    where = (f"{r['regions']} region(s) of {r['side']}x{r['side']} cores in snake order ({r['regions_fit']} fit the fabric; "
              f"{r['idle_cores']:,} cores idle)" if r["regions"] else f"one {r['side']}x{r['side']}-core region")
     print(f"{cfg.name} (float16, cost-only) on {device.name}: {where}; {r['method']}")
     print(f"prefill of {r['prompt_tokens']} tokens: {1e3 * r['ttft_s']:.3f} ms to the first token")

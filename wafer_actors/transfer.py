@@ -328,7 +328,8 @@ def contend(transfers: Sequence[Transfer]) -> tuple[Transfer, ...]:
     transfers (different routes) that share a directed link are serialised as those of one transfer are.
 
     Transfers whose streams share no link with another's come back as they are (the common case, checked
-    without a mesh-sized array).
+    without a mesh-sized array). Give it the transfers as they are sent (a ``subset`` counts its own flows
+    again); a contended transfer keeps its one-line ``line``, which only routing entries read.
     """
     live = [t for t in transfers if len(t)]
     if len(live) < 2:

@@ -28,7 +28,7 @@ def test_a_model_the_device_cannot_hold_is_refused_with_the_bytes(capsys):
     code = main(["generate", "--cost-only", "--model", "llama2-13b", "--prompt-tokens", "4000", "--max-new-tokens", "4"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "GiB of core memory" in err and "34.5 GiB in all" in err and "--one-layer" in err
+    assert "GiB of core memory), the nearest fit" in err and "34.5 GiB in all" in err and "--one-layer" in err
 
 
 def test_a_small_fabric_holds_the_model_on_regions_in_snake_order(tmp_path, capsys):
@@ -44,7 +44,7 @@ def test_a_small_fabric_holds_the_model_on_regions_in_snake_order(tmp_path, caps
     out = capsys.readouterr().out
     assert "6 region(s) of 48x48 cores in snake order" in out and "all 30 layers run" in out
     r = json.loads(full.read_text())
-    assert (r["side"], r["regions"], r["slots"], r["idle_cores"]) == (48, 6, 6, 0)
+    assert (r["side"], r["regions"], r["regions_fit"], r["idle_cores"]) == (48, 6, 6, 0)
     assert [tuple(t["origin"]) for t in r["region_table"]] == [(0, 0), (0, 48), (0, 96), (48, 96), (48, 48), (48, 0)]
     assert sum(t["layers"] for t in r["region_table"]) == 30 and r["region_table"][-1]["lm_head"]
     assert all(0 < t["sram_high_water_bytes"] <= 48 * 1024 for t in r["region_table"])
@@ -54,6 +54,20 @@ def test_a_small_fabric_holds_the_model_on_regions_in_snake_order(tmp_path, caps
     assert s["method"].startswith("one layer measured and scaled x30")
     assert 0.85 * r["decode_cycles_per_token"] < s["decode_cycles_per_token"] < r["decode_cycles_per_token"]
     assert 0.8 * r["ttft_s"] < s["ttft_s"] < r["ttft_s"]
+
+
+def test_one_new_token_is_the_prefill_alone(tmp_path, capsys):
+    """--max-new-tokens 1: the first token comes from the prefill, so no decode figures are reported."""
+    dev = tmp_path / "small.toml"
+    dev.write_text('base = "wse2"\nwidth = 144\nheight = 96\n')
+    for extra in ([], ["--one-layer", "--mesh", "48x48"]):
+        out = tmp_path / "r.json"
+        assert main(["generate", "--cost-only", "--model", "smollm2-135m", "--prompt-tokens", "16", "--max-new-tokens",
+                     "1", "--device", str(dev), "--json", str(out), *extra]) == 0
+        r = json.loads(out.read_text())
+        assert r["ttft_s"] > 0 and r["decode_tps"] is None and r["handover_cycles"] is None
+        text = capsys.readouterr().out
+        assert "decode:" not in text and "second token" not in text
 
 
 @pytest.mark.parametrize(
@@ -66,6 +80,7 @@ def test_a_small_fabric_holds_the_model_on_regions_in_snake_order(tmp_path, caps
         (["--cost-only", "--model", "llama9", "--prompt-tokens", "8"], "unknown model preset 'llama9'"),
         (["--cost-only", "--model", "llama2-13b", "--prompt-tokens", "4096", "--max-new-tokens", "2"],
          "make 4097 positions; llama2-13b's context is 4096"),
+        (["--cost-only", "--model", "llama3-8b", "--prompt-tokens", "8", "--heatmap", "h.png"], "--heatmap does not apply"),
         (["--prompt", "hi", "--prompt-tokens", "8"], "--prompt-tokens is for --cost-only runs"),
         (["--max-new-tokens", "2"], "give the prompt"),
     ],

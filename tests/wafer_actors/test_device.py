@@ -17,18 +17,18 @@ def test_wse2_preset_has_the_papers_figures():
 
 
 def test_wse3_preset_has_its_own_figures_and_says_it_is_not_calibrated(capsys):
-    """wse3: the WSE-3 fabric the authors compile for, about the vendor's 44 GB of SRAM, its own clock and power
-    (not WSE-2's); ``wafer-llm devices`` says that wse2 is calibrated and wse3 is not."""
+    """wse3: the WSE-3 fabric the authors compile for, about the vendor's 44 GB of SRAM, its own clock (not
+    WSE-2's); ``wafer-llm devices`` says that wse2 is calibrated and wse3 is not."""
     from llm.cli import main
 
     d, wse2 = preset("wse3"), preset("wse2")
     assert (d.width, d.height) == (762, 1172)
     assert d.width * d.height * d.sram_bytes == pytest.approx(44e9, rel=0.01)
-    assert d.clock_hz != wse2.clock_hz and d.power_watts != wse2.power_watts
+    assert d.clock_hz != wse2.clock_hz
     assert main(["devices"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("wse2:") and lines[1].strip().startswith("calibrated:")
-    assert lines[2].startswith("wse3:") and "1.09 GHz" in lines[2] and "23 kW" in lines[2]
+    assert lines[2].startswith("wse3:") and "1.09 GHz" in lines[2]
     assert lines[3].strip().startswith("not calibrated")
 
 

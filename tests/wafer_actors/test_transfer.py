@@ -186,8 +186,9 @@ def test_transfers_of_one_step_contend_for_a_shared_link():
 
 
 def test_contend_leaves_transfers_that_share_no_link_as_they_are():
-    """``contend`` returns the very transfers when no link carries streams of two of them, and otherwise the
-    loads the flows of all of them would have as one transfer."""
+    """``contend`` returns the very transfers when no link carries streams of two of them; otherwise each flow's
+    load counts the streams of all of them (here the loads one transfer of all the flows has: no two flows share
+    a source)."""
     one, two = row_transfer([0], [3], "a:0", "a"), row_transfer([2], [4], "b:0", "b")
     apart = row_transfer([4], [2], "b:0", "b")
     assert all(x is y for x, y in zip(contend((one, apart)), (one, apart)))
@@ -195,3 +196,13 @@ def test_contend_leaves_transfers_that_share_no_link_as_they_are():
     whole = row_transfer([0, 2], [3, 4])
     np.testing.assert_array_equal(np.concatenate([t.load for t in both]), whole.load)
     np.testing.assert_array_equal(whole.load, 2)
+
+
+def test_streams_of_two_routes_from_one_source_contend():
+    """A multicast stream counts once per link within its transfer, but the same source sending the same way on
+    two routes (two colours) puts two streams on the link: both flows pay 2 x B/w."""
+    one, two = row_transfer([1], [3], "a:0", "a"), row_transfer([1], [4], "b:0", "b")
+    both = contend((one, two))
+    np.testing.assert_array_equal(both[0].load, 2)
+    np.testing.assert_array_equal(both[1].load, 2)
+    np.testing.assert_array_equal(row_transfer([1, 1], [3, 4]).load, 1)  # one route: one multicast stream
