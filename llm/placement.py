@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -241,6 +242,16 @@ def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_m
         f"one layer of {cfg.name} needs {one} bytes per core on a {height}x{width} region "
         f"(with {'its LM head and ' if head else ''}{tokens} tokens of KV cache); a core has {budget}. Use a larger --mesh{hint}"
     )
+
+
+def place_unbounded(cfg: LlamaConfig, device: DeviceSpec, side: int, **kwargs: Any) -> Placement:
+    """``place`` on side x side regions, as many as the model needs whatever the size of the device's fabric
+    (one region per layer at most); ``kwargs`` as for ``place``.
+
+    Raises:
+        PlacementError: one layer does not fit a region.
+    """
+    return place(cfg, device.replace(width=side * cfg.n_layers, height=side), side, side, **kwargs)
 
 
 def default_mesh(cfg: LlamaConfig, device: DeviceSpec, tokens: int, prefill_tokens: int = 0) -> tuple[int, int]:

@@ -41,7 +41,7 @@ from .calibration import (
 from .config import preset
 from .engine import crossing_cycles
 from .paper_kernel import KERNELS, check_kernel, paper_config, paper_shape
-from .placement import PlacementError, place
+from .placement import PlacementError, place, place_unbounded
 from .utilisation import decode_work, prefill_work
 
 MODELS = ("llama3-8b", "llama2-13b", "codellama-34b", "qwen2-72b")
@@ -85,9 +85,8 @@ def decode_row(model: str, device: DeviceSpec, grid: int, executor: str = "fused
 def _regions(cfg, device: DeviceSpec, grid: int, tokens: int, prefill_tokens: int) -> tuple[int | None, bool]:
     """(grid x grid regions the whole model needs, float16, or None when the LM head and a layer
     do not fit one region together; whether that many fit the wafer)."""
-    unbounded = device.replace(width=grid * cfg.n_layers, height=grid)  # room for one region per layer
     try:
-        regions = len(place(cfg, unbounded, grid, grid, tokens=tokens, prefill_tokens=prefill_tokens, elem_bytes=2).regions)
+        regions = len(place_unbounded(cfg, device, grid, tokens=tokens, prefill_tokens=prefill_tokens, elem_bytes=2).regions)
     except PlacementError:
         return None, False
     return regions, regions <= (device.height // grid) * (device.width // grid)

@@ -3,7 +3,8 @@
 The model goes on square regions of one side, as many as it needs, placed in snake order over
 the fabric (consecutive regions are neighbours). With no side asked for, the side is the one
 whose regions use the most cores (the largest such side on a tie). A model that the fabric
-cannot hold is refused with the bytes it needs and the bytes the fabric has, unless
+cannot hold is refused, naming the nearest fit (the regions and bytes it needs, those the
+fabric holds), unless
 ``one_layer``: then one decoder layer is measured on one region of the side (default: the
 largest square the fabric holds) and scaled by the number of layers, as the paper measured,
 and the report says so.
@@ -24,7 +25,7 @@ from wafer_actors.errors import InvalidArgument
 from .calibration import decode_layer, prefill_layer
 from .config import LlamaConfig
 from .engine import WaferLlama
-from .placement import Placement, PlacementError, place
+from .placement import Placement, PlacementError, place_unbounded
 
 F16 = 2  # bytes per element: the paper's float16
 
@@ -81,10 +82,9 @@ def _placement(cfg: LlamaConfig, device: DeviceSpec, side: int, tokens: int, pre
                ) -> Placement | None:
     """The model on as many side x side regions as it needs (the fabric's size aside), or None if one layer does
     not fit one region."""
-    unbounded = device.replace(width=side * cfg.n_layers, height=side)
     try:
-        return place(cfg, unbounded, side, side, kv_mode=kv, tokens=tokens, prefill_tokens=prefill_tokens,
-                     elem_bytes=F16)
+        return place_unbounded(cfg, device, side, kv_mode=kv, tokens=tokens, prefill_tokens=prefill_tokens,
+                               elem_bytes=F16)
     except PlacementError:
         return None
 
