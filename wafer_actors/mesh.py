@@ -158,26 +158,50 @@ def even_bounds(size: int, parts: int) -> list[int]:
 
 
 class Tiling:
-    """A mesh split into tiles: the rectangles and, for each core, the tile that owns it."""
+    """A mesh split into tiles: the rectangles and, for each core, the tile that owns it.
 
-    def __init__(self, mesh: Mesh, tiles: tuple[int, int]):
+    With ``region`` and ``origins``, the mesh (a wafer) holds equal regions of ``region``
+    cores whose top-left cores are ``origins``; each region is split into ``tiles``, numbered
+    region by region, and cores of no region belong to no tile (owner -1). By default the
+    whole mesh is one region.
+    """
+
+    def __init__(self, mesh: Mesh, tiles: tuple[int, int], region: tuple[int, int] | None = None,
+                 origins: tuple[tuple[int, int], ...] = ((0, 0),)):
         self.mesh = mesh
         self.tiles = (int(tiles[0]), int(tiles[1]))
-        self.rects = split_tiles(mesh, self.tiles)
-        self.owner = np.empty(mesh.shape, dtype=np.int32)  # [y, x] -> tile index
+        self.region = mesh.shape if region is None else (int(region[0]), int(region[1]))
+        self.origins = tuple((int(y), int(x)) for y, x in origins)
+        local = split_tiles(Mesh(*self.region), self.tiles)
+        self.rects = [TileRect(len(local) * i + t.index, t.y0 + y, t.y1 + y, t.x0 + x, t.x1 + x)
+                      for i, (y, x) in enumerate(self.origins) for t in local]
+        self.owner = np.full(mesh.shape, -1, dtype=np.int32)  # [y, x] -> tile index
         for r in self.rects:
+            if r.y1 > mesh.height or r.x1 > mesh.width or (self.owner[r.y0 : r.y1, r.x0 : r.x1] >= 0).any():
+                raise InvalidArgument(f"regions of {self.region[0]}x{self.region[1]} cores at {list(self.origins)} "
+                                      f"overlap or leave the {mesh.height}x{mesh.width} mesh")
             self.owner[r.y0 : r.y1, r.x0 : r.x1] = r.index
 
     @property
-    def key(self) -> tuple[int, int, int, int]:
+    def key(self) -> tuple:
         """A value that identifies this tiling in every process."""
-        return self.mesh.shape + self.tiles
+        return self.mesh.shape + self.tiles + self.region + self.origins
+
+    @property
+    def per_region(self) -> int:
+        """Tiles in each region."""
+        return self.tiles[0] * self.tiles[1]
+
+    def region_tiling(self) -> "Tiling":
+        """One region alone, as a mesh of its own (every region is split alike)."""
+        return Tiling(Mesh(*self.region), self.tiles)
 
     def __len__(self) -> int:
         return len(self.rects)
 
     def __repr__(self) -> str:
-        return f"Tiling({self.mesh!r}, tiles={self.tiles})"
+        more = "" if len(self.origins) == 1 and self.region == self.mesh.shape else f", region={self.region}, origins={self.origins}"
+        return f"Tiling({self.mesh!r}, tiles={self.tiles}{more})"
 
 
 def parse_grid(text: str) -> tuple[int, int]:

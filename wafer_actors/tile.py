@@ -19,7 +19,8 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import numba
 import numpy as np
@@ -79,14 +80,13 @@ class Tile(Memory, Clocks):
     """
 
     def __init__(self, index: int, mesh_shape: tuple[int, int], tiles: tuple[int, int], device: DeviceSpec, cost_only: bool,
-                 executor: str = "fused"):
+                 executor: str = "fused", region: tuple[int, int] | None = None, origins: tuple[tuple[int, int], ...] = ((0, 0),)):
         if executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
-        self.tiling = Tiling(Mesh(*mesh_shape), tiles)
-        self.rect = self.tiling.rects[index]
-        self.rows = np.arange(self.rect.y0, self.rect.y1)  # global row of each local row
-        self.cols = np.arange(self.rect.x0, self.rect.x1)  # global column of each local column
-        self.index = index
+        self.wafer_tiling = Tiling(Mesh(*mesh_shape), tiles, region, origins)
+        self.region, local = divmod(index, self.wafer_tiling.per_region)
+        self.origin = self.wafer_tiling.origins[self.region]
+        self._view(self.wafer_tiling.region_tiling(), local, index - local)
         self.device = device
         self.costs = Costs.of(device)
         self.cost_only = cost_only
@@ -105,6 +105,23 @@ class Tile(Memory, Clocks):
         self._fused: dict[str, tuple[Program, Fused]] = {}
         self._baseline: dict[str, np.ndarray] = {}  # mutable buffers as last sent by export_buffers
         self._program_links: dict[str, np.ndarray] = {}  # a program's streams per link of this tile, per block byte
+
+    def _view(self, tiling: Tiling, index: int, base: int) -> None:
+        """Speak the coordinates of ``tiling``, in which this tile is number ``index`` (``base`` + ``index`` on the wafer)."""
+        self.tiling, self.index, self.base = tiling, index, base
+        self.rect = tiling.rects[index]
+        self.rows = np.arange(self.rect.y0, self.rect.y1)  # mesh row of each local row
+        self.cols = np.arange(self.rect.x0, self.rect.x1)  # mesh column of each local column
+
+    @contextmanager
+    def on_wafer(self) -> Iterator[None]:
+        """Protocol code inside speaks the wafer's coordinates (a transfer between regions); outside, its region's."""
+        saved = (self.tiling, self.index, self.base)
+        self._view(self.wafer_tiling, self.base + self.index, 0)
+        try:
+            yield
+        finally:
+            self._view(*saved)
 
     # ---- wiring ---------------------------------------------------------------------------
     def connect(self, post: Callable[[int, bytes], None], nodes: list[str]) -> None:
@@ -235,14 +252,12 @@ class Tile(Memory, Clocks):
                 data = buf.data.reshape((-1,) + buf.block)[lp.fi_src]
                 if select is not None:
                     data = data[(slice(None), *select)]
-            msg = Message(self.mailbox.run_id, tag, self.index, data, head, tail, stages, compute)
+            msg = Message(self.mailbox.run_id, tag, self.base + self.index, data, head, tail, stages, compute)
             self._count(dest, n, n * nbytes)
             if dest == self.index:
                 self.mailbox.put(msg)
             else:
-                raw = encode(msg)
-                self._count_actor(dest, len(raw))
-                self.post(dest, raw)
+                self._post(dest, encode(msg))
 
     def _parts(self, transfer: Transfer, way: str) -> dict[int, _Local]:
         """The transfer's parts on this tile (``out``: what it sends, ``in``: what it receives), in flat indices."""
@@ -359,9 +374,7 @@ class Tile(Memory, Clocks):
     def post_batch(self, dest: int, tag: str, data: np.ndarray | None, head: np.ndarray, tail: np.ndarray,
                    stages: np.ndarray, compute: np.ndarray) -> None:
         """Send tile ``dest`` the flows of several steps at once (the fused executor; one block per flow)."""
-        raw = encode(Message(self.mailbox.run_id, tag, self.index, data, head, tail, stages, compute))
-        self._count_actor(dest, len(raw))
-        self.post(dest, raw)
+        self._post(dest, encode(Message(self.mailbox.run_id, tag, self.base + self.index, data, head, tail, stages, compute)))
 
     async def take_batch(self, tag: str, src: int) -> Message:
         """Wait for the batch ``tag`` from tile ``src``."""
@@ -543,17 +556,20 @@ class Tile(Memory, Clocks):
         self.stats[f"core_messages_{where}"] += flows
         self.stats[f"core_bytes_{where}"] += nbytes
 
-    def _count_actor(self, dest: int, nbytes: int) -> None:
+    def _post(self, dest: int, raw: bytes) -> None:
+        """Send tile ``dest`` (of the tiling spoken now) a message, counted."""
+        dest += self.base
         self.stats["tile_messages"] += 1
-        self.stats["tile_bytes"] += nbytes
-        if self.nodes and self.nodes[dest] != self.nodes[self.index]:
+        self.stats["tile_bytes"] += len(raw)
+        if self.nodes and self.nodes[dest] != self.nodes[self.base + self.index]:
             self.stats["node_messages"] += 1
-            self.stats["node_bytes"] += nbytes
+            self.stats["node_bytes"] += len(raw)
+        self.post(dest, raw)
 
     async def _take(self, tag: str, src: int) -> Message:
         t0 = time.perf_counter()
         try:
-            return await self.mailbox.take(tag, src)
+            return await self.mailbox.take(tag, self.base + src)
         finally:
             self.stats["wait_s"] += time.perf_counter() - t0
 
@@ -590,7 +606,7 @@ class Tile(Memory, Clocks):
         return {
             "start": start,
             "end": float(self.clock[y, x]),
-            "last_core": (self.rect.y0 + int(y), self.rect.x0 + int(x)),
+            "last_core": (self.origin[0] + self.rect.y0 + int(y), self.origin[1] + self.rect.x0 + int(x)),  # on the wafer
             "relay_stages": int(self.stages[y, x]),
             "compute_cycles": float(self.path_compute[y, x]),
             "stats": dict(delta),

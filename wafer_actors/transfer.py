@@ -362,6 +362,7 @@ class Route:
 
     name: str
     transfers: tuple[Transfer, ...]
+    at: tuple[int, int] = (0, 0)  # where the transfers' mesh (a region) lies on the mesh they are counted on
 
     def entries(self, mesh: Mesh) -> np.ndarray:
         """Routing entries this route needs on each core, ``[y, x]``: one per distinct setting.
@@ -369,6 +370,12 @@ class Route:
         A route whose transfers all repeat one line's flows on every line of one axis needs, on
         each line, what it needs on a mesh of one line.
         """
+        own = self.transfers[0].mesh if self.transfers else mesh
+        if own != mesh:  # a region's route, counted on its wafer
+            out = np.zeros(mesh.shape, dtype=np.int64)
+            (y, x), (h, w) = self.at, own.shape
+            out[y : y + h, x : x + w] = Route(self.name, self.transfers).entries(own)
+            return out
         lines = [t.line for t in self.transfers]
         if lines and all(ln is not None and ln.mesh == lines[0].mesh for ln in lines):
             one = lines[0].mesh

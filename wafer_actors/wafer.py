@@ -91,55 +91,31 @@ def _phases(marks: list[list[tuple[str, float, float, float]]], start: float) ->
     return out
 
 
-class Wafer:
-    """An emulated core mesh spread over tiles.
+class Region:
+    """A rectangle of a wafer's cores that holds tensors of its own: ``load``, ``alloc``, ``read`` and ``free``
+    speak its mesh (its top-left core is ``origin`` on the wafer), and reach only its tiles.
 
-    Args:
-        mesh: ``(height, width)`` in cores, or a ``Mesh``.
-        device: preset name (``wse2``, ``wse3``), a TOML/JSON file or a ``DeviceSpec``.
-        tiles: ``(rows, cols)`` of tiles; each tile is one actor.
-        transport: ``"local"`` (in-process), ``"ray"`` (actors on the current Ray cluster,
-            started locally if none) or a ``Transport``.
-        cost_only: keep shapes but no tensors: same protocols and cycles, no numerics.
-        executor: ``fused`` (default) runs collectives as compiled loops over each tile's
-            cores and batches what crosses tile edges; ``step`` runs every protocol step by
-            step (the specification). Both give bit-identical values and cycles.
-
-    Raises:
-        DeviceSpecError: the mesh does not fit the device.
-        ValueError: bad tile counts or transport name.
+    Get it as ``wafer.regions[i]``; a wafer of one region does the same through its own methods.
     """
 
-    def __init__(
-        self,
-        mesh: tuple[int, int] | Mesh,
-        *,
-        device: str | Path | DeviceSpec = "wse2",
-        tiles: tuple[int, int] = (1, 1),
-        transport: str | Transport = "local",
-        cost_only: bool = False,
-        executor: str = "fused",
-    ):
-        if executor not in EXECUTORS:
-            raise InvalidArgument(f"executor must be one of {EXECUTORS}, got {executor!r}")
-        self.device = resolve(device)
-        if not isinstance(mesh, Mesh):
-            if len(mesh) != 2:
-                raise InvalidArgument(f"mesh must be (height, width), got {mesh!r}")
-            self.device.check_mesh(*mesh)
-            mesh = Mesh(*mesh)
-        self.device.check_mesh(mesh.height, mesh.width)
-        self.mesh = mesh
-        self.tiling = Tiling(mesh, tuple(tiles))
-        self.cost_only = bool(cost_only)
-        self.executor = executor
-        self.transport = _make_transport(transport)
-        self.transport.spawn(self.tiling, self.device, self.cost_only, executor)
+    def __init__(self, wafer: "Wafer", index: int):
+        self.index = index
+        self.origin = wafer.tiling.origins[index]
+        self.tiling = wafer.tiling.region_tiling()
+        self.mesh = self.tiling.mesh
+        self.base = index * wafer.tiling.per_region  # the wafer's number of this region's first tile
+        self.cost_only = wafer.cost_only
+        self.transport = wafer.transport
         self._tensors: dict[str, tuple[tuple[int, ...], Layout]] = {}
-        self._run_id = 0
-        self._tracing = (False, False)
 
-    # ---- tensors --------------------------------------------------------------------------
+    def _call(self, method: str, args: list[tuple]) -> list[Any]:
+        got = self._call_some(method, dict(enumerate(args)))
+        return [got[i] for i in range(len(args))]
+
+    def _call_some(self, method: str, args: dict[int, tuple]) -> dict[int, Any]:
+        got = self.transport.call_some(method, {self.base + i: a for i, a in args.items()})
+        return {i - self.base: v for i, v in got.items()}
+
     def load(self, name: str, array: np.ndarray, spec: Spec | Layout, *, stacked: bool = False) -> None:
         """Copy ``array`` from the host onto the cores, each core getting its block of ``spec``.
 
@@ -160,9 +136,9 @@ class Wafer:
             entry = Layout(layout.mesh, Spec(*layout.spec[1:]))
             for i in range(array.shape[0]):
                 blocks = scatter(array[i], entry)
-                self.transport.call("put_entry", [(name, i, blocks[t.y0 : t.y1, t.x0 : t.x1]) for t in r])
+                self._call("put_entry", [(name, i, blocks[t.y0 : t.y1, t.x0 : t.x1]) for t in r])
             return
-        self.transport.call("put", [(name, part, stacked) for part in self._scatter(name, array, layout)])
+        self._call("put", [(name, part, stacked) for part in self._scatter(name, array, layout)])
 
     def _scatter(self, name: str, array: np.ndarray, layout: Layout) -> list[np.ndarray]:
         """Each tile's blocks of ``array`` laid out by ``layout`` (recorded as tensor ``name``)."""
@@ -185,8 +161,8 @@ class Wafer:
         for i, (path, chunk) in enumerate(parts):
             if chunk.name != name or chunk.block != block:
                 raise LayoutError(f"{path}: chunk {chunk.name!r} holds blocks {chunk.block}; tensor {name!r} of shape "
-                                  f"{tuple(shape)} has blocks {block} on this wafer's {self.mesh.height}x{self.mesh.width} cores")
-        read = self.transport.call("load_chunk", [tuple(p) for p in parts])
+                                  f"{tuple(shape)} has blocks {block} on this region's {self.mesh.height}x{self.mesh.width} cores")
+        read = self._call("load_chunk", [tuple(p) for p in parts])
         self._tensors[name] = (tuple(int(s) for s in shape), layout)
         return int(sum(read))
 
@@ -194,18 +170,18 @@ class Wafer:
         """Allocate a zero tensor of ``shape`` laid out by ``spec`` (shape only when cost-only; ``stacked`` as in ``load``)."""
         layout = self._layout(spec)
         block = layout.block_shape(shape)
-        self.transport.call("alloc", [(name, block, np.dtype(dtype).str, None, stacked)] * len(self.tiling))
+        self._call("alloc", [(name, block, np.dtype(dtype).str, None, stacked)] * len(self.tiling))
         self._tensors[name] = (tuple(int(s) for s in shape), layout)
 
     def read(self, name: str) -> np.ndarray:
         """Copy tensor ``name`` back to the host (the copy on core index 0 of replicated axes)."""
-        return self._gather(name, self.transport.call_some("get", self._reads(name)))
+        return self._gather(name, self._call_some("get", self._reads(name)))
 
     def _reads(self, name: str) -> dict[int, tuple]:
         """The ``Tile.get`` arguments, per tile, that bring tensor ``name`` back: only the copy at index 0 of each
         replicated mesh axis travels to the host."""
         if name not in self._tensors:
-            raise KeyError(f"no tensor {name!r} on the wafer; tensors: {sorted(self._tensors)}")
+            raise KeyError(f"no tensor {name!r} on the region; tensors: {sorted(self._tensors)}")
         if self.cost_only:
             raise InvalidArgument("a cost-only wafer holds shapes, not values; nothing to read")
         replicated = self._tensors[name][1].replicated_axes()
@@ -229,7 +205,7 @@ class Wafer:
         """Every core's block of ``name`` as ``[height, width, *block]``, replicated copies included."""
         if self.cost_only:
             raise InvalidArgument("a cost-only wafer holds shapes, not values; nothing to read")
-        parts = self.transport.call_some("get", {i: (name, None, None) for i in range(len(self.tiling.rects))})
+        parts = self._call_some("get", {i: (name, None, None) for i in range(len(self.tiling.rects))})
         first = next(iter(parts.values()))
         out = np.empty(self.mesh.shape + first.shape[2:], dtype=first.dtype)
         for i, p in parts.items():
@@ -239,15 +215,105 @@ class Wafer:
 
     def free(self, name: str) -> None:
         """Release tensor ``name`` on every core."""
-        self.transport.call("free", [(name,)] * len(self.tiling))
+        self._call("free", [(name,)] * len(self.tiling))
         self._tensors.pop(name, None)
 
     def _layout(self, spec: Spec | Layout) -> Layout:
         if isinstance(spec, Layout):
             if spec.mesh != self.mesh:
-                raise LayoutError(f"{spec!r} is for another mesh than this wafer's {self.mesh!r}")
+                raise LayoutError(f"{spec!r} is for another mesh than this region's {self.mesh!r}")
             return spec
         return Layout(self.mesh, spec if isinstance(spec, Spec) else Spec(*spec))
+
+    def memory(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-core SRAM bytes of this region (in use, high-water), each ``[y, x]``."""
+        parts = self._call("memory", [()] * len(self.tiling))
+        return _assemble(self.tiling, [p[0] for p in parts]), _assemble(self.tiling, [p[1] for p in parts])
+
+
+class Wafer:
+    """An emulated core mesh spread over tiles.
+
+    Args:
+        mesh: ``(height, width)`` in cores, or a ``Mesh``.
+        device: preset name (``wse2``, ``wse3``), a TOML/JSON file or a ``DeviceSpec``.
+        tiles: ``(rows, cols)`` of tiles; each tile is one actor.
+        transport: ``"local"`` (in-process), ``"ray"`` (actors on the current Ray cluster,
+            started locally if none) or a ``Transport``.
+        cost_only: keep shapes but no tensors: same protocols and cycles, no numerics.
+        executor: ``fused`` (default) runs collectives as compiled loops over each tile's
+            cores and batches what crosses tile edges; ``step`` runs every protocol step by
+            step (the specification). Both give bit-identical values and cycles.
+        region, origins: the wafer holds equal regions of ``region`` cores whose top-left
+            cores are ``origins`` (``regions``), each split into ``tiles``; cores of no region
+            stay idle. By default the whole mesh is one region. All share one fabric and one
+            clock per core: a protocol moves data between regions as transfers like any other.
+
+    Raises:
+        DeviceSpecError: the mesh does not fit the device.
+        ValueError: bad tile counts, transport name, or regions that overlap or leave the mesh.
+    """
+
+    def __init__(
+        self,
+        mesh: tuple[int, int] | Mesh,
+        *,
+        device: str | Path | DeviceSpec = "wse2",
+        tiles: tuple[int, int] = (1, 1),
+        transport: str | Transport = "local",
+        cost_only: bool = False,
+        executor: str = "fused",
+        region: tuple[int, int] | None = None,
+        origins: Sequence[tuple[int, int]] = ((0, 0),),
+    ):
+        if executor not in EXECUTORS:
+            raise InvalidArgument(f"executor must be one of {EXECUTORS}, got {executor!r}")
+        self.device = resolve(device)
+        if not isinstance(mesh, Mesh):
+            if len(mesh) != 2:
+                raise InvalidArgument(f"mesh must be (height, width), got {mesh!r}")
+            self.device.check_mesh(*mesh)
+            mesh = Mesh(*mesh)
+        self.device.check_mesh(mesh.height, mesh.width)
+        self.mesh = mesh
+        self.tiling = Tiling(mesh, tuple(tiles), region, tuple(origins))
+        self.cost_only = bool(cost_only)
+        self.executor = executor
+        self.transport = _make_transport(transport)
+        self.transport.spawn(self.tiling, self.device, self.cost_only, executor)
+        self.regions = [Region(self, i) for i in range(len(self.tiling.origins))]
+        self._run_id = 0
+        self._tracing = (False, False)
+
+    # ---- tensors (a wafer of one region; see ``Region``) -------------------------------------
+    def _only(self) -> Region:
+        if len(self.regions) > 1:
+            raise InvalidArgument(f"this wafer holds {len(self.regions)} regions: place tensors through wafer.regions[i]")
+        return self.regions[0]
+
+    def load(self, name: str, array: np.ndarray, spec: Spec | Layout, *, stacked: bool = False) -> None:
+        """As ``Region.load`` on the wafer's one region."""
+        self._only().load(name, array, spec, stacked=stacked)
+
+    def load_chunks(self, name: str, shape: Sequence[int], spec: Spec | Layout, parts: Sequence[tuple[str, Chunk]]) -> int:
+        """As ``Region.load_chunks`` on the wafer's one region."""
+        return self._only().load_chunks(name, shape, spec, parts)
+
+    def alloc(self, name: str, shape: Sequence[int], dtype: Any, spec: Spec | Layout, *, stacked: bool = False) -> None:
+        """As ``Region.alloc`` on the wafer's one region."""
+        self._only().alloc(name, shape, dtype, spec, stacked=stacked)
+
+    def read(self, name: str) -> np.ndarray:
+        """As ``Region.read`` on the wafer's one region."""
+        return self._only().read(name)
+
+    def blocks(self, name: str) -> np.ndarray:
+        """As ``Region.blocks`` on the wafer's one region."""
+        return self._only().blocks(name)
+
+    def free(self, name: str) -> None:
+        """As ``Region.free`` on the wafer's one region."""
+        self._only().free(name)
 
     # ---- protocols ------------------------------------------------------------------------
     def run(self, proto: Protocol, *, inputs: dict[str, tuple[np.ndarray, Spec | Layout]] | None = None,
@@ -258,7 +324,8 @@ class Wafer:
         returns the same cached ``Route`` objects is not counted again). The host's part
         travels with the run, one call per tile: ``inputs`` are loaded first (as ``load``,
         name -> (array, spec)), ``reset`` zeroes the clocks first (``reset_clocks``), and the
-        tensors named in ``outputs`` come back in ``RunStats.outputs`` (as ``read``).
+        tensors named in ``outputs`` come back in ``RunStats.outputs`` (as ``read``). On a wafer of
+        several regions, the inputs go to the first region and the outputs come from the last.
 
         Raises:
             RoutingError: a core needs more routing entries than the device has.
@@ -270,12 +337,13 @@ class Wafer:
         if self.cost_only and (inputs or outputs):
             raise InvalidArgument("a cost-only wafer holds shapes, not values: a run takes no inputs or outputs")
         io = [{"reset": reset, "put": {}, "get": {}} for _ in self.tiling.rects]
+        into, out_of = self.regions[0], self.regions[-1]
         for name, (array, spec) in (inputs or {}).items():
-            for tile, part in zip(io, self._scatter(name, np.asarray(array), self._layout(spec))):
-                tile["put"][name] = part
+            for i, part in enumerate(into._scatter(name, np.asarray(array), into._layout(spec))):
+                io[into.base + i]["put"][name] = part
         for name in outputs:
-            for i, args in self._reads(name).items():
-                io[i]["get"][name] = args[1:]
+            for i, args in out_of._reads(name).items():
+                io[out_of.base + i]["get"][name] = args[1:]
         self._run_id += 1
         t0 = time.perf_counter()
         results = self.transport.run(proto.path, self._run_id, routes, kwargs, io)
@@ -299,8 +367,8 @@ class Wafer:
             host_wall_s=wall,
             per_tile=[r["stats"] for r in results],
             phases=_phases([r["marks"] for r in results], start),
-            outputs={name: self._gather(name, {i: r["got"][name] for i, r in enumerate(results) if name in r["got"]})
-                     for name in outputs},
+            outputs={name: out_of._gather(name, {i - out_of.base: r["got"][name] for i, r in enumerate(results)
+                                                if name in r["got"]}) for name in outputs},
         )
 
     def activity(self) -> tuple[np.ndarray, np.ndarray]:
@@ -391,10 +459,7 @@ class Wafer:
             self.trace(*self._tracing)
 
     def _assemble(self, parts: list[np.ndarray]) -> np.ndarray:
-        out = np.empty(self.mesh.shape, dtype=parts[0].dtype)
-        for t, p in zip(self.tiling.rects, parts):
-            out[t.y0 : t.y1, t.x0 : t.x1] = p
-        return out
+        return _assemble(self.tiling, parts)
 
     def shutdown(self) -> None:
         """Stop the tiles."""
@@ -405,6 +470,14 @@ class Wafer:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def _assemble(tiling: Tiling, parts: list[np.ndarray]) -> np.ndarray:
+    """One array over ``tiling``'s mesh from each tile's part (zero on cores of no tile)."""
+    out = np.zeros(tiling.mesh.shape, dtype=parts[0].dtype)
+    for t, p in zip(tiling.rects, parts):
+        out[t.y0 : t.y1, t.x0 : t.x1] = p
+    return out
 
 
 def _make_transport(transport: str | Transport) -> Transport:

@@ -39,11 +39,11 @@ class TileActor:
     """The Ray face of a ``Tile``: every method runs on the actor's event loop."""
 
     def __init__(self, index: int, mesh_shape: tuple[int, int], tiles: tuple[int, int], device: DeviceSpec, cost_only: bool,
-                 executor: str, threads: int):
+                 executor: str, threads: int, region: tuple[int, int], origins: tuple[tuple[int, int], ...]):
         import numba
 
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # this tile's share of its node
-        self.tile = Tile(index, mesh_shape, tiles, device, cost_only, executor)
+        self.tile = Tile(index, mesh_shape, tiles, device, cost_only, executor, region, origins)
         self.inbox = Inbox(self.tile.mailbox.deliver)
         self.boxes: dict[int, Outbox] = {}  # peer tile -> socket to it
 
@@ -229,7 +229,8 @@ class RayTransport(Transport):
         opts = ray.remote(TileActor).options(num_cpus=self.options.num_cpus, scheduling_strategy=strategy,
                                              name=self.tile_name(i, moves), namespace=NAMESPACE)
         threads = int(self.options.num_cpus) or int(cpus.get(node, 1.0) // sharing)
-        return opts.remote(i, tiling.mesh.shape, tiling.tiles, device, cost_only, executor, threads)
+        return opts.remote(i, tiling.mesh.shape, tiling.tiles, device, cost_only, executor, threads, tiling.region,
+                           tiling.origins)
 
     def _wire(self, fresh: list[int]) -> None:
         """Connect every tile to every other (after a move, only the pairs with a ``fresh`` actor get new sockets)."""
