@@ -446,8 +446,9 @@ def _drain_node(engine: Any, node: str) -> None:
     import ray
 
     target = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != node)
-    for region, wafer in enumerate(engine.wafers):
-        tiles = [i for i, n in enumerate(wafer.nodes()) if n == node]
+    nodes, per = engine.wafer.nodes(), engine.tiles[0] * engine.tiles[1]
+    for region in range(len(engine.wafer.regions)):
+        tiles = [i for i in range(per) if nodes[region * per + i] == node]
         if tiles:
             engine.migrate(target, tiles=tiles, region=region)
 

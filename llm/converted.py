@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wafer_actors import Layout, Mesh, Tiling, Wafer, scatter
+from wafer_actors import Layout, Mesh, Region, Tiling, scatter
 from wafer_actors.device import DeviceSpec
 from wafer_actors.errors import InputError
 from wafer_actors.shards import Chunk, write_chunk
@@ -36,7 +36,7 @@ from .placement import (
     SPECS,
     STACKED,
     Placement,
-    Region,
+    RegionShare,
     place,
     region_weights,
     weight_shapes,
@@ -214,16 +214,17 @@ class Converted:
         """Bytes of every chunk of every shard."""
         return sum(c["nbytes"] for r in self.index["regions"] for t in r["tiles"] for c in t["chunks"])
 
-    def load(self, wafer: Wafer, placement: Placement, region: Region,
+    def load(self, cores: Region, placement: Placement, region: RegionShare,
              progress: Callable[[int, int], None] | None = None) -> int:
-        """Have the tiles of ``wafer`` read ``region``'s weights from their shards; returns the bytes read.
+        """Have the tiles of ``cores`` (a wafer's region) read ``region``'s weights from their shards; returns the
+        bytes read.
         ``progress`` is called with each tensor's bytes and ``nbytes()``."""
         entry = self.index["regions"][region.index]
         total = 0
         chunks = [{c["name"]: Chunk.from_json(c) for c in tile["chunks"]} for tile in entry["tiles"]]
         for name, shape in weight_shapes(self.cfg, placement.shape, region).items():
             parts = [(str(self.path / tile["file"]), cs[name]) for tile, cs in zip(entry["tiles"], chunks)]
-            total += wafer.load_chunks(name, shape, SPECS[name], parts)
+            total += cores.load_chunks(name, shape, SPECS[name], parts)
             if progress:
                 progress(sum(c.nbytes for _, c in parts), self.nbytes())
         return total

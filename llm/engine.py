@@ -1,15 +1,15 @@
 """Llama decode on an emulated wafer: place the weights once, then one protocol run per token.
 
-The host writes the token's embedding into region 0 and reads the logits from the last
-region. Between regions (models that one region cannot hold) the activation crosses from
-one region's east edge to the next region's west edge; regions are laid out in a snake so
-consecutive ones are neighbours. That hand-off is charged as one transfer of a row's block
-(``width + 1`` hops, one relay) per row at once.
+A model that one region cannot hold goes on several regions of one wafer, laid in snake
+order so consecutive ones are neighbours (``regions``): one fabric, one clock per core. The
+host writes the token's embedding into region 0 and reads the logits from the last region;
+between regions the activation moves as a transfer on the fabric (``regions.handoff_program``,
+its routes and links counted like any other), inside the one protocol run of the token.
 
-Surviving a lost tile (Ray): every call that changed the wafers' state since the sequence
+Surviving a lost tile (Ray): every call that changed the wafer's state since the sequence
 began (the prefill, each decode step, a seek) is kept in a journal. When a tile's actor or
-its node dies, every region is started again (on the nodes still alive), its weights placed
-again from the driver's copy of the checkpoint, and the journal replayed; then the failed
+its node dies, the wafer is started again (on the nodes still alive), every region's weights
+placed again from the driver's copy of the checkpoint, and the journal replayed; then the failed
 call runs again. Each step starts from zeroed clocks and the replay runs the same protocols
 on the same data, so the tokens and the predicted cycles are those of an uninterrupted run.
 """
@@ -17,14 +17,13 @@ on the same data, so the tokens and the predicted cycles are those of an uninter
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from wafer_actors import Wafer
+from wafer_actors import Region, Wafer
 from wafer_actors.collectives.block_gemm import skew_index
 from wafer_actors.device import DeviceSpec, resolve
 from wafer_actors.errors import InvalidArgument, TileLost
@@ -33,10 +32,11 @@ from wafer_actors.layout import Spec
 from .checkpoint import LlamaWeights
 from .converted import Converted
 from .config import LlamaConfig
-from .decode_protocol import KV_MODES, RegionPlan, decode_step
+from .decode_protocol import KV_MODES, RegionPlan
 from .paper_kernel import check_kernel
-from .placement import SPECS, STACKED, Placement, Region, place, region_weights, weight_shapes
+from .placement import SPECS, STACKED, Placement, RegionShare, place, region_weights, weight_shapes
 from .prefill_protocol import kv_handover, prefill, relayout
+from .regions import decode_regions, prefill_crossing, snake, span
 
 ON_FAILURE = ("recover", "fail")
 MAX_RECOVERIES = 3  # per call: a wafer that keeps losing tiles is not going to finish
@@ -104,9 +104,9 @@ class PrefillStats:
     """
 
     tokens: int
-    relayout_cycles: float  # weights skewed for prefill (all regions in parallel: the slowest)
-    region_cycles: list[float]  # each region's layers (and the LM head on the last)
-    crossing_cycles: float  # the prompt's activations crossing from region to region
+    relayout_cycles: float  # weights skewed for prefill (region 0's; the others skew theirs meanwhile)
+    region_cycles: list[float]  # each region's layers (and the LM head on the last), from its input's arrival
+    crossing_cycles: float  # the prompt's activations crossing from region to region (transfers)
     handover_cycles: float  # KV cache to decode rows, weights un-skewed (slowest region)
     host_s: float
     sram_high_water_bytes: int
@@ -136,12 +136,6 @@ def skew_rows(x: np.ndarray, p: int) -> np.ndarray:
     return blocks[np.arange(p)[:, None], skew_index(p)].transpose(0, 2, 1, 3).reshape(m, k)
 
 
-def crossing_cycles(device: DeviceSpec, width: int, block_bytes: int, blocks: int = 1) -> float:
-    """``blocks`` blocks of a row crossing a ``width``-core region's east edge into the next region:
-    the hops across, one software relay, and the bytes through the link."""
-    return (width + 1) * device.alpha + device.beta + blocks * block_bytes / device.link_bytes_per_cycle
-
-
 class WaferLlama:
     """A Llama placed on one or more regions of an emulated wafer.
 
@@ -149,7 +143,8 @@ class WaferLlama:
         cfg, weights: the model: its weights in host memory, or a converted checkpoint whose
             tiles read their own shards (``llm.converted``; see ``from_converted``); None with
             ``cost_only``.
-        mesh: ``(height, width)`` of one region, in cores.
+        mesh: ``(height, width)`` of one region, in cores; the regions go on one wafer in snake order
+            (``regions.snake``).
         device: preset, device file or ``DeviceSpec``.
         tiles: ``(rows, cols)`` of tiles (actors) per region.
         transport: ``"ray"`` or ``"local"``.
@@ -219,10 +214,12 @@ class WaferLlama:
         ]
         self.transport, self.executor, self.on_failure = transport, executor, on_failure
         self.snapshot_every, self.on_load, self.trace, self.activity = snapshot_every, on_load, trace, activity
+        # the placement holds no more regions than the fabric has room for in rows of regions: the snake fits
+        self.origins = snake((self.device.height, self.device.width), self.mesh, len(self.placement.regions))
         self.recoveries: list[Recovery] = []
         self.migrations: list[Migration] = []
         self._moving: dict[int, tuple[Any, float]] = {}  # region -> (move, start) of its migration under way
-        self.wafers: list[Wafer] = []
+        self.wafer: Wafer | None = None
         self.reset()
         self._start(None)
 
@@ -254,14 +251,15 @@ class WaferLlama:
         return sum(4 * int(np.prod(shape)) for r in self.placement.regions for shape in weight_shapes(self.cfg, s, r).values())
 
     def _start(self, nodes: tuple[str, ...] | None) -> None:
-        """Start one wafer per region (its Ray tiles on ``nodes``; None: every alive node) and place the weights."""
+        """Start the wafer (its Ray tiles on ``nodes``; None: every alive node) and place every region's weights."""
         try:
-            for region in self.placement.regions:
-                self.wafers.append(Wafer(self.mesh, device=self.device, tiles=self.tiles, transport=self._transport(nodes),
-                                         cost_only=self.cost_only, executor=self.executor))
-                self._load(self.wafers[-1], region)
-                if self.trace or self.activity:
-                    self.wafers[-1].trace(self.trace, self.activity)
+            self.wafer = Wafer(span(self.mesh, self.origins), device=self.device, tiles=self.tiles,
+                               transport=self._transport(nodes), cost_only=self.cost_only, executor=self.executor,
+                               region=self.mesh, origins=self.origins)
+            for share in self.placement.regions:
+                self._load(self.wafer.regions[share.index], share)
+            if self.trace or self.activity:
+                self.wafer.trace(self.trace, self.activity)
         except BaseException:
             self.close()
             raise
@@ -289,7 +287,7 @@ class WaferLlama:
                 lost = err
 
     def _recover(self, lost: TileLost) -> None:
-        """Start every region again on the nodes still alive and replay the journal."""
+        """Start the wafer again on the nodes still alive and replay the journal."""
         noticed, t0 = time.time(), time.perf_counter()
         pos = self.pos
         self.close()  # the wafer starts again from scratch: moves under way are dropped
@@ -298,8 +296,7 @@ class WaferLlama:
         self.pos, replayed, done = 0, 0, 0
         if self._snapshot is not None:
             done, self.pos, states = self._snapshot
-            for wafer, state in zip(self.wafers, states):
-                wafer.restore(state)
+            self.wafer.restore(states)
         for kind, arg in self._journal[done:]:
             if kind == "prefill":
                 self._prefill(arg, None)
@@ -316,13 +313,15 @@ class WaferLlama:
     def _take_snapshot(self) -> None:
         """Copy every tile's state but its weights to the host, with the journal entries and position it covers."""
         t0 = time.perf_counter()
-        states = [w.snapshot(list(weight_shapes(self.cfg, self.placement.shape, r))) for w, r in self._regions()]
+        weights = {n for r in self.placement.regions for n in weight_shapes(self.cfg, self.placement.shape, r)}
+        states = self.wafer.snapshot(sorted(weights))
         self._snapshot = (len(self._journal), self.pos, states)
         self.snapshot_s += time.perf_counter() - t0
 
     # ---- planned migration ----------------------------------------------------------------
     def migrate(self, node: str, tiles: list[int] | None = None, region: int = 0) -> None:
-        """Move ``tiles`` of region ``region`` (default: all of them) to the Ray node ``node`` while decode goes on.
+        """Move ``tiles`` of region ``region`` (its tile numbers; default: all of them) to the Ray node ``node`` while
+        decode goes on.
 
         The tiles' buffers (weights, KV cache) are copied actor to actor in the background while
         steps run (regions move at the same time); a region's move completes before the first
@@ -334,14 +333,19 @@ class WaferLlama:
         Raises:
             InvalidArgument: in-process tiles, a bad region or tile index, a node that is not alive.
         """
-        if not 0 <= region < len(self.wafers):
-            raise InvalidArgument(f"region must be in [0, {len(self.wafers)}), got {region}")
+        if not 0 <= region < len(self.wafer.regions):
+            raise InvalidArgument(f"region must be in [0, {len(self.wafer.regions)}), got {region}")
         if region in self._moving:
             self._finish(region)
-        tiles = list(range(self.tiles[0] * self.tiles[1])) if tiles is None else [int(t) for t in tiles]
+        per = self.tiles[0] * self.tiles[1]
+        tiles = list(range(per)) if tiles is None else [int(t) for t in tiles]
+        bad = [t for t in tiles if not 0 <= t < per]
+        if bad or not tiles:
+            raise InvalidArgument(f"tiles to move must be a region's tile numbers in [0, {per}), got {list(tiles)}")
         keep = list(weight_shapes(self.cfg, self.placement.shape, self.placement.regions[region]))
         t0 = time.perf_counter()
-        self._moving[region] = (self.wafers[region].move_start(tiles, node, keep), t0)
+        base = self.wafer.regions[region].base
+        self._moving[region] = (self.wafer.move_start([base + t for t in tiles], node, keep), t0)
 
     def finish_migration(self, wait: bool = True) -> None:
         """Complete the migrations under way (between runs); ``wait=False``: only those whose background copy is done.
@@ -350,35 +354,36 @@ class WaferLlama:
         placement and the migrations under way are dropped.
         """
         for region in list(self._moving):
-            if region in self._moving and (wait or self.wafers[region].move_ready(self._moving[region][0])):
+            if region in self._moving and (wait or self.wafer.move_ready(self._moving[region][0])):
                 self._finish(region)
 
     def _finish(self, region: int) -> None:
         move, t0 = self._moving.pop(region)
         t1 = time.perf_counter()
         try:
-            self.wafers[region].move_finish(move)
+            self.wafer.move_finish(move)
         except TileLost as lost:
             if self.on_failure == "fail":
                 raise
             self._survive(self._recover, lost)
             return
-        self.migrations.append(Migration(region, tuple(move.tiles), move.node, time.perf_counter() - t0,
+        base = self.wafer.regions[region].base
+        self.migrations.append(Migration(region, tuple(t - base for t in move.tiles), move.node, time.perf_counter() - t0,
                                          time.perf_counter() - t1))
 
     # ---- placement ------------------------------------------------------------------------
-    def _load(self, wafer: Wafer, region: Region) -> None:
-        """Place the region's weights once (decode layout) and allocate its activations and KV cache."""
+    def _load(self, cores: Region, region: RegionShare) -> None:
+        """Place the region's weights on ``cores`` once (decode layout) and allocate its activations and KV cache."""
         cfg, s = self.cfg, self.placement.shape
         g = cfg.n_heads // cfg.n_kv_heads
         if self.cost_only:
             for name, shape in weight_shapes(cfg, s, region).items():
-                wafer.alloc(name, shape, self.dtype, SPECS[name], stacked=name in STACKED)
+                cores.alloc(name, shape, self.dtype, SPECS[name], stacked=name in STACKED)
         elif isinstance(self.weights, Converted):
-            self.weights.load(wafer, self.placement, region, self.on_load)
+            self.weights.load(cores, self.placement, region, self.on_load)
         else:
             for name, array in region_weights(cfg, self.weights, s, region):
-                wafer.load(name, array, SPECS[name], stacked=name in STACKED)
+                cores.load(name, array, SPECS[name], stacked=name in STACKED)
                 if self.on_load:
                     self.on_load(array.nbytes, self.weight_bytes())
                 del array  # before the next padded tensor is built
@@ -394,7 +399,7 @@ class WaferLlama:
         if region.head:
             work["logits"] = ((s.vocab,), Spec("x"))
         for name, (shape, spec) in work.items():
-            wafer.alloc(name, shape, self.dtype, spec, stacked=name in STACKED)
+            cores.alloc(name, shape, self.dtype, spec, stacked=name in STACKED)
 
     # ---- decode ---------------------------------------------------------------------------
     def reset(self) -> None:
@@ -441,30 +446,27 @@ class WaferLlama:
     def _step(self, token: int) -> tuple[np.ndarray | None, StepStats]:
         t0 = time.perf_counter()
         s = self.placement.shape
-        if self.cost_only:
-            x = None
-        else:
+        x = None
+        if not self.cost_only:
             x = np.zeros(s.dim, np.float32)
             x[: self.cfg.dim] = self.weights.tok_embeddings[int(token)]
-        cycles, handoff, counts, per_tile, phases = [], 0.0, Counter(), [], []
-        last = len(self.wafers) - 1
-        for i, (wafer, plan) in enumerate(zip(self.wafers, self.plans)):
-            if i:
-                handoff += self._handoff_cycles()
-            # one call per tile: the activation in, the clocks zeroed, the next region's activation or the logits out
-            out = [] if self.cost_only else ["x"] if i < last else ["logits"] if plan.head else []
-            stats = wafer.run(decode_step, plan=plan.as_kwargs(), pos=self.pos, reset=True, outputs=out,
-                              inputs=None if x is None else {"x": (x, Spec("y"))})
-            x = stats.outputs.get("x")
-            cycles.append(stats.cycles)
-            phases.append(stats.phases)
-            counts.update(stats.counts)
-            nodes = wafer.nodes()
-            per_tile += [{"region": i, "tile": t, "node": nodes[t], **d} for t, d in enumerate(stats.per_tile)]
+        # one call per tile: the activation into region 0, the clocks zeroed, the logits out of the last region
+        out = ["logits"] if not self.cost_only and self.plans[-1].head else []
+        stats = self.wafer.run(decode_regions, plans=[p.as_kwargs() for p in self.plans], pos=self.pos, shape=self.mesh,
+                               origins=self.origins, reset=True, outputs=out,
+                               inputs=None if x is None else {"x": (x, Spec("y"))})
+        n = len(self.plans)
+        begin = [stats.start] + [stats.stamps[f"begin:{r}"] for r in range(1, n)]  # x in: the last of the region's cores
+        end = [stats.stamps[f"end:{r}"] for r in range(n)]
+        phases = [stats.phases] if n == 1 else [[(label, c - (b - stats.start), comp, host) for label, c, comp, host in ph]
+                                                for ph, b in zip(stats.region_phases, begin)]
+        nodes, per = self.wafer.nodes(), self.tiles[0] * self.tiles[1]
+        per_tile = [{"region": t // per, "tile": t % per, "node": nodes[t], **d} for t, d in enumerate(stats.per_tile)]
         logits = stats.outputs["logits"][: self.cfg.vocab_size] if "logits" in stats.outputs else None
         self.pos += 1
-        return logits, StepStats(sum(cycles) + handoff, cycles, handoff, time.perf_counter() - t0, dict(counts), per_tile,
-                                 phases)
+        return logits, StepStats(stats.cycles, [e - b for b, e in zip(begin, end)],
+                                 sum(b - e for e, b in zip(end, begin[1:])), time.perf_counter() - t0, dict(stats.counts),
+                                 per_tile, phases)
 
     def prefill(self, prompt_ids: list[int] | int, on_layer: Callable[[int, int], None] | None = None
                 ) -> tuple[np.ndarray | None, PrefillStats]:
@@ -500,41 +502,44 @@ class WaferLlama:
 
     def _prefill(self, prompt: list[int] | int, on_layer: Callable[[int, int], None] | None
                  ) -> tuple[np.ndarray | None, PrefillStats]:
+        """Every region in turn on one clock: region 0's input from the host, each next one's from the region before
+        it (a transfer), the logits from the last; the regions skew and un-skew their weights in parallel."""
         ids = None if isinstance(prompt, int) else prompt
         n = prompt if ids is None else len(ids)
         t0 = time.perf_counter()
         s, p = self.placement.shape, self.mesh[0]
         st = -(-n // p)
-        x = None
-        if not self.cost_only:
-            x = np.zeros((st * p, s.dim), np.float32)
-            x[:n, : self.cfg.dim] = self.weights.tok_embeddings[ids]
-            x = skew_rows(x, p)
-        relay = [w.run(relayout, layers=r.layers, head=r.head, to="prefill").cycles for w, r in self._regions()]
-        cycles, crossing, layers = [], 0.0, []
-        total, done = sum(r.layers + r.head for r in self.placement.regions), 0
-        for i, (wafer, region) in enumerate(self._regions()):
-            wafer.alloc("kv_p", (st * p, region.layers, 2, s.kv), self.dtype, Spec("y", None, None, "x"))
+        wafer, shares = self.wafer, self.placement.regions
+        wafer.reset_clocks()
+        relay = [wafer.run(relayout, region=r.index, layers=r.layers, head=r.head, to="prefill").end for r in shares]
+        cycles, crossing, layers, ends = [], 0.0, [], []
+        total, done = sum(r.layers + r.head for r in shares), 0
+        for i, region in enumerate(shares):
+            cores = wafer.regions[i]
+            cores.alloc("kv_p", (st * p, region.layers, 2, s.kv), self.dtype, Spec("y", None, None, "x"))
             if region.head:
-                wafer.alloc("logits_p", (st * p, s.vocab), self.dtype, Spec("y", "x"))
-            if i:
-                crossing += self._crossing_cycles(st)
-                x = None if self.cost_only else self.wafers[i - 1].read("xp")
-                self.wafers[i - 1].free("xp")
-            if x is None:
-                wafer.alloc("xp", (st * p, s.dim), self.dtype, Spec("y", "x"))
+                cores.alloc("logits_p", (st * p, s.vocab), self.dtype, Spec("y", "x"))
+            if i == 0 and not self.cost_only:
+                x = np.zeros((st * p, s.dim), np.float32)
+                x[:n, : self.cfg.dim] = self.weights.tok_embeddings[ids]
+                cores.load("xp", skew_rows(x, p), Spec("y", "x"))
             else:
-                wafer.load("xp", x, Spec("y", "x"))
-            wafer.reset_clocks()
+                cores.alloc("xp", (st * p, s.dim), self.dtype, Spec("y", "x"))
+            begin = relay[0]
+            if i:
+                begin = wafer.run(prefill_crossing, shape=self.mesh, a=self.origins[i - 1], b=self.origins[i]).end
+                crossing += begin - ends[-1]
+                wafer.regions[i - 1].free("xp")
             runs = []
             for layer in range(region.layers + region.head):  # one run per layer: the clocks run on
-                runs.append(wafer.run(prefill, plan=self.plans[i].as_kwargs(), tokens=n, layer=layer))
+                runs.append(wafer.run(prefill, region=i, plan=self.plans[i].as_kwargs(), tokens=n, layer=layer))
                 done += 1
                 if on_layer:
                     on_layer(done, total)
-            cycles.append(max(r.end for r in runs) - runs[0].start)
-            layers.append([(r.start - runs[0].start, r.end - runs[0].start, r.phases) for r in runs])
-        last = self.wafers[-1]
+            ends.append(max(r.end for r in runs))
+            cycles.append(ends[-1] - begin)
+            layers.append([(r.start - begin, r.end - begin, r.phases) for r in runs])
+        last = wafer.regions[-1]
         logits = None
         if not self.cost_only and self.plans[-1].head:
             logits = last.read("logits_p")[:n, : self.cfg.vocab_size]
@@ -542,32 +547,19 @@ class WaferLlama:
         if self.plans[-1].head:
             last.free("logits_p")
         handover = []
-        for wafer, region in self._regions():
-            wafer.reset_clocks()
-            c = wafer.run(kv_handover, st=st, tokens=n, mode=self.kv, cap=region.cap).cycles
-            wafer.free("kv_p")
-            handover.append(c + wafer.run(relayout, layers=region.layers, head=region.head, to="decode").cycles)
+        for i, region in enumerate(shares):
+            wafer.run(kv_handover, region=i, st=st, tokens=n, mode=self.kv, cap=region.cap)
+            wafer.regions[i].free("kv_p")
+            back = wafer.run(relayout, region=i, layers=region.layers, head=region.head, to="decode")
+            handover.append(back.end - ends[i])
         self.pos = n
-        return logits, PrefillStats(n, max(relay), cycles, crossing, max(handover), time.perf_counter() - t0,
+        return logits, PrefillStats(n, relay[0], cycles, crossing, max(handover), time.perf_counter() - t0,
                                     self.sram_high_water(), layers)
-
-    def _regions(self):
-        return zip(self.wafers, self.placement.regions)
-
-    def _crossing_cycles(self, st: int) -> float:
-        """Every row's prompt activations leaving through the region's east edge, one block per core of the row."""
-        s = self.placement.shape
-        return crossing_cycles(self.device, s.width, st * s.dt * np.dtype(self.dtype).itemsize, s.width)
-
-    def _handoff_cycles(self) -> float:
-        """One row block of x crossing into the next region and spreading along its rows."""
-        s = self.placement.shape
-        return crossing_cycles(self.device, s.width, s.dt * np.dtype(self.dtype).itemsize)
 
     # ---- reports --------------------------------------------------------------------------
     def sram_high_water(self) -> int:
         """Highest SRAM high-water mark of any core, in bytes."""
-        return max(int(w.memory()[1].max()) for w in self.wafers)
+        return int(self.wafer.memory()[1].max())
 
     def summary(self) -> dict[str, Any]:
         """Predicted and emulation figures for the tokens run so far."""
@@ -578,7 +570,7 @@ class WaferLlama:
                 "cycles_per_step": cpt,  # one token through every layer (every token fed counts), no hand-over
                 "steps_per_s": self.device.clock_hz / cpt if cpt else 0.0,
                 "device": self.device.name,
-                "regions": len(self.wafers),
+                "regions": len(self.plans),
                 "handoff_cycles_per_token": t.steps[-1].handoff_cycles if t.steps else 0.0,
             },
             "emulation": {
@@ -594,12 +586,12 @@ class WaferLlama:
         }
 
     def close(self) -> None:
-        for region, (move, _) in self._moving.items():
-            self.wafers[region].move_cancel(move)
+        if self.wafer is not None:
+            for move, _ in self._moving.values():
+                self.wafer.move_cancel(move)
+            self.wafer.shutdown()
         self._moving = {}
-        for w in self.wafers:
-            w.shutdown()
-        self.wafers = []
+        self.wafer = None
 
     def __enter__(self) -> "WaferLlama":
         return self

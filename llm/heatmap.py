@@ -23,11 +23,14 @@ MOST = 64  # the JSON report keeps at most MOST x MOST cells per panel
 
 def heatmap_data(engine: WaferLlama) -> list[dict[str, np.ndarray]]:
     """Per region: each panel's ``[y, x]`` array (the engine must record them: ``WaferLlama(activity=True)``)."""
+    busy, links = engine.wafer.activity()
+    high = engine.wafer.memory()[1]
     out = []
-    for wafer in engine.wafers:
-        busy, links = wafer.activity()
-        out.append({"sram_high_water_bytes": wafer.memory()[1], "compute_cycles": busy,
-                    "link_bytes_y": links[0] + links[1], "link_bytes_x": links[2] + links[3]})
+    for region in engine.wafer.regions:
+        (y, x), (h, w) = region.origin, region.mesh.shape
+        cut = lambda a: a[..., y : y + h, x : x + w]  # noqa: E731
+        out.append({"sram_high_water_bytes": cut(high), "compute_cycles": cut(busy),
+                    "link_bytes_y": cut(links[0] + links[1]), "link_bytes_x": cut(links[2] + links[3])})
     return out
 
 

@@ -116,8 +116,8 @@ def prefill_bytes(cfg: LlamaConfig, s: RegionShape, layers: int, head: bool, tok
 
 
 @dataclass(frozen=True)
-class Region:
-    """One region: which layers it runs and how many KV slots each of its cores has."""
+class RegionShare:
+    """The share of the model one region holds: which layers it runs and how many KV slots each of its cores has."""
 
     index: int
     first_layer: int
@@ -135,7 +135,7 @@ class Placement:
 
     cfg: LlamaConfig
     shape: RegionShape
-    regions: tuple[Region, ...]
+    regions: tuple[RegionShare, ...]
     kv_mode: str
     prefill_tokens: int = 0  # longest prompt the cores keep room to prefill
 
@@ -222,7 +222,7 @@ def place(cfg: LlamaConfig, device: DeviceSpec, height: int, width: int, *, kv_m
             if cap < need:
                 ok = False
                 break
-            regions.append(Region(i, bounds[i], layers, last, int(min(cap, max_slots or cap)), fixed, slot, transient))
+            regions.append(RegionShare(i, bounds[i], layers, last, int(min(cap, max_slots or cap)), fixed, slot, transient))
         if ok:
             if n > available:
                 total = sum(r.bytes_fixed + need * r.bytes_slot for r in regions) * height * width
@@ -283,7 +283,7 @@ SPECS = {
 STACKED = {"attn_norm", "wqkv", "bqkv", "wo", "ffn_norm", "w13", "w2", "k_cache", "v_cache"}  # (layers, ...): read a layer at a time
 
 
-def weight_shapes(cfg: LlamaConfig, s: RegionShape, region: Region) -> dict[str, tuple[int, ...]]:
+def weight_shapes(cfg: LlamaConfig, s: RegionShape, region: RegionShare) -> dict[str, tuple[int, ...]]:
     """Global (padded) shapes of the region's weights in the decode layout."""
     g, L = cfg.n_heads // cfg.n_kv_heads, region.layers
     shapes = {
@@ -297,7 +297,7 @@ def weight_shapes(cfg: LlamaConfig, s: RegionShape, region: Region) -> dict[str,
     return shapes
 
 
-def region_weights(cfg: LlamaConfig, w: LlamaWeights, s: RegionShape, region: Region) -> Iterator[tuple[str, np.ndarray]]:
+def region_weights(cfg: LlamaConfig, w: LlamaWeights, s: RegionShape, region: RegionShare) -> Iterator[tuple[str, np.ndarray]]:
     """The region's weights, regrouped (GQA) and zero-padded to ``weight_shapes``, one tensor at a time.
 
     Each tensor is built when asked for, so the host holds one padded copy at a time.

@@ -39,7 +39,6 @@ from .calibration import (
     prefill_layer,
 )
 from .config import preset
-from .engine import crossing_cycles
 from .paper_kernel import KERNELS, check_kernel, paper_config, paper_shape
 from .placement import PlacementError, place, place_unbounded
 from .utilisation import decode_work, prefill_work
@@ -66,7 +65,7 @@ def decode_row(model: str, device: DeviceSpec, grid: int, executor: str = "fused
     cycles, sram, _ = decode_layer(cfg, device, grid, executor=executor, kernel=kernel, phases=phases)
     shaped = _shapes(model, grid, kernel)
     regions, fits = _regions(shaped, device, grid, CONTEXT, 0)
-    hop = crossing_cycles(device, grid, math.ceil(shaped.dim / grid) * 2)
+    hop = transfer_cycles(device, grid, math.ceil(shaped.dim / grid) * 2)
     handoff = None if regions is None else (regions - 1) * hop
     paper = PAPER_TPS.get((model, "decode", grid))
     tps = device.clock_hz / (cycles * cfg.n_layers)
@@ -80,6 +79,14 @@ def decode_row(model: str, device: DeviceSpec, grid: int, executor: str = "fused
         "note": "one layer measured and scaled" + _fit_note(regions, fits),
         **_traced(phases, f"{model} {kernel} decode {grid}x{grid}", cycles),
     }
+
+
+def transfer_cycles(device: DeviceSpec, grid: int, block_bytes: int, load: int = 1) -> float:
+    """From its sources' clocks, a hand-off between two grid x grid regions side by side: ``grid`` hops to the far
+    core and one block through each link, ``load`` blocks where that many flows share one (the closed form of
+    ``llm.regions``' transfers, which ``tests/llm/test_regions.py`` checks a run lands at). A row measures one
+    layer, not a wafer of regions, so this stands in for the run."""
+    return grid * device.alpha + load * block_bytes / device.link_bytes_per_cycle
 
 
 def _regions(cfg, device: DeviceSpec, grid: int, tokens: int, prefill_tokens: int) -> tuple[int | None, bool]:
@@ -119,7 +126,7 @@ def prefill_row(model: str, device: DeviceSpec, grid: int, tokens: int = CONTEXT
                                                  phases=phases)
     shaped = _shapes(model, grid, kernel)
     regions, fits = _regions(shaped, device, grid, tokens, tokens)
-    crossing = crossing_cycles(device, grid, -(-tokens // grid) * math.ceil(shaped.dim / grid) * 2, grid)
+    crossing = transfer_cycles(device, grid, -(-tokens // grid) * math.ceil(shaped.dim / grid) * 2, grid)
     paper = PAPER_TPS.get((model, "prefill", grid)) if tokens == CONTEXT else None
     tps = tokens * device.clock_hz / (cycles * cfg.n_layers)
     return {

@@ -9,8 +9,8 @@ fabric holds), unless
 largest square the fabric holds) and scaled by the number of layers, as the paper measured,
 and the report says so.
 
-The activation's hand-off between regions is still the formula of ``engine.crossing_cycles``
-(one row block per row, ``width + 1`` hops, one relay), not a transfer on the fabric.
+All regions are parts of one wafer, one clock per core: the activation's hand-off between
+regions (and the prompt's crossing) is a transfer on the fabric (``llm.regions``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from .calibration import decode_layer, prefill_layer
 from .config import LlamaConfig
 from .engine import WaferLlama
 from .placement import Placement, PlacementError, place_unbounded
+from .regions import snake
 
 F16 = 2  # bytes per element: the paper's float16
 
@@ -52,17 +53,6 @@ class WholePlan:
 
 def _regions_fit(device: DeviceSpec, side: int) -> int:
     return (device.height // side) * (device.width // side)
-
-
-def snake(device: DeviceSpec, side: int, n: int) -> tuple[tuple[int, int], ...]:
-    """Top-left cores of ``n`` side x side regions in snake order: along the first row of regions, back along
-    the second, and so on, so that each region shares an edge with the next."""
-    per_row = device.width // side
-    out = []
-    for i in range(n):
-        r, c = divmod(i, per_row)
-        out.append((r * side, (c if r % 2 == 0 else per_row - 1 - c) * side))
-    return tuple(out)
 
 
 def check_context(cfg: LlamaConfig, prompt_tokens: int, new_tokens: int) -> int:
@@ -111,7 +101,7 @@ def plan_whole(cfg: LlamaConfig, device: DeviceSpec, tokens: int, prefill_tokens
             nearest = (n / fit, s, p)
     if best is not None:
         _, s, p = best
-        return WholePlan(device, s, p, snake(device, s, len(p.regions)))
+        return WholePlan(device, s, p, snake((device.height, device.width), (s, s), len(p.regions)))
     room = f"{tokens} tokens of KV cache and room to prefill {prefill_tokens}"
     if nearest is None:
         largest = side or min(device.height, device.width)
@@ -150,7 +140,7 @@ def run_whole(cfg: LlamaConfig, device: DeviceSpec, prompt_tokens: int, new_toke
                     transport="local", executor=executor) as m:
         _, pre = m.prefill(prompt_tokens, on_layer)
         steps = [m.step(0)[1] for _ in range(new_tokens - 1)]
-        sram = [int(w.memory()[1].max()) for w in m.wafers]
+        sram = [int(r.memory()[1].max()) for r in m.wafer.regions]
     decode = sum(st.cycles for st in steps) / len(steps) if steps else None
     return {
         "model": cfg.name, "device": device.name, "method": f"all {cfg.n_layers} layers run",

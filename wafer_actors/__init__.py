@@ -6,11 +6,11 @@ from .errors import (CoreMemoryError, DeviceSpecError, InputError, InvalidArgume
                      ProtocolAborted, ProtocolError, RoutingError, TileLost)
 from .layout import Layout, Spec, gather, scatter
 from .mesh import Core, Dir, Mesh, Tiling
-from .wafer import RunStats, Wafer
+from .wafer import Region, RunStats, Wafer
 
 __all__ = [
     "Core", "CoreMemoryError", "DeviceSpec", "DeviceSpecError", "Dir", "InputError", "InvalidArgument",
-    "Layout", "LayoutError", "Mesh", "NodeMemoryError", "ProtocolAborted", "ProtocolError", "RoutingError",
+    "Layout", "LayoutError", "Mesh", "NodeMemoryError", "ProtocolAborted", "ProtocolError", "Region", "RoutingError",
     "RunStats", "Spec", "TileLost", "Tiling", "Wafer", "gather", "preset", "scatter",
 ]
 

@@ -38,6 +38,7 @@ class Clocks:
         self.tracing = False  # record protocols' marks
         self.counting = False  # record per-core compute cycles and per-link bytes
         self.marks: list[tuple[str, float, float, float]] = []
+        self.stamps: dict[str, float] = {}  # this run's moments by name: the latest core's clock then
         self.busy = np.zeros(shape)  # compute cycles charged to each core while counting
         self.link_bytes = np.zeros((4, *shape))  # bytes sent on each directed link leaving a core (N, S, W, E)
         self._rates: dict[Any, float] = {}
@@ -56,6 +57,10 @@ class Clocks:
         if self.tracing:
             i = int(np.argmax(self.clock))
             self.marks.append((label, float(self.clock.flat[i]), float(self.path_compute.flat[i]), time.perf_counter()))
+
+    def stamp(self, name: str) -> None:
+        """Note the moment ``name`` of the running protocol (traced or not): the latest clock of the tile's cores."""
+        self.stamps[name] = float(self.clock.max())
 
     def clocks(self) -> np.ndarray:
         return self.clock.copy()

@@ -56,11 +56,13 @@ class RunStats:
             ``node_*`` actor messages that crossed cluster nodes, ``steps_fused`` collective
             steps the fused executor ran without messages.
         host_wall_s: host seconds the run took.
+        stamps: the moments the protocol noted (``Tile.stamp``), each the latest core's clock then.
         outputs: the tensors ``run(outputs=...)`` read back after the run.
         per_tile: each tile's own statistics (``wall_s``, ``wait_s`` and the counts).
         phases: with tracing on (``Wafer.trace``), the protocol's marks in order: (label, cycles from the run's
             start to the phase's end on the latest core of any tile, compute on that core's critical path so far,
-            host seconds from the start to the last tile's mark).
+            host seconds from the start to the last tile's mark). ``region_phases``: the same for each region, in
+            a run of every region of a wafer of several (``phases`` is then empty).
     """
 
     protocol: str
@@ -77,6 +79,8 @@ class RunStats:
     host_wall_s: float
     per_tile: list[dict[str, Any]] = field(repr=False)
     phases: list[tuple[str, float, float, float]] = field(default_factory=list, repr=False)
+    region_phases: list[list[tuple[str, float, float, float]]] = field(default_factory=list, repr=False)
+    stamps: dict[str, float] = field(default_factory=dict, repr=False)
     outputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
 
@@ -317,7 +321,7 @@ class Wafer:
 
     # ---- protocols ------------------------------------------------------------------------
     def run(self, proto: Protocol, *, inputs: dict[str, tuple[np.ndarray, Spec | Layout]] | None = None,
-            outputs: Sequence[str] = (), reset: bool = False, **kwargs: Any) -> RunStats:
+            outputs: Sequence[str] = (), reset: bool = False, region: int | None = None, **kwargs: Any) -> RunStats:
         """Run ``proto`` on every tile and return what it cost.
 
         Routes are counted before anything runs (once per set of routes: a protocol that
@@ -327,17 +331,27 @@ class Wafer:
         tensors named in ``outputs`` come back in ``RunStats.outputs`` (as ``read``). On a wafer of
         several regions, the inputs go to the first region and the outputs come from the last.
 
+        ``region``: run a protocol of one region on that region alone (its mesh, its routes, its
+        inputs and outputs; the other tiles wait); the figures are the region's.
+
         Raises:
             RoutingError: a core needs more routing entries than the device has.
             CoreMemoryError, ProtocolError: raised by a tile; the other tiles are stopped.
         """
         if not isinstance(proto, Protocol):
             raise TypeError(f"run() takes a Protocol (see wafer_actors.collectives), got {type(proto).__name__}")
-        usage, routes = self._check_routes(proto.routes(self.mesh, **kwargs))
+        if region is not None and not 0 <= region < len(self.regions):
+            raise InvalidArgument(f"region must be in [0, {len(self.regions)}), got {region}")
+        where = None if region is None else self.regions[region]
+        mesh = self.mesh if where is None else where.mesh
+        usage, routes = self._check_routes(mesh, proto.routes(mesh, **kwargs))
         if self.cost_only and (inputs or outputs):
             raise InvalidArgument("a cost-only wafer holds shapes, not values: a run takes no inputs or outputs")
         io = [{"reset": reset, "put": {}, "get": {}} for _ in self.tiling.rects]
-        into, out_of = self.regions[0], self.regions[-1]
+        if where is not None:
+            for i in range(len(io)):
+                io[i]["skip"] = not where.base <= i < where.base + len(where.tiling)
+        into, out_of = (self.regions[0], self.regions[-1]) if where is None else (where, where)
         for name, (array, spec) in (inputs or {}).items():
             for i, part in enumerate(into._scatter(name, np.asarray(array), into._layout(spec))):
                 io[into.base + i]["put"][name] = part
@@ -348,10 +362,15 @@ class Wafer:
         t0 = time.perf_counter()
         results = self.transport.run(proto.path, self._run_id, routes, kwargs, io)
         wall = time.perf_counter() - t0
-        start = min(r["start"] for r in results)
-        last = min(results, key=lambda r: (-r["end"], r["last_core"]))  # tiling-independent choice
+        ran = [r for r, part in zip(results, io) if not part.get("skip")]
+        regions: dict[int, list] = {}  # region -> marks of each of its tiles that ran
+        for i, (r, part) in enumerate(zip(results, io)):
+            if not part.get("skip"):
+                regions.setdefault(i // self.tiling.per_region, []).append(r["marks"])
+        start = min(r["start"] for r in ran)
+        last = min(ran, key=lambda r: (-r["end"], r["last_core"]))  # tiling-independent choice
         end = last["end"]
-        counts = {k: int(sum(r["stats"].get(k, 0) for r in results)) for k in STAT_KEYS}
+        counts = {k: int(sum(r["stats"].get(k, 0) for r in ran)) for k in STAT_KEYS}
         return RunStats(
             protocol=proto.name,
             cycles=end - start,
@@ -362,13 +381,15 @@ class Wafer:
             comm_cycles=end - start - min(last["compute_cycles"], end - start),
             relay_stages=last["relay_stages"],
             routes_per_core_max=int(usage.max()),
-            sram_peak_bytes_max=max(r["sram_high"] for r in results),
+            sram_peak_bytes_max=max(r["sram_high"] for r in ran),
             counts=counts,
             host_wall_s=wall,
-            per_tile=[r["stats"] for r in results],
-            phases=_phases([r["marks"] for r in results], start),
+            per_tile=[r["stats"] for r in ran],
+            phases=_phases([r["marks"] for r in ran], start) if len(regions) == 1 else [],
+            region_phases=[] if len(regions) == 1 else [_phases(m, start) for m in regions.values()],
+            stamps={k: max(r["stamps"][k] for r in ran if k in r["stamps"]) for k in {k for r in ran for k in r["stamps"]}},
             outputs={name: out_of._gather(name, {i - out_of.base: r["got"][name] for i, r in enumerate(results)
-                                                if name in r["got"]}) for name in outputs},
+                                                if name in r.get("got", {})}) for name in outputs},
         )
 
     def activity(self) -> tuple[np.ndarray, np.ndarray]:
@@ -384,15 +405,15 @@ class Wafer:
         self._tracing = (on, activity)
         self.transport.call("set_tracing", [(on, activity)] * len(self.tiling))
 
-    def _check_routes(self, routes: Iterable[Route]) -> tuple[np.ndarray, list[str]]:
+    def _check_routes(self, mesh: Mesh, routes: Iterable[Route]) -> tuple[np.ndarray, list[str]]:
         if not isinstance(routes, (list, tuple)):  # yielded lazily (each built anew): counted as they come, failing early
-            return check_routes(self.mesh, routes, self.device.routes_per_core)
-        key = (self.mesh, self.device.routes_per_core, tuple(map(id, routes)))  # the entry holds the routes: ids stay theirs
+            return check_routes(mesh, routes, self.device.routes_per_core)
+        key = (mesh, self.device.routes_per_core, tuple(map(id, routes)))  # the entry holds the routes: ids stay theirs
         hit = _ROUTE_CHECKS.get(key)
         if hit is None:
             if len(_ROUTE_CHECKS) >= 64:  # protocols that build new routes every run
                 _ROUTE_CHECKS.clear()
-            hit = _ROUTE_CHECKS[key] = (routes, check_routes(self.mesh, routes, self.device.routes_per_core))
+            hit = _ROUTE_CHECKS[key] = (routes, check_routes(mesh, routes, self.device.routes_per_core))
         return hit[1]
 
     # ---- state ----------------------------------------------------------------------------

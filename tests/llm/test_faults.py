@@ -42,12 +42,12 @@ def run(transport, *, prefill="token", fault=None, on_failure="recover", snapsho
                 fault(m)
 
         out = generate(m, PROMPT, max_new_tokens=NEW, prefill=prefill, on_token=on_token)
-        nodes = [wafer.nodes() for wafer in m.wafers]
+        nodes = m.wafer.nodes()
         return out, [s.cycles for s in m.totals.steps], m.recoveries, nodes
 
 
 def tile_actor(m, tile):
-    return ray.get_actor(m.wafers[0].transport.tile_name(tile), namespace=NAMESPACE)
+    return ray.get_actor(m.wafer.transport.tile_name(tile), namespace=NAMESPACE)
 
 
 def ray_kill(m):
@@ -55,7 +55,7 @@ def ray_kill(m):
 
 
 def kill_9(m):
-    os.kill(m.wafers[0].transport.pids()[1], signal.SIGKILL)
+    os.kill(m.wafer.transport.pids()[1], signal.SIGKILL)
 
 
 @pytest.mark.parametrize("prefill", ["token", "mesh"])
@@ -70,7 +70,7 @@ def test_a_killed_tile_is_replaced_and_the_run_is_unchanged(ray_cluster_3_nodes,
     lost = recoveries[0]
     assert lost.tile == 1 and lost.replayed_tokens == KILL_AT
     assert "died" in lost.reason and lost.host_s > 0
-    assert len(set(nodes[0])) == 3  # the node kept its place: only the process was lost
+    assert len(set(nodes)) == 3  # the node kept its place: only the process was lost
 
 
 def test_a_lost_tile_of_a_converted_model_reads_its_shard_again(ray_cluster_3_nodes, tmp_path):
@@ -98,7 +98,7 @@ def test_a_snapshot_shortens_the_replay_and_changes_nothing(ray_cluster_3_nodes,
 def test_tile_names_show_in_ray(ray_cluster_3_nodes):
     w = random_weights(TINY, seed=5)
     with WaferLlama(TINY, w, mesh=(6, 6), tiles=(1, 3), transport="ray", tokens=2) as m:
-        name = m.wafers[0].transport.name
+        name = m.wafer.transport.name
         listed = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
         assert {f"{name}/tile-{i}" for i in range(3)} <= listed
         assert name.startswith("wafer-")
@@ -115,9 +115,9 @@ def test_a_planned_migration_moves_tiles_while_decode_goes_on(ray_cluster_3_node
     moved = {}
 
     def migrate(m):
-        t = m.wafers[0].transport
+        t = m.wafer.transport
         moved["before"] = [t.tile_name(i) for i in range(3)]
-        m.migrate(m.wafers[0].nodes()[0], tiles=[1, 2])
+        m.migrate(m.wafer.nodes()[0], tiles=[1, 2])
 
     base, base_cycles, _, _ = run("local")
     w = random_weights(TINY, seed=5)
@@ -125,7 +125,7 @@ def test_a_planned_migration_moves_tiles_while_decode_goes_on(ray_cluster_3_node
         out = generate(m, PROMPT, max_new_tokens=NEW,
                        on_token=lambda i, _t: migrate(m) if i == KILL_AT else None)
         m.finish_migration()  # if the background copy outlasted the decode
-        nodes, t = m.wafers[0].nodes(), m.wafers[0].transport
+        nodes, t = m.wafer.nodes(), m.wafer.transport
         names = [t.tile_name(i) for i in range(3)]
         cycles = [s.cycles for s in m.totals.steps]
         assert len(set(nodes)) == 1 and not m.recoveries

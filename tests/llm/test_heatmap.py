@@ -35,7 +35,7 @@ def run(executor: str, tiles: tuple[int, int], prefill: str):
     with WaferLlama(TINY, random_weights(TINY, seed=2), mesh=(6, 6), tiles=tiles, transport="local", tokens=8,
                     prefill_tokens=4, executor=executor, activity=True) as m:
         generate(m, [3, 1, 4, 1], max_new_tokens=3, prefill=prefill)
-        return heatmap_data(m)[0], m.wafers[0].memory()[1]
+        return heatmap_data(m)[0], m.wafer.memory()[1]
 
 
 @pytest.mark.parametrize("prefill", ["token", "mesh"])

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.cluster
 
 def test_a_removed_node_moves_its_tiles_to_the_survivors(ray_cluster_3_nodes):
     def remove_node(m):
-        lost = m.wafers[0].nodes()[2]
+        lost = m.wafer.nodes()[2]
         ray_cluster_3_nodes.remove_node(next(n for n in ray_cluster_3_nodes.worker_nodes if n.node_id == lost))
 
     base, base_cycles, _, _ = run("local")
@@ -21,4 +21,4 @@ def test_a_removed_node_moves_its_tiles_to_the_survivors(ray_cluster_3_nodes):
     assert out.output_ids == base.output_ids
     assert cycles == base_cycles
     assert [r.tile for r in recoveries] == [2]
-    assert recoveries[0].node not in nodes[0] and len(set(nodes[0])) == 2
+    assert recoveries[0].node not in nodes and len(set(nodes)) == 2

@@ -38,16 +38,18 @@ def close(got, want):
 
 @pytest.mark.parametrize("mesh, tiles, kv, regions", [
     (4, (1, 1), "shift", 1), (4, (2, 2), "shift", 1), (4, (2, 2), "concat", 1), (5, (1, 1), "shift", 1),
-    (3, (1, 1), "shift", 2), (6, (2, 3), "concat", 1), (16, (1, 1), "shift", 1),  # 16: one token per row, rows left empty
+    (3, (1, 1), "shift", 2), (3, (1, 2), "shift", 3), (6, (2, 3), "concat", 1),
+    (16, (1, 1), "shift", 1),  # 16: one token per row, rows left empty
 ])
 def test_prefill_logits_every_position(weights, reference, mesh, tiles, kv, regions):
     with WaferLlama(TINY, weights, mesh=(mesh, mesh), tiles=tiles, transport="local", kv=kv, tokens=24,
                     regions=regions, prefill_tokens=len(PROMPT)) as m:
-        assert len(m.wafers) >= regions
+        assert len(m.wafer.regions) >= regions
         logits, stats = m.prefill(PROMPT)
         assert logits.shape == (len(PROMPT), TINY.vocab_size)
         close(logits, reference)
         assert stats.ttft_cycles > sum(stats.region_cycles) > 0 and stats.handover_cycles > 0
+        assert (stats.crossing_cycles > 0) == (len(m.wafer.regions) > 1)  # the prompt crossed as a transfer
         assert m.pos == len(PROMPT)
 
 
@@ -56,7 +58,7 @@ def test_handover_leaves_the_cache_and_weights_decode_expects(weights, kv, tiles
     """After prefill + hand-over, the KV cache equals the one the token path builds and the
     weights are back in decode's layout, bit for bit."""
     def state(m):
-        w = m.wafers[0]
+        w = m.wafer
         return {n: w.blocks(n) for n in ("k_cache", "v_cache", "wqkv", "wo", "w13", "w2", "attn_norm", "lm_head")}
 
     with WaferLlama(TINY, weights, mesh=(4, 4), tiles=tiles, transport="local", kv=kv, tokens=24,
@@ -219,5 +221,5 @@ def test_fused_executor_costs_shapes_exactly_as_the_step_executor():
                         prefill_tokens=len(PROMPT), cost_only=True, executor=executor) as m:
             _, st = m.prefill(len(PROMPT))
             cycles[executor] = (st.relayout_cycles, st.region_cycles, st.handover_cycles, m.step(0)[1].cycles,
-                                m.wafers[0].clocks().tolist())
+                                m.wafer.clocks().tolist())
     assert cycles["fused"] == cycles["step"]

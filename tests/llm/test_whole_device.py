@@ -7,7 +7,7 @@ import json
 import pytest
 
 from llm.cli import main
-from llm.whole_device import snake
+from llm.regions import snake
 from wafer_actors import preset
 
 
@@ -15,7 +15,7 @@ from wafer_actors import preset
 def test_snake_order_keeps_consecutive_regions_side_by_side(side, n):
     """Regions in snake order lie on the fabric, none overlaps another, and each shares an edge with the next."""
     dev = preset("wse2")
-    origins = snake(dev, side, n)
+    origins = snake((dev.height, dev.width), (side, side), n)
     assert len(set(origins)) == n
     for y, x in origins:
         assert 0 <= y and y + side <= dev.height and 0 <= x and x + side <= dev.width
