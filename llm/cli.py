@@ -353,7 +353,7 @@ def _generate_cost_only(args: argparse.Namespace) -> int:
     print(f"prefill of {r['prompt_tokens']} tokens: {1e3 * r['ttft_s']:.3f} ms to the first token")
     if r["decode_cycles_per_token"] is not None:
         handoff = ("" if r["handoff_cycles_per_token"] is None else
-                   f"; region hand-offs {r['handoff_cycles_per_token']:,.0f} cycles per token, by the crossing formula")
+                   f"; region hand-offs (transfers) {r['handoff_cycles_per_token']:,.0f} cycles per token")
         print(f"decode: {r['decode_cycles_per_token']:,.0f} cycles per token = {r['decode_tps']:,.1f} tokens/s{handoff}")
     if r["handover_cycles"] is not None:
         print(f"between the first and second token: KV hand-over and weights back to decode's layout "
@@ -364,7 +364,8 @@ def _generate_cost_only(args: argparse.Namespace) -> int:
         dec = "" if row["decode_cycles"] is None else f"{row['decode_cycles']:,.0f}"
         print(f"{row['region']:>6} {str(tuple(row['origin'])):>12} {layers:>8} {row['sram_high_water_bytes']:>18,} "
               f"{row['prefill_cycles']:>15,.0f} {dec:>14}")
-    print(f"host time {r['host_s']:.1f} s", file=sys.stderr)
+    per_token = "" if r["decode_host_s_per_token"] is None else f", {r['decode_host_s_per_token']:.1f} s per decoded token"
+    print(f"host time {r['host_s']:.1f} s{per_token}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2))
     return 0

@@ -155,6 +155,7 @@ def run_whole(cfg: LlamaConfig, device: DeviceSpec, prompt_tokens: int, new_toke
              "prefill_cycles": pre.region_cycles[i], "decode_cycles": steps[-1].region_cycles[i] if steps else None}
             for i, (o, r) in enumerate(zip(plan.origins, plan.placement.regions))],
         "host_s": time.perf_counter() - t0,
+        "decode_host_s_per_token": sum(st.host_s for st in steps) / len(steps) if steps else None,
     }
 
 
@@ -182,5 +183,5 @@ def _one_layer(cfg: LlamaConfig, device: DeviceSpec, prompt_tokens: int, new_tok
         "crossing_cycles": None, "handover_cycles": None,
         "region_table": [{"region": 0, "origin": [0, 0], "layers": 1, "lm_head": False, "sram_high_water_bytes": sram,
                           "prefill_cycles": pre, "decode_cycles": dec}],
-        "host_s": time.perf_counter() - t0,
+        "host_s": time.perf_counter() - t0, "decode_host_s_per_token": None,
     }

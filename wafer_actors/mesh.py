@@ -56,7 +56,7 @@ def axis_index(axis: str) -> int:
 
 @dataclass(frozen=True)
 class Mesh:
-    """A rectangular region of ``height x width`` cores.
+    """A rectangular grid of ``height x width`` cores: a region's, or a whole wafer's.
 
     A mesh has shape and axis names but no actors: the same object serves full-numerics
     runs and cost-only runs.
