@@ -26,7 +26,8 @@ class LocalTransport(Transport):
         self._loop = asyncio.new_event_loop()
 
     def spawn(self, tiling: Tiling, device: DeviceSpec, cost_only: bool, executor: str) -> None:
-        self.tiles = [Tile(i, tiling.mesh.shape, tiling.tiles, device, cost_only, executor, tiling.region, tiling.origins) for i in range(len(tiling))]
+        self.tiles = [Tile(i, tiling.mesh.shape, tiling.tiles, device, cost_only, executor, tiling.region, tiling.origins)
+                      for i in range(len(tiling))]
         nodes = self.nodes()
         for t in self.tiles:
             t.connect(self._post, nodes)
