@@ -146,6 +146,23 @@ def _pattern(ln: np.ndarray, bounds: np.ndarray, *columns: np.ndarray) -> tuple[
 
 
 @dataclass(frozen=True)
+class Box:
+    """The flows of the parts between this tile and one other, in the order messages carry them.
+
+    ``wire``: each flow's index in ``Fused``'s arrays; ``cum[i]``: flows in parts before part i;
+    ``first``: per distinct source of each part, the position of its first flow (a message carries
+    one block per distinct source); ``ucum[i]``: distinct sources in parts before part i;
+    ``inverse``: per flow, its distinct source (numbered over the whole box).
+    """
+
+    wire: np.ndarray
+    cum: np.ndarray
+    first: np.ndarray
+    ucum: np.ndarray
+    inverse: np.ndarray
+
+
+@dataclass(frozen=True)
 class Fused:
     """A program's flows on one tile, as flat arrays for the compiled loop.
 
@@ -158,7 +175,9 @@ class Fused:
     (``lines``), the flows are kept as one pattern per part (no per-flow arrays): one line
     of each class of lines alike up to a shift of every time is timed (``_line_classes``)
     and every line's data moves. Messages carry a part's flows in the transfer's order
-    (``inbox``, ``outbox``: where each is held here).
+    (``inbox``, ``outbox``: where each is held here); what a flow carries from its source (its
+    block, the record on the source's critical path) travels once per distinct source of each
+    part (a multicast's block once; both sides know which flow takes which).
     Step s sends the parts ``send_parts[send_ptr[s]:send_ptr[s + 1]]`` and receives
     ``recv_parts[...]``, in the order ``Tile.send`` and ``Tile.recv`` take them. Parts to and from other tiles travel
     in batches: a tile runs its steps until one needs a part it has not received, sends
@@ -183,8 +202,8 @@ class Fused:
     step_direct: np.ndarray  # no core of the step both sends and receives: local blocks are read in place
     waits: tuple[int, ...]  # steps that receive a part from another tile
     needs: dict  # wait step -> ((tile, parts of its inbox the step needs received), ...)
-    inbox: dict  # tile -> (wire, cum): the flows of the parts it sends here in program order; cum[i] flows in parts < i
-    outbox: dict  # tile -> (upto, wire, cum): the same for the parts sent there; upto[s] parts in the send phases < s
+    inbox: dict  # tile -> Box of the parts it sends here, in program order
+    outbox: dict  # tile -> (upto, Box) of the parts sent there; upto[s] parts in the send phases < s
     local_flows: int
     remote_flows: int
     lines: Lines | None  # set where every part repeats on every line: the faster loop runs
@@ -205,26 +224,28 @@ class Fused:
         lanes = min(numba.get_num_threads(), lines)
         bounds = _lane_bounds(lines, lanes)
         raw: list[tuple[Transfer, str, int, np.ndarray]] = []  # per part: transfer, way, peer, its flows
+        sources: list[np.ndarray] = []  # per part: each flow's distinct source, in the transfer's order
         parts: dict[tuple[int, str, int], int] = {}  # (transfer, way, peer) -> part
         send_parts, send_ptr, recv_parts, recv_ptr, waits = [], [0], [], [0], []
         from_peer: dict[int, list[int]] = {}
         flows = {True: 0, False: 0}
 
-        def part(t: Transfer, way: str, other: int, f: np.ndarray) -> int:
+        def part(t: Transfer, way: str, other: int, pt) -> int:
             key = (id(t), "local" if other == index else way, other)
             if key not in parts:
                 parts[key] = len(raw)
-                raw.append((t, "local" if other == index else way, other, f))
+                raw.append((t, "local" if other == index else way, other, pt.flows))
+                sources.append(pt.inverse)
             return parts[key]
 
         for s, step in enumerate(program.steps):
             for t in step.transfers:
                 view = t.view(tile.tiling, index)
                 for dest, pt in view.outgoing.items():
-                    send_parts.append(part(t, "out", dest, pt.flows))
+                    send_parts.append(part(t, "out", dest, pt))
                     flows[dest == index] += len(pt.flows)
                 for src, pt in view.incoming.items():
-                    p = part(t, "in", src, pt.flows)
+                    p = part(t, "in", src, pt)
                     recv_parts.append(p)
                     if src != index:
                         from_peer.setdefault(src, []).append(p)
@@ -280,8 +301,11 @@ class Fused:
             shape, cores = None, h * w
             lane_ptr = np.array(lane_ptr, dtype=np.int64).reshape(len(raw), lanes + 1)
 
-        def box(ps: list[int]) -> tuple[np.ndarray, np.ndarray]:
-            return cat([wire[p] for p in ps]), np.cumsum([0] + [ptr[p + 1] - ptr[p] for p in ps])
+        def box(ps: list[int]) -> Box:
+            cum = np.cumsum([0] + [ptr[p + 1] - ptr[p] for p in ps])
+            ucum = np.cumsum([0] + [len(np.unique(sources[p])) for p in ps])
+            first = cat([cum[i] + np.unique(sources[p], return_index=True)[1] for i, p in enumerate(ps)])
+            return Box(cat([wire[p] for p in ps]), cum, first, ucum, cat([ucum[i] + sources[p] for i, p in enumerate(ps)]))
 
         inbox = {src: box(ps) for src, ps in from_peer.items()}
         needs = {}
@@ -295,7 +319,7 @@ class Fused:
         for dest in {peer[p] for p in send_parts} - {index}:
             ps = [p for p in send_parts if peer[p] == dest]
             upto = np.array([sum(peer[p] == dest for p in send_parts[: send_ptr[s]]) for s in range(len(program.steps) + 1)])
-            outbox[dest] = (upto, *box(ps))
+            outbox[dest] = (upto, box(ps))
         single, direct = [], []
         for s in range(len(program.steps)):
             into = cat([cols["dst"][p] for p in recv_parts[recv_ptr[s] : recv_ptr[s + 1]]])
@@ -413,23 +437,23 @@ class Fused:
             return k
 
         def flush() -> None:
-            for dest, (upto, wire, cum) in self.outbox.items():
+            for dest, (upto, b) in self.outbox.items():
                 i0, i1 = flushed[dest], upto[sent]
                 if i1 > i0:
-                    idx = wire[cum[i0] : cum[i1]]
-                    tile.post_batch(dest, f"{tag}:{count('out', dest)}", msg[idx] if has_data else None, head[idx], tail[idx],
-                                    stages[idx], compute[idx])
+                    idx, one = b.wire[b.cum[i0] : b.cum[i1]], b.wire[b.first[b.ucum[i0] : b.ucum[i1]]]
+                    tile.post_batch(dest, f"{tag}:{count('out', dest)}", msg[one] if has_data else None, head[idx], tail[idx],
+                                    stages[one], compute[one])
                     flushed[dest] = i1
 
         async def take(src: int) -> None:
             m = await tile.take_batch(f"{tag}:{count('in', src)}", src)
-            wire, cum = self.inbox[src]
-            a = cum[taken[src]]
-            where = wire[a : a + len(m.head)]
-            head[where], tail[where], stages[where], compute[where] = m.head, m.tail, m.stages, m.compute
+            b, i = self.inbox[src], taken[src]
+            a = b.cum[i]
+            where, of = b.wire[a : a + len(m.head)], b.inverse[a : a + len(m.head)] - b.ucum[i]
+            head[where], tail[where], stages[where], compute[where] = m.head, m.tail, m.stages[of], m.compute[of]
             if has_data:
-                msg[where] = m.data
-            taken[src] = int(np.searchsorted(cum, a + len(m.head)))
+                msg[where] = m.data[of]
+            taken[src] = int(np.searchsorted(b.cum, a + len(m.head)))
 
         done = 0  # half-steps run: 2 s is step s's sends, 2 s + 1 its receives
         for s in self.waits:

@@ -22,8 +22,9 @@ class Message:
         data: one block per distinct source core, ``(n_sources, *block)``; None in cost-only runs.
         head: per flow, the cycle its first byte reaches the destination core.
         tail: per flow, the cycle its last byte reaches the destination core.
-        stages: per flow, software relay stages on the critical path behind it.
-        compute: per flow, compute cycles on the critical path behind it.
+        stages: per flow, software relay stages on the critical path behind it (in the fused executor's
+            batches, per distinct source, as ``data``: every flow of a source carries its source's record).
+        compute: per flow, compute cycles on the critical path behind it (the same).
     """
 
     run: int
