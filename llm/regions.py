@@ -97,10 +97,12 @@ def _plan_key(plans: list[dict]) -> tuple:
 
 
 @lru_cache(maxsize=16)
-def _decode_routes(wafer: Mesh, shape: tuple[int, int], origins: tuple, plans: tuple, pos: int) -> tuple[Route, ...]:
+def _decode_routes(wafer: Mesh, shape: tuple[int, int], origins: tuple, plans: tuple) -> tuple[Route, ...]:
+    """The same objects for every token (decode's routes do not depend on the position), so the wafer counts
+    them once."""
     region = Mesh(*shape)
     out = [Route(r.name, r.transfers, at) for plan, at in zip(plans, origins)
-           for r in decode_step.routes(region, plan=dict(plan), pos=pos)]
+           for r in decode_step.routes(region, plan=dict(plan), pos=0)]
     for a, b in _pairs(origins):
         p = handoff_program(wafer, shape, a, b)
         out.append(Route(p.key, tuple(t for s in p.steps for t in s.transfers)))
@@ -109,7 +111,7 @@ def _decode_routes(wafer: Mesh, shape: tuple[int, int], origins: tuple, plans: t
 
 def _regions_routes(mesh: Mesh, *, plans: list[dict], pos: int, shape: tuple, origins: tuple) -> tuple[Route, ...]:
     origins = tuple(tuple(o) for o in origins)
-    return _decode_routes(mesh, tuple(shape), origins, _plan_key(plans), pos)
+    return _decode_routes(mesh, tuple(shape), origins, _plan_key(plans))
 
 
 @protocol(routes=_regions_routes)
