@@ -134,3 +134,18 @@ def test_a_handoff_that_needs_more_routing_entries_than_a_core_has_is_refused():
     with pytest.raises(RoutingError, match="handoff"):
         WaferLlama(TINY, w, mesh=(5, 4), transport="local", tokens=4, regions=2,
                    device=preset("wse2").replace(name="tight", routes_per_core=limit)).step(1)
+
+
+def test_a_wafer_of_regions_refuses_what_only_a_region_can_do():
+    """Tensors go through a region (each has its own); regions that overlap or leave the mesh are refused."""
+    with Wafer((4, 8), region=SHAPE, origins=((0, 0), (0, 4))) as w:
+        with pytest.raises(ValueError, match=r"holds 2 regions: place tensors through wafer.regions\[i\]"):
+            w.load("x", np.zeros(8, np.float32), Spec("y"))
+        w.regions[1].load("x", np.arange(8, dtype=np.float32), Spec("y"))
+        with pytest.raises(KeyError, match="no tensor 'x' on the region"):
+            w.regions[0].read("x")
+        with pytest.raises(ValueError, match=r"region must be in \[0, 2\), got 2"):
+            w.run(hand_on, region=2, shape=SHAPE, origins=((0, 0), (0, 4)), kind="handoff")
+    for origins in (((0, 0), (0, 2)), ((0, 0), (0, 6))):
+        with pytest.raises(ValueError, match=r"regions of 4x4 cores at .* overlap or leave the 4x8 mesh"):
+            Wafer((4, 8), region=SHAPE, origins=origins)
