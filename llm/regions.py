@@ -64,14 +64,13 @@ def handoff_program(wafer: Mesh, shape: tuple[int, int], a: Origin, b: Origin) -
     (ay, ax), (by, bx), (h, w) = a, b, shape
     side, key = _side(a, b, shape), f"handoff:{a}->{b}"
     rows = np.arange(h)
+    ys, xs = np.repeat(rows, w), np.tile(np.arange(w), h)  # every core of the next region
     if side != "south":
         edge = ax + w - 1 if side == "east" else ax
-        ys, xs = np.repeat(rows, w), np.tile(np.arange(w), h)
         t = Transfer.build(key, key, wafer, (ay + ys, np.full(h * w, edge)), (by + ys, bx + xs))
         return Program(key, (Step((t,)),), phases=1)
     col = rows % w
     down = Transfer.build(f"{key}:down", key, wafer, (ay + rows, ax + col), (by + rows, bx + col))
-    ys, xs = np.repeat(rows, w), np.tile(np.arange(w), h)
     keep = xs != col[ys]  # the core that came down holds its block already
     along = Transfer.build(f"{key}:along", key, wafer, (by + ys[keep], bx + col[ys[keep]]), (by + ys[keep], bx + xs[keep]))
     return Program(key, (Step((down,)), Step((along,))), phases=2)
