@@ -69,7 +69,7 @@ def combine_blocks(buf: Buffer, fi: np.ndarray | slice, incoming: np.ndarray, op
 class Memory:
     """Buffers and SRAM accounting of a tile's cores (a part of ``Tile``)."""
 
-    index: int  # the tile's, read here
+    number: int  # the tile's number on the wafer, read here
     rect: TileRect
     device: DeviceSpec
     cost_only: bool
@@ -114,7 +114,7 @@ class Memory:
         """Store host data ``[h, w, *block]`` in buffer ``name`` (the host's memcpy to the cores)."""
         blocks = np.asarray(blocks)
         if blocks.shape[:2] != self.rect.shape:
-            raise ValueError(f"tile {self.index}: blocks of shape {blocks.shape} do not cover the tile's {self.rect.shape} cores")
+            raise ValueError(f"tile {self.number}: blocks of shape {blocks.shape} do not cover the tile's {self.rect.shape} cores")
         self.alloc(name, blocks.shape[2:], blocks.dtype.str, stacked=stacked)
         if not self.cost_only:
             self.buffers[name].data[...] = blocks
@@ -123,7 +123,7 @@ class Memory:
         """Store host data ``[h, w, *entry]`` as entry ``index`` of the stacked buffer ``name``."""
         buf = self.buffer(name)
         if blocks.shape != self.rect.shape + buf.block[1:]:
-            raise ValueError(f"tile {self.index}: blocks of shape {blocks.shape} are not entries of {name!r} "
+            raise ValueError(f"tile {self.number}: blocks of shape {blocks.shape} are not entries of {name!r} "
                              f"({self.rect.shape + buf.block[1:]})")
         if not self.cost_only:
             buf.data[:, :, index] = blocks
@@ -157,7 +157,7 @@ class Memory:
         The alias shares ``of``'s memory and charges none.
         """
         if name in self.buffers and not self.buffers[name].alias:
-            raise ProtocolError(f"tile {self.index}: cannot alias {name!r}: a buffer of that name exists")
+            raise ProtocolError(f"tile {self.number}: cannot alias {name!r}: a buffer of that name exists")
         src = self.buffer(of)
         block = np.broadcast_to(np.zeros((), dtype=np.int8), src.block)[index].shape
         data = None if src.data is None else src.data[(slice(None), slice(None), *index)]
@@ -190,4 +190,4 @@ class Memory:
         try:
             return self.buffers[name]
         except KeyError:
-            raise ProtocolError(f"tile {self.index}: no buffer {name!r}; buffers: {sorted(self.buffers)}") from None
+            raise ProtocolError(f"tile {self.number}: no buffer {name!r}; buffers: {sorted(self.buffers)}") from None

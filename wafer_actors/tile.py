@@ -113,11 +113,16 @@ class Tile(Memory, Clocks):
         self.rows = np.arange(self.rect.y0, self.rect.y1)  # mesh row of each local row
         self.cols = np.arange(self.rect.x0, self.rect.x1)  # mesh column of each local column
 
+    @property
+    def number(self) -> int:
+        """This tile's number on the wafer (``index`` is its number in the tiling spoken now)."""
+        return self.base + self.index
+
     @contextmanager
     def on_wafer(self) -> Iterator[None]:
         """Protocol code inside speaks the wafer's coordinates (a transfer between regions); outside, its region's."""
         saved = (self.tiling, self.index, self.base)
-        self._view(self.wafer_tiling, self.base + self.index, 0)
+        self._view(self.wafer_tiling, self.number, 0)
         try:
             yield
         finally:
@@ -151,7 +156,7 @@ class Tile(Memory, Clocks):
         """
         aliases = [n for n, b in self.buffers.items() if b.alias]
         if aliases:
-            raise ProtocolError(f"tile {self.index}: buffers {aliases} are aliases of a run under way; move tiles between runs")
+            raise ProtocolError(f"tile {self.number}: buffers {aliases} are aliases of a run under way; move tiles between runs")
         base = {}
         if changes:
             base, self._baseline = self._baseline, {}
@@ -252,7 +257,7 @@ class Tile(Memory, Clocks):
                 data = buf.data.reshape((-1,) + buf.block)[lp.fi_src]
                 if select is not None:
                     data = data[(slice(None), *select)]
-            msg = Message(self.mailbox.run_id, tag, self.base + self.index, data, head, tail, stages, compute)
+            msg = Message(self.mailbox.run_id, tag, self.number, data, head, tail, stages, compute)
             self._count(dest, n, n * nbytes)
             if dest == self.index:
                 self.mailbox.put(msg)
@@ -374,7 +379,7 @@ class Tile(Memory, Clocks):
     def post_batch(self, dest: int, tag: str, data: np.ndarray | None, head: np.ndarray, tail: np.ndarray,
                    stages: np.ndarray, compute: np.ndarray) -> None:
         """Send tile ``dest`` the flows of several steps at once (the fused executor; one block per flow)."""
-        self._post(dest, encode(Message(self.mailbox.run_id, tag, self.base + self.index, data, head, tail, stages, compute)))
+        self._post(dest, encode(Message(self.mailbox.run_id, tag, self.number, data, head, tail, stages, compute)))
 
     async def take_batch(self, tag: str, src: int) -> Message:
         """Wait for the batch ``tag`` from tile ``src``."""
@@ -561,7 +566,7 @@ class Tile(Memory, Clocks):
         dest += self.base
         self.stats["tile_messages"] += 1
         self.stats["tile_bytes"] += len(raw)
-        if self.nodes and self.nodes[dest] != self.nodes[self.base + self.index]:
+        if self.nodes and self.nodes[dest] != self.nodes[self.number]:
             self.stats["node_messages"] += 1
             self.stats["node_bytes"] += len(raw)
         self.post(dest, raw)
