@@ -303,8 +303,9 @@ class Fused:
 
         def box(ps: list[int]) -> Box:
             cum = np.cumsum([0] + [ptr[p + 1] - ptr[p] for p in ps])
-            ucum = np.cumsum([0] + [len(np.unique(sources[p])) for p in ps])
-            first = cat([cum[i] + np.unique(sources[p], return_index=True)[1] for i, p in enumerate(ps)])
+            firsts = [np.unique(sources[p], return_index=True)[1] for p in ps]  # per distinct source, its first flow
+            ucum = np.cumsum([0] + [len(f) for f in firsts])
+            first = cat([cum[i] + f for i, f in enumerate(firsts)])
             return Box(cat([wire[p] for p in ps]), cum, first, ucum, cat([ucum[i] + sources[p] for i, p in enumerate(ps)]))
 
         inbox = {src: box(ps) for src, ps in from_peer.items()}
