@@ -3,14 +3,14 @@
 Prints, in one run: NumPy reference ms/token; emulation ms/token with 1 tile and 4 tiles
 (2x2, and 1x4, whose tiles each hold whole columns, so decode's allreduces along y stay
 inside them; local in-process tiles and Ray actors); their ratio to the reference; the
-predicted device speed; the peak memory of all processes (driver and Ray workers; resident and proportional sets) against
-the model's bytes;
-and the KV capacity of shift vs concat for LLaMA3-8B on a 360x360 region (float16, the
+predicted device speed; the peak memory of all processes (driver and Ray workers; resident and
+proportional sets) while the engine starts and while it decodes, against the model's bytes; and the KV capacity of shift vs concat for LLaMA3-8B on a 360x360 region (float16, the
 paper's setting; shapes only).
 
-With ``--converted DIR`` (a ``wafer-llm convert`` of the default model) the tiles read their
-weights from its shards (its mesh and tiles), and the driver drops its own copy of the
-weights once the reference is timed, so the memory is that of a run started from the files.
+Each run starts as ``wafer-llm generate`` does: the model read from its file and handed to the
+engine as a loader (``FromFile``), so the host keeps only the token embeddings while the tiles
+hold the weights. With ``--converted DIR`` (a ``wafer-llm convert`` of the default model) the
+tiles read their weights from its shards (its mesh and tiles) instead.
 
     python benchmarks/bench_decode.py [--tokens 8] [--mesh 120x120] [--skip-ray] [--executor fused|step] [--converted DIR]
 """
@@ -26,7 +26,7 @@ import psutil
 
 from llm.config import preset
 from llm.engine import WaferLlama
-from llm.models import load_model
+from llm.models import DEFAULT_MODEL, FromFile, load_model
 from llm.placement import default_mesh, place
 from llm.reference import ReferenceModel
 from wafer_actors.device import resolve
@@ -93,17 +93,18 @@ def main() -> None:
     for i, t in enumerate(tokens[1:], start=1):
         ref.forward(t, i)
     ref_ms = (time.perf_counter() - t0) / args.tokens * 1e3
+    del ref, w  # each run reads the model as `wafer-llm generate` does, and holds what it holds
     print(f"model {cfg.name}: {model_bytes / 2**20:.0f} MiB of float32 weights; mesh {mesh[0]}x{mesh[1]} on {device.name}; "
           f"{args.executor} executor")
     print(f"numpy reference: {ref_ms:.1f} ms/token")
     tilings = ((1, 1), (2, 2), (1, 4))  # 1x4: decode's allreduces along y (7 of 10 a layer) stay inside a tile
     if args.converted:
-        del ref, w  # a run from the files holds no weights on the driver
-        conv = WaferLlama.from_converted
         tilings = (None,)
         print(f"tiles start from the converted checkpoint {args.converted}")
+    print("memory: the peak of all processes (resident set, RSS, and proportional set, PSS) while the engine starts "
+          "and loads the weights, and while it decodes")
     print(f"{'tiles':>5} {'transport':>9} {'ms/token':>9} {'x ref':>6} {'cycles/token':>13} {'tok/s (device)':>15} "
-          f"{'peak RSS MiB':>13} {'RSS x model':>12} {'peak PSS MiB':>13} {'PSS x model':>12}")
+          f"{'start PSS MiB':>14} {'decode RSS MiB':>15} {'x model':>8} {'decode PSS MiB':>15} {'x model':>8}")
     transports = ["local"] if args.skip_ray else ["local", "ray"]
     for transport in transports:
         for tiles in tilings:
@@ -113,24 +114,29 @@ def main() -> None:
                 from wafer_actors.fabric.ray import start_local_ray
 
                 start_local_ray(num_cpus=2)
-            with PeakMemory() as mem:
-                engine = (conv(args.converted, transport=transport, tokens=len(tokens), executor=args.executor)
-                          if args.converted else
-                          WaferLlama(cfg, w, mesh=mesh, tiles=tiles, transport=transport, tokens=len(tokens),
-                                     executor=args.executor))
-                with engine as m:
-                    m.step(tokens[0])  # warm-up: plans and caches
+            with PeakMemory() as start:
+                if args.converted:
+                    engine = WaferLlama.from_converted(args.converted, transport=transport, tokens=len(tokens),
+                                                       executor=args.executor)
+                else:  # the weights as generate passes them: read again on a recovery, not held by the host
+                    weights = FromFile(DEFAULT_MODEL, load_model()[1])
+                    engine = WaferLlama(cfg, weights, mesh=mesh, tiles=tiles, transport=transport, tokens=len(tokens),
+                                        executor=args.executor)
+                    del weights
+            with engine as m:
+                m.step(tokens[0])  # warm-up: plans and caches
+                with PeakMemory() as mem:
                     t0 = time.perf_counter()
                     for t in tokens[1:]:
                         _, st = m.step(t)
                     ms = (time.perf_counter() - t0) / args.tokens * 1e3
-                    cycles = st.cycles
+                cycles = st.cycles
             if transport == "ray":
                 ray.shutdown()
             tiles = m.tiles
             print(f"{f'{tiles[0]}x{tiles[1]}':>5} {transport:>9} {ms:>9.0f} {ms / ref_ms:>6.0f} {cycles:>13,.0f} "
-                  f"{device.clock_hz / cycles:>15,.0f} {mem.peak / 2**20:>13,.0f} {mem.peak / model_bytes:>12.1f} "
-                  f"{mem.peak_pss / 2**20:>13,.0f} {mem.peak_pss / model_bytes:>12.1f}")
+                  f"{device.clock_hz / cycles:>15,.0f} {start.peak_pss / 2**20:>14,.0f} {mem.peak / 2**20:>15,.0f} "
+                  f"{mem.peak / model_bytes:>8.1f} {mem.peak_pss / 2**20:>15,.0f} {mem.peak_pss / model_bytes:>8.1f}")
 
     llama = preset("llama3-8b")
     print("KV capacity, LLaMA3-8B (float16) on the four 360x360-core regions of wse2, context limit lifted:")

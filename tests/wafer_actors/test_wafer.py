@@ -166,3 +166,32 @@ def test_a_run_carries_its_inputs_and_outputs_in_one_call_per_tile(transport, re
         w.alloc("v", (2, 4), np.float32, Spec("y", None))
         with pytest.raises(InvalidArgument, match="cost-only"):
             w.run(chain_allreduce, buffer="v", axis="x", outputs=["v"])
+
+
+@pytest.mark.parametrize("transport", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+def test_a_tensor_loads_in_bands_of_core_rows_of_any_size(transport, request, monkeypatch):
+    """The host sends a tensor in bands of the region's core rows of at most LOAD_BYTES (one row where a row is more),
+    to tiles of uneven heights; a stacked one an entry at a time. Each band lands on its cores: the tensors read back
+    whole, and the SRAM is charged once, whatever the bands."""
+    import wafer_actors.wafer as wafer_module
+
+    if transport == "ray":
+        request.getfixturevalue("ray_local")
+    rng = np.random.default_rng(8)
+    flat = rng.standard_normal((5 * 3, 7 * 2)).astype(np.float32)
+    stack = rng.standard_normal((4, 5 * 2, 7)).astype(np.float32)
+    highs = set()
+    # a core row: flat 7 cores x (3, 2) floats = 168 B, an entry of the stack 7 x (2, 1) floats = 56 B
+    for load_bytes, calls in ((1, 3 + 4 * 3), (2 * 7 * 24, 2 + 4 * 1), (10**9, 1 + 4 * 1)):
+        monkeypatch.setattr(wafer_module, "LOAD_BYTES", load_bytes)
+        with Wafer((5, 7), device=DEV, tiles=(2, 3), transport=transport) as w:  # tiles of 3 and 2 core rows
+            sent = []
+            real = w.transport.call_some
+            monkeypatch.setattr(w.transport, "call_some", lambda m, args: sent.append(m) or real(m, args))
+            w.load("flat", flat, Spec("y", "x"))
+            w.load("stack", stack, Spec(None, "y", "x"), stacked=True)
+            assert sent.count("put_part") == calls
+            np.testing.assert_array_equal(w.read("flat"), flat)
+            np.testing.assert_array_equal(w.read("stack"), stack)
+            highs.add(tuple(w.memory()[1].ravel()))
+    assert len(highs) == 1

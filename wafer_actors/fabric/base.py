@@ -9,6 +9,8 @@ from ..device import DeviceSpec
 from ..errors import ProtocolAborted
 from ..mesh import Tiling
 
+LOAD_BYTES = 8 << 20  # the most one call to a tile carries when the host loads a tensor (in bands of core rows)
+
 
 class Transport(ABC):
     """Starts one ``Tile`` per tile rectangle and carries calls to them.

@@ -31,7 +31,7 @@ from ..device import DeviceSpec
 from ..errors import NodeMemoryError, ProtocolError, TileLost
 from ..mesh import Tiling
 from ..tile import Tile
-from .base import Transport, first_error
+from .base import LOAD_BYTES, Transport, first_error
 from .sockets import Inbox, Outbox
 
 
@@ -124,7 +124,11 @@ class RayOptions:
 STARTUP_CONCURRENCY = 256
 # Ray starts one idle worker per CPU ahead of the first task; tiles get their own workers as
 # they start, so those would only hold ~80 MB each for the whole run.
-SYSTEM_CONFIG = {"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY, "prestart_worker_first_driver": False}
+# Ray puts a call's arguments over 100 KB in its object store, whose shared pages stay resident once used:
+# loading a model's weights left ~70% of them there for the whole run. Calls of up to LOAD_BYTES (the
+# weights' bands; a token's inputs and results) go inline instead, in the call's own message.
+SYSTEM_CONFIG = {"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY, "prestart_worker_first_driver": False,
+                 "max_direct_call_object_size": LOAD_BYTES + (1 << 20)}
 
 
 def start_local_ray(**kwargs: Any) -> None:
