@@ -197,10 +197,11 @@ async def block_gemms(tile, *, charge: bool) -> None:
     await gemm_t_skewed(tile, a="c", b="b", c="d", product=_product, fmacs=7.0, calls=1, maps=2)
 
 
-@pytest.mark.parametrize("mesh", [(7, 7), (8, 8)], ids=lambda m: f"{m[0]}x{m[1]}")
+@pytest.mark.parametrize("mesh", [(7, 7), (8, 8), (12, 12)], ids=lambda m: f"{m[0]}x{m[1]}")
 def test_gemm_steps_timed_at_once_equal_step(mesh):
     """The compute-shift steps of MeshGEMM and GEMM-T timed in one call where both rings stay on the tile (1x1), step
-    by step where one leaves it (1x3, 3x1): values, clocks, records, SRAM and counts as the step executor's."""
+    by step where one leaves it (1x3, 3x1): values, clocks, records, SRAM and counts as the step executor's. In one
+    call, the steps after one that moves every time alike are added at once (a wrong amount fails this test)."""
     rng = np.random.default_rng(5)
     a, b = (rng.standard_normal(mesh + (3,)).astype(np.float32) for _ in range(2))
     for tiles in ((1, 1), (1, 3), (3, 1)):
