@@ -63,7 +63,7 @@ def main() -> None:
         ray.init(address=cluster.address, log_to_driver=False)
 
         def fault(m, name=name, workers=workers, cluster=cluster):
-            t = m.wafers[0].transport
+            t = m.wafer.transport
             if name == "ray.kill":
                 ray.kill(ray.get_actor(t.tile_name(1), namespace=NAMESPACE))
             elif name.startswith("kill -9"):

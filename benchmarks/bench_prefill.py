@@ -47,7 +47,7 @@ def main() -> None:
         t0 = time.perf_counter()
         logits, st = m.prefill(ids)
         emu_s = time.perf_counter() - t0
-        regions = len(m.wafers)
+        regions = len(m.placement.regions)
     err = float(np.abs(logits - want).max() / np.abs(want).max())
     hz = device.clock_hz
     print(f"model {cfg.name}, {args.tokens}-token prompt, mesh {mesh[0]}x{mesh[1]} x {regions} region(s), "
