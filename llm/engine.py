@@ -9,10 +9,10 @@ its routes and links counted like any other), inside the one protocol run of the
 Surviving a lost tile (Ray): every call that changed the wafer's state since the sequence
 began (the prefill, each decode step, a seek) is kept in a journal. When a tile's actor or
 its node dies, the wafer is started again (on the nodes still alive), every region's weights
-placed again (from the driver's copy, or read again from the file where the engine was given a
-loader) and the journal replayed; then the failed
-call runs again. Each step starts from zeroed clocks and the replay runs the same protocols
-on the same data, so the tokens and the predicted cycles are those of an uninterrupted run.
+placed again (read again from the file where the engine was given a loader, else from the
+driver's copy) and the journal replayed; then the failed call runs again. Each step starts
+from zeroed clocks and the replay runs the same protocols on the same data, so the tokens and
+the predicted cycles are those of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from .prefill_protocol import kv_handover, prefill, relayout
 from .regions import decode_regions, prefill_crossing, snake, span
 
 ON_FAILURE = ("recover", "fail")
+MAX_RECOVERIES = 3  # per call: a wafer that keeps losing tiles is not going to finish
 # the weights an engine places: in memory, a converted checkpoint (the tiles read their shards), or a loader
 # called at each (re)start, so that the host holds only the token embeddings between (``models.FromFile``)
 Weights = LlamaWeights | Converted | Callable[[], LlamaWeights]
-MAX_RECOVERIES = 3  # per call: a wafer that keeps losing tiles is not going to finish
 
 
 @dataclass(frozen=True)
