@@ -4,8 +4,9 @@ Prints, in one run: NumPy reference ms/token; emulation ms/token with 1 tile and
 (2x2, and 1x4, whose tiles each hold whole columns, so decode's allreduces along y stay
 inside them; local in-process tiles and Ray actors); their ratio to the reference; the
 predicted device speed; the peak memory of all processes (driver and Ray workers; resident and
-proportional sets) while the engine starts and while it decodes, against the model's bytes; and the KV capacity of shift vs concat for LLaMA3-8B on a 360x360 region (float16, the
-paper's setting; shapes only).
+proportional sets) while the engine starts and while it decodes, against the model's bytes; and
+the KV capacity of shift vs concat for LLaMA3-8B on a 360x360 region (float16, the paper's
+setting; shapes only).
 
 Each run starts as ``wafer-llm generate`` does: the model read from its file and handed to the
 engine as a loader (``FromFile``), so the host keeps only the token embeddings while the tiles
