@@ -441,19 +441,17 @@ class Fused:
             for dest, (upto, b) in self.outbox.items():
                 i0, i1 = flushed[dest], upto[sent]
                 if i1 > i0:
-                    idx, one = b.wire[b.cum[i0] : b.cum[i1]], b.wire[b.first[b.ucum[i0] : b.ucum[i1]]]
-                    tile.post_batch(dest, f"{tag}:{count('out', dest)}", msg[one] if has_data else None, head[idx], tail[idx],
-                                    stages[one], compute[one])
+                    out = _batch_out(b.wire, b.first, b.cum[i0], b.cum[i1], b.ucum[i0], b.ucum[i1], head, tail, stages,
+                                     compute, msg, has_data)
+                    tile.post_batch(dest, f"{tag}:{count('out', dest)}", out[0] if has_data else None, *out[1:])
                     flushed[dest] = i1
 
         async def take(src: int) -> None:
             m = await tile.take_batch(f"{tag}:{count('in', src)}", src)
             b, i = self.inbox[src], taken[src]
             a = b.cum[i]
-            where, of = b.wire[a : a + len(m.head)], b.inverse[a : a + len(m.head)] - b.ucum[i]
-            head[where], tail[where], stages[where], compute[where] = m.head, m.tail, m.stages[of], m.compute[of]
-            if has_data:
-                msg[where] = m.data[of]
+            _batch_in(b.wire, b.inverse, a, b.ucum[i], head, tail, stages, compute, msg, m.head, m.tail, m.stages,
+                      m.compute, m.data if has_data else msg, has_data)
             taken[src] = int(np.searchsorted(b.cum, a + len(m.head)))
 
         done = 0  # half-steps run: 2 s is step s's sends, 2 s + 1 its receives
@@ -468,6 +466,36 @@ class Fused:
         kernel(done, 2 * steps)
         sent = steps
         flush()
+
+
+@njit(cache=True)
+def _batch_out(wire, first, f0, f1, u0, u1, head, tail, stages, compute, msg, has_data):
+    """What a batch carries of a box's flows ``f0:f1`` (distinct sources ``u0:u1``): (blocks, head, tail, stages,
+    compute), head and tail per flow, the rest per distinct source (no blocks without data)."""
+    head_out, tail_out = np.empty(f1 - f0), np.empty(f1 - f0)
+    for k in range(f1 - f0):
+        head_out[k], tail_out[k] = head[wire[f0 + k]], tail[wire[f0 + k]]
+    u = u1 - u0
+    blocks = np.empty((u if has_data else 0, msg.shape[1]), dtype=msg.dtype)
+    stages_out, compute_out = np.empty(u, dtype=stages.dtype), np.empty(u)
+    for k in range(u):
+        j = wire[first[u0 + k]]
+        stages_out[k], compute_out[k] = stages[j], compute[j]
+        if has_data:
+            blocks[k] = msg[j]
+    return blocks, head_out, tail_out, stages_out, compute_out
+
+
+@njit(cache=True)
+def _batch_in(wire, inverse, a, u0, head, tail, stages, compute, msg, m_head, m_tail, m_stages, m_compute, m_data,
+              has_data):
+    """Place a batch's flows, which start at position ``a`` of their box (distinct sources from ``u0``): each flow's
+    arrival, and its source's record and block."""
+    for k in range(m_head.size):
+        j, o = wire[a + k], inverse[a + k] - u0
+        head[j], tail[j], stages[j], compute[j] = m_head[k], m_tail[k], m_stages[o], m_compute[o]
+        if has_data:
+            msg[j] = m_data[o]
 
 
 @njit(cache=True, parallel=True)
