@@ -148,7 +148,8 @@ def run_whole(cfg: LlamaConfig, device: DeviceSpec, prompt_tokens: int, new_toke
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
         "ttft_s": device.seconds(pre.ttft_cycles), "decode_cycles_per_token": decode,
         "decode_tps": None if decode is None else device.clock_hz / decode,
-        "handoff_cycles_per_token": steps[-1].handoff_cycles if steps and len(plan.origins) > 1 else None, "crossing_cycles": pre.crossing_cycles,
+        "handoff_cycles_per_token": steps[-1].handoff_cycles if steps and len(plan.origins) > 1 else None,
+        "crossing_cycles": pre.crossing_cycles,
         "handover_cycles": pre.handover_cycles if steps else None,
         "region_table": [
             {"region": i, "origin": list(o), "layers": r.layers, "lm_head": r.head, "sram_high_water_bytes": sram[i],

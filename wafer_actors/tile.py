@@ -378,7 +378,8 @@ class Tile(Memory, Clocks):
 
     def post_batch(self, dest: int, tag: str, data: np.ndarray | None, head: np.ndarray, tail: np.ndarray,
                    stages: np.ndarray, compute: np.ndarray) -> None:
-        """Send tile ``dest`` the flows of several steps at once (the fused executor; one block per flow)."""
+        """Send tile ``dest`` the flows of several steps at once (the fused executor): per flow its arrival (``head``,
+        ``tail``), per distinct source its block and record (``data``, ``stages``, ``compute``)."""
         self._post(dest, encode(Message(self.mailbox.run_id, tag, self.number, data, head, tail, stages, compute)))
 
     async def take_batch(self, tag: str, src: int) -> Message:
