@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -177,6 +178,21 @@ def _check_node_memory(tiling: Tiling, device: DeviceSpec, where: list[str]) -> 
             )
 
 
+def _stop(actors: list[Any], timeout_s: float = 30.0) -> None:
+    """Kill ``actors`` and wait until Ray reports each dead (``ray.kill`` only asks), so that their names and
+    memory are free when this returns."""
+    for a in actors:
+        ray.kill(a)
+    deadline = time.monotonic() + timeout_s
+    for a in actors:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(a.pid.remote(), timeout=max(0.0, deadline - time.monotonic()))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                break
+            time.sleep(0.01)  # the call ran before the kill reached the actor
+
+
 def _unwrap(err: BaseException) -> BaseException:
     """Turn Ray's wrapper back into the error the tile raised."""
     cause = getattr(err, "cause", None)
@@ -283,8 +299,7 @@ class RayTransport(Transport):
             self._nodes[i] = move.node
             self._moves[i] += 1
         self._wire(move.tiles)
-        for a in old:
-            ray.kill(a)
+        _stop(old)
 
     @staticmethod
     def _alive_nodes() -> list[str]:
