@@ -25,6 +25,14 @@ def _into(c: np.ndarray, *block: int) -> np.ndarray:
     return flat
 
 
+def _flat_blocks(a: np.ndarray) -> np.ndarray:
+    """``a`` as ``[h, w, elements]``; refused unless a view, as the kernels write into it."""
+    flat = a.reshape(a.shape[0], a.shape[1], -1)
+    if not np.shares_memory(flat, a):
+        raise ValueError("the kernel writes into its array in place: give a contiguous array")
+    return flat
+
+
 def block_vecmat(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
     """``out[y, x] = x[y, x] @ w[y, x]`` on every core: x ``[h, w, *K]``, w ``[h, w, *K, *N]``, out ``[h, w, *N]``.
 
@@ -79,14 +87,52 @@ def rope(t, vectors, cos, sin):
                     t[y, c, v, 2 * i + 1] = even * sin[c, i] + odd * cos[c, i]
 
 
-@njit(cache=True, parallel=True)
-def swiglu(ff, z):
+# After an allreduce with its broadcast every core of a line holds the same block. The kernels below compute a
+# line's first core and copy its result to each core whose inputs hold the same bits (so the same result); any other
+# core is computed on its own.
+def _bits(a: np.ndarray) -> np.ndarray:
+    """The cores' blocks of ``a`` as unsigned integers of its item size, ``[h, w, elements]`` (a view)."""
+    return a.reshape(a.shape[0], a.shape[1], -1).view(f"u{a.itemsize}")
+
+
+@njit(inline="always")
+def _same(a, ya, xa, b, yb, xb):
+    """Whether block ``a[ya, xa]`` holds the bits of ``b[yb, xb]`` (both ``_bits`` views)."""
+    for e in range(a.shape[2]):
+        if a[ya, xa, e] != b[yb, xb, e]:
+            return False
+    return True
+
+
+@njit(inline="always")
+def _copy(a, y, x, y0, x0):
+    """Block ``a[y, x] = a[y0, x0]`` (``a`` as ``[h, w, elements]``)."""
+    for e in range(a.shape[2]):
+        a[y, x, e] = a[y0, x0, e]
+
+
+def swiglu(ff: np.ndarray, z: np.ndarray) -> None:
     """``z = silu(gate) * up`` with ``ff[y, x] = (gate, up)``."""
-    for y in prange(ff.shape[0]):
+    _swiglu(ff, z, _bits(ff))
+
+
+@njit(cache=True, parallel=True)
+def _swiglu(ff, z, bits):
+    for c in prange(ff.shape[1]):
+        _swiglu_core(ff, z, 0, c)
+    for y in prange(1, ff.shape[0]):
         for c in range(ff.shape[1]):
-            for i in range(z.shape[2]):
-                g = ff[y, c, 0, i]
-                z[y, c, i] = g / (np.float32(1.0) + np.exp(-g)) * ff[y, c, 1, i]
+            if _same(bits, y, c, bits, 0, c):
+                _copy(z, y, c, 0, c)
+            else:
+                _swiglu_core(ff, z, y, c)
+
+
+@njit(inline="always")
+def _swiglu_core(ff, z, y, c):
+    for i in range(z.shape[2]):
+        g = ff[y, c, 0, i]
+        z[y, c, i] = g / (np.float32(1.0) + np.exp(-g)) * ff[y, c, 1, i]
 
 
 @njit(cache=True, parallel=True)
@@ -126,19 +172,34 @@ def masked_max(scores, held, scale, out):
                     out[y, c, k, g] = m
 
 
-@njit(cache=True, parallel=True)
-def exp_sum(scores, m, out):
+def exp_sum(scores: np.ndarray, m: np.ndarray, out: np.ndarray) -> None:
     """``scores = exp(scores - m)`` per head, and each head's sum."""
+    _exp_sum(scores, m, out, _bits(scores), _bits(scores[:, :1].copy()), _bits(m), _flat_blocks(scores),
+             _flat_blocks(out))
+
+
+@njit(cache=True, parallel=True)
+def _exp_sum(scores, m, out, bits, first, m_bits, flat, flat_out):
     for y in prange(scores.shape[0]):
-        for c in range(scores.shape[1]):
-            for k in range(scores.shape[2]):
-                for g in range(scores.shape[3]):
-                    s = np.float32(0.0)
-                    for i in range(scores.shape[4]):
-                        v = np.exp(scores[y, c, k, g, i] - m[y, c, k, g])
-                        scores[y, c, k, g, i] = v
-                        s += v
-                    out[y, c, k, g] = s
+        _exp_sum_core(scores, m, out, y, 0)
+        for c in range(1, scores.shape[1]):
+            if _same(bits, y, c, first, y, 0) and _same(m_bits, y, c, m_bits, y, 0):
+                _copy(flat, y, c, y, 0)
+                _copy(flat_out, y, c, y, 0)
+            else:
+                _exp_sum_core(scores, m, out, y, c)
+
+
+@njit(inline="always")
+def _exp_sum_core(scores, m, out, y, c):
+    for k in range(scores.shape[2]):
+        for g in range(scores.shape[3]):
+            s = np.float32(0.0)
+            for i in range(scores.shape[4]):
+                v = np.exp(scores[y, c, k, g, i] - m[y, c, k, g])
+                scores[y, c, k, g, i] = v
+                s += v
+            out[y, c, k, g] = s
 
 
 @njit(cache=True, parallel=True)

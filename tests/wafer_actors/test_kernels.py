@@ -1,0 +1,40 @@
+"""The per-core kernels that copy a line's first result to cores with the same inputs, against NumPy per core."""
+
+import numpy as np
+
+from wafer_actors.kernels import exp_sum, swiglu
+
+
+def test_swiglu_copies_only_to_cores_whose_gate_and_up_hold_the_same_bits():
+    rng = np.random.default_rng(0)
+    h, w, n = 5, 4, 7
+    ff = np.broadcast_to(rng.standard_normal((1, w, 2, n), dtype=np.float32), (h, w, 2, n)).copy()  # rows alike
+    ff[3, 1, 1, 2] += 1.0  # one core's up differs
+    ff[0, 2, 0, 4] = 0.0
+    ff[2, 2, 0, 4] = -0.0  # equal as floats, not as bits: silu(-0) * up is -0 * up
+    ff[:, 3] = rng.standard_normal((h, 2, n), dtype=np.float32)  # a column whose rows all differ
+    z = np.full((h, w, n), np.nan, dtype=np.float32)
+    swiglu(ff, z)
+    gate, up = ff[:, :, 0], ff[:, :, 1]
+    want = gate / (np.float32(1) + np.exp(-gate)) * up
+    np.testing.assert_allclose(z, want, rtol=2e-6, atol=0)
+    assert np.array_equal(np.signbit(z), np.signbit(want))
+    assert z[3, 1, 2] != z[0, 1, 2] and np.signbit(z[2, 2, 4]) != np.signbit(z[0, 2, 4])
+
+
+def test_exp_sum_copies_only_to_cores_whose_scores_and_maxima_hold_the_same_bits():
+    rng = np.random.default_rng(1)
+    h, w, k, g, t = 3, 6, 2, 3, 4
+    scores = np.broadcast_to(rng.standard_normal((h, 1, k, g, t), dtype=np.float32), (h, w, k, g, t)).copy()  # columns alike
+    m = np.broadcast_to(scores.max(axis=(1, 4)), (w, h, k, g)).transpose(1, 0, 2, 3).copy()
+    scores[1, 4, 0, 1, 3] -= 0.5  # one core's scores differ
+    m[2, 5, 1, 2] += 0.25  # another core's maximum differs
+    m[0, 3, 0, 0] += 0.25
+    scores[0, 3, 0, 0] += 0.25  # a core whose every input differs
+    before = scores.copy()
+    total = np.full((h, w, k, g), np.nan, dtype=np.float32)
+    exp_sum(scores, m, total)
+    want = np.exp(before - m[..., None])
+    np.testing.assert_allclose(scores, want, rtol=2e-6, atol=0)
+    np.testing.assert_allclose(total, want.sum(axis=-1), rtol=1e-5, atol=0)
+    assert scores[1, 4, 0, 1, 3] != scores[1, 0, 0, 1, 3] and total[2, 5, 1, 2] != total[2, 0, 1, 2]
