@@ -39,7 +39,7 @@ class Mailbox:
         """Accept a message (the tile's own, or one decoded from another tile)."""
         self._slot(msg.tag, msg.src, msg.run).set_result(msg)
 
-    def deliver(self, raw: bytes) -> None:
+    def deliver(self, raw: bytes | memoryview) -> None:
         """Accept an encoded message from another tile (called by the transport); an aborted run's is dropped."""
         msg = decode(raw)
         if msg.run > self.aborted_run:

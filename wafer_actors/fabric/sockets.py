@@ -23,7 +23,7 @@ _LENGTH = 8
 class Inbox:
     """The listening end: reads framed messages from every peer and hands each to ``deliver``."""
 
-    def __init__(self, deliver: Callable[[bytes], None]):
+    def __init__(self, deliver: Callable[[memoryview], None]):
         self._deliver = deliver
         self._server: asyncio.base_events.Server | None = None
         self._dir = ""
@@ -37,18 +37,13 @@ class Inbox:
     async def open(self) -> str:
         """Start listening (again, after a move) for peers that are not connected yet; return the socket's path."""
         self._dir, self._peers = tempfile.mkdtemp(prefix="wafer-"), 0
-        self._server = await asyncio.start_unix_server(self._serve, path=self.path)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Frames(self), path=self.path)
         return self.path
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _joins(self) -> None:
         self._peers += 1
         self._joined.set()
-        try:
-            while True:
-                size = int.from_bytes(await reader.readexactly(_LENGTH), "little")
-                self._deliver(await reader.readexactly(size))
-        except (asyncio.IncompleteReadError, ConnectionError):  # the peer closed, shut down or died
-            writer.close()
 
     async def seal(self, peers: int) -> None:
         """Wait until ``peers`` tiles have connected, then stop listening and remove the socket file."""
@@ -61,6 +56,32 @@ class Inbox:
         self._server = None
         os.unlink(self.path)
         os.rmdir(self._dir)
+
+
+class _Frames(asyncio.Protocol):
+    """One peer's connection: cuts the byte stream into messages and delivers each as soon as its last byte is in
+    (in the event loop's read callback, so the waiting protocol resumes on the next turn of the loop)."""
+
+    def __init__(self, inbox: Inbox):
+        self._inbox = inbox
+        self._buf = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inbox._joins()
+
+    def data_received(self, data: bytes) -> None:
+        if self._buf:  # the rest of a message begun in an earlier read
+            self._buf += data
+            data = bytes(self._buf)
+            self._buf.clear()
+        view, start = memoryview(data), 0
+        while len(data) - start >= _LENGTH:
+            end = start + _LENGTH + int.from_bytes(view[start : start + _LENGTH], "little")
+            if len(data) < end:
+                break
+            self._inbox._deliver(view[start + _LENGTH : end])
+            start = end
+        self._buf += view[start:]
 
 
 class Outbox:

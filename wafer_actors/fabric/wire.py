@@ -64,7 +64,7 @@ def encode(msg: Message) -> bytes:
     )
 
 
-def decode(raw: bytes) -> Message:
+def decode(raw: bytes | memoryview) -> Message:
     """Read a message written by ``encode``."""
     m = msgpack.unpackb(raw, raw=False)
     data = None if m["data"] is None else _unpack_array(m["data"])
