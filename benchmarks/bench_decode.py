@@ -9,7 +9,7 @@ the KV capacity of shift vs concat for LLaMA3-8B on a 360x360 region (float16, t
 setting; shapes only).
 
 Each run starts as ``wafer-llm generate`` does: the model read from its file and handed to the
-engine as a loader (``FromFile``), so the host keeps only the token embeddings while the tiles
+engine as a loader (``FromFile``), so the host keeps only the token rows it looks up while the tiles
 hold the weights. With ``--converted DIR`` (a ``wafer-llm convert`` of the default model) the
 tiles read their weights from its shards (its mesh and tiles) instead.
 

@@ -203,6 +203,22 @@ def load_gguf(path: str | Path) -> tuple[LlamaConfig, LlamaWeights, object]:
     return cfg, assemble(cfg, get, GGUF_NAMES, rotate_half_columns(cfg) if arch == "qwen2" else None), reader
 
 
+class GGUFRows:
+    """A GGUF file's token embeddings as the host looks them up, a few rows at a time: ``rows[i]`` (dim,) and
+    ``rows[ids]`` (len(ids), dim), dequantized as ``load_gguf`` does, so the host holds only the rows it read."""
+
+    def __init__(self, path: str | Path):
+        import gguf
+
+        self._dequantize = gguf.quants.dequantize
+        t = next(t for t in gguf.GGUFReader(path).tensors if t.name == GGUF_NAMES["tok_embeddings"])
+        self._data, self._type = t.data, t.tensor_type  # (vocab, row bytes): the file mapped, not read
+
+    def __getitem__(self, ids: int | np.ndarray | list[int]) -> np.ndarray:
+        rows = np.asarray(self._dequantize(np.asarray(self._data[np.atleast_1d(ids)]), self._type), dtype=np.float32)
+        return rows[0] if np.ndim(ids) == 0 else rows
+
+
 def rope_interleave(heads: int, head_dim: int) -> np.ndarray:
     """Column order that turns each head's half-split (rotate-half) RoPE layout into adjacent pairs."""
     half = head_dim // 2

@@ -31,10 +31,11 @@ from wafer_actors.device import DeviceSpec, resolve
 from wafer_actors.errors import InvalidArgument, TileLost
 from wafer_actors.layout import Spec
 
-from .checkpoint import LlamaWeights
+from .checkpoint import GGUFRows, LlamaWeights
 from .converted import Converted
 from .config import LlamaConfig
 from .decode_protocol import KV_MODES, RegionPlan
+from .models import FromFile
 from .paper_kernel import check_kernel
 from .placement import SPECS, STACKED, Placement, RegionShare, place, region_weights, weight_shapes
 from .prefill_protocol import kv_handover, prefill, relayout
@@ -43,7 +44,8 @@ from .regions import decode_regions, prefill_crossing, snake, span
 ON_FAILURE = ("recover", "fail")
 MAX_RECOVERIES = 3  # per call: a wafer that keeps losing tiles is not going to finish
 # the weights an engine places: in memory, a converted checkpoint (the tiles read their shards), or a loader
-# called at each (re)start, so that the host holds only the token embeddings between (``models.FromFile``)
+# called at each (re)start, so that the host holds none of them between (``models.FromFile``; it reads a token's
+# embedding row from the file, or keeps the table where the format cannot)
 Weights = LlamaWeights | Converted | Callable[[], LlamaWeights]
 
 
@@ -147,8 +149,9 @@ class WaferLlama:
     Args:
         cfg, weights: the model: its weights in host memory, a converted checkpoint whose
             tiles read their own shards (``llm.converted``; see ``from_converted``), or a loader
-            called on each (re)start, so that the host keeps only the token embeddings while the
-            tiles run (``llm.models.FromFile``); None with ``cost_only``.
+            called on each (re)start, so that the host keeps only the token embeddings (of a
+            GGUF file, only the rows it looked up) while the tiles run (``llm.models.FromFile``);
+            None with ``cost_only``.
         mesh: ``(height, width)`` of one region, in cores; the regions go on one wafer in snake order
             (``regions.snake``).
         device: preset, device file or ``DeviceSpec``.
@@ -202,7 +205,7 @@ class WaferLlama:
         if dtype not in ("float32", "float16") or (dtype != "float32" and not cost_only):
             raise InvalidArgument(f"dtype must be float32, or float16 with cost_only=True (numerics are float32); got {dtype!r}")
         self.cfg, self.weights = cfg, weights
-        self.embeddings: np.ndarray | None = None  # (vocab, dim): the host looks up each token's row
+        self.embeddings: np.ndarray | GGUFRows | None = None  # (vocab, dim): each token's row, looked up here
         self.device: DeviceSpec = resolve(device)
         if isinstance(weights, Converted):
             weights.check_request(tuple(mesh), tuple(tiles), self.device)
@@ -264,8 +267,9 @@ class WaferLlama:
                                transport=self._transport(nodes), cost_only=self.cost_only, executor=self.executor,
                                region=self.mesh, origins=self.origins)
             weights = self.weights() if callable(self.weights) else self.weights
-            if weights is not None:
-                self.embeddings = weights.tok_embeddings
+            if weights is not None:  # a loader that reads a token's row from its file spares the host the table
+                rows = self.weights.rows() if isinstance(self.weights, FromFile) else None
+                self.embeddings = weights.tok_embeddings if rows is None else rows
             for share in self.placement.regions:
                 self._load(self.wafer.regions[share.index], share, weights)
             del weights  # a loader's weights: the tiles hold them now

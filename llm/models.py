@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import LlamaWeights, default_model_path, load_gguf
+from .checkpoint import GGUFRows, LlamaWeights, default_model_path, load_gguf
 from .config import PRESETS, LlamaConfig
 from .converted import Converted, is_converted
 from .errors import CheckpointError
@@ -16,7 +16,8 @@ DEFAULT_MODEL = "smollm2-135m"
 class FromFile:
     """A model file's weights as an engine's loader (``WaferLlama``'s ``weights``): the first call hands over the
     weights already read, every later one (a recovery) reads the file again. Nothing else holds them, so the host's
-    copy is freed once the tiles hold theirs."""
+    copy is freed once the tiles hold theirs; the host looks a GGUF file's token embeddings up in the file
+    (``rows``)."""
 
     def __init__(self, model: str, weights: LlamaWeights):
         self.model, self._first = model, weights
@@ -26,6 +27,11 @@ class FromFile:
         if weights is None:
             weights = load_model(self.model)[1]
         return weights
+
+    def rows(self) -> GGUFRows | None:
+        """The token embeddings read from the file row by row (a GGUF file), or None (the host keeps the table)."""
+        path = default_model_path() if self.model == DEFAULT_MODEL else Path(self.model)
+        return GGUFRows(path) if path.suffix == ".gguf" else None
 
 
 def load_model(model: str = DEFAULT_MODEL) -> tuple[LlamaConfig, LlamaWeights | Converted, Tokenizer | None]:

@@ -3,7 +3,7 @@ import re
 import numpy as np
 import pytest
 
-from llm.checkpoint import load_gguf, random_weights
+from llm.checkpoint import GGUFRows, default_model_path, load_gguf, random_weights
 from llm.config import PRESETS, LlamaConfig, preset
 from llm.errors import CheckpointError
 
@@ -60,6 +60,16 @@ def test_default_model_loads_with_its_real_shapes(smollm2):
     assert np.isfinite(w.wq).all() and 0.01 < np.abs(w.wq).mean() < 1
 
 
+def test_token_rows_read_from_the_file_are_the_tables_bit_for_bit(smollm2):
+    """The host's lookup of a GGUF's embeddings (rows dequantized as read) gives the loaded table's rows, the
+    quantized default model's."""
+    _, w, _ = smollm2
+    rows, ids = GGUFRows(default_model_path()), [0, 49151, 7, 7, 30000]
+    assert np.array_equal(rows[ids].view(np.uint32), w.tok_embeddings[ids].view(np.uint32))
+    assert np.array_equal(rows[123].view(np.uint32), w.tok_embeddings[123].view(np.uint32))
+    assert rows[np.array([5])].shape == (1, 576) and rows[5].shape == (576,)
+
+
 def test_tiny_gguf_round_trips_every_tensor(tmp_path):
     """A file written with gguf's writer reads back in x @ W orientation, value for value."""
     import gguf
@@ -71,6 +81,7 @@ def test_tiny_gguf_round_trips_every_tensor(tmp_path):
     np.testing.assert_array_equal(w.wq[1], stored["blk.1.attn_q.weight"].T)
     np.testing.assert_array_equal(w.w_down[0], stored["blk.0.ffn_down.weight"].T)
     np.testing.assert_array_equal(w.tok_embeddings, stored["token_embd.weight"])
+    np.testing.assert_array_equal(GGUFRows(path)[[3, 15]], stored["token_embd.weight"][[3, 15]])
 
 
 def test_bad_checkpoints_name_the_file_and_tensor(tmp_path):
