@@ -107,6 +107,7 @@ def main() -> None:
     print(f"{'tiles':>5} {'transport':>9} {'ms/token':>9} {'x ref':>6} {'cycles/token':>13} {'tok/s (device)':>15} "
           f"{'start PSS MiB':>14} {'decode RSS MiB':>15} {'x model':>8} {'decode PSS MiB':>15} {'x model':>8}")
     transports = ["local"] if args.skip_ray else ["local", "ray"]
+    ray_ms = {}  # tiles -> ms/token with Ray tiles
     for transport in transports:
         for tiles in tilings:
             if transport == "ray":
@@ -135,9 +136,16 @@ def main() -> None:
             if transport == "ray":
                 ray.shutdown()
             tiles = m.tiles
-            print(f"{f'{tiles[0]}x{tiles[1]}':>5} {transport:>9} {ms:>9.0f} {ms / ref_ms:>6.0f} {cycles:>13,.0f} "
+            if transport == "ray":
+                ray_ms[tiles] = ms
+            print(f"{f'{tiles[0]}x{tiles[1]}':>5} {transport:>9} {ms:>9.0f} {ms / ref_ms:>6.1f} {cycles:>13,.0f} "
                   f"{device.clock_hz / cycles:>15,.0f} {start.peak_pss / 2**20:>14,.0f} {mem.peak / 2**20:>15,.0f} "
                   f"{mem.peak / model_bytes:>8.1f} {mem.peak_pss / 2**20:>15,.0f} {mem.peak_pss / model_bytes:>8.1f}")
+    bound = 1.5 * model_bytes + 2**30
+    print(f"memory bound (1.5x the model's float32 bytes + 1 GiB): {bound / 2**20:,.0f} MiB, {bound / model_bytes:.1f}x the model")
+    if (1, 1) in ray_ms:
+        print("4 Ray tiles against 1 Ray tile: " + ", ".join(f"{t[0]}x{t[1]} {ms / ray_ms[1, 1]:.1f}x"
+                                                          for t, ms in ray_ms.items() if t != (1, 1)))
 
     llama = preset("llama3-8b")
     print("KV capacity, LLaMA3-8B (float16) on the four 360x360-core regions of wse2, context limit lifted:")

@@ -805,15 +805,14 @@ def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_st
             if r == ln:
                 continue
             b, rb = ln * members, r * members
-            e, re = b + members, rb + members
-            clock[b:e] = clock[rb:re] + d
-            relaying[b:e], stages[b:e], compute[b:e] = relaying[rb:re], stages[rb:re], compute[rb:re]
-            lse, rse, lfw, rfw = sent[b:e], sent[rb:re], fwd_head[b:e], fwd_head[rb:re]
-            for m in range(members):
+            for m in range(members):  # element by element: a slice expression would allocate a temporary per line
+                c, cr = b + m, rb + m
+                clock[c] = clock[cr] + d
+                relaying[c], stages[c], compute[c] = relaying[cr], stages[cr], compute[cr]
                 if launches[m]:
-                    lse[m] = rse[m] + d
+                    sent[c] = sent[cr] + d
                 if streams[m]:
-                    lfw[m] = rfw[m] + d
+                    fwd_head[c] = fwd_head[cr] + d
     for k in range(given.shape[0]):
         for ln in range(lines):
             r, d = rep_of[ln], shift[ln]
