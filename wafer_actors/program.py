@@ -495,7 +495,8 @@ def _batch_in(wire, inverse, a, u0, head, tail, stages, compute, msg, m_head, m_
         j, o = wire[a + k], inverse[a + k] - u0
         head[j], tail[j], stages[j], compute[j] = m_head[k], m_tail[k], m_stages[o], m_compute[o]
         if has_data:
-            msg[j] = m_data[o]
+            for e in range(msg.shape[1]):  # element by element: a row assignment costs more than these few elements
+                msg[j, e] = m_data[o, e]
 
 
 @njit(cache=True, parallel=True)
