@@ -226,6 +226,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if drain and i == len(prompt_ids) + drain[1] - 1:
                 _drain_node(engine, drain[0])
             if bar is None:  # the first token counts from the start, so the rate is that of the decode steps after it
+                if args.prefill == "mesh" and i < len(prompt_ids):
+                    return  # a prefilled prompt's tokens all come at once, and the first new one with them
                 layers.close()
                 bar = tqdm(total=total, initial=i + 1, desc="decode", unit="tok", leave=False, file=sys.stderr)
             else:
