@@ -33,6 +33,9 @@ class Clocks:
         self.sent = np.zeros(shape)  # cycle the core's last send has fully landed
         self.stages = np.zeros(shape, dtype=np.int64)  # relay stages on the critical path (this run)
         self.path_compute = np.zeros(shape)  # compute cycles on the critical path (this run)
+        # flat views of the six, made once (the arrays are only ever written in place)
+        self._flat = tuple(a.reshape(-1) for a in (self.clock, self.fwd_head, self.relaying, self.sent, self.stages,
+                                                   self.path_compute))
         n = self.clock.size  # per-core accumulators of one receive step (left empty between steps)
         self.acc = (np.full(n, -np.inf), np.full(n, -np.inf), np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n))
         self.tracing = False  # record protocols' marks
@@ -67,7 +70,7 @@ class Clocks:
 
     def flat_clocks(self) -> tuple[np.ndarray, ...]:
         """The per-core timing state as flat views: clock, fwd_head, relaying, sent, stages, path_compute."""
-        return tuple(a.ravel() for a in (self.clock, self.fwd_head, self.relaying, self.sent, self.stages, self.path_compute))
+        return self._flat
 
     def reset_clocks(self) -> None:
         self.clock[...] = 0.0

@@ -373,6 +373,14 @@ class Fused:
             self.scratch["timing"] = (np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n))
         return self.scratch["timing"]
 
+    @cached_property
+    def _line_program(self) -> tuple:
+        """The arguments of ``_time_lines`` that are the program's (gathered once: a stretch is timed often)."""
+        ln = self.lines
+        return (ln.src, ln.dst, ln.load, ln.hops, ln.relays, self.part_ptr, ln.ptr, ln.bounds, ln.line_stride,
+                ln.member_stride, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts, self.step_op,
+                self.step_stream, self.step_single)
+
     def time_lines(self, tile, first: int, last: int, size_cycles: float, combine: float) -> None:
         """Half-steps ``first .. last - 1`` of a line program on ``tile``'s clocks, no data: one line of each class of
         lines alike up to a shift of every time is timed, the others take its outcome, shifted."""
@@ -385,9 +393,7 @@ class Fused:
         seg = self.segment(first, last, tile.index)
         geometry = (lines, ln.members, ln.line_stride, ln.member_stride)
         n = _line_classes(*clocks, *flows, *geometry, seg.taken, reps, rep_of, shift)
-        _time_lines(*clocks, *tile.acc, ln.src, ln.dst, ln.load, ln.hops, ln.relays, self.part_ptr, ln.ptr, ln.bounds,
-                    ln.line_stride, ln.member_stride, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts,
-                    self.step_op, self.step_stream, self.step_single, size_cycles, costs.alpha, costs.beta, combine,
+        _time_lines(*clocks, *tile.acc, *self._line_program, size_cycles, costs.alpha, costs.beta, combine,
                     costs.call_overhead, *flows, reps[:n], first, last)
         if n < lines:
             _expand(*clocks, *flows, *geometry, seg.launches, seg.streams, reps[:n], rep_of, shift, seg.given)
@@ -428,6 +434,9 @@ class Fused:
                 if has_data:
                     _move_lines(*moves, block, first, last)
         steps = len(self.step_op)
+        if not self.waits and not self.outbox:  # every flow stays on the tile: one call, no messages
+            kernel(0, 2 * steps)
+            return
         sent = 0  # send phases run so far: their parts to other tiles are owed until the next flush
         flushed = dict.fromkeys(self.outbox, 0)  # tile -> parts of its outbox sent
         taken = dict.fromkeys(self.inbox, 0)  # tile -> parts of its inbox received

@@ -357,10 +357,12 @@ class Tile(Memory, Clocks):
             self.link_bytes += links * buf.nbytes
         await fused.run(self, f"{program.key}#{n}", flat(buf), flat(dest), self.costs.duration(buf.nbytes),
                         self.costs.combine(size, self.rate(buf.dtype)))
-        for where, flows in (("local", fused.local_flows), ("remote", fused.remote_flows)):
-            self.stats[f"core_messages_{where}"] += flows
-            self.stats[f"core_bytes_{where}"] += flows * buf.nbytes
-        self.stats["steps_fused"] += len(program.steps)
+        stats, nbytes = self.stats, buf.nbytes
+        stats["core_messages_local"] += fused.local_flows
+        stats["core_bytes_local"] += fused.local_flows * nbytes
+        stats["core_messages_remote"] += fused.remote_flows
+        stats["core_bytes_remote"] += fused.remote_flows * nbytes
+        stats["steps_fused"] += len(program.steps)
 
     def _fused_program(self, program: Program, *names: str) -> Fused | None:
         """``program`` flattened for the fused executor, or None where it runs step by step."""
