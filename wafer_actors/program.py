@@ -953,13 +953,17 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
             dt, dc, db, ds = clock[0] - was_clock[0], compute[0] - was_compute[0], 0.0, stages[0] - was_stages[0]
             if busy.size:
                 db = busy[0] - was_busy[0]
+            r = steps - done
+            # times that end below EXACT stay on the grid, where step-by-step sums are exact as well
+            bt, bc, bb = EXACT - abs(r * dt), EXACT - abs(r * dc), EXACT - abs(r * db)
             steady = _on_grid(dt) and _on_grid(dc) and _on_grid(db)
-            steady = steady and _moved_by(clock, was_clock, dt) and _moved_by(sent, was_sent, dt)
-            steady = steady and _moved_by(head, was_head, dt) and _moved_by(tail, was_tail, dt)
-            steady = steady and _moved_by(stages, was_stages, ds) and _moved_by(msg_stages, was_msg_stages, ds)
-            steady = steady and _moved_by(compute, was_compute, dc) and _moved_by(msg_compute, was_msg_compute, dc)
-            if steady and _moved_by(busy, was_busy, db):
-                r = steps - done
+            steady = steady and _moved_by(clock, was_clock, dt, bt) and _moved_by(sent, was_sent, dt, bt)
+            steady = steady and _moved_by(head, was_head, dt, bt) and _moved_by(tail, was_tail, dt, bt)
+            steady = steady and _moved_by(stages, was_stages, ds, np.inf)
+            steady = steady and _moved_by(msg_stages, was_msg_stages, ds, np.inf)
+            steady = steady and _moved_by(compute, was_compute, dc, bc)
+            steady = steady and _moved_by(msg_compute, was_msg_compute, dc, bc)
+            if steady and _moved_by(busy, was_busy, db, bb):
                 _add(clock, r * dt)
                 _add(sent, r * dt)
                 _add(head, r * dt)
@@ -979,10 +983,10 @@ def _on_grid(x):
 
 
 @njit(cache=True)
-def _moved_by(now, was, d):
-    """Every element of ``now`` is its element of ``was`` plus ``d``."""
+def _moved_by(now, was, d, bound):
+    """Every element of ``now`` is its element of ``was`` plus ``d``, and below ``bound`` in magnitude."""
     for i in range(now.size):
-        if now[i] - was[i] != d:
+        if now[i] - was[i] != d or abs(now[i]) >= bound:
             return False
     return True
 

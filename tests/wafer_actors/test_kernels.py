@@ -20,6 +20,10 @@ def test_swiglu_copies_only_to_cores_whose_gate_and_up_hold_the_same_bits():
     np.testing.assert_allclose(z, want, rtol=2e-6, atol=0)
     assert np.array_equal(np.signbit(z), np.signbit(want))
     assert z[3, 1, 2] != z[0, 1, 2] and np.signbit(z[2, 2, 4]) != np.signbit(z[0, 2, 4])
+    for y, x in np.ndindex(h, w):  # a copied result is bit for bit the core's own, computed alone
+        alone = np.empty((1, 1, n), np.float32)
+        swiglu(ff[y : y + 1, x : x + 1].copy(), alone)
+        assert alone.tobytes() == z[y, x].tobytes(), (y, x)
 
 
 def test_exp_sum_copies_only_to_cores_whose_scores_and_maxima_hold_the_same_bits():
@@ -38,3 +42,7 @@ def test_exp_sum_copies_only_to_cores_whose_scores_and_maxima_hold_the_same_bits
     np.testing.assert_allclose(scores, want, rtol=2e-6, atol=0)
     np.testing.assert_allclose(total, want.sum(axis=-1), rtol=1e-5, atol=0)
     assert scores[1, 4, 0, 1, 3] != scores[1, 0, 0, 1, 3] and total[2, 5, 1, 2] != total[2, 0, 1, 2]
+    for y, x in np.ndindex(h, w):  # a copied result is bit for bit the core's own, computed alone
+        alone, alone_total = before[y : y + 1, x : x + 1].copy(), np.empty((1, 1, k, g), np.float32)
+        exp_sum(alone, m[y : y + 1, x : x + 1].copy(), alone_total)
+        assert alone.tobytes() == scores[y, x].tobytes() and alone_total.tobytes() == total[y, x].tobytes(), (y, x)
