@@ -8,9 +8,10 @@ proportional sets) while the engine starts and while it decodes, against the mod
 the KV capacity of shift vs concat for LLaMA3-8B on a 360x360 region (float16, the paper's
 setting; shapes only).
 
-Each run starts as ``wafer-llm generate`` does: the model read from its file and handed to the
-engine as a loader (``FromFile``), so the host keeps only the token rows it looks up while the tiles
-hold the weights. With ``--converted DIR`` (a ``wafer-llm convert`` of the default model) the
+Each configuration runs in a fresh process, started as ``wafer-llm generate`` starts: the model
+read from its file and handed to the engine as a loader (``FromFile``), so the host keeps only the
+token rows it looks up while the tiles hold the weights. (In one process, the heap the earlier
+configurations left behind counted against the later ones.) With ``--converted DIR`` (a ``wafer-llm convert`` of the default model) the
 tiles read their weights from its shards (its mesh and tiles) instead.
 
     python benchmarks/bench_decode.py [--tokens 8] [--mesh 120x120] [--skip-ray] [--executor fused|step] [--converted DIR]
@@ -19,6 +20,9 @@ tiles read their weights from its shards (its mesh and tiles) instead.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -74,6 +78,35 @@ class PeakMemory:
         self._thread.join()
 
 
+def run_one(spec: str, args: argparse.Namespace) -> dict:
+    """Time and measure one configuration (``TRANSPORT:ROWSxCOLS``, or ``TRANSPORT:converted``) in this process."""
+    transport, tiling = spec.split(":")
+    device = resolve("wse2")
+    cfg = load_model()[0]
+    mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, args.tokens + 1)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, args.tokens + 1).tolist()
+    if transport == "ray":
+        from wafer_actors.fabric.ray import start_local_ray
+
+        start_local_ray(num_cpus=2)
+    with PeakMemory() as start:
+        if args.converted:
+            engine = WaferLlama.from_converted(args.converted, transport=transport, tokens=len(tokens),
+                                               executor=args.executor)
+        else:  # the weights as generate passes them: read again on a recovery, not held by the host
+            engine = WaferLlama(cfg, FromFile(DEFAULT_MODEL, load_model()[1]), mesh=mesh, tiles=parse_grid(tiling),
+                                transport=transport, tokens=len(tokens), executor=args.executor)
+    with engine as m:
+        m.step(tokens[0])  # warm-up: plans and caches
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            for t in tokens[1:]:
+                _, st = m.step(t)
+            ms = (time.perf_counter() - t0) / args.tokens * 1e3
+    return {"tiles": list(m.tiles), "ms": ms, "cycles": st.cycles, "start_pss": start.peak_pss, "rss": mem.peak,
+            "pss": mem.peak_pss}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8, help="tokens timed per configuration (after one warm-up)")
@@ -81,7 +114,11 @@ def main() -> None:
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--executor", default="fused", choices=["fused", "step"])
     ap.add_argument("--converted", default=None, help="a converted checkpoint of the default model to start the tiles from")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # TRANSPORT:TILES, run by main in a fresh process
     args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args)))
+        return
     device = resolve("wse2")
     cfg, w, _ = load_model()
     model_bytes = sum(a.nbytes for a in vars(w).values() if isinstance(a, np.ndarray) and a.base is None)
@@ -98,49 +135,27 @@ def main() -> None:
     print(f"model {cfg.name}: {model_bytes / 2**20:.0f} MiB of float32 weights; mesh {mesh[0]}x{mesh[1]} on {device.name}; "
           f"{args.executor} executor")
     print(f"numpy reference: {ref_ms:.1f} ms/token")
-    tilings = ((1, 1), (2, 2), (1, 4))  # 1x4: decode's allreduces along y (7 of 10 a layer) stay inside a tile
+    tilings = ["1x1", "2x2", "1x4"]  # 1x4: decode's allreduces along y (7 of 10 a layer) stay inside a tile
     if args.converted:
-        tilings = (None,)
+        tilings = ["converted"]
         print(f"tiles start from the converted checkpoint {args.converted}")
     print("memory: the peak of all processes (resident set, RSS, and proportional set, PSS) while the engine starts "
           "and loads the weights, and while it decodes")
     print(f"{'tiles':>5} {'transport':>9} {'ms/token':>9} {'x ref':>6} {'cycles/token':>13} {'tok/s (device)':>15} "
           f"{'start PSS MiB':>14} {'decode RSS MiB':>15} {'x model':>8} {'decode PSS MiB':>15} {'x model':>8}")
-    transports = ["local"] if args.skip_ray else ["local", "ray"]
     ray_ms = {}  # tiles -> ms/token with Ray tiles
-    for transport in transports:
-        for tiles in tilings:
-            if transport == "ray":
-                import ray
-
-                from wafer_actors.fabric.ray import start_local_ray
-
-                start_local_ray(num_cpus=2)
-            with PeakMemory() as start:
-                if args.converted:
-                    engine = WaferLlama.from_converted(args.converted, transport=transport, tokens=len(tokens),
-                                                       executor=args.executor)
-                else:  # the weights as generate passes them: read again on a recovery, not held by the host
-                    weights = FromFile(DEFAULT_MODEL, load_model()[1])
-                    engine = WaferLlama(cfg, weights, mesh=mesh, tiles=tiles, transport=transport, tokens=len(tokens),
-                                        executor=args.executor)
-                    del weights
-            with engine as m:
-                m.step(tokens[0])  # warm-up: plans and caches
-                with PeakMemory() as mem:
-                    t0 = time.perf_counter()
-                    for t in tokens[1:]:
-                        _, st = m.step(t)
-                    ms = (time.perf_counter() - t0) / args.tokens * 1e3
-                cycles = st.cycles
-            if transport == "ray":
-                ray.shutdown()
-            tiles = m.tiles
+    for transport in ["local"] if args.skip_ray else ["local", "ray"]:
+        for tiling in tilings:
+            cmd = [sys.executable, __file__, "--one", f"{transport}:{tiling}", "--tokens", str(args.tokens),
+                   "--executor", args.executor] + (["--mesh", args.mesh] if args.mesh else []) + (
+                   ["--converted", args.converted] if args.converted else [])
+            r = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1])
+            tiles, ms, cycles = tuple(r["tiles"]), r["ms"], r["cycles"]
             if transport == "ray":
                 ray_ms[tiles] = ms
             print(f"{f'{tiles[0]}x{tiles[1]}':>5} {transport:>9} {ms:>9.0f} {ms / ref_ms:>6.1f} {cycles:>13,.0f} "
-                  f"{device.clock_hz / cycles:>15,.0f} {start.peak_pss / 2**20:>14,.0f} {mem.peak / 2**20:>15,.0f} "
-                  f"{mem.peak / model_bytes:>8.1f} {mem.peak_pss / 2**20:>15,.0f} {mem.peak_pss / model_bytes:>8.1f}")
+                  f"{device.clock_hz / cycles:>15,.0f} {r['start_pss'] / 2**20:>14,.0f} {r['rss'] / 2**20:>15,.0f} "
+                  f"{r['rss'] / model_bytes:>8.1f} {r['pss'] / 2**20:>15,.0f} {r['pss'] / model_bytes:>8.1f}", flush=True)
     bound = 1.5 * model_bytes + 2**30
     print(f"memory bound (1.5x the model's float32 bytes + 1 GiB): {bound / 2**20:,.0f} MiB, {bound / model_bytes:.1f}x the model")
     if (1, 1) in ray_ms:

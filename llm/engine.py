@@ -230,6 +230,7 @@ class WaferLlama:
         self.migrations: list[Migration] = []
         self._moving: dict[int, tuple[Any, float]] = {}  # region -> (move, start) of its migration under way
         self.wafer: Wafer | None = None
+        self._trim_after_run = False
         self.reset()
         self._start(None)
 
@@ -274,6 +275,7 @@ class WaferLlama:
                 self._load(self.wafer.regions[share.index], share, weights)
             del weights  # a loader's weights: the tiles hold them now
             _trim_heap()
+            self._trim_after_run = True  # Ray frees the calls that carried the weights later, on its own threads
             if self.trace or self.activity:
                 self.wafer.trace(self.trace, self.activity)
         except BaseException:
@@ -295,7 +297,11 @@ class WaferLlama:
             try:
                 if lost is not None:
                     self._recover(lost)
-                return call(*args)
+                result = call(*args)
+                if self._trim_after_run:  # what the start left is freed by now (~130 MB with four Ray tiles)
+                    self._trim_after_run = False
+                    _trim_heap()
+                return result
             except TileLost as err:
                 attempts += 1
                 if self.on_failure == "fail" or attempts > MAX_RECOVERIES:
