@@ -129,6 +129,22 @@ def test_many_ray_tiles_on_few_cores_start_without_warnings():
     assert "startup concurrency" not in out.stderr, out.stderr
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux scheduling policies")
+def test_ray_tiles_run_every_thread_under_the_batch_policy(ray_local):
+    """A tile's threads, those started after it (numba's, on its first compiled kernel) included, do not preempt the
+    tile that wakes them."""
+    import os
+
+    with Wafer((8, 8), tiles=(1, 2), transport="ray") as w:
+        x = np.arange(64, dtype=np.float32).reshape(8, 8, 1)
+        w.load("x", x, Spec("y", "x", None))
+        w.run(chain_allreduce, buffer="x", axis="x", op="add")  # runs the compiled line program on every tile
+        for pid in w.transport.pids():
+            policies = {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+            assert policies == {os.SCHED_BATCH}, (pid, policies)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the driver keeps the default
+
+
 def test_moving_tiles_is_refused_for_in_process_tiles_and_bad_arguments(ray_local):
     with Wafer((4, 4), tiles=(1, 2), transport="local") as w:
         with pytest.raises(InvalidArgument, match="moving tiles needs Ray tiles"):

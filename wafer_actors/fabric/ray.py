@@ -36,6 +36,21 @@ from .base import LOAD_BYTES, Transport, first_error
 from .sockets import Inbox, Outbox
 
 
+def _batch_policy() -> None:
+    """Run this process's threads (and those they start) under Linux's batch policy: a thread woken by a message
+    then waits for its turn instead of preempting the one that woke it. Several tiles on one machine's cores pass
+    messages back and forth; the sender goes on to its next steps (and messages) instead of losing its core at
+    each send (four Ray tiles on two cores, three interleaved pairs: 1x4 303-324 -> 269-302 ms a token; 2x2, whose
+    collectives wait on more tiles, 343-385 and 353-371)."""
+    if not hasattr(os, "SCHED_BATCH"):
+        return
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
+        except OSError:  # a thread that ended meanwhile, or a policy this system refuses: the default is correct too
+            pass
+
+
 class TileActor:
     """The Ray face of a ``Tile``: every method runs on the actor's event loop."""
 
@@ -44,6 +59,7 @@ class TileActor:
         import numba
 
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # this tile's share of its node
+        _batch_policy()
         self.tile = Tile(index, mesh_shape, tiles, device, cost_only, executor, region, origins)
         self.inbox = Inbox(self.tile.mailbox.deliver)
         self.boxes: dict[int, Outbox] = {}  # peer tile -> socket to it
