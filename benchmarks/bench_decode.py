@@ -8,11 +8,11 @@ proportional sets) while the engine starts and while it decodes, against the mod
 the KV capacity of shift vs concat for LLaMA3-8B on a 360x360 region (float16, the paper's
 setting; shapes only).
 
-Each configuration runs in a fresh process, started as ``wafer-llm generate`` starts: the model
-read from its file and handed to the engine as a loader (``FromFile``), so the host keeps only the
-token rows it looks up while the tiles hold the weights. (In one process, the heap the earlier
-configurations left behind counted against the later ones.) With ``--converted DIR`` (a ``wafer-llm convert`` of the default model) the
-tiles read their weights from its shards (its mesh and tiles) instead.
+Each configuration runs in a fresh process (in one process, the heap the earlier ones left behind
+counted against the later ones), started as ``wafer-llm generate`` starts: the model read from its
+file and handed to the engine as a loader (``FromFile``), so the host keeps only the token rows it
+looks up while the tiles hold the weights. With ``--converted DIR`` (a ``wafer-llm convert`` of the
+default model) the tiles read their weights from its shards (its mesh and tiles) instead.
 
     python benchmarks/bench_decode.py [--tokens 8] [--mesh 120x120] [--skip-ray] [--executor fused|step] [--converted DIR]
 """

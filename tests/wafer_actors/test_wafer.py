@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -133,8 +134,6 @@ def test_many_ray_tiles_on_few_cores_start_without_warnings():
 def test_ray_tiles_run_every_thread_under_the_batch_policy(ray_local):
     """A tile's threads, those started after it (numba's, on its first compiled kernel) included, do not preempt the
     tile that wakes them."""
-    import os
-
     with Wafer((8, 8), tiles=(1, 2), transport="ray") as w:
         x = np.arange(64, dtype=np.float32).reshape(8, 8, 1)
         w.load("x", x, Spec("y", "x", None))
