@@ -82,7 +82,11 @@ def run_one(spec: str, args: argparse.Namespace) -> dict:
     """Time and measure one configuration (``TRANSPORT:ROWSxCOLS``, or ``TRANSPORT:converted``) in this process."""
     transport, tiling = spec.split(":")
     device = resolve("wse2")
-    cfg = load_model()[0]
+    cfg, weights, _ = load_model()
+    # the weights as generate passes them (the loader hands them to the engine, which keeps none); read again on a
+    # recovery. A converted checkpoint's tiles read their shards instead.
+    loader = None if args.converted else FromFile(DEFAULT_MODEL, weights)
+    del weights
     mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, args.tokens + 1)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, args.tokens + 1).tolist()
     if transport == "ray":
@@ -93,9 +97,9 @@ def run_one(spec: str, args: argparse.Namespace) -> dict:
         if args.converted:
             engine = WaferLlama.from_converted(args.converted, transport=transport, tokens=len(tokens),
                                                executor=args.executor)
-        else:  # the weights as generate passes them: read again on a recovery, not held by the host
-            engine = WaferLlama(cfg, FromFile(DEFAULT_MODEL, load_model()[1]), mesh=mesh, tiles=parse_grid(tiling),
-                                transport=transport, tokens=len(tokens), executor=args.executor)
+        else:
+            engine = WaferLlama(cfg, loader, mesh=mesh, tiles=parse_grid(tiling), transport=transport,
+                                tokens=len(tokens), executor=args.executor)
     with engine as m:
         m.step(tokens[0])  # warm-up: plans and caches
         with PeakMemory() as mem:

@@ -64,7 +64,8 @@ class _Frames(asyncio.Protocol):
 
     def __init__(self, inbox: Inbox):
         self._inbox = inbox
-        self._buf = bytearray()
+        self._buf = bytearray()  # the start of a message whose last bytes have not come yet
+        self._need = _LENGTH  # bytes ``_buf`` must hold before it holds a whole message (or its length)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._inbox._joins()
@@ -72,6 +73,8 @@ class _Frames(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._buf:  # the rest of a message begun in an earlier read
             self._buf += data
+            if len(self._buf) < self._need:  # a large message comes in many reads: gathered once, when whole
+                return
             data = bytes(self._buf)
             self._buf.clear()
         view, start = memoryview(data), 0
@@ -81,6 +84,7 @@ class _Frames(asyncio.Protocol):
                 break
             self._inbox._deliver(view[start + _LENGTH : end])
             start = end
+        self._need = end - start if len(data) - start >= _LENGTH else _LENGTH
         self._buf += view[start:]
 
 
