@@ -130,6 +130,23 @@ def test_many_ray_tiles_on_few_cores_start_without_warnings():
     assert "startup concurrency" not in out.stderr, out.stderr
 
 
+def test_a_private_ray_instance_runs_tiles_without_the_processes_only_a_cluster_needs():
+    """No autoscaler monitor, log monitor or dashboard head; tiles still start, run and stop, and so does Ray."""
+    code = ("import psutil, ray\nfrom wafer_actors import Wafer\nfrom wafer_actors.fabric.ray import start_local_ray\n"
+            "start_local_ray(num_cpus=2)\n"
+            "with Wafer((4, 4), tiles=(1, 2), transport='ray', cost_only=True) as w:\n    print(len(w.nodes()))\n"
+            "for p in psutil.Process().children(recursive=True):\n    print(' '.join(p.cmdline()).replace(' ', '_'))\n"
+            "ray.shutdown()\nprint(len(psutil.Process().children(recursive=True)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    tiles, *children, left = out.stdout.split()
+    assert tiles == "2"
+    assert any("raylet" in c for c in children) and any("gcs_server" in c for c in children)
+    for gone in ("monitor.py", "log_monitor.py", "dashboard.py"):
+        assert not any(gone in c for c in children), (gone, children)
+    assert left == "0"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux scheduling policies")
 def test_ray_tiles_run_every_thread_under_the_batch_policy(ray_local):
     """A tile's threads, those started after it (numba's, on its first compiled kernel) included, do not preempt the
