@@ -26,8 +26,10 @@ import numpy as np
 from numba import njit, prange
 
 from .timing import (
+    arrival,
     arrive,
     arrive_one,
+    departure,
     launch,
     launched,
     receive_one,
@@ -151,8 +153,9 @@ class Box:
 
     ``wire``: each flow's index in ``Fused``'s arrays; ``cum[i]``: flows in parts before part i;
     ``first``: per distinct source of each part, the position of its first flow (a message carries
-    one block per distinct source); ``ucum[i]``: distinct sources in parts before part i;
-    ``inverse``: per flow, its distinct source (numbered over the whole box).
+    one block and one departure per distinct source); ``ucum[i]``: distinct sources in parts before part i;
+    ``inverse``: per flow, its distinct source (numbered over the whole box); ``load``, ``hops``,
+    ``relays``: per flow, its path (the receiver computes each flow's arrival from them).
     """
 
     wire: np.ndarray
@@ -160,6 +163,9 @@ class Box:
     first: np.ndarray
     ucum: np.ndarray
     inverse: np.ndarray
+    load: np.ndarray
+    hops: np.ndarray
+    relays: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -176,8 +182,9 @@ class Fused:
     of each class of lines alike up to a shift of every time is timed (``_line_classes``)
     and every line's data moves. Messages carry a part's flows in the transfer's order
     (``inbox``, ``outbox``: where each is held here); what a flow carries from its source (its
-    block, the record on the source's critical path) travels once per distinct source of each
-    part (a multicast's block once; both sides know which flow takes which).
+    block, its departure, the record on the source's critical path) travels once per distinct
+    source of each part (a multicast's once; both sides know which flow takes which), and the
+    receiver computes each flow's arrival from its departure and its path (``timing.arrival``).
     Step s sends the parts ``send_parts[send_ptr[s]:send_ptr[s + 1]]`` and receives
     ``recv_parts[...]``, in the order ``Tile.send`` and ``Tile.recv`` take them. Parts to and from other tiles travel
     in batches: a tile runs its steps until one needs a part it has not received, sends
@@ -306,7 +313,9 @@ class Fused:
             firsts = [np.unique(sources[p], return_index=True)[1] for p in ps]  # per distinct source, its first flow
             ucum = np.cumsum([0] + [len(f) for f in firsts])
             first = cat([cum[i] + f for i, f in enumerate(firsts)])
-            return Box(cat([wire[p] for p in ps]), cum, first, ucum, cat([ucum[i] + sources[p] for i, p in enumerate(ps)]))
+            path = [cat([getattr(raw[p][0], k)[raw[p][3]] for p in ps]) for k in ("load", "hops", "relays")]
+            return Box(cat([wire[p] for p in ps]), cum, first, ucum, cat([ucum[i] + sources[p] for i, p in enumerate(ps)]),
+                       *path)
 
         inbox = {src: box(ps) for src, ps in from_peer.items()}
         needs = {}
@@ -373,6 +382,14 @@ class Fused:
             self.scratch["timing"] = (np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n))
         return self.scratch["timing"]
 
+    def departures(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per flow: its ``timing.departure`` (start, own), written where it leaves the tile: what a batch carries of
+        its source, from which the receiver computes each flow's arrival."""
+        if "departures" not in self.scratch:
+            n = int(self.part_ptr[-1])
+            self.scratch["departures"] = (np.empty(n), np.empty(n))
+        return self.scratch["departures"]
+
     @cached_property
     def _line_program(self) -> tuple:
         """The arguments of ``_time_lines`` that are the program's (gathered once: a stretch is timed often)."""
@@ -394,9 +411,10 @@ class Fused:
         geometry = (lines, ln.members, ln.line_stride, ln.member_stride)
         n = _line_classes(*clocks, *flows, *geometry, seg.taken, reps, rep_of, shift)
         _time_lines(*clocks, *tile.acc, *self._line_program, size_cycles, costs.alpha, costs.beta, combine,
-                    costs.call_overhead, *flows, reps[:n], first, last)
+                    costs.call_overhead, *flows, *self.departures(), reps[:n], first, last)
         if n < lines:
-            _expand(*clocks, *flows, *geometry, seg.launches, seg.streams, reps[:n], rep_of, shift, seg.given)
+            _expand(*clocks, *flows, *self.departures(), *geometry, seg.launches, seg.streams, reps[:n], rep_of, shift,
+                    seg.given)
 
     async def run(self, tile, tag: str, data: np.ndarray | None, out: np.ndarray | None, size_cycles: float,
                   combine: float) -> None:
@@ -413,12 +431,14 @@ class Fused:
             self.scratch[key] = np.empty((int(self.part_ptr[-1]) if has_data else 0, data.shape[1]), dtype=data.dtype)
         msg = self.scratch[key]
         head, tail, stages, compute = self.timing()
+        start, own = self.departures()
+        costs = tile.costs
         if self.lines is None:
-            costs = tile.costs
             state = (*tile.flat_clocks(), *tile.acc, data, out, msg, has_data, self.src, self.dst, self.load, self.hops,
                      self.relays, self.part_ptr, self.lane_ptr, self.peer, tile.index, self.send_ptr, self.send_parts,
                      self.recv_ptr, self.recv_parts, self.step_op, self.step_stream, self.step_single, self.step_direct,
-                     size_cycles, costs.alpha, costs.beta, combine, costs.call_overhead, head, tail, stages, compute)
+                     size_cycles, costs.alpha, costs.beta, combine, costs.call_overhead, head, tail, stages, compute,
+                     start, own)
 
             def kernel(first: int, last: int) -> None:
                 _run_phases(*state, first, last)
@@ -450,18 +470,18 @@ class Fused:
             for dest, (upto, b) in self.outbox.items():
                 i0, i1 = flushed[dest], upto[sent]
                 if i1 > i0:
-                    out = _batch_out(b.wire, b.first, b.cum[i0], b.cum[i1], b.ucum[i0], b.ucum[i1], head, tail, stages,
-                                     compute, msg, has_data)
+                    out = _batch_out(b.wire, b.first, b.ucum[i0], b.ucum[i1], start, own, stages, compute, msg, has_data)
                     tile.post_batch(dest, f"{tag}:{count('out', dest)}", out[0] if has_data else None, *out[1:])
                     flushed[dest] = i1
 
         async def take(src: int) -> None:
             m = await tile.take_batch(f"{tag}:{count('in', src)}", src)
             b, i = self.inbox[src], taken[src]
-            a = b.cum[i]
-            _batch_in(b.wire, b.inverse, a, b.ucum[i], head, tail, stages, compute, msg, m.head, m.tail, m.stages,
-                      m.compute, m.data if has_data else msg, has_data)
-            taken[src] = int(np.searchsorted(b.cum, a + len(m.head)))
+            i1 = int(np.searchsorted(b.ucum, b.ucum[i] + len(m.stages)))  # the parts it carries (none is empty)
+            _batch_in(b.wire, b.inverse, b.load, b.hops, b.relays, b.cum[i], b.cum[i1], b.ucum[i], size_cycles,
+                      costs.alpha, costs.beta, head, tail, stages, compute, msg, m.head, m.tail, m.stages, m.compute,
+                      m.data if has_data else msg, has_data)
+            taken[src] = i1
 
         done = 0  # half-steps run: 2 s is step s's sends, 2 s + 1 its receives
         for s in self.waits:
@@ -478,31 +498,29 @@ class Fused:
 
 
 @njit(cache=True)
-def _batch_out(wire, first, f0, f1, u0, u1, head, tail, stages, compute, msg, has_data):
-    """What a batch carries of a box's flows ``f0:f1`` (distinct sources ``u0:u1``): (blocks, head, tail, stages,
-    compute), head and tail per flow, the rest per distinct source (no blocks without data)."""
-    head_out, tail_out = np.empty(f1 - f0), np.empty(f1 - f0)
-    for k in range(f1 - f0):
-        head_out[k], tail_out[k] = head[wire[f0 + k]], tail[wire[f0 + k]]
+def _batch_out(wire, first, u0, u1, start, own, stages, compute, msg, has_data):
+    """What a batch carries of a box's distinct sources ``u0:u1``: (blocks, start, own, stages, compute), one of each
+    per distinct source (its block, departure and record; no blocks without data)."""
     u = u1 - u0
     blocks = np.empty((u if has_data else 0, msg.shape[1]), dtype=msg.dtype)
-    stages_out, compute_out = np.empty(u, dtype=stages.dtype), np.empty(u)
+    start_out, own_out, stages_out, compute_out = np.empty(u), np.empty(u), np.empty(u, dtype=stages.dtype), np.empty(u)
     for k in range(u):
         j = wire[first[u0 + k]]
-        stages_out[k], compute_out[k] = stages[j], compute[j]
+        start_out[k], own_out[k], stages_out[k], compute_out[k] = start[j], own[j], stages[j], compute[j]
         if has_data:
             blocks[k] = msg[j]
-    return blocks, head_out, tail_out, stages_out, compute_out
+    return blocks, start_out, own_out, stages_out, compute_out
 
 
 @njit(cache=True)
-def _batch_in(wire, inverse, a, u0, head, tail, stages, compute, msg, m_head, m_tail, m_stages, m_compute, m_data,
-              has_data):
-    """Place a batch's flows, which start at position ``a`` of their box (distinct sources from ``u0``): each flow's
-    arrival, and its source's record and block."""
-    for k in range(m_head.size):
-        j, o = wire[a + k], inverse[a + k] - u0
-        head[j], tail[j], stages[j], compute[j] = m_head[k], m_tail[k], m_stages[o], m_compute[o]
+def _batch_in(wire, inverse, load, hops, relays, f0, f1, u0, size_cycles, alpha, beta, head, tail, stages, compute, msg,
+              m_start, m_own, m_stages, m_compute, m_data, has_data):
+    """Place a batch's flows, positions ``f0:f1`` of their box (distinct sources from ``u0``): each flow's arrival,
+    from its source's departure and its own path, and its source's record and block."""
+    for k in range(f0, f1):
+        j, o = wire[k], inverse[k] - u0
+        head[j], tail[j] = arrival(m_start[o], m_own[o], load[k], hops[k], relays[k], size_cycles, alpha, beta)
+        stages[j], compute[j] = m_stages[o], m_compute[o]
         if has_data:
             for e in range(msg.shape[1]):  # element by element: a row assignment costs more than these few elements
                 msg[j, e] = m_data[o, e]
@@ -512,7 +530,7 @@ def _batch_in(wire, inverse, a, u0, head, tail, stages, compute, msg, m_head, m_
 def _run_phases(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages, acc_compute,
                 data, out, msg, has_data, src, dst, load, hops, relays, part_ptr, lane_ptr, peer, me, send_ptr, send_parts,
                 recv_ptr, recv_parts, step_op, step_stream, step_single, step_direct, size_cycles, alpha, beta, combine,
-                call_overhead, head, tail, msg_stages, msg_compute, first, last):
+                call_overhead, head, tail, msg_stages, msg_compute, dep_start, dep_own, first, last):
     """Half-steps ``first .. last - 1`` on every lane: half-step 2 s sends step s's parts, 2 s + 1 receives them."""
     for lane in prange(lane_ptr.shape[1] - 1):
         for h in range(first, last):
@@ -522,6 +540,9 @@ def _run_phases(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
                 for k in range(send_ptr[s], send_ptr[s + 1]):
                     p = send_parts[k]
                     a, b = lane_ptr[p, lane], lane_ptr[p, lane + 1]
+                    if peer[p] != me:  # leaves the tile: its batch carries the departure
+                        for j in range(a, b):
+                            dep_start[j], dep_own[j] = departure(clock, fwd_head, relaying, src[j], stream)
                     send_flows(clock, fwd_head, relaying, sent, stages, compute, src[a:b], load[a:b], hops[a:b],
                                relays[a:b], size_cycles, alpha, beta, stream, head[a:b], tail[a:b], msg_stages[a:b],
                                msg_compute[a:b])
@@ -565,7 +586,7 @@ def _run_phases(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
 def _time_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages, acc_compute,
                 pat_src, pat_dst, pat_load, pat_hops, pat_relays, part_ptr, pat_ptr, bounds, line_stride, member_stride,
                 send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_stream, step_single, size_cycles, alpha, beta,
-                combine, call_overhead, head, tail, msg_stages, msg_compute, reps, first, last):
+                combine, call_overhead, head, tail, msg_stages, msg_compute, dep_start, dep_own, reps, first, last):
     """The timing of ``_run_phases`` for a program whose parts repeat on every line (``Lines``), on the lines
     ``reps`` (ascending) only: the same rules on the same flows, each part's pattern flows walked line by line; a
     lane is a run of lines."""
@@ -585,8 +606,9 @@ def _time_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
                         for r in range(r0, r1):
                             ln = reps[r]
                             c, j = c0 + ln * line_stride, j0 + ln
-                            head[j], tail[j] = launch(clock, fwd_head, relaying, c, load, hops, relays, size_cycles, alpha,
-                                                      beta, stream)
+                            dep_start[j], dep_own[j] = departure(clock, fwd_head, relaying, c, stream)
+                            head[j], tail[j] = arrival(dep_start[j], dep_own[j], load, hops, relays, size_cycles, alpha,
+                                                       beta)
                             msg_stages[j] = stages[c]
                             msg_compute[j] = compute[c]
                     for q in range(pat_ptr[p], pat_ptr[p + 1]):
@@ -787,8 +809,8 @@ def _all_exact(clock, fwd_head, relaying, sent, head, tail, taken):
 
 
 @njit(cache=True)
-def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_stages, msg_compute, lines, members,
-            line_stride, member_stride, launches, streams, reps, rep_of, shift, given):
+def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_stages, msg_compute, dep_start, dep_own,
+            lines, members, line_stride, member_stride, launches, streams, reps, rep_of, shift, given):
     """Give every line that was not timed its class line's outcome, shifted: the timing state of its cores (``sent``
     and ``fwd_head`` only where the stretch moved them) and the flows it sends other tiles. A class line takes its
     own outcome (shift 0), so every line can be written. Strides as in ``_line_classes``."""
@@ -828,6 +850,7 @@ def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_st
             r, d = rep_of[ln], shift[ln]
             j, jr = given[k, ln], given[k, r]
             head[j], tail[j], msg_stages[j], msg_compute[j] = head[jr] + d, tail[jr] + d, msg_stages[jr], msg_compute[jr]
+            dep_start[j], dep_own[j] = dep_start[jr] + d, dep_own[jr] + d
 
 
 @njit(cache=True, parallel=True)

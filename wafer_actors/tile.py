@@ -378,11 +378,11 @@ class Tile(Memory, Clocks):
             cached = self._fused[program.key] = (program, Fused.build(program, self))
         return cached[1]
 
-    def post_batch(self, dest: int, tag: str, data: np.ndarray | None, head: np.ndarray, tail: np.ndarray,
+    def post_batch(self, dest: int, tag: str, data: np.ndarray | None, start: np.ndarray, own: np.ndarray,
                    stages: np.ndarray, compute: np.ndarray) -> None:
-        """Send tile ``dest`` the flows of several steps at once (the fused executor): per flow its arrival (``head``,
-        ``tail``), per distinct source its block and record (``data``, ``stages``, ``compute``)."""
-        self._post(dest, encode(Message(self.mailbox.run_id, tag, self.number, data, head, tail, stages, compute)))
+        """Send tile ``dest`` the flows of several steps at once (the fused executor): per distinct source its block,
+        departure (``start``, ``own``: ``timing.departure``) and record (``stages``, ``compute``)."""
+        self._post(dest, encode(Message(self.mailbox.run_id, tag, self.number, data, start, own, stages, compute)))
 
     async def take_batch(self, tag: str, src: int) -> Message:
         """Wait for the batch ``tag`` from tile ``src``."""

@@ -81,14 +81,28 @@ class Costs:
 
 
 @njit(inline="always")
+def departure(clock, fwd_head, relaying, c, stream):
+    """(start, own) of a flow leaving core ``c``: the cycle its first element leaves (a relay that took a stream
+    forwards it from its ``fwd_head``) and the core's clock, before which its last element cannot leave. Every flow
+    a core sends in one step leaves alike; only its path and load tell its arrival (``arrival``)."""
+    own = clock[c]
+    return (fwd_head[c] if stream and relaying[c] else own), own
+
+
+@njit(inline="always")
+def arrival(start, own, load, hops, relays, size_cycles, alpha, beta):
+    """(head, tail) at its destination of a flow that left at ``(start, own)`` (``departure``)."""
+    dur = size_cycles * load
+    tail = max(start + dur, own)
+    latency = hops * alpha + relays * beta
+    return start + latency, tail + latency
+
+
+@njit(inline="always")
 def launch(clock, fwd_head, relaying, c, load, hops, relays, size_cycles, alpha, beta, stream):
     """(head, tail) at its destination of one flow from core ``c`` (see ``send_flows``)."""
-    dur = size_cycles * load
-    own = clock[c]
-    head = fwd_head[c] if stream and relaying[c] else own
-    tail = max(head + dur, own)
-    latency = hops * alpha + relays * beta
-    return head + latency, tail + latency
+    start, own = departure(clock, fwd_head, relaying, c, stream)
+    return arrival(start, own, load, hops, relays, size_cycles, alpha, beta)
 
 
 @njit(inline="always")

@@ -20,10 +20,13 @@ class Message:
         tag: names the transfer step within the run (same on sender and receiver).
         src: index of the sending tile.
         data: one block per distinct source core, ``(n_sources, *block)``; None in cost-only runs.
-        head: per flow, the cycle its first byte reaches the destination core.
-        tail: per flow, the cycle its last byte reaches the destination core.
-        stages: per flow, software relay stages on the critical path behind it (in the fused executor's
-            batches, per distinct source, as ``data``: every flow of a source carries its source's record).
+        head: per flow, the cycle its first byte reaches the destination core (in the fused executor's
+            batches, per distinct source, as ``data``: the cycle its first byte leaves, ``timing.departure``;
+            the receiver knows each flow's path, so it computes each flow's arrival from that).
+        tail: per flow, the cycle its last byte reaches the destination core (in batches, per distinct
+            source: its clock, before which the last byte cannot leave).
+        stages: per flow, software relay stages on the critical path behind it (in batches, per distinct
+            source: every flow of a source carries its source's record).
         compute: per flow, compute cycles on the critical path behind it (the same).
     """
 
