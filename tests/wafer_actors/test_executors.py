@@ -22,7 +22,7 @@ from wafer_actors.ops import TensorShape, gemm, gemv
 from wafer_actors.program import EXACT, Fused, Program, Step, _line_classes
 from wafer_actors.protocol import protocol
 from wafer_actors.timing import GRID, on_grid
-from wafer_actors.transfer import Transfer
+from wafer_actors.transfer import Route, Transfer
 
 DEV = preset("wse2").replace(name="test", alpha=1.0, beta=6.0, call_overhead=2.5, map_overhead=3.0, task_overhead=7.0)
 STATE = ("clock", "fwd_head", "relaying", "sent", "stages", "path_compute")
@@ -111,6 +111,45 @@ def test_programs_that_repeat_on_every_line_run_line_by_line():
                 assert Fused.build(ktree_program(mesh, axis, "ktree", 2, None, None, True, "add"), tile).lines is not None
             fused = Fused.build(Program("one row", (Step((one_row,)),)), tile)
             assert fused.lines is None and (len(fused.src) > 0) == (tile.rect.y0 == 0)
+
+
+def _row_chain(mesh: Mesh) -> Program:
+    """A streaming chain along row 0 only (so the general loop runs it, not the line-by-line one), then a multicast
+    back along the row from its last core: relays forward what they took, and flows cross tile edges."""
+    w = mesh.width
+    chain = [Step((Transfer.build(f"chain{k}", "row-chain", mesh, ([0], [k]), ([0], [k + 1])),), op="add", stream=True)
+             for k in range(w - 1)]
+    back = Transfer.build("back", "row-back", mesh, ([0] * (w - 1), [w - 1] * (w - 1)), ([0] * (w - 1), range(w - 1)))
+    return Program("row chain", (*chain, Step((back,), stream=True)))
+
+
+def _row_chain_routes(mesh: Mesh, **_) -> list[Route]:
+    return [Route("row-chain", tuple(t for s in _row_chain(mesh).steps[:-1] for t in s.transfers)),
+            Route("row-back", _row_chain(mesh).steps[-1].transfers)]
+
+
+@protocol(routes=_row_chain_routes)
+async def row_chain(tile, *, buffer):
+    await tile.exchange(_row_chain(tile.tiling.mesh), buffer)
+
+
+@pytest.mark.parametrize("tiles", [(1, 3), (2, 2), (3, 3)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_a_program_on_one_row_crossing_tile_edges_fused_equals_step(tiles):
+    """The general loop's batches carry each source's departure (a relay's from the stream it took); the receiver's
+    arrivals, clocks and records match the step executor's."""
+    a = np.random.default_rng(3).standard_normal((5, 9, 4)).astype(np.float32)
+    runs = []
+    for executor in ("step", "fused"):
+        with Wafer((5, 9), device=DEV, tiles=tiles, executor=executor) as w:
+            w.load("v", a, Spec("y", "x", None))
+            w.run(row_chain, buffer="v")
+            s = w.run(row_chain, buffer="v")  # a second run on the clocks the first left
+            runs.append(([w.blocks("v")], s, core_state(w)))
+    assert runs[1][1].counts["tile_messages"] > 0
+    assert_same_run(*runs, f"row chain in {tiles} tiles")
+    v = runs[0][0][0].reshape(a.shape)  # each run leaves every core of row 0 its sum: the second, 9 times the first's
+    np.testing.assert_allclose(v[0], np.broadcast_to(9 * a[0].sum(axis=0), v[0].shape), rtol=1e-5)
+    np.testing.assert_array_equal(v[1:], a[1:])
 
 
 @pytest.mark.parametrize("mesh", [(6, 6), (7, 10)], ids=lambda m: f"{m[0]}x{m[1]}")
