@@ -165,6 +165,11 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
     kvt = tile.buffer("qkv").block[1]
     ft = tile.buffer("ff").block[1]
     per_row = here[:, None] * np.ones(r.shape)  # attention work per core follows its row's tokens
+    # attention's tasks, the same in every layer: their per-core cycles costed once
+    score_cycles = tile.task_cycles(per_row * G * kvt, p.dtype, calls=G, maps=1)
+    max_cycles = tile.task_cycles(per_row * G * nkv, p.dtype)
+    exp_cycles = tile.task_cycles(2 * per_row * G * nkv, p.dtype)
+    value_cycles = tile.task_cycles(per_row * G * (kvt + nkv), p.dtype, calls=G, maps=1)
     tile.alloc("scores", (nkv, G, cmax), p.dtype)
     for layer in range(p.layers):
         # attention RMSNorm, then q, k, v in one fused GEMV reduced along y
@@ -189,24 +194,24 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         # scores of each query head over the row's tokens, reduced along x
         if full:
             attention_scores(tile.data("qkv"), tile.data("k_cache")[:, :, layer], slots, here, head, tile.data("scores"))
-        tile.charge(per_row * G * kvt, p.dtype, calls=G, maps=1)
+        tile.charge_cycles(score_cycles)
         await _allreduce(tile, p, "scores", "x")
         tile.mark(f"{layer}:scores")
         # softmax over the whole sequence: max and sum allreduced along y
         if full:
             masked_max(tile.data("scores"), here, np.float32(np.sqrt(p.head_dim)), tile.data("att_m"))
-        tile.charge(per_row * G * nkv, p.dtype)
+        tile.charge_cycles(max_cycles)
         await _allreduce(tile, p, "att_m", "y", op="max")
         if full:
             exp_sum(tile.data("scores"), tile.data("att_m"), tile.data("att_s"))
-        tile.charge(2 * per_row * G * nkv, p.dtype)
+        tile.charge_cycles(exp_cycles)
         await _allreduce(tile, p, "att_s", "y")
         tile.mark(f"{layer}:softmax")
         # o = softmax . V, reduced along y
         if full:
             attention_values(tile.data("scores"), tile.data("att_s"), tile.data("v_cache")[:, :, layer], slots, here, head,
                              tile.data("o"))
-        tile.charge(per_row * G * (kvt + nkv), p.dtype, calls=G, maps=1)
+        tile.charge_cycles(value_cycles)
         await _allreduce(tile, p, "o", "y")
         tile.mark(f"{layer}:attn_values")
         # output projection reduced along x lands in x's layout; residual

@@ -82,7 +82,10 @@ class Clocks:
                maps: int = 0) -> None:
         """Advance the clocks of ``cores`` (local mask; default all) by one task: ``fmacs`` FMACs issued as
         ``calls`` vector instructions from ``maps`` loops over a DSD (a GEMV's one, a GEMM step's one per row of B)."""
-        cycles = self.task_cycles(fmacs, dtype, calls, maps)
+        self.charge_cycles(self.task_cycles(fmacs, dtype, calls, maps), cores)
+
+    def charge_cycles(self, cycles: float | np.ndarray, cores: np.ndarray | None = None) -> None:
+        """``charge`` a task whose cycles (``task_cycles``) are known: a task every layer repeats is costed once."""
         if cores is None:  # every core: no mask to build or apply
             self.clock += cycles
             self.path_compute += cycles

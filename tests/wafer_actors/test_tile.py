@@ -74,6 +74,13 @@ def test_compute_charges_cycles_at_the_device_rate():
     np.testing.assert_array_equal(t.clocks(), [[43.0, 0.0], [0.0, 43.0]])
     t.switch_tasks(3)
     np.testing.assert_array_equal(t.clocks(), [[64.0, 21.0], [21.0, 64.0]])
+    # a per-core task costed once (as decode does for attention, the same in every layer), charged twice
+    cycles = t.task_cycles(np.array([[0.0, 4.0], [8.0, 40.0]]), "float32")
+    np.testing.assert_array_equal(cycles, [[10.0, 11.0], [12.0, 20.0]])  # one call each
+    t.charge_cycles(cycles)
+    t.charge_cycles(cycles)
+    np.testing.assert_array_equal(t.clocks(), [[84.0, 43.0], [45.0, 104.0]])
+    np.testing.assert_array_equal(t.path_compute, [[84.0, 43.0], [45.0, 104.0]])
 
 
 def test_cost_only_tiles_hold_no_data():
