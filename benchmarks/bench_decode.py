@@ -1,12 +1,12 @@
 """Decode of the default model on its default mesh: emulation speed and memory vs the NumPy reference.
 
-Prints, in one run: NumPy reference ms/token; emulation ms/token with 1 tile and 4 tiles
-(2x2, and 1x4, whose tiles each hold whole columns, so decode's allreduces along y stay
-inside them; local in-process tiles and Ray actors); their ratio to the reference; the
-predicted device speed; the peak memory of all processes (driver and Ray workers; resident and
-proportional sets) while the engine starts and while it decodes, against the model's bytes; and
-the KV capacity of shift vs concat for LLaMA3-8B on a 360x360 region (float16, the paper's
-setting; shapes only).
+Prints, in one run: NumPy reference ms/token; emulation ms/token (the mean, and the median token,
+steadier on a shared machine) with 1 tile and 4 tiles (2x2, and 1x4, whose tiles each hold whole
+columns, so decode's allreduces along y stay inside them; local in-process tiles and Ray actors);
+their ratios to the reference; the predicted device speed; the peak memory of all processes
+(driver and Ray workers; resident and proportional sets) while the engine starts and while it
+decodes, against the model's bytes; and the KV capacity of shift vs concat for LLaMA3-8B on a
+360x360 region (float16, the paper's setting; shapes only).
 
 Each configuration runs in a fresh process (in one process, the heap the earlier ones left behind
 counted against the later ones), started as ``wafer-llm generate`` starts: the model read from its
@@ -103,12 +103,13 @@ def run_one(spec: str, args: argparse.Namespace) -> dict:
     with engine as m:
         m.step(tokens[0])  # warm-up: plans and caches
         with PeakMemory() as mem:
-            t0 = time.perf_counter()
+            times = []
             for t in tokens[1:]:
+                t0 = time.perf_counter()
                 _, st = m.step(t)
-            ms = (time.perf_counter() - t0) / args.tokens * 1e3
-    return {"tiles": list(m.tiles), "ms": ms, "cycles": st.cycles, "start_pss": start.peak_pss, "rss": mem.peak,
-            "pss": mem.peak_pss}
+                times.append(time.perf_counter() - t0)
+    return {"tiles": list(m.tiles), "ms": float(np.mean(times)) * 1e3, "median_ms": float(np.median(times)) * 1e3,
+            "cycles": st.cycles, "start_pss": start.peak_pss, "rss": mem.peak, "pss": mem.peak_pss}
 
 
 def main() -> None:
@@ -131,23 +132,27 @@ def main() -> None:
 
     ref = ReferenceModel(cfg, w, len(tokens))
     ref.forward(tokens[0], 0)
-    t0 = time.perf_counter()
+    ref_times = []
     for i, t in enumerate(tokens[1:], start=1):
+        t0 = time.perf_counter()
         ref.forward(t, i)
-    ref_ms = (time.perf_counter() - t0) / args.tokens * 1e3
+        ref_times.append(time.perf_counter() - t0)
+    ref_ms, ref_median = float(np.mean(ref_times)) * 1e3, float(np.median(ref_times)) * 1e3
     del ref, w  # each run reads the model as `wafer-llm generate` does, and holds what it holds
     print(f"model {cfg.name}: {model_bytes / 2**20:.0f} MiB of float32 weights; mesh {mesh[0]}x{mesh[1]} on {device.name}; "
           f"{args.executor} executor")
-    print(f"numpy reference: {ref_ms:.1f} ms/token")
+    print(f"numpy reference: {ref_ms:.1f} ms/token (median token {ref_median:.1f} ms)")
     tilings = ["1x1", "2x2", "1x4"]  # 1x4: decode's allreduces along y (7 of 10 a layer) stay inside a tile
     if args.converted:
         tilings = ["converted"]
         print(f"tiles start from the converted checkpoint {args.converted}")
+    print("ms/token: the mean over the timed tokens; median: the median token and its ratio to the reference's "
+          "(steadier where the machine is shared)")
     print("memory: the peak of all processes (resident set, RSS, and proportional set, PSS) while the engine starts "
           "and loads the weights, and while it decodes")
-    print(f"{'tiles':>5} {'transport':>9} {'ms/token':>9} {'x ref':>6} {'cycles/token':>13} {'tok/s (device)':>15} "
-          f"{'start PSS MiB':>14} {'decode RSS MiB':>15} {'x model':>8} {'decode PSS MiB':>15} {'x model':>8}")
-    ray_ms = {}  # tiles -> ms/token with Ray tiles
+    print(f"{'tiles':>5} {'transport':>9} {'ms/token':>9} {'x ref':>6} {'median':>7} {'x ref':>6} {'cycles/token':>13} "
+          f"{'tok/s (device)':>15} {'start PSS MiB':>14} {'decode RSS MiB':>15} {'x model':>8} {'decode PSS MiB':>15} {'x model':>8}")
+    ray_ms = {}  # tiles -> (mean, median) ms/token with Ray tiles
     for transport in ["local"] if args.skip_ray else ["local", "ray"]:
         for tiling in tilings:
             cmd = [sys.executable, __file__, "--one", f"{transport}:{tiling}", "--tokens", str(args.tokens),
@@ -156,15 +161,17 @@ def main() -> None:
             r = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1])
             tiles, ms, cycles = tuple(r["tiles"]), r["ms"], r["cycles"]
             if transport == "ray":
-                ray_ms[tiles] = ms
-            print(f"{f'{tiles[0]}x{tiles[1]}':>5} {transport:>9} {ms:>9.0f} {ms / ref_ms:>6.1f} {cycles:>13,.0f} "
+                ray_ms[tiles] = ms, r["median_ms"]
+            print(f"{f'{tiles[0]}x{tiles[1]}':>5} {transport:>9} {ms:>9.0f} {ms / ref_ms:>6.1f} {r['median_ms']:>7.0f} "
+                  f"{r['median_ms'] / ref_median:>6.1f} {cycles:>13,.0f} "
                   f"{device.clock_hz / cycles:>15,.0f} {r['start_pss'] / 2**20:>14,.0f} {r['rss'] / 2**20:>15,.0f} "
                   f"{r['rss'] / model_bytes:>8.1f} {r['pss'] / 2**20:>15,.0f} {r['pss'] / model_bytes:>8.1f}", flush=True)
     bound = 1.5 * model_bytes + 2**30
     print(f"memory bound (1.5x the model's float32 bytes + 1 GiB): {bound / 2**20:,.0f} MiB, {bound / model_bytes:.1f}x the model")
     if (1, 1) in ray_ms:
-        print("4 Ray tiles against 1 Ray tile: " + ", ".join(f"{t[0]}x{t[1]} {ms / ray_ms[1, 1]:.1f}x"
-                                                          for t, ms in ray_ms.items() if t != (1, 1)))
+        print("4 Ray tiles against 1 Ray tile (median tokens): " + ", ".join(
+            f"{t[0]}x{t[1]} {ms[0] / ray_ms[1, 1][0]:.1f}x ({ms[1] / ray_ms[1, 1][1]:.1f}x)"
+            for t, ms in ray_ms.items() if t != (1, 1)))
 
     llama = preset("llama3-8b")
     print("KV capacity, LLaMA3-8B (float16) on the four 360x360-core regions of wse2, context limit lifted:")
