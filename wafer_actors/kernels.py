@@ -233,14 +233,14 @@ def block_matmul(a: np.ndarray, ia: np.ndarray | None, b: np.ndarray, ib: np.nda
 
 
 @njit(cache=True, parallel=True)
-def _matmul(a, ia, b, ib, c):
+def _matmul(a, ia, b, ib, c):  # indexed element by element: a view of each core's block per core cost 1.6-2.4x
     for q in prange(c.shape[0]):
-        x, w = a[ia[q]], b[ib[q]]
+        p, r = ia[q], ib[q]
         for i in range(c.shape[1]):
-            for k in range(x.shape[1]):
-                v = x[i, k]
+            for k in range(a.shape[2]):
+                v = a[p, i, k]
                 for j in range(c.shape[2]):
-                    c[q, i, j] += v * w[k, j]
+                    c[q, i, j] += v * b[r, k, j]
 
 
 def block_scores(q: np.ndarray, iq: np.ndarray | None, k: np.ndarray, ik: np.ndarray | None, head: np.ndarray,
@@ -257,17 +257,17 @@ def block_scores(q: np.ndarray, iq: np.ndarray | None, k: np.ndarray, ik: np.nda
 
 @njit(cache=True, parallel=True)
 def _scores(q, iq, k, ik, head, width, c):
-    for p in prange(c.shape[0]):
-        x, qq, kk = p % width, q[iq[p]], k[ik[p]]
+    for p in prange(c.shape[0]):  # indexed element by element, as ``_matmul``
+        x, pq, pk = p % width, iq[p], ik[p]
         for i in range(c.shape[1]):
             for g in range(c.shape[2]):
-                for t in range(kk.shape[1]):
+                for t in range(k.shape[2]):
                     n = head[x, t]
                     if n < 0:
                         continue
-                    v = qq[i, g, t]
+                    v = q[pq, i, g, t]
                     for j in range(c.shape[4]):
-                        c[p, i, g, n, j] += v * kk[j, t]
+                        c[p, i, g, n, j] += v * k[pk, j, t]
 
 
 def block_attend(pr: np.ndarray, ipr: np.ndarray | None, v: np.ndarray, iv: np.ndarray | None, head: np.ndarray,
@@ -282,13 +282,13 @@ def block_attend(pr: np.ndarray, ipr: np.ndarray | None, v: np.ndarray, iv: np.n
 
 @njit(cache=True, parallel=True)
 def _attend(pr, ipr, v, iv, head, width, c):
-    for p in prange(c.shape[0]):
-        x, pp, vv = p % width, pr[ipr[p]], v[iv[p]]
+    for p in prange(c.shape[0]):  # indexed element by element, as ``_matmul``
+        x, pp, pv = p % width, ipr[p], iv[p]
         for i in range(c.shape[1]):
             for g in range(c.shape[2]):
                 for t in range(c.shape[3]):
                     n = head[x, t]
                     if n < 0:
                         continue
-                    for j in range(vv.shape[0]):
-                        c[p, i, g, t] += pp[i, g, n, j] * vv[j, t]
+                    for j in range(v.shape[1]):
+                        c[p, i, g, t] += pr[pp, i, g, n, j] * v[pv, j, t]
