@@ -31,6 +31,8 @@ buffering) are allocated here, so the SRAM checks see them.
 
 from __future__ import annotations
 
+import weakref
+
 from functools import lru_cache
 from typing import Callable
 
@@ -83,6 +85,44 @@ def gathered(blocks: np.ndarray, order: np.ndarray | None) -> np.ndarray:
     return blocks.reshape((order.size, -1))[order].reshape(blocks.shape)
 
 
+class _RingOrders:
+    """The successive ``_Operand.order`` of a ring on one tile, kept: every GEMM of every layer on that ring takes
+    the same ones (computed as a GEMM first needs them; read-only)."""
+
+    def __init__(self, tile, transfer):
+        self.src, self.dst = tile.local_flows(transfer)
+        first = np.arange(tile.clock.size)
+        first.flags.writeable = False
+        self._orders = [first]
+        self._next = {id(first): 1}
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self._orders[i]
+
+    def after(self, order: np.ndarray) -> np.ndarray:
+        """The order one shift after ``order`` (one of these)."""
+        i = self._next[id(order)]
+        if i == len(self._orders):
+            nxt = order.copy()
+            nxt[self.dst] = order[self.src]
+            nxt.flags.writeable = False
+            self._orders.append(nxt)
+            self._next[id(nxt)] = i + 1
+        return self._orders[i]
+
+
+_rings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tile -> {(transfer key, view): (transfer, orders)}
+
+
+def _ring_orders(tile, transfer) -> _RingOrders:
+    kept = _rings.setdefault(tile, {})
+    key = (transfer.key, tile.index, tile.rect)
+    got = kept.get(key)
+    if got is None or got[0] is not transfer:
+        got = kept[key] = (transfer, _RingOrders(tile, transfer))
+    return got[1]
+
+
 class _Operand:
     """An operand whose blocks move one place along ``transfer`` (a ring shift) every step.
 
@@ -99,8 +139,8 @@ class _Operand:
         self.cur, self.nxt = name, self.twin
         self.fused = tile.fuses(transfer)
         indexed = indexed and self.fused and transfer is not None and not tile.cost_only  # cost-only: no blocks to find
-        self.order = np.arange(tile.clock.size) if indexed else None
-        self.flows = tile.local_flows(transfer) if self.order is not None else None
+        self.orders = _ring_orders(tile, transfer) if indexed else None
+        self.order = self.orders[0] if indexed else None
         self.started: tuple = ()
         self.timed = False  # the tile timed every step's send and land already (``Tile.run_steps``)
 
@@ -127,8 +167,7 @@ class _Operand:
             if self.started:
                 tile.land_local(self.started)
             if self.order is not None:
-                src, dst = self.flows
-                self.order[dst] = self.order[src]
+                self.order = self.orders.after(self.order)
                 return  # the blocks stayed in the current buffer
         elif t is not None:
             await tile.recv(t, self.nxt)
