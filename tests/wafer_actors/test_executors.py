@@ -15,6 +15,7 @@ import pytest
 from wafer_actors import Spec, Wafer, preset
 from wafer_actors.collectives import allreduce, shift
 from wafer_actors.collectives.allreduce import program as ktree_program
+from wafer_actors.collectives import block_gemm
 from wafer_actors.collectives.block_gemm import block_gemm_routes, gathered, gemm_t_skewed, mesh_gemm_skewed, skew
 from wafer_actors.fabric.ray import RayOptions, RayTransport
 from wafer_actors.mesh import Mesh
@@ -253,6 +254,22 @@ def test_gemm_steps_timed_at_once_equal_step(mesh):
                     s = w.run(block_gemms, charge=charge)
                     out[executor] = [w.blocks("c"), w.blocks("d")], s, core_state(w)
             assert_same_run(out["step"], out["fused"], f"{mesh} {tiles} charge={charge}")
+
+
+def test_gemm_steps_with_ring_orders_recomputed_equal_step(monkeypatch):
+    """Where a tile has no room to keep a ring's block orders (a large mesh), each is computed at every step of every
+    GEMM: the same run as step by step (the kept ones are the default, above)."""
+    monkeypatch.setattr(block_gemm, "RING_ORDERS_BYTES", 0)
+    rng = np.random.default_rng(6)
+    a, b = (rng.standard_normal((8, 8, 3)).astype(np.float32) for _ in range(2))
+    out = {}
+    for executor in ("step", "fused"):
+        with Wafer((8, 8), device=DEV, executor=executor) as w:
+            w.load("a", a, Spec("y", "x", None))
+            w.load("b", b, Spec("y", "x", None))
+            s = w.run(block_gemms, charge=True)
+            out[executor] = [w.blocks("c"), w.blocks("d")], s, core_state(w)
+    assert_same_run(out["step"], out["fused"], "orders recomputed")
 
 
 @pytest.mark.parametrize("mesh", [(6, 6), (7, 7), (4, 6)], ids=lambda m: f"{m[0]}x{m[1]}")

@@ -1,8 +1,9 @@
-"""The per-core kernels that copy a line's first result to cores with the same inputs, against NumPy per core."""
+"""The per-core kernels against NumPy, core by core: those that copy a line's first result to cores with the same
+inputs, and the GEMMs' block products."""
 
 import numpy as np
 
-from wafer_actors.kernels import exp_sum, swiglu
+from wafer_actors.kernels import block_attend, block_matmul, block_scores, exp_sum, swiglu
 
 
 def test_swiglu_copies_only_to_cores_whose_gate_and_up_hold_the_same_bits():
@@ -46,3 +47,39 @@ def test_exp_sum_copies_only_to_cores_whose_scores_and_maxima_hold_the_same_bits
         alone, alone_total = before[y : y + 1, x : x + 1].copy(), np.empty((1, 1, k, g), np.float32)
         exp_sum(alone, m[y : y + 1, x : x + 1].copy(), alone_total)
         assert alone.tobytes() == scores[y, x].tobytes() and alone_total.tobytes() == total[y, x].tobytes(), (y, x)
+
+
+def test_block_products_read_each_cores_blocks_through_its_index():
+    """``block_matmul``, ``block_scores`` and ``block_attend`` against NumPy core by core, the operands read through
+    permutations (where the fused GEMMs' ring shifts leave the blocks) or in place (index None). Integer-valued floats:
+    every sum is exact, so any order of the additions gives the same bits."""
+    rng = np.random.default_rng(2)
+    h, w, s, G, T, nkv = 3, 4, 2, 3, 6, 2
+    cores = h * w
+    ints = lambda *shape: rng.integers(-4, 5, shape).astype(np.float32)  # noqa: E731
+    i1, i2 = rng.permutation(cores), rng.permutation(cores)
+
+    a, b, c0 = ints(h, w, s, 5), ints(h, w, 5, 7), ints(h, w, s, 7)
+    for ia in (i1, None):
+        c = c0.copy()
+        block_matmul(a, ia, b, i2, c)
+        af = a.reshape(cores, s, 5)[np.arange(cores) if ia is None else ia]
+        want = c0.reshape(cores, s, 7) + np.einsum("qik,qkj->qij", af, b.reshape(cores, 5, 7)[i2])
+        assert np.array_equal(c.reshape(cores, s, 7), want)
+
+    head = rng.integers(-1, nkv, (w, T))  # each column's KV head of its K/V columns (-1: padding)
+    onehot = (head[:, :, None] == np.arange(nkv)).astype(np.float32)  # (w, T, nkv)
+    per_core = onehot[np.arange(cores) % w]  # (cores, T, nkv)
+    q, k, c0 = ints(h, w, s, G + 2, T), ints(h, w, s, T), ints(h, w, s, G, nkv, s)
+    c = c0.copy()
+    block_scores(q, i1, k, i2, head, c)
+    qf, kf = q.reshape(cores, s, G + 2, T)[i1, :, :G], k.reshape(cores, s, T)[i2]
+    want = c0.reshape(cores, s, G, nkv, s) + np.einsum("pigt,pjt,ptn->pignj", qf, kf, per_core)
+    assert np.array_equal(c.reshape(cores, s, G, nkv, s), want)
+
+    pr, v, c0 = ints(h, w, s, G, nkv, s), ints(h, w, s, T), ints(h, w, s, G, T)
+    c = c0.copy()
+    block_attend(pr, i1, v, i2, head, c)
+    pf, vf = pr.reshape(cores, s, G, nkv, s)[i1], v.reshape(cores, s, T)[i2]
+    want = c0.reshape(cores, s, G, T) + np.einsum("pignj,pjt,ptn->pigt", pf, vf, per_core)
+    assert np.array_equal(c.reshape(cores, s, G, T), want)

@@ -85,30 +85,33 @@ def gathered(blocks: np.ndarray, order: np.ndarray | None) -> np.ndarray:
     return blocks.reshape((order.size, -1))[order].reshape(blocks.shape)
 
 
+RING_ORDERS_BYTES = 64 << 20  # a tile keeps a ring's orders up to this size (a 120 x 120 ring's: 14 MB)
+
+
 class _RingOrders:
-    """The successive ``_Operand.order`` of a ring on one tile, kept: every GEMM of every layer on that ring takes
-    the same ones (computed as a GEMM first needs them; read-only)."""
+    """The successive ``_Operand.order`` of a ring on one tile, kept as a GEMM first needs them (read-only): every
+    GEMM of every layer on the ring takes the same ones. Past ``RING_ORDERS_BYTES`` (a large mesh) the later ones
+    are computed each time."""
 
     def __init__(self, tile, transfer):
-        self.src, self.dst = tile.local_flows(transfer)
-        first = np.arange(tile.clock.size)
-        first.flags.writeable = False
-        self._orders = [first]
-        self._next = {id(first): 1}
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self._orders[i]
+        self._src, self._dst = tile.local_flows(transfer)
+        self.first = np.arange(tile.clock.size)
+        self.first.flags.writeable = False
+        self._kept = [self.first]
+        self._next = {id(self.first): 1}  # a kept order -> the index of the one after it
 
     def after(self, order: np.ndarray) -> np.ndarray:
-        """The order one shift after ``order`` (one of these)."""
-        i = self._next[id(order)]
-        if i == len(self._orders):
-            nxt = order.copy()
-            nxt[self.dst] = order[self.src]
+        """The order one shift after ``order``."""
+        i = self._next.get(id(order))
+        if i is not None and i < len(self._kept):
+            return self._kept[i]
+        nxt = order.copy()
+        nxt[self._dst] = order[self._src]
+        if i is not None and (i + 1) * nxt.nbytes <= RING_ORDERS_BYTES:
             nxt.flags.writeable = False
-            self._orders.append(nxt)
+            self._kept.append(nxt)
             self._next[id(nxt)] = i + 1
-        return self._orders[i]
+        return nxt
 
 
 _rings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tile -> {(transfer key, view): (transfer, orders)}
@@ -140,7 +143,7 @@ class _Operand:
         self.fused = tile.fuses(transfer)
         indexed = indexed and self.fused and transfer is not None and not tile.cost_only  # cost-only: no blocks to find
         self.orders = _ring_orders(tile, transfer) if indexed else None
-        self.order = self.orders[0] if indexed else None
+        self.order = self.orders.first if indexed else None
         self.started: tuple = ()
         self.timed = False  # the tile timed every step's send and land already (``Tile.run_steps``)
 
