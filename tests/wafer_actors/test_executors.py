@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from wafer_actors import Spec, Wafer, preset
-from wafer_actors.collectives import allreduce, shift
+from wafer_actors.collectives import allreduce, block_gemm, shift
 from wafer_actors.collectives.allreduce import program as ktree_program
-from wafer_actors.collectives import block_gemm
 from wafer_actors.collectives.block_gemm import block_gemm_routes, gathered, gemm_t_skewed, mesh_gemm_skewed, skew
 from wafer_actors.fabric.ray import RayOptions, RayTransport
 from wafer_actors.mesh import Mesh
