@@ -32,7 +32,6 @@ buffering) are allocated here, so the SRAM checks see them.
 from __future__ import annotations
 
 import weakref
-
 from functools import lru_cache
 from typing import Callable
 
