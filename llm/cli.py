@@ -210,12 +210,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       file=sys.stderr, disable=args.prefill != "mesh")
         bar = None
         shown = [""]
-        started = time.perf_counter()
+        clock = _LayerClock()
 
         def on_layer(done: int, total: int) -> None:
             layers.update(1)
-            left = (time.perf_counter() - started) / done * (total - done)
-            if done == 1 and left > LONG_S:
+            left = clock.left(done, total)
+            if done == 2 and left > LONG_S:
                 layers.clear()
                 print(f"wafer-llm: warning: the prefill of {len(prompt_ids)} tokens will take about {left / 60:.0f} more "
                       f"minutes on this machine ({total} layers); a shorter prompt, a smaller --mesh or --prefill token "
@@ -332,14 +332,12 @@ def _generate_cost_only(args: argparse.Namespace) -> int:
         side = rows
     bar = tqdm(desc="prefill", unit="layer", leave=False, file=sys.stderr, delay=1)
 
-    first = [0.0]  # when the first layer ended: the time before it (placement, weight skew) is not a layer's
+    clock = _LayerClock()
 
     def on_layer(done: int, total: int) -> None:
         bar.total = total
         bar.update(1)
-        if done == 1:
-            first[0] = time.perf_counter()
-        left = (time.perf_counter() - first[0]) / max(1, done - 1) * (total - done)
+        left = clock.left(done, total)
         if done == 2 and left > LONG_S:
             bar.clear()
             print(f"wafer-llm: warning: the prefill of {args.prompt_tokens} tokens will take about {left / 60:.0f} more "
@@ -573,6 +571,21 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 LONG_S = 600  # a prefill expected to run longer than this (host seconds) is warned about
+
+
+class _LayerClock:
+    """Host seconds a prefill has left, from the layers after its first: the first also builds the plans, skews the
+    weights and, on a first run, compiles the kernels (a minute), so it says little about the others."""
+
+    def __init__(self) -> None:
+        self.first_end = 0.0
+
+    def left(self, done: int, total: int) -> float:
+        now = time.perf_counter()
+        if done == 1:
+            self.first_end = now
+            return 0.0
+        return (now - self.first_end) / (done - 1) * (total - done)
 EXECUTOR_ARG = dict(default="fused", choices=["fused", "step"],
                     help="fused (default): collectives as compiled loops over each tile's cores, one message per "
                          "neighbour and stretch of steps; step: step by step, the specification (same values and cycles)")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .compiled import compiled
+
 
 def _flat(a: np.ndarray, index: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """``a`` with its two core axes as one, and the core each core reads (None: its own)."""
@@ -39,7 +41,7 @@ def block_vecmat(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
     _vecmat(x.reshape(cores, k), w.reshape(cores, k, -1), _into(out, -1))
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def _vecmat(x, w, out):
     for c in prange(out.shape[0]):
         for n in range(out.shape[1]):
@@ -51,7 +53,7 @@ def _vecmat(x, w, out):
 
 
 # ---- the decode step's per-core vector work: float32 blocks ``[h, w, ...]``, one core at a time ----
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def sum_squares(x, out):
     """``out[y, x, 0] = sum(x[y, x] ** 2)``, in element order."""
     for y in prange(x.shape[0]):
@@ -62,7 +64,7 @@ def sum_squares(x, out):
             out[y, c, 0] = s
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def rms_scale(x, ss, weight, dim, eps, out):
     """``out = x / sqrt(ss / dim + eps) * weight``: RMSNorm from the allreduced sum of squares ``ss[y, x, 0]``."""
     for y in prange(x.shape[0]):
@@ -72,7 +74,7 @@ def rms_scale(x, ss, weight, dim, eps, out):
                 out[y, c, d] = x[y, c, d] * scale * weight[y, c, d]
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def rope(t, vectors, cos, sin):
     """Rotate adjacent pairs of the first ``vectors`` vectors of every core's ``t[y, x]`` in place (angles per column)."""
     for y in prange(t.shape[0]):
@@ -113,7 +115,7 @@ def swiglu(ff: np.ndarray, z: np.ndarray) -> None:
     _swiglu(ff, z, _bits(ff))
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def _swiglu(ff, z, bits):
     for c in prange(ff.shape[1]):
         _swiglu_core(ff, z, 0, c)
@@ -132,7 +134,7 @@ def _swiglu_core(ff, z, y, c):
         z[y, c, i] = g / (np.float32(1.0) + np.exp(-g)) * ff[y, c, 1, i]
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def attention_scores(q, cache, slots, held, head, scores):
     """Each core's partial scores of each query head over its row's tokens.
 
@@ -154,7 +156,7 @@ def attention_scores(q, cache, slots, held, head, scores):
                         scores[y, c, k, g, i] += q[y, c, g, j] * key
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def masked_max(scores, held, scale, out):
     """Divide the scores by ``scale``, set those of tokens the row does not hold to -inf, take each head's maximum."""
     for y in prange(scores.shape[0]):
@@ -175,7 +177,7 @@ def exp_sum(scores: np.ndarray, m: np.ndarray, out: np.ndarray) -> None:
              _flat_blocks(out))
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def _exp_sum(scores, m, out, bits, first, m_bits, flat, flat_out):
     for y in prange(scores.shape[0]):
         _exp_sum_core(scores, m, out, y, 0)
@@ -199,7 +201,7 @@ def _exp_sum_core(scores, m, out, y, c):
             out[y, c, k, g] = s
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def attention_values(scores, total, cache, slots, held, head, o):
     """``o[y, x, g, j] = sum_i scores[y, x, k, g, i] / total[y, x, k, g] * value_i[j]``, k = head[x, j], over the row's tokens."""
     for y in prange(scores.shape[0]):
@@ -232,7 +234,7 @@ def block_matmul(a: np.ndarray, ia: np.ndarray | None, b: np.ndarray, ib: np.nda
     _matmul(af.reshape(cores, m, k), ia, bf.reshape(cores, k, -1), ib, _into(c, m, -1))
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def _matmul(a, ia, b, ib, c):  # indexed element by element: a view of each core's block per core cost 1.6-2.4x
     for q in prange(c.shape[0]):
         p, r = ia[q], ib[q]
@@ -255,7 +257,7 @@ def block_scores(q: np.ndarray, iq: np.ndarray | None, k: np.ndarray, ik: np.nda
     _scores(qf, iq, kf, ik, head, c.shape[1], _into(c))
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def _scores(q, iq, k, ik, head, width, c):
     for p in prange(c.shape[0]):  # indexed element by element, as ``_matmul``
         x, pq, pk = p % width, iq[p], ik[p]
@@ -280,7 +282,7 @@ def block_attend(pr: np.ndarray, ipr: np.ndarray | None, v: np.ndarray, iv: np.n
     _attend(pf, ipr, vf, iv, head, c.shape[1], _into(c))
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def _attend(pr, ipr, v, iv, head, width, c):
     for p in prange(c.shape[0]):  # indexed element by element, as ``_matmul``
         x, pp, pv = p % width, ipr[p], iv[p]

@@ -25,6 +25,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from .compiled import compiled
 from .timing import (
     arrival,
     arrive,
@@ -497,7 +498,7 @@ class Fused:
         flush()
 
 
-@njit(cache=True)
+@compiled
 def _batch_out(wire, first, u0, u1, start, own, stages, compute, msg, has_data):
     """What a batch carries of a box's distinct sources ``u0:u1``: (blocks, start, own, stages, compute), one of each
     per distinct source (its block, departure and record; no blocks without data)."""
@@ -512,7 +513,7 @@ def _batch_out(wire, first, u0, u1, start, own, stages, compute, msg, has_data):
     return blocks, start_out, own_out, stages_out, compute_out
 
 
-@njit(cache=True)
+@compiled
 def _batch_in(wire, inverse, load, hops, relays, f0, f1, u0, size_cycles, alpha, beta, head, tail, stages, compute, msg,
               m_start, m_own, m_stages, m_compute, m_data, has_data):
     """Place a batch's flows, positions ``f0:f1`` of their box (distinct sources from ``u0``): each flow's arrival,
@@ -526,7 +527,7 @@ def _batch_in(wire, inverse, load, hops, relays, f0, f1, u0, size_cycles, alpha,
                 msg[j, e] = m_data[o, e]
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def _run_phases(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages, acc_compute,
                 data, out, msg, has_data, src, dst, load, hops, relays, part_ptr, lane_ptr, peer, me, send_ptr, send_parts,
                 recv_ptr, recv_parts, step_op, step_stream, step_single, step_direct, size_cycles, alpha, beta, combine,
@@ -582,7 +583,7 @@ def _run_phases(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
                            acc_end, acc_start, acc_combine, acc_stages, acc_compute)
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def _time_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages, acc_compute,
                 pat_src, pat_dst, pat_load, pat_hops, pat_relays, part_ptr, pat_ptr, bounds, line_stride, member_stride,
                 send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_stream, step_single, size_cycles, alpha, beta,
@@ -647,7 +648,7 @@ def _time_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
 DATA_BLOCK_BYTES = 196_608  # data of the lines run through every step at once (smaller blocks lost more to loop set-up)
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def _move_lines(data, out, msg, pat_src, pat_dst, part_ptr, pat_ptr, bounds, line_stride, member_stride, peer, me,
                 send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_direct, block, first, last):
     """The data of ``_run_phases`` for a ``Lines`` program: every line's blocks sent (copied where they might change
@@ -720,7 +721,7 @@ def _alike(clock, sent, fwd_head, relaying, stages, compute, d, rc, rs, rf, rr, 
             & ((not rr) | (fwd_head - d == rf)))
 
 
-@njit(cache=True)
+@compiled
 def _line_classes(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_stages, msg_compute, lines, members,
                   line_stride, member_stride, taken, reps, rep_of, shift):
     """Sort the lines into classes whose timing state is the same up to a shift of every time (``timing``: on the
@@ -808,7 +809,7 @@ def _all_exact(clock, fwd_head, relaying, sent, head, tail, taken):
     return out == 0
 
 
-@njit(cache=True)
+@compiled
 def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_stages, msg_compute, dep_start, dep_own,
             lines, members, line_stride, member_stride, launches, streams, reps, rep_of, shift, given):
     """Give every line that was not timed its class line's outcome, shifted: the timing state of its cores (``sent``
@@ -853,7 +854,7 @@ def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_st
             dep_start[j], dep_own[j] = dep_start[jr] + d, dep_own[jr] + d
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def shift_lines(clock, fwd_head, relaying, sent, stages, compute, cores, src, dst, src_at, dst_at, load, hops, relays,
                 flow_ptr, move_ptr, moves, sizes, alpha, beta, call_overhead, order):
     """Rounds of whole-line transfers (no multicast), line by line: line ``l`` (its cores ``cores[l]``) runs the
@@ -912,7 +913,7 @@ def _charge_core(clock, compute, busy, c, add):
         busy[c] += add
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, load, hops, relays, ptr, sizes, codes,
               which, first, cycles, steps, alpha, beta, call_overhead, head, tail, msg_stages, msg_compute, chunks):
     """``steps`` repeats of one step's operations on transfers inside the tile (no multicast, plain stores):
@@ -1005,7 +1006,7 @@ def _on_grid(x):
     return x * 65536.0 == np.floor(x * 65536.0)
 
 
-@njit(cache=True)
+@compiled
 def _moved_by(now, was, d, bound):
     """Every element of ``now`` is its element of ``was`` plus ``d``, and below ``bound`` in magnitude."""
     for i in range(now.size):
@@ -1014,7 +1015,7 @@ def _moved_by(now, was, d, bound):
     return True
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def _add(a, d):
     for i in prange(a.size):
         a[i] += d

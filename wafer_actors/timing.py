@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from .compiled import compiled
+
 GRID = 2.0**-16  # cycles: every cost is a multiple of this
 
 
@@ -112,7 +114,7 @@ def launched(relaying, sent, c, tail):
     sent[c] = max(sent[c], tail)
 
 
-@njit(cache=True)
+@compiled
 def send_flows(clock, fwd_head, relaying, sent, stages, compute, fi, load, hops, relays,
                size_cycles, alpha, beta, stream, head_out, tail_out, stages_out, compute_out):
     """Start one flow per entry of ``fi`` (its source core); write each flow's arrival head, tail and record.
@@ -160,7 +162,7 @@ def _go_on(clock, fwd_head, relaying, sent, stages, compute, c, end, start, comb
         compute[c] = path_compute + extra
 
 
-@njit(cache=True)
+@compiled
 def arrive(clock, stages, compute, fi, head, tail, msg_stages, msg_compute, combine, beta, stream,
            acc_end, acc_start, acc_combine, acc_stages, acc_compute):
     """Take one input per entry of ``fi`` (its destination core) into the step's accumulators.
@@ -189,7 +191,7 @@ def arrive_one(clock, stages, compute, c, head, tail, msg_stages, msg_compute, c
     acc_combine[c] += combine
 
 
-@njit(cache=True)
+@compiled
 def settle(clock, fwd_head, relaying, sent, stages, compute, fi, beta, call_overhead, stream,
            acc_end, acc_start, acc_combine, acc_stages, acc_compute):
     """Apply a receive step to the cores in ``fi`` (a core fed by several inputs may repeat).
@@ -215,7 +217,7 @@ def settle_one(clock, fwd_head, relaying, sent, stages, compute, c, beta, call_o
     acc_combine[c] = 0.0
 
 
-@njit(cache=True)
+@compiled
 def receive_one(clock, fwd_head, relaying, sent, stages, compute, fi, head, tail, msg_stages, msg_compute, combine,
                 beta, call_overhead, stream):
     """``arrive`` then ``settle`` for a step in which every core of ``fi`` takes exactly one input."""
@@ -235,7 +237,7 @@ def take_one(clock, fwd_head, relaying, sent, stages, compute, c, head, tail, ms
            beta, call_overhead, stream)
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def send_flows_split(clock, fwd_head, relaying, sent, stages, compute, fi, load, hops, relays,
                      size_cycles, alpha, beta, stream, head_out, tail_out, stages_out, compute_out, chunks):
     """``send_flows`` in ``chunks`` on parallel threads, for flows whose sources are all distinct (no core's state is shared)."""
@@ -245,7 +247,7 @@ def send_flows_split(clock, fwd_head, relaying, sent, stages, compute, fi, load,
                    size_cycles, alpha, beta, stream, head_out[a:b], tail_out[a:b], stages_out[a:b], compute_out[a:b])
 
 
-@njit(cache=True, parallel=True)
+@compiled(parallel=True)
 def receive_one_split(clock, fwd_head, relaying, sent, stages, compute, fi, head, tail, msg_stages, msg_compute, combine,
                       beta, call_overhead, stream, chunks):
     """``receive_one`` in ``chunks`` on parallel threads (its destinations are distinct by definition)."""

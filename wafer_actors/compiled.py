@@ -1,0 +1,60 @@
+"""Compiled loops: ``numba.njit`` with its on-disk cache, each compiled once per machine, not once per process.
+
+Every tile actor of a wafer calls the same loops with the same argument types. On a cold
+cache (a first run, or a Ray job whose working directory is a fresh copy of the package)
+each actor would compile all of them at the same time: seven actors on two cores took
+seven times a compile's CPU. Here a process compiles only while it holds a lock file next
+to numba's cache, so the first one compiles and saves, and the others, once they hold the
+lock, find what it saved and load it. Compiling talks to no other process, so whoever holds
+the lock always finishes; the kernel releases a lock whose process died.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from numba import njit
+
+_in_process = threading.RLock()
+_depth = 0  # compiles under way in this process (one may start another): only the outermost takes the file
+
+
+@contextmanager
+def _one_process_at_a_time(directory: str) -> Iterator[None]:
+    global _depth
+    with _in_process:
+        lock = None
+        if _depth == 0:
+            try:
+                os.makedirs(directory, exist_ok=True)
+                lock = open(os.path.join(directory, "compile.lock"), "a")
+            except OSError:  # no writable cache directory: numba compiles without saving, nothing to share
+                lock = None
+            else:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        _depth += 1
+        try:
+            yield
+        finally:
+            _depth -= 1
+            if lock is not None:
+                lock.close()  # releases the lock
+
+
+def compiled(fn: Callable | None = None, **options) -> Callable:
+    """``numba.njit(cache=True, **options)``, its compiles (and first loads from the cache) one process at a time."""
+    if fn is None:
+        return lambda f: compiled(f, **options)
+    dispatcher = njit(cache=True, **options)(fn)
+    directory, compile_for_args = dispatcher._cache._cache_path, dispatcher._compile_for_args
+
+    def compile_once(*args):  # numba calls this for argument types it has no machine code for in this process
+        with _one_process_at_a_time(directory):
+            return compile_for_args(*args)
+
+    dispatcher._compile_for_args = compile_once
+    return dispatcher
