@@ -3,10 +3,11 @@
 Every tile actor of a wafer calls the same loops with the same argument types. On a cold
 cache (a first run, or a Ray job whose working directory is a fresh copy of the package)
 each actor would compile all of them at the same time: seven actors on two cores took
-seven times a compile's CPU. Here a process compiles only while it holds a lock file next
-to numba's cache, so the first one compiles and saves, and the others, once they hold the
-lock, find what it saved and load it. Compiling talks to no other process, so whoever holds
-the lock always finishes; the kernel releases a lock whose process died.
+seven times a compile's CPU. Here a process compiles a loop only while it holds that loop's
+lock file next to numba's cache, so the first one compiles and saves, and the others, once
+they hold the lock, find what it saved and load it; different loops compile at the same
+time. Compiling talks to no other process, so whoever holds a lock always finishes; the
+operating system releases a lock whose process died.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ _depth = 0  # compiles under way in this process (one may start another): only t
 
 
 @contextmanager
-def _one_process_at_a_time(directory: str) -> Iterator[None]:
+def _one_process_at_a_time(directory: str, name: str) -> Iterator[None]:
     global _depth
     with _in_process:
         lock = None
         if _depth == 0:
             try:
                 os.makedirs(directory, exist_ok=True)
-                lock = open(os.path.join(directory, "compile.lock"), "a")
+                lock = open(os.path.join(directory, name + ".lock"), "a")
             except OSError:  # no writable cache directory: numba compiles without saving, nothing to share
                 lock = None
             else:
@@ -51,9 +52,10 @@ def compiled(fn: Callable | None = None, **options) -> Callable:
         return lambda f: compiled(f, **options)
     dispatcher = njit(cache=True, **options)(fn)
     directory, compile_for_args = dispatcher._cache._cache_path, dispatcher._compile_for_args
+    name = f"{fn.__module__}.{fn.__qualname__}"
 
     def compile_once(*args):  # numba calls this for argument types it has no machine code for in this process
-        with _one_process_at_a_time(directory):
+        with _one_process_at_a_time(directory, name):
             return compile_for_args(*args)
 
     dispatcher._compile_for_args = compile_once
