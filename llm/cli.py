@@ -578,7 +578,7 @@ LONG_S = 600  # a prefill expected to run longer than this (host seconds) is war
 
 class _LayerClock:
     """Host seconds a prefill has left, from the layers after its first: the first also builds the plans, skews the
-    weights and, on a first run, compiles the kernels (a minute), so it says little about the others."""
+    weights and, on a first run, compiles the kernels, so it says little about the others."""
 
     def __init__(self) -> None:
         self.first_end = 0.0
@@ -589,6 +589,8 @@ class _LayerClock:
             self.first_end = now
             return 0.0
         return (now - self.first_end) / (done - 1) * (total - done)
+
+
 EXECUTOR_ARG = dict(default="fused", choices=["fused", "step"],
                     help="fused (default): collectives as compiled loops over each tile's cores, one message per "
                          "neighbour and stretch of steps; step: step by step, the specification (same values and cycles)")
