@@ -34,7 +34,7 @@ def _one_process_at_a_time(directory: str, name: str) -> Iterator[None]:
                 os.makedirs(directory, exist_ok=True)
                 lock = open(os.path.join(directory, name + ".lock"), "a")
             except OSError:  # no writable cache directory: numba compiles without saving, nothing to share
-                lock = None
+                pass
             else:
                 fcntl.flock(lock, fcntl.LOCK_EX)
         _depth += 1
