@@ -213,6 +213,21 @@ def test_fused_executor_prefills_exactly_as_the_step_executor(weights, tiles, sp
            (s1.relayout_cycles, s1.region_cycles, s1.handover_cycles, s1.sram_high_water_bytes, c1)
 
 
+@pytest.mark.parametrize("tiles", [(1, 1), (2, 1)])
+def test_fused_executor_runs_the_lm_head_chunks_exactly_as_the_step_executor(tiles):
+    """The LM head's column chunks are views of its blocks, which the fused executor reads through a contiguous copy."""
+    cfg = LlamaConfig("wide-vocab", 1, 48, 80, 6, 2, 8, 300, 10000.0, 1e-5, 4096)  # 4x4: two chunks (as above)
+    w = random_weights(cfg, seed=5)
+    out = {}
+    for executor in ("step", "fused"):
+        with WaferLlama(cfg, w, mesh=(4, 4), tiles=tiles, transport="local", tokens=16, prefill_tokens=14,
+                        executor=executor) as m:
+            logits, st = m.prefill(PROMPT)
+            out[executor] = logits, st.region_cycles, st.sram_high_water_bytes
+    np.testing.assert_array_equal(out["fused"][0], out["step"][0])
+    assert out["fused"][1:] == out["step"][1:]
+
+
 def test_fused_executor_costs_shapes_exactly_as_the_step_executor():
     """Cost-only (no data in the compiled loops): the same cycles for prefill and the decode step after it."""
     cycles = {}
