@@ -145,7 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .converted import Converted
     from .placement import default_mesh
     from .sampling import Sampler
-    from .warm import warm_decode
+    from .warm import warm_up
 
     if args.max_new_tokens < 1:
         raise InvalidArgument(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -167,8 +167,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     drain = _drain(args.drain_node, args.transport)
     if args.snapshot_every < 0:
         raise InvalidArgument(f"--snapshot-every must be a number of steps >= 0 (0: no snapshots), got {args.snapshot_every}")
-    if args.transport == "ray" and args.address is None:  # tiles on this machine: they meet decode's loops ready
-        warm_decode(args.kv, args.algo, args.executor)
+    if args.transport == "ray" and args.address is None:  # tiles on this machine: they meet the loops ready
+        warm_up(args.kv, args.algo, args.executor, args.prefill)
     t0 = time.perf_counter()
     cfg, weights, tok = load_model(args.model)
     conv = weights if isinstance(weights, Converted) else None  # its placement gives the defaults
