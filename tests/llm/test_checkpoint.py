@@ -84,6 +84,17 @@ def test_tiny_gguf_round_trips_every_tensor(tmp_path):
     np.testing.assert_array_equal(GGUFRows(path)[[3, 15]], stored["token_embd.weight"][[3, 15]])
 
 
+def test_token_rows_of_a_file_rewritten_since_it_was_loaded_are_its_new_rows(tmp_path):
+    """``GGUFRows`` reuses the embeddings ``load_gguf`` found, unless the file changed (here its tensors moved)."""
+    import gguf
+
+    path = write_gguf(tmp_path / "tiny.gguf")
+    load_gguf(path)
+    write_gguf(path, extra=lambda w: w.add_string("general.name", "x" * 1000))
+    stored = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
+    np.testing.assert_array_equal(GGUFRows(path)[[3, 15]], stored["token_embd.weight"][[3, 15]])
+
+
 def test_bad_checkpoints_name_the_file_and_tensor(tmp_path):
     """A wrong architecture, a wrong shape and a missing file are clear errors."""
     with pytest.raises(CheckpointError, match=r"architecture 'gpt2' is not supported"):
