@@ -176,6 +176,8 @@ def load_gguf(path: str | Path) -> tuple[LlamaConfig, LlamaWeights, object]:
             if end > len(self.data):
                 raise CheckpointError(f"{path} is truncated: {len(self.data):,} bytes, but its header places data up "
                                       f"to byte {end:,} (copy or download it again)")
+            if type(self.data) is np.memmap:  # slices of a plain view skip memmap's Python hooks (3 s of SmolLM2's
+                self.data = self.data.view(np.ndarray)  # header); the view keeps the file mapped
             return super()._get(offset, dtype, count, override_order)
 
     try:
