@@ -141,14 +141,16 @@ class Region:
         else:
             parts = [(None, array, layout)]
         r = self.tiling.rects
-        for index, part, lay in parts:
-            blocks = scatter(part, lay)
-            # bands of core rows of at most LOAD_BYTES (so is each tile's part): Ray sends such calls inline (see
-            # fabric.ray.SYSTEM_CONFIG), and a tile receives one band at a time, whatever the tensor
-            rows = max(1, LOAD_BYTES // max(1, blocks[0].nbytes))
-            for y in range(0, max(t.y1 - t.y0 for t in r), rows):
-                self._call_some("put_part", {i: (name, index, y, blocks[t.y0 + y : min(t.y1, t.y0 + y + rows), t.x0 : t.x1])
-                                             for i, t in enumerate(r) if t.y0 + y < t.y1})
+
+        def bands():  # of core rows, of at most LOAD_BYTES (so is each tile's part): Ray sends such calls inline (see
+            for index, part, lay in parts:  # fabric.ray.SYSTEM_CONFIG); a tile holds a few bands at a time, whatever the tensor
+                blocks = scatter(part, lay)
+                rows = max(1, LOAD_BYTES // max(1, blocks[0].nbytes))
+                for y in range(0, max(t.y1 - t.y0 for t in r), rows):
+                    yield {self.base + i: (name, index, y, blocks[t.y0 + y : min(t.y1, t.y0 + y + rows), t.x0 : t.x1])
+                           for i, t in enumerate(r) if t.y0 + y < t.y1}
+
+        self.transport.call_stream("put_part", bands())
 
     def _scatter(self, name: str, array: np.ndarray, layout: Layout) -> list[np.ndarray]:
         """Each tile's blocks of ``array`` laid out by ``layout`` (recorded as tensor ``name``)."""

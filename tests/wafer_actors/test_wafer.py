@@ -218,8 +218,9 @@ def test_a_tensor_loads_in_bands_of_core_rows_of_any_size(transport, request, mo
         monkeypatch.setattr(wafer_module, "LOAD_BYTES", load_bytes)
         with Wafer((5, 7), device=DEV, tiles=(2, 3), transport=transport) as w:  # tiles of 3 and 2 core rows
             sent = []
-            real = w.transport.call_some
-            monkeypatch.setattr(w.transport, "call_some", lambda m, args: sent.append(m) or real(m, args))
+            real = w.transport.call_stream
+            monkeypatch.setattr(w.transport, "call_stream",
+                                lambda m, batches: real(m, (sent.append(m) or args for args in batches)))
             w.load("flat", flat, Spec("y", "x"))
             w.load("stack", stack, Spec(None, "y", "x"), stacked=True)
             assert sent.count("put_part") == calls

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any
 
 from ..device import DeviceSpec
@@ -30,6 +31,11 @@ class Transport(ABC):
     @abstractmethod
     def call_some(self, method: str, args: dict[int, tuple]) -> dict[int, Any]:
         """Call ``Tile.method(*args[i])`` on the tiles i in ``args`` only; return {i: result}."""
+
+    def call_stream(self, method: str, batches: Iterable[dict[int, tuple]]) -> None:
+        """``call_some`` for each batch in turn, the results dropped (a transport may overlap a few batches)."""
+        for args in batches:
+            self.call_some(method, args)
 
     @abstractmethod
     def run(self, path: str, run_id: int, routes: list[str], kwargs: dict[str, Any], io: list[dict[str, Any]]

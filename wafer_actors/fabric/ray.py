@@ -21,7 +21,8 @@ import asyncio
 import os
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +145,7 @@ STARTUP_CONCURRENCY = 256
 # Ray puts a call's arguments over 100 KB in its object store, whose shared pages stay resident once used:
 # loading a model's weights left ~70% of them there for the whole run. Calls of up to LOAD_BYTES (the
 # weights' bands; a token's inputs and results) go inline instead, in the call's own message.
+STREAM_WINDOW = 4  # batches of calls in flight in ``call_stream`` (the host holds their arguments meanwhile)
 SYSTEM_CONFIG = {"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY, "prestart_worker_first_driver": False,
                  "max_direct_call_object_size": LOAD_BYTES + (1 << 20)}
 
@@ -337,6 +339,16 @@ class RayTransport(Transport):
     def call_some(self, method: str, args: dict[int, tuple]) -> dict[int, Any]:
         refs = {i: self.actors[i].call.remote(method, *a) for i, a in args.items()}
         return dict(zip(refs, self._get(refs)))
+
+    def call_stream(self, method: str, batches: Iterable[dict[int, tuple]]) -> None:
+        # the host builds and sends the next batches while the tiles take the first: up to STREAM_WINDOW in flight
+        pending: deque[dict[int, Any]] = deque()
+        for args in batches:
+            pending.append({i: self.actors[i].call.remote(method, *a) for i, a in args.items()})
+            if len(pending) == STREAM_WINDOW:
+                self._get(pending.popleft())
+        while pending:
+            self._get(pending.popleft())
 
     def pids(self) -> list[int]:
         """The process id of each tile's actor."""
