@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -142,8 +142,10 @@ class Region:
             parts = [(None, array, layout)]
         r = self.tiling.rects
 
-        def bands():  # of core rows, of at most LOAD_BYTES (so is each tile's part): Ray sends such calls inline (see
-            for index, part, lay in parts:  # fabric.ray.SYSTEM_CONFIG); a tile holds a few bands at a time, whatever the tensor
+        # bands of core rows of at most LOAD_BYTES (so is each tile's part): Ray sends such calls inline (see
+        # fabric.ray.SYSTEM_CONFIG), and a tile holds a few bands at a time, whatever the tensor
+        def bands() -> Iterator[dict[int, tuple]]:
+            for index, part, lay in parts:
                 blocks = scatter(part, lay)
                 rows = max(1, LOAD_BYTES // max(1, blocks[0].nbytes))
                 for y in range(0, max(t.y1 - t.y0 for t in r), rows):

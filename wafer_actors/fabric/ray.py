@@ -145,9 +145,9 @@ STARTUP_CONCURRENCY = 256
 # Ray puts a call's arguments over 100 KB in its object store, whose shared pages stay resident once used:
 # loading a model's weights left ~70% of them there for the whole run. Calls of up to LOAD_BYTES (the
 # weights' bands; a token's inputs and results) go inline instead, in the call's own message.
-STREAM_WINDOW = 4  # batches of calls in flight in ``call_stream`` (the host holds their arguments meanwhile)
 SYSTEM_CONFIG = {"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY, "prestart_worker_first_driver": False,
                  "max_direct_call_object_size": LOAD_BYTES + (1 << 20)}
+STREAM_WINDOW = 4  # batches of calls in flight in ``call_stream`` (the host holds their arguments meanwhile)
 
 
 def start_local_ray(**kwargs: Any) -> None:
