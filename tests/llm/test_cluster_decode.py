@@ -14,8 +14,8 @@ def test_default_model_tokens_match_a_single_process_run(ray_cluster_3_nodes, sm
     cfg, w, _ = smollm2
     ids = tokenizer.encode("The capital of France is")
     runs = {}
-    for name, transport, tiles in (("local", "local", (1, 1)), ("cluster", "ray", (1, 3))):
-        with WaferLlama(cfg, w, mesh=(64, 64), tiles=tiles, transport=transport, tokens=len(ids) + 4) as m:
+    for name, transport, tiles in (("local", "local", (1, 1)), ("cluster", "ray", (1, 3))):  # two regions: six tiles
+        with WaferLlama(cfg, w, mesh=(96, 96), tiles=tiles, transport=transport, tokens=len(ids) + 4) as m:
             runs[name] = generate(m, ids, max_new_tokens=4).output_ids
             if transport == "ray":
                 nodes = set(m.wafer.nodes())
@@ -47,7 +47,7 @@ def test_generate_on_a_machine_where_a_cluster_runs(ray_cluster_3_nodes, join):
     import sys
 
     cmd = [sys.executable, "-m", "llm.cli", "generate", "--prompt", "Once upon a time", "--max-new-tokens", "2",
-           "--prefill", "token", "--tiles", "1x1", "--mesh", "64x64"]
+           "--prefill", "token", "--tiles", "1x1", "--mesh", "96x96"]
     out = subprocess.run(cmd + (["--address", ray_cluster_3_nodes.address] if join else []), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -37,7 +37,7 @@ def test_job_submit_runs_decode_and_returns_its_report(head, tmp_path, smollm2, 
     out = tmp_path / "job.json"
     job = subprocess.run(
         [ray, "job", "submit", "--address", "http://127.0.0.1:8291", "--working-dir", str(REPO), "--",
-         sys.executable, "cluster_configs/decode_job.py", "--prompt", "The capital of France is", "--mesh", "64x64",
+         sys.executable, "cluster_configs/decode_job.py", "--prompt", "The capital of France is", "--mesh", "96x96",
          "--max-new-tokens", "2", "--prefill", "token", "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=900,
     )
@@ -52,4 +52,4 @@ def test_job_submit_runs_decode_and_returns_its_report(head, tmp_path, smollm2, 
     second = int(np.argmax(ref.forward(first, len(ids))))
     assert report["prompt_ids"] == ids
     assert report["output_ids"] == [first, second]
-    assert report["emulation"]["mesh"] == [64, 64]
+    assert report["emulation"]["mesh"] == [96, 96]
