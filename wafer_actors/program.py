@@ -593,7 +593,8 @@ def _time_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
     lane is a run of lines."""
     for lane in prange(bounds.size - 1):
         l0, l1 = bounds[lane], bounds[lane + 1]
-        r0, r1 = np.searchsorted(reps, l0), np.searchsorted(reps, l1)
+        r0 = _first_at_least(reps, l0)
+        r1 = _first_at_least(reps, l1)
         for h in range(first, last):
             s = h // 2
             stream = step_stream[s]
@@ -643,6 +644,15 @@ def _time_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
                         for r in range(r0, r1):
                             settle_one(clock, fwd_head, relaying, sent, stages, compute, d0 + reps[r] * line_stride, beta,
                                        call_overhead, stream, acc_end, acc_start, acc_combine, acc_stages, acc_compute)
+
+
+@njit(inline="always")
+def _first_at_least(sorted_, v):
+    """``np.searchsorted(sorted_, v)`` by a scan (numba's searchsorted costs a second and a half to compile)."""
+    i = 0
+    while i < sorted_.size and sorted_[i] < v:
+        i += 1
+    return i
 
 
 DATA_BLOCK_BYTES = 196_608  # data of the lines run through every step at once (smaller blocks lost more to loop set-up)
@@ -893,12 +903,9 @@ def shift_lines(clock, fwd_head, relaying, sent, stages, compute, cores, src, ds
                 for j in range(a, b):
                     take_one(cl, fh, rl, se, sg, cm, dst_at[j], head[q, j - a], tail[q, j - a], st[q, j - a], cp[q, j - a],
                              0.0, beta, call_overhead, False)
-        clock[at] = cl
-        fwd_head[at] = fh
-        relaying[at] = rl
-        sent[at] = se
-        stages[at] = sg
-        compute[at] = cm
+        for i in range(n):  # element by element: an array assigned through an index array compiles numba's error text
+            c = at[i]
+            clock[c], fwd_head[c], relaying[c], sent[c], stages[c], compute[c] = cl[i], fh[i], rl[i], se[i], sg[i], cm[i]
 
 
 SEND, LAND, CHARGE = 0, 1, 2  # the operations of ``run_steps``
