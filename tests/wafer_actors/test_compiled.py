@@ -27,3 +27,27 @@ def test_processes_on_a_cold_cache_compile_a_loop_once_and_the_others_load_it(tm
         assert p.returncode == 0
         misses.append(int(out.split()[-1]))
     assert sorted(misses) == [0, 0, 1]  # one compiled and saved; the two others waited and loaded what it saved
+
+
+HOLD = """
+import fcntl, os, sys, time
+from wafer_actors import kernels
+d = kernels._vecmat._cache._cache_path
+lock = open(os.path.join(d, "wafer_actors.kernels._vecmat.lock"), "a")
+fcntl.flock(lock, fcntl.LOCK_EX)  # as a process compiling the loop holds it
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_loop_in_the_cache_loads_while_another_process_holds_its_compile_lock(tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", CALL], env=env, check=True, timeout=300)  # compiles and saves it
+    holder = subprocess.Popen([sys.executable, "-c", HOLD], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        out = subprocess.run([sys.executable, "-c", CALL], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.split()[-1] == "0"  # loaded, not compiled, without waiting
+    finally:
+        holder.kill()
+        holder.wait()
