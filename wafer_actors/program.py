@@ -583,15 +583,15 @@ def _run_phases(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
                            acc_end, acc_start, acc_combine, acc_stages, acc_compute)
 
 
-@compiled(parallel=True)
+@compiled  # serial: one line per class (one or two in decode) is too little to share; parallel took 5 s more to compile
 def _time_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages, acc_compute,
                 pat_src, pat_dst, pat_load, pat_hops, pat_relays, part_ptr, pat_ptr, bounds, line_stride, member_stride,
                 send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_stream, step_single, size_cycles, alpha, beta,
                 combine, call_overhead, head, tail, msg_stages, msg_compute, dep_start, dep_own, reps, first, last):
     """The timing of ``_run_phases`` for a program whose parts repeat on every line (``Lines``), on the lines
     ``reps`` (ascending) only: the same rules on the same flows, each part's pattern flows walked line by line; a
-    lane is a run of lines."""
-    for lane in prange(bounds.size - 1):
+    lane is a run of lines (``_move_lines`` runs lanes on parallel threads)."""
+    for lane in range(bounds.size - 1):
         l0, l1 = bounds[lane], bounds[lane + 1]
         r0 = _first_at_least(reps, l0)
         r1 = _first_at_least(reps, l1)
