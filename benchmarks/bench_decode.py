@@ -3,7 +3,8 @@
 Prints, in one run: NumPy reference ms/token; emulation ms/token (the mean, and the median token,
 steadier on a shared machine) with 1 tile and 4 tiles (2x2, and 1x4, whose tiles each hold whole
 columns, so decode's allreduces along y stay inside them; local in-process tiles and Ray actors);
-their ratios to the reference; the predicted device speed; the peak memory of all processes
+their ratios to the reference; the CPU time all processes spend per token (with four Ray tiles on a
+2-core machine, how busy the cores were); the predicted device speed; the peak memory of all processes
 (driver and Ray workers; resident and proportional sets) while the engine starts and while it
 decodes, against the model's bytes; and the KV capacity of shift vs concat for LLaMA3-8B on a
 360x360 region (float16, the paper's setting; shapes only).
@@ -78,6 +79,19 @@ class PeakMemory:
         self._thread.join()
 
 
+def cpu_seconds() -> float:
+    """CPU time (user and system) this process and all its descendants (Ray's workers included) have used."""
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def run_one(spec: str, args: argparse.Namespace) -> dict:
     """Time and measure one configuration (``TRANSPORT:ROWSxCOLS``, or ``TRANSPORT:converted``) in this process."""
     transport, tiling = spec.split(":")
@@ -104,12 +118,15 @@ def run_one(spec: str, args: argparse.Namespace) -> dict:
         m.step(tokens[0])  # warm-up: plans and caches
         with PeakMemory() as mem:
             times = []
+            cpu = cpu_seconds()
             for t in tokens[1:]:
                 t0 = time.perf_counter()
                 _, st = m.step(t)
                 times.append(time.perf_counter() - t0)
+            cpu = cpu_seconds() - cpu
     return {"tiles": list(m.tiles), "ms": float(np.mean(times)) * 1e3, "median_ms": float(np.median(times)) * 1e3,
-            "cycles": st.cycles, "start_pss": start.peak_pss, "rss": mem.peak, "pss": mem.peak_pss}
+            "cpu_ms": cpu / len(times) * 1e3, "cycles": st.cycles, "start_pss": start.peak_pss, "rss": mem.peak,
+            "pss": mem.peak_pss}
 
 
 def main() -> None:
@@ -150,7 +167,11 @@ def main() -> None:
           "(steadier where the machine is shared)")
     print("memory: the peak of all processes (resident set, RSS, and proportional set, PSS) while the engine starts "
           "and loads the weights, and while it decodes")
-    print(f"{'tiles':>5} {'transport':>9} {'ms/token':>9} {'x ref':>6} {'median':>7} {'x ref':>6} {'cycles/token':>13} "
+    print("CPU ms/token: the CPU time of all processes (driver and tiles) per timed token; cores: CPU over wall time "
+          "(how many cores were busy on average; a tile's second thread waits for the next parallel loop spinning, so "
+          "a two-thread tile counts two)")
+    print(f"{'tiles':>5} {'transport':>9} {'ms/token':>9} {'x ref':>6} {'median':>7} {'x ref':>6} {'CPU ms/token':>13} "
+          f"{'cores':>6} {'cycles/token':>13} "
           f"{'tok/s (device)':>15} {'start PSS MiB':>14} {'decode RSS MiB':>15} {'x model':>8} {'decode PSS MiB':>15} "
           f"{'x model':>8}")
     ray_ms = {}  # tiles -> (mean, median) ms/token with Ray tiles
@@ -164,7 +185,7 @@ def main() -> None:
             if transport == "ray":
                 ray_ms[tiles] = ms, r["median_ms"]
             print(f"{f'{tiles[0]}x{tiles[1]}':>5} {transport:>9} {ms:>9.0f} {ms / ref_ms:>6.1f} {r['median_ms']:>7.0f} "
-                  f"{r['median_ms'] / ref_median:>6.1f} {cycles:>13,.0f} "
+                  f"{r['median_ms'] / ref_median:>6.1f} {r['cpu_ms']:>13.0f} {r['cpu_ms'] / ms:>6.1f} {cycles:>13,.0f} "
                   f"{device.clock_hz / cycles:>15,.0f} {r['start_pss'] / 2**20:>14,.0f} {r['rss'] / 2**20:>15,.0f} "
                   f"{r['rss'] / model_bytes:>8.1f} {r['pss'] / 2**20:>15,.0f} {r['pss'] / model_bytes:>8.1f}", flush=True)
     bound = 1.5 * model_bytes + 2**30
