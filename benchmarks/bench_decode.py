@@ -43,10 +43,12 @@ class PeakMemory:
     """Samples the memory of this process and all its descendants: the sum of their resident sets every 50 ms
     (pages shared by several processes, such as libraries and Ray's object store, counted once in each) and
     the sum of their proportional sets every 0.5 s (each shared page split among its processes: the physical
-    memory the run holds)."""
+    memory the run holds). ``cpu``: the CPU time the sampling has taken so far (reading other processes' memory
+    maps is charged to the reader), kept apart from the run's."""
 
     def __init__(self) -> None:
         self.peak = self.peak_pss = 0
+        self.cpu = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -68,6 +70,7 @@ class PeakMemory:
             tick += 1
             if tick % 10 == 0:
                 self.peak_pss = max(self.peak_pss, self._sample(True))
+            self.cpu = time.thread_time()
 
     def __enter__(self) -> PeakMemory:
         self.peak, self.peak_pss = self._sample(False), self._sample(True)
@@ -118,12 +121,12 @@ def run_one(spec: str, args: argparse.Namespace) -> dict:
         m.step(tokens[0])  # warm-up: plans and caches
         with PeakMemory() as mem:
             times = []
-            cpu = cpu_seconds()
+            cpu, sampling = cpu_seconds(), mem.cpu
             for t in tokens[1:]:
                 t0 = time.perf_counter()
                 _, st = m.step(t)
                 times.append(time.perf_counter() - t0)
-            cpu = cpu_seconds() - cpu
+            cpu = cpu_seconds() - cpu - (mem.cpu - sampling)  # the run's: the memory sampling's left out
     return {"tiles": list(m.tiles), "ms": float(np.mean(times)) * 1e3, "median_ms": float(np.median(times)) * 1e3,
             "cpu_ms": cpu / len(times) * 1e3, "cycles": st.cycles, "start_pss": start.peak_pss, "rss": mem.peak,
             "pss": mem.peak_pss}
@@ -167,7 +170,8 @@ def main() -> None:
           "(steadier where the machine is shared)")
     print("memory: the peak of all processes (resident set, RSS, and proportional set, PSS) while the engine starts "
           "and loads the weights, and while it decodes")
-    print("CPU ms/token: the CPU time of all processes (driver and tiles) per timed token; cores: CPU over wall time "
+    print("CPU ms/token: the CPU time of all processes (driver and tiles) per timed token, the memory sampling's left "
+          "out; cores: CPU over wall time "
           "(how many cores were busy on average; a tile's second thread waits for the next parallel loop spinning, so "
           "a two-thread tile counts two)")
     print(f"{'tiles':>5} {'transport':>9} {'ms/token':>9} {'x ref':>6} {'median':>7} {'x ref':>6} {'CPU ms/token':>13} "
