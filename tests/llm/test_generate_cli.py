@@ -78,7 +78,8 @@ def test_ctrl_c_stops_at_once_and_leaves_no_process_behind():
     cli = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
            "runpy.run_module('llm.cli', run_name='__main__')")
     p = subprocess.Popen([sys.executable, "-c", cli, "generate", "--prompt", prompt, "--max-new-tokens", "40",
-                          "--mesh", "96x96", "--tiles", "1x1", "--prefill", "token"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          "--mesh", "96x96", "--tiles", "1x1", "--prefill", "token"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     os.set_blocking(p.stdout.fileno(), False)
     shown, deadline = b"", time.monotonic() + 240
     while len(shown) <= len(prompt) + 3:  # decode has begun once new text follows the prompt
