@@ -38,6 +38,7 @@ from .timing import (
     settle,
     settle_one,
     take_one,
+    takes,
 )
 from .transfer import Transfer, contend
 
@@ -920,109 +921,144 @@ def _charge_core(clock, compute, busy, c, add):
         busy[c] += add
 
 
-@compiled(parallel=True)
+@compiled
 def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, load, hops, relays, ptr, sizes, codes,
-              which, first, cycles, steps, alpha, beta, call_overhead, head, tail, msg_stages, msg_compute, chunks):
+              which, cycles, steps, alpha, beta, call_overhead):
     """``steps`` repeats of one step's operations on transfers inside the tile (no multicast, plain stores):
     ``codes[i]`` SEND or LAND transfer ``which[i]`` (flows ``ptr[k]:ptr[k + 1]``, a block of ``sizes[k]`` cycles) as
     ``Tile.start_local`` / ``land_local`` would, or CHARGE every core ``cycles[which[i]]`` as ``Clocks.charge`` would
-    (``busy`` too if it is not empty). A send or land whose flows reach every core once may take the charge before it
-    (``first[i]``: its index in ``cycles``, or -1): each core is charged just before its own flow, which reads no other
-    core's state. A transfer's flows have distinct sources and destinations, so each operation runs in ``chunks`` on
-    parallel threads.
+    (``busy`` too if it is not empty). Each transfer is sent once and landed once a step, every send before every
+    land, and a transfer's flows have distinct sources and destinations. Returns False (nothing changed) where a
+    time would leave the exact range.
 
     A step compares times only with times (clocks, sends' ends, arrivals) and copies or adds the path records
-    (stages, compute cycles): so once a step has moved every time by one amount and each record by one amount of its
-    own, every later step does the same. At steps 1, 2, 4, 8, ... the step's change is checked; once it is such a
-    steady one (its amounts on the 2^-16-cycle grid, where the sums are exact), the remaining steps are added at once."""
-    n = clock.size
-    probes = steps > 2
-    m, f = (n, head.size) if probes else (0, 0)  # the state before a probed step
-    was_clock, was_sent, was_head, was_tail = np.empty(m), np.empty(m), np.empty(f), np.empty(f)
-    was_stages, was_msg_stages = np.empty(m, dtype=stages.dtype), np.empty(f, dtype=msg_stages.dtype)
-    was_compute, was_msg_compute, was_busy = np.empty(m), np.empty(f), np.empty(busy.size if probes else 0)
-    probe = 1
-    done = 0
-    while done < steps:
-        probing = probes and done == probe and done + 1 < steps
-        if probing:
-            was_clock[:], was_sent[:], was_head[:], was_tail[:] = clock, sent, head, tail
-            was_stages[:], was_msg_stages[:] = stages, msg_stages
-            was_compute[:], was_msg_compute[:], was_busy[:] = compute, msg_compute, busy
-        for i in range(codes.size):
-            k = which[i]
-            if codes[i] == CHARGE:
-                add = cycles[k]
-                for q in prange(chunks):
-                    for c in range(q * n // chunks, (q + 1) * n // chunks):
-                        _charge_core(clock, compute, busy, c, add)
-                continue
-            a, b = ptr[k], ptr[k + 1]
-            add = cycles[first[i]] if first[i] >= 0 else 0.0
-            for q in prange(chunks):
-                lo, hi = a + q * (b - a) // chunks, a + (q + 1) * (b - a) // chunks
-                if codes[i] == SEND:  # distinct sources: a flow's launch reads no state another flow's changes
-                    for j in range(lo, hi):
-                        c = src[j]
-                        if first[i] >= 0:
-                            _charge_core(clock, compute, busy, c, add)
-                        head[j], tail[j] = launch(clock, fwd_head, relaying, c, load[j], hops[j], relays[j], sizes[k], alpha,
-                                                  beta, False)
-                        msg_stages[j] = stages[c]
-                        msg_compute[j] = compute[c]
-                        launched(relaying, sent, c, tail[j])
-                else:
-                    for j in range(lo, hi):
-                        c = dst[j]
-                        if first[i] >= 0:
-                            _charge_core(clock, compute, busy, c, add)
-                        take_one(clock, fwd_head, relaying, sent, stages, compute, c, head[j], tail[j], msg_stages[j],
-                                 msg_compute[j], 0.0, beta, call_overhead, False)
-        done += 1
-        if probing:
-            probe *= 2
-            dt, dc, db, ds = clock[0] - was_clock[0], compute[0] - was_compute[0], 0.0, stages[0] - was_stages[0]
-            if busy.size:
-                db = busy[0] - was_busy[0]
-            r = steps - done
-            # times that end below EXACT stay on the grid, where step-by-step sums are exact as well
-            bt, bc, bb = EXACT - abs(r * dt), EXACT - abs(r * dc), EXACT - abs(r * db)
-            steady = _on_grid(dt) and _on_grid(dc) and _on_grid(db)
-            steady = steady and _moved_by(clock, was_clock, dt, bt) and _moved_by(sent, was_sent, dt, bt)
-            steady = steady and _moved_by(head, was_head, dt, bt) and _moved_by(tail, was_tail, dt, bt)
-            steady = steady and _moved_by(stages, was_stages, ds, np.inf)
-            steady = steady and _moved_by(msg_stages, was_msg_stages, ds, np.inf)
-            steady = steady and _moved_by(compute, was_compute, dc, bc)
-            steady = steady and _moved_by(msg_compute, was_msg_compute, dc, bc)
-            if steady and _moved_by(busy, was_busy, db, bb):
-                _add(clock, r * dt)
-                _add(sent, r * dt)
-                _add(head, r * dt)
-                _add(tail, r * dt)
-                _add(compute, r * dc)
-                _add(msg_compute, r * dc)
-                _add(busy, r * db)
-                stages += r * ds
-                msg_stages += r * ds
-                done = steps
+    (stages, compute cycles), and a core's step reads only its own state and that of the sources of the flows it
+    lands (each at the end of the step before). So where a core and those sources all moved by one step of the
+    same amounts (each time alike; on the 2^-16-cycle grid, below ``EXACT``, where sums are exact), the core's next
+    step is that step again. Each step is therefore played only at the cores where that does not hold; the others
+    keep the state of the step they last played and that step's amounts, and are read as that state plus the
+    amounts for each step since. A ring whose cores start out of step falls into step one core a step (a front
+    moving on from the slowest), so a step plays a few cores per ring instead of all."""
+    n, nk, count = clock.size, sizes.size, busy.size > 0
+    flow = np.full((n, 2 * nk), -1, np.int64)  # the flow of each transfer a core sends, then the one it lands
+    fl = np.empty((ptr[-1], 4), np.int64)  # each flow's source, load, hops and relays
+    for t in range(nk):
+        for j in range(ptr[t], ptr[t + 1]):
+            flow[src[j], t], flow[dst[j], nk + t] = j, j
+            fl[j, 0], fl[j, 1], fl[j, 2], fl[j, 3] = src[j], load[j], hops[j], relays[j]
+    sent_at = np.empty(nk, np.int64)  # each transfer's send in the script
+    for i in range(codes.size):
+        if codes[i] == SEND:
+            sent_at[which[i]] = i
+    # each core's clock, send end, compute on its path and busy cycles after the step it last played, then that
+    # step's amounts; its stages on its path, that step's amount, and the step
+    st, ints = np.zeros((n, 8)), np.zeros((n, 3), np.int64)
+    st[:, 0], st[:, 1], st[:, 2], ints[:, 0] = clock, sent, compute, stages
+    if count:
+        st[:, 3] = busy
+    act, nxt, seen = np.arange(n), np.empty(n, np.int64), np.full(n, -1, np.int64)
+    new, new_g = np.empty((n, 8)), np.empty((n, 2), np.int64)  # the played cores' states: after, before
+    na, ok = n, True
+    for s in range(1, steps + 1):
+        if na == 0:
+            break  # every core repeats its step to the end
+        for a in range(na):
+            c = act[a]
+            k = s - 1 - ints[c, 2]
+            cl, o0 = _ahead(st[c, 0], st[c, 4], k)
+            se, o1 = _ahead(st[c, 1], st[c, 5], k)
+            m, o2 = _ahead(st[c, 2], st[c, 6], k)
+            bz, o3 = _ahead(st[c, 3], st[c, 7], k)
+            g = ints[c, 0] + k * ints[c, 1]
+            ok &= o0 and o1 and o2 and o3
+            new[a, 4], new[a, 5], new[a, 6], new[a, 7], new_g[a, 1] = cl, se, m, bz, g
+            for i in range(codes.size):
+                t = which[i]
+                if codes[i] == CHARGE:
+                    cl, m, bz = cl + cycles[t], m + cycles[t], bz + cycles[t]
+                elif codes[i] == SEND:
+                    j = flow[c, t]
+                    if j >= 0:  # a core relaying no stream departs at its clock (``departure``), ``launched``
+                        se = max(se, arrival(cl, cl, fl[j, 1], fl[j, 2], fl[j, 3], sizes[t], alpha, beta)[1])
+                elif flow[c, nk + t] >= 0:
+                    j = flow[c, nk + t]
+                    p = fl[j, 0]  # the source's step up to its send of this flow (sends change no path record)
+                    kp = s - 1 - ints[p, 2]
+                    pc, o0 = _ahead(st[p, 0], st[p, 4], kp)
+                    pm, o2 = _ahead(st[p, 2], st[p, 6], kp)
+                    ok &= o0 and o2
+                    for i2 in range(sent_at[t]):
+                        if codes[i2] == CHARGE:
+                            pc, pm = pc + cycles[which[i2]], pm + cycles[which[i2]]
+                    head, tail = arrival(pc, pc, fl[j, 1], fl[j, 2], fl[j, 3], sizes[t], alpha, beta)
+                    cl, _, g, m = takes(cl, se, g, m, head, tail, ints[p, 0] + kp * ints[p, 1], pm, 0.0, beta,
+                                        call_overhead, False)
+            new[a, 0], new[a, 1], new[a, 2], new[a, 3], new_g[a, 0] = cl, se, m, bz, g
+            ok &= _exact(cl) and _exact(se) and _exact(m) and _exact(bz)
+        for a in range(na):
+            c = act[a]
+            for q in range(4):
+                st[c, q], st[c, 4 + q] = new[a, q], new[a, q] - new[a, 4 + q]
+            ints[c, 0], ints[c, 1], ints[c, 2] = new_g[a, 0], new_g[a, 0] - new_g[a, 1], s
+        nb = 0  # the next step plays the cores whose step or a source's step just changed, unless they still agree
+        for a in range(na):
+            c = act[a]
+            for e in range(-1, nk):
+                j = flow[c, e] if e >= 0 else -1
+                t = c if e < 0 else (dst[j] if j >= 0 else -1)
+                if t >= 0 and seen[t] != s:
+                    seen[t] = s
+                    if not _steady(t, st, ints, flow, fl, nk):
+                        nxt[nb] = t
+                        nb += 1
+        act, nxt, na = nxt, act, nb
+    for c in range(n):  # every core's state after the last step
+        k = steps - ints[c, 2]
+        for q in range(4):
+            new[c, q], o = _ahead(st[c, q], st[c, 4 + q], k)
+            ok &= o
+        new_g[c, 0] = ints[c, 0] + k * ints[c, 1]
+    if not ok:
+        return False
+    clock[:], sent[:], compute[:], stages[:] = new[:n, 0], new[:n, 1], new[:n, 2], new_g[:n, 0]
+    if count:
+        busy[:] = new[:n, 3]
+    for j in range(ptr[-1]):
+        relaying[src[j]] = relaying[dst[j]] = False
+    return True
+
+
+@njit(inline="always")
+def _ahead(x, d, k):
+    """(``x`` plus ``k`` steps of ``d``, whether that is the exact sum of the steps: all on the grid, below ``EXACT``)."""
+    if k == 0:
+        return x, True
+    y = x + k * d
+    return y, _exact(x) and _exact(y) and _on_grid(d)
+
+
+@njit(inline="always")
+def _exact(x):
+    return abs(x) < EXACT and _on_grid(x)
+
+
+@njit(inline="always")
+def _steady(c, st, ints, flow, fl, nk):
+    """Core ``c``'s last step moved its clock and send end alike, and the sources of what it lands moved as it did."""
+    if st[c, 4] != st[c, 5]:
+        return False
+    for t in range(nk):
+        j = flow[c, nk + t]
+        if j >= 0:
+            p = fl[j, 0]
+            if st[p, 4] != st[c, 4] or st[p, 5] != st[c, 5] or st[p, 6] != st[c, 6] or st[p, 7] != st[c, 7]:
+                return False
+            if ints[p, 1] != ints[c, 1]:
+                return False
+    return True
 
 
 @njit(inline="always")
 def _on_grid(x):
     """``x`` is a multiple of 2^-16 (a cycle count the timing rules can produce and sum exactly)."""
     return x * 65536.0 == np.floor(x * 65536.0)
-
-
-@compiled
-def _moved_by(now, was, d, bound):
-    """Every element of ``now`` is its element of ``was`` plus ``d``, and below ``bound`` in magnitude."""
-    for i in range(now.size):
-        if now[i] - was[i] != d or abs(now[i]) >= bound:
-            return False
-    return True
-
-
-@compiled(parallel=True)
-def _add(a, d):
-    for i in prange(a.size):
-        a[i] += d

@@ -482,48 +482,48 @@ class Tile(Memory, Clocks):
     def run_steps(self, steps: int, script: Sequence[tuple]) -> bool:
         """Time ``steps`` repeats of ``script`` at once, as the calls it names would one by one: ``("send", transfer,
         nbytes)`` (``start_local``), ``("land", transfer)`` (``land_local``), ``("charge", cycles)`` (``charge`` of
-        every core). Only where every transfer ``fuses`` and is no multicast, and no mark reads the clocks between
-        steps; returns whether it ran (if not, nothing was done)."""
+        every core). Only where every transfer ``fuses`` and is no multicast, is sent once and landed once a step,
+        every send before every land, and no mark reads the clocks between steps; returns whether it ran (if not,
+        nothing was done)."""
         transfers = list(dict.fromkeys(op[1] for op in script if op[0] != "charge"))
         if self.tracing or not transfers or not self.fuses(*transfers) or any(t.multicast for t in transfers):
             return False
+        moves = [op[0] for op in script if op[0] != "charge"]
+        if moves != ["send"] * len(transfers) + ["land"] * len(transfers) or len(moves) != 2 * len(transfers):
+            return False
+        for t in transfers:
+            self._check_route(t)
         parts = []
         for t in transfers:
             lp, none = self._parts(t, "out").get(self.index), np.zeros(0, dtype=np.int64)
             parts.append((*self.local_flows(t), *((lp.load, lp.latency_hops, lp.relays) if lp else (none,) * 3)))
         ptr = np.cumsum([0] + [len(p[0]) for p in parts])
         cols = [np.concatenate(c) for c in zip(*parts)]
-        sizes, cycles, codes, which, first = np.zeros(len(transfers)), [], [], [], []
+        sizes, cycles, codes, which = np.zeros(len(transfers)), [], [], []
         for op in script:
             if op[0] == "charge":
                 codes.append(CHARGE)
                 which.append(len(cycles))
-                first.append(-1)
                 cycles.append(op[1])
                 continue
-            k = transfers.index(op[1])
-            if codes and codes[-1] == CHARGE and len(parts[k][0]) == self.clock.size:  # its flows reach every core once
-                codes.pop(), first.pop()
-                first.append(which.pop())
-            else:
-                first.append(-1)
             codes.append(SEND if op[0] == "send" else LAND)
-            which.append(k)
+            which.append(transfers.index(op[1]))
             if op[0] == "send":
-                t, nbytes, n = op[1], op[2], len(parts[k][0])
-                self._check_route(t)
+                sizes[which[-1]] = self.costs.duration(op[2])
+        costs = self.costs
+        if not run_steps(*self.flat_clocks(), self.busy.ravel() if self.counting else np.zeros(0), *cols, ptr, sizes,
+                         np.array(codes), np.array(which), np.array(cycles, dtype=float), steps, costs.alpha, costs.beta,
+                         costs.call_overhead):
+            return False
+        for op in script:
+            if op[0] == "send":
+                t, nbytes, n = op[1], op[2], len(parts[transfers.index(op[1])][0])
                 self._sent[t.key] += steps  # the step tags start_local would have taken
                 self._received[t.key] += steps
-                sizes[k] = self.costs.duration(nbytes)
                 self._count(self.index, n * steps, n * steps * nbytes)
                 self.stats["steps_fused"] += steps
                 if self.counting:
                     self._count_links(t, nbytes * steps)
-        n, costs = ptr[-1], self.costs
-        run_steps(*self.flat_clocks(), self.busy.ravel() if self.counting else np.zeros(0), *cols, ptr, sizes,
-                  np.array(codes), np.array(which), np.array(first), np.array(cycles, dtype=float), steps, costs.alpha, costs.beta,
-                  costs.call_overhead, np.empty(n), np.empty(n), np.empty(n, dtype=np.int64), np.empty(n),
-                  numba.get_num_threads() if n >= SPLIT_FLOWS else 1)
         return True
 
     def local_flows(self, transfer: Transfer) -> tuple[np.ndarray, np.ndarray]:

@@ -143,23 +143,31 @@ def _input_ends(c0, head, tail, combine, beta, stream):
 
 
 @njit(inline="always")
+def goes_on(c0, sent, end, comb, path_stages, path_compute, beta, call_overhead, stream):
+    """(clock, stages, compute) of a core whose clock was ``c0`` going on after its inputs (the last ending at
+    ``end``) and its own earlier sends (the last landing at ``sent``)."""
+    end = max(end, sent)
+    if stream:
+        return max(end, c0 + beta + comb), path_stages + 1, path_compute
+    extra = comb + call_overhead if comb > 0 else 0.0
+    return max(end, c0) + extra, path_stages, path_compute + extra
+
+
+@njit(inline="always")
 def _go_on(clock, fwd_head, relaying, sent, stages, compute, c, end, start, comb, path_stages, path_compute,
            beta, call_overhead, stream):
-    """Core ``c`` goes on after its inputs (the last ending at ``end``) and its own earlier sends."""
-    c0 = clock[c]
-    end = max(end, sent[c])
+    """Core ``c`` goes on (``goes_on``); a streaming receive leaves it relaying from ``start``."""
+    clock[c], stages[c], compute[c] = goes_on(clock[c], sent[c], end, comb, path_stages, path_compute, beta,
+                                              call_overhead, stream)
+    _relays(fwd_head, relaying, c, start, stream)
+
+
+@njit(inline="always")
+def _relays(fwd_head, relaying, c, start, stream):
+    """After a receive, core ``c`` relays a stream (forwarding from ``start``) if the receive streamed."""
+    relaying[c] = stream
     if stream:
-        clock[c] = max(end, c0 + beta + comb)
         fwd_head[c] = start
-        relaying[c] = True
-        stages[c] = path_stages + 1
-        compute[c] = path_compute
-    else:
-        extra = comb + call_overhead if comb > 0 else 0.0
-        clock[c] = max(end, c0) + extra
-        relaying[c] = False
-        stages[c] = path_stages
-        compute[c] = path_compute + extra
 
 
 @compiled
@@ -227,14 +235,22 @@ def receive_one(clock, fwd_head, relaying, sent, stages, compute, fi, head, tail
 
 
 @njit(inline="always")
+def takes(c0, sent, stages, compute, head, tail, msg_stages, msg_compute, combine, beta, call_overhead, stream):
+    """(clock, start, stages, compute) of a core (clock ``c0``, last send landing at ``sent``, path record
+    ``stages`` and ``compute``) after it takes its only input (see ``arrive``)."""
+    end, start, waited = _input_ends(c0, head, tail, combine, beta, stream)
+    clock, stages, compute = goes_on(c0, sent, end, combine, msg_stages if waited else stages,
+                                     msg_compute if waited else compute, beta, call_overhead, stream)
+    return clock, start, stages, compute
+
+
+@njit(inline="always")
 def take_one(clock, fwd_head, relaying, sent, stages, compute, c, head, tail, msg_stages, msg_compute, combine, beta,
              call_overhead, stream):
-    """``receive_one`` for core ``c``, its only input."""
-    end, start, waited = _input_ends(clock[c], head, tail, combine, beta, stream)
-    path_stages = msg_stages if waited else stages[c]
-    path_compute = msg_compute if waited else compute[c]
-    _go_on(clock, fwd_head, relaying, sent, stages, compute, c, end, start, combine, path_stages, path_compute,
-           beta, call_overhead, stream)
+    """``receive_one`` for core ``c``, its only input (``takes``)."""
+    clock[c], start, stages[c], compute[c] = takes(clock[c], sent[c], stages[c], compute[c], head, tail, msg_stages,
+                                                   msg_compute, combine, beta, call_overhead, stream)
+    _relays(fwd_head, relaying, c, start, stream)
 
 
 @compiled(parallel=True)

@@ -21,6 +21,7 @@ from wafer_actors.mesh import Mesh
 from wafer_actors.ops import TensorShape, gemm, gemv
 from wafer_actors.program import EXACT, Fused, Program, Step, _line_classes
 from wafer_actors.protocol import protocol
+from wafer_actors.tile import Tile
 from wafer_actors.timing import GRID, on_grid
 from wafer_actors.transfer import Route, Transfer
 
@@ -226,8 +227,10 @@ def _product(a, ia, b, ib, c):
 
 
 @protocol(routes=lambda mesh, **_: block_gemm_routes(mesh))
-async def block_gemms(tile, *, charge: bool) -> None:
-    """A MeshGEMM and a GEMM-T on kept-skewed operands (elementwise shares), cores starting apart when ``charge``."""
+async def block_gemms(tile, *, charge: bool, base: float = 0.0) -> None:
+    """A MeshGEMM and a GEMM-T on kept-skewed operands (elementwise shares), cores starting apart when ``charge``,
+    ``base`` cycles on."""
+    tile.charge_cycles(base)
     if charge:
         tile.charge(tile.local(np.arange(tile.tiling.mesh.size).reshape(tile.tiling.mesh.shape) % 7 * 50.0), "float32")
     for name in ("c", "d"):
@@ -253,6 +256,28 @@ def test_gemm_steps_timed_at_once_equal_step(mesh):
                     s = w.run(block_gemms, charge=charge)
                     out[executor] = [w.blocks("c"), w.blocks("d")], s, core_state(w)
             assert_same_run(out["step"], out["fused"], f"{mesh} {tiles} charge={charge}")
+
+
+@pytest.mark.parametrize("base", [0.0, EXACT - 1000.0], ids=["from 0", "leaving the exact range"])
+def test_gemm_steps_played_where_cores_fall_into_step_equal_step(base, monkeypatch):
+    """On 30x30 with cores starting apart, the compute-shift steps fall into step one core a step along each ring;
+    timed at once, a step is played only at the cores still out of step, the others read as their last step
+    repeated: the same run as step by step. Where the clocks would pass ``EXACT`` (sums no longer exact) timing at
+    once declines and the steps run one by one."""
+    rng = np.random.default_rng(8)
+    a, b = (rng.standard_normal((30, 30, 3)).astype(np.float32) for _ in range(2))
+    ran, at_once = [], Tile.run_steps
+    monkeypatch.setattr(Tile, "run_steps", lambda tile, *args: ran.append(at_once(tile, *args)) or ran[-1])
+    out = {}
+    for executor in ("step", "fused"):
+        with Wafer((30, 30), device=DEV, executor=executor) as w:
+            w.load("a", a, Spec("y", "x", None))
+            w.load("b", b, Spec("y", "x", None))
+            s = w.run(block_gemms, charge=True, base=base)
+            out[executor] = [w.blocks("c"), w.blocks("d")], s, core_state(w)
+    assert ran == [base == 0.0] * 2
+    assert out["step"][2]["clock"].max() > EXACT if base else out["step"][1].cycles > 30 * 50.0
+    assert_same_run(out["step"], out["fused"], f"from {base}")
 
 
 def test_gemm_steps_with_ring_orders_recomputed_equal_step(monkeypatch):
