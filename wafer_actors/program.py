@@ -1028,7 +1028,7 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
     return True
 
 
-@njit(inline="always")
+@njit
 def _ahead(x, d, k):
     """(``x`` plus ``k`` steps of ``d``, whether that is the exact sum of the steps: all on the grid, below ``EXACT``)."""
     if k == 0:
@@ -1037,12 +1037,12 @@ def _ahead(x, d, k):
     return y, _exact(x) and _exact(y) and _on_grid(d)
 
 
-@njit(inline="always")
+@njit
 def _exact(x):
     return abs(x) < EXACT and _on_grid(x)
 
 
-@njit(inline="always")
+@njit
 def _steady(c, st, ints, flow, fl, nk):
     """Core ``c``'s last step moved its clock and send end alike, and the sources of what it lands moved as it did."""
     if st[c, 4] != st[c, 5]:
