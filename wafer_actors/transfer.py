@@ -261,7 +261,7 @@ def _stream_ends(mesh: Mesh, sy, sx, dy, dx) -> tuple[np.ndarray, np.ndarray, np
     port = _ports(sy, sx, dy, dx)
     key = (sy * mesh.width + sx) * 4 + port
     dist = np.abs(dy - sy) + np.abs(dx - sx)
-    order = np.lexsort((dist, key))  # by key, farthest last
+    order = np.argsort(key * (mesh.height + mesh.width) + dist, kind="stable")  # by key, farthest last
     key, dist = key[order], dist[order]
     last = np.flatnonzero(np.r_[key[1:] != key[:-1], True]) if len(key) else np.zeros(0, dtype=np.int64)
     ids, far = key[last], dist[last]
