@@ -922,14 +922,15 @@ def _charge_core(clock, compute, busy, c, add):
 
 
 @compiled
-def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, load, hops, relays, ptr, sizes, codes,
-              which, cycles, steps, alpha, beta, call_overhead):
+def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, load, hops, relays, until, ptr, sizes,
+              codes, which, cycles, steps, alpha, beta, call_overhead):
     """``steps`` repeats of one step's operations on transfers inside the tile (no multicast, plain stores):
     ``codes[i]`` SEND or LAND transfer ``which[i]`` (flows ``ptr[k]:ptr[k + 1]``, a block of ``sizes[k]`` cycles) as
     ``Tile.start_local`` / ``land_local`` would, or CHARGE every core ``cycles[which[i]]`` as ``Clocks.charge`` would
-    (``busy`` too if it is not empty). Each transfer is sent once and landed once a step, every send before every
-    land, and a transfer's flows have distinct sources and destinations. Returns False (nothing changed) where a
-    time would leave the exact range.
+    (``busy`` too if it is not empty). Flow ``j`` moves in the first ``until[j]`` steps only (a send or land of
+    it later is skipped). Each transfer is sent once and landed once a step, every send before every land, and a
+    transfer's flows have distinct sources and destinations. Returns False (nothing changed) where a time would
+    leave the exact range.
 
     A step compares times only with times (clocks, sends' ends, arrivals) and copies or adds the path records
     (stages, compute cycles), and a core's step reads only its own state and that of the sources of the flows it
@@ -938,7 +939,8 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
     step is that step again. Each step is therefore played only at the cores where that does not hold; the others
     keep the state of the step they last played and that step's amounts, and are read as that state plus the
     amounts for each step since. A ring whose cores start out of step falls into step one core a step (a front
-    moving on from the slowest), so a step plays a few cores per ring instead of all."""
+    moving on from the slowest), so a step plays a few cores per ring instead of all. A core whose flows stop
+    moving plays the step at which they stop."""
     n, nk, count = clock.size, sizes.size, busy.size > 0
     flow = np.full((n, 2 * nk), -1, np.int64)  # the flow of each transfer a core sends, then the one it lands
     fl = np.empty((ptr[-1], 4), np.int64)  # each flow's source, load, hops and relays
@@ -957,6 +959,7 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
     if count:
         st[:, 3] = busy
     act, nxt, seen = np.arange(n), np.empty(n, np.int64), np.full(n, -1, np.int64)
+    stops, stop = np.argsort(until, kind="mergesort"), 0  # the flows by the last step they move
     new, new_g = np.empty((n, 8)), np.empty((n, 2), np.int64)  # the played cores' states: after, before
     na, ok = n, True
     for s in range(1, steps + 1):
@@ -978,9 +981,9 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
                     cl, m, bz = cl + cycles[t], m + cycles[t], bz + cycles[t]
                 elif codes[i] == SEND:
                     j = flow[c, t]
-                    if j >= 0:  # a core relaying no stream departs at its clock (``departure``), ``launched``
+                    if j >= 0 and s <= until[j]:  # relaying no stream, it departs at its clock (``departure``)
                         se = max(se, arrival(cl, cl, fl[j, 1], fl[j, 2], fl[j, 3], sizes[t], alpha, beta)[1])
-                elif flow[c, nk + t] >= 0:
+                elif flow[c, nk + t] >= 0 and s <= until[flow[c, nk + t]]:
                     j = flow[c, nk + t]
                     p = fl[j, 0]  # the source's step up to its send of this flow (sends change no path record)
                     kp = s - 1 - ints[p, 2]
@@ -1000,15 +1003,24 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
             for q in range(4):
                 st[c, q], st[c, 4 + q] = new[a, q], new[a, q] - new[a, 4 + q]
             ints[c, 0], ints[c, 1], ints[c, 2] = new_g[a, 0], new_g[a, 0] - new_g[a, 1], s
-        nb = 0  # the next step plays the cores whose step or a source's step just changed, unless they still agree
-        for a in range(na):
+        nb = 0  # the next step plays the cores whose flows stop moving, ...
+        while stop < until.size and until[stops[stop]] <= s:
+            j = stops[stop]
+            stop += 1
+            if until[j] == s and s < steps:
+                for t in (src[j], dst[j]):
+                    if seen[t] != s:
+                        seen[t] = s
+                        nxt[nb] = t
+                        nb += 1
+        for a in range(na):  # ... and those whose step or a source's step just changed, unless they still agree
             c = act[a]
             for e in range(-1, nk):
                 j = flow[c, e] if e >= 0 else -1
                 t = c if e < 0 else (dst[j] if j >= 0 else -1)
                 if t >= 0 and seen[t] != s:
                     seen[t] = s
-                    if not _steady(t, st, ints, flow, fl, nk):
+                    if not _steady(t, st, ints, flow, fl, nk, until, s + 1):
                         nxt[nb] = t
                         nb += 1
         act, nxt, na = nxt, act, nb
@@ -1024,7 +1036,8 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
     if count:
         busy[:] = new[:n, 3]
     for j in range(ptr[-1]):
-        relaying[src[j]] = relaying[dst[j]] = False
+        if until[j] > 0 and steps > 0:
+            relaying[src[j]] = relaying[dst[j]] = False
     return True
 
 
@@ -1043,13 +1056,14 @@ def _exact(x):
 
 
 @njit
-def _steady(c, st, ints, flow, fl, nk):
-    """Core ``c``'s last step moved its clock and send end alike, and the sources of what it lands moved as it did."""
+def _steady(c, st, ints, flow, fl, nk, until, s):
+    """Core ``c``'s last step moved its clock and send end alike, and the sources of what it lands at step ``s``
+    moved as it did."""
     if st[c, 4] != st[c, 5]:
         return False
     for t in range(nk):
         j = flow[c, nk + t]
-        if j >= 0:
+        if j >= 0 and s <= until[j]:
             p = fl[j, 0]
             if st[p, 4] != st[c, 4] or st[p, 5] != st[c, 5] or st[p, 6] != st[c, 6] or st[p, 7] != st[c, 7]:
                 return False

@@ -479,24 +479,30 @@ class Tile(Memory, Clocks):
                 streams = t.link_streams()[:, r.y0 : r.y1, r.x0 : r.x1]
                 self.link_bytes += streams * (n[None, None, :] if along == "y" else n[None, :, None]) * sum(nbytes)
 
-    def run_steps(self, steps: int, script: Sequence[tuple]) -> bool:
+    def run_steps(self, steps: int, script: Sequence[tuple], until: dict[Transfer, np.ndarray] | None = None) -> bool:
         """Time ``steps`` repeats of ``script`` at once, as the calls it names would one by one: ``("send", transfer,
         nbytes)`` (``start_local``), ``("land", transfer)`` (``land_local``), ``("charge", cycles)`` (``charge`` of
-        every core). Only where every transfer ``fuses`` and is no multicast, is sent once and landed once a step,
-        every send before every land, and no mark reads the clocks between steps; returns whether it ran (if not,
-        nothing was done)."""
+        every core). ``until`` (if given): for each transfer, ``[h, w]`` over the mesh, how many of the first steps
+        the flow leaving each core moves in (the others run the transfer's part of the moving flows, as rounds of
+        ``Transfer.subset`` would). Only where every transfer ``fuses`` and is no multicast, is sent once and landed
+        once a step, every send before every land, no mark reads the clocks between steps, and (with ``until``)
+        nothing counts activity; returns whether it ran (if not, nothing was done)."""
         transfers = list(dict.fromkeys(op[1] for op in script if op[0] != "charge"))
         if self.tracing or not transfers or not self.fuses(*transfers) or any(t.multicast for t in transfers):
+            return False
+        if until is not None and self.counting:
             return False
         moves = [op[0] for op in script if op[0] != "charge"]
         if moves != ["send"] * len(transfers) + ["land"] * len(transfers) or len(moves) != 2 * len(transfers):
             return False
         for t in transfers:
             self._check_route(t)
-        parts = []
+        parts, r = [], self.rect
         for t in transfers:
             lp, none = self._parts(t, "out").get(self.index), np.zeros(0, dtype=np.int64)
-            parts.append((*self.local_flows(t), *((lp.load, lp.latency_hops, lp.relays) if lp else (none,) * 3)))
+            src, dst = self.local_flows(t)
+            moves = np.full(len(src), steps) if until is None else until[t][r.y0 : r.y1, r.x0 : r.x1].ravel()[src]
+            parts.append((src, dst, *((lp.load, lp.latency_hops, lp.relays) if lp else (none,) * 3), moves))
         ptr = np.cumsum([0] + [len(p[0]) for p in parts])
         cols = [np.concatenate(c) for c in zip(*parts)]
         sizes, cycles, codes, which = np.zeros(len(transfers)), [], [], []
@@ -517,11 +523,14 @@ class Tile(Memory, Clocks):
             return False
         for op in script:
             if op[0] == "send":
-                t, nbytes, n = op[1], op[2], len(parts[transfers.index(op[1])][0])
-                self._sent[t.key] += steps  # the step tags start_local would have taken
-                self._received[t.key] += steps
-                self._count(self.index, n * steps, n * steps * nbytes)
-                self.stats["steps_fused"] += steps
+                t, nbytes = op[1], op[2]
+                moves = np.minimum(parts[transfers.index(t)][5], steps)
+                rounds = int(moves.max(initial=0))  # the steps in which some flow of it moves
+                self._sent[t.key] += rounds  # the step tags start_local would have taken
+                self._received[t.key] += rounds
+                n = int(moves.sum())
+                self._count(self.index, n, n * nbytes)
+                self.stats["steps_fused"] += rounds
                 if self.counting:
                     self._count_links(t, nbytes * steps)
         return True

@@ -297,16 +297,22 @@ def test_gemm_steps_with_ring_orders_recomputed_equal_step(monkeypatch):
 
 
 @pytest.mark.parametrize("mesh", [(6, 6), (7, 7), (4, 6)], ids=lambda m: f"{m[0]}x{m[1]}")
-def test_cost_only_gemm_steps_timed_at_once_equal_step(mesh):
-    """Cost-only MeshGEMM and Cannon (several blocks per core on a non-square mesh) time their compute-shift steps in
-    one call where both rings stay on the tile (1x1): the same cycles, clocks, records and counts as step by step."""
+def test_cost_only_gemm_steps_timed_at_once_equal_step(mesh, monkeypatch):
+    """Cost-only MeshGEMM and Cannon (several blocks per core on a non-square mesh) time their alignment rounds
+    (lines moving different distances, both ways round) and their compute-shift steps in one call each where the
+    rings stay on the tile (1x1): the same cycles, clocks, records and counts as step by step."""
+    ran, at_once = [], Tile.run_steps
+    monkeypatch.setattr(Tile, "run_steps", lambda tile, *args: ran.append(at_once(tile, *args)) or ran[-1])
     for algo in ("meshgemm", "cannon"):
         for tiles in ((1, 1), (2, 1)):
             out = {}
             for executor in ("step", "fused"):
+                ran.clear()
                 with Wafer(mesh, device=DEV, tiles=tiles, executor=executor, cost_only=True) as w:
                     _, s = gemm(w, TensorShape((20, 30), "float16"), TensorShape((30, 16), "float16"), algo=algo)
                     out[executor] = [], s, core_state(w)
+            # one tile: the alignment and the steps at once; two: the steps declined on each (rings cross tiles)
+            assert ran == [tiles == (1, 1)] * 2, (algo, tiles)
             assert_same_run(out["step"], out["fused"], f"{algo} on {mesh} in {tiles} tiles")
 
 

@@ -351,6 +351,8 @@ async def _align(tile, plan: CannonPlan, a: str, b: str, k: int, *, reverse: boo
     """
     operands = (("x", a, "_gemm_a_in", plan.a_moving, plan.rh), ("y", b, "_gemm_b_in", plan.b_moving, plan.rw))
     local = tile.cost_only and tile.fuses(*plan.full.values())
+    if local and _time_rounds(tile, plan, operands, k, reverse):
+        return
     for r in range(len(plan.a_moving)):
         moves = []
         for axis, name, inbox, moving, per in operands:
@@ -381,6 +383,25 @@ async def _align(tile, plan: CannonPlan, a: str, b: str, k: int, *, reverse: boo
             else:
                 await tile.recv(t, inbox)
             _rotate(tile, name, inbox, axis=1 if axis == "x" else 0, forward=go > 0, rows=rows)
+
+
+def _time_rounds(tile, plan: CannonPlan, operands: tuple, k: int, reverse: bool) -> bool:
+    """Cost-only, where the rings stay on the tile: time the alignment rounds at once (``Tile.run_steps``), as the
+    loop in ``_align`` does round by round. A line moves in a run of first rounds, so each ring shift is one
+    transfer whose flows move for as many rounds as their line."""
+    script, until = [], {}
+    for axis, name, _, moving, per in operands:
+        for step in (+1, -1):
+            t = plan.full[(axis, -step if reverse else step)]
+            rounds = sum(m[step].reshape(-1, per).any(axis=1).astype(np.int64) for m in moving)  # per physical line
+            if t is None or not rounds.any():
+                continue
+            until[t] = np.broadcast_to(rounds[:, None] if axis == "x" else rounds[None, :], tile.tiling.mesh.shape)
+            script.append((t, tile.buffer(name).part_bytes((slice(None), slice(0, k)) if axis == "x" else (slice(0, k),))))
+    if not script:
+        return True
+    return tile.run_steps(len(plan.a_moving), [("send", t, nbytes) for t, nbytes in script] +
+                          [("land", t) for t, _ in script], until)
 
 
 async def _summa(tile, a: str, b: str, c: str, relay: bool) -> None:
