@@ -865,50 +865,6 @@ def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_st
             dep_start[j], dep_own[j] = dep_start[jr] + d, dep_own[jr] + d
 
 
-@compiled(parallel=True)
-def shift_lines(clock, fwd_head, relaying, sent, stages, compute, cores, src, dst, src_at, dst_at, load, hops, relays,
-                flow_ptr, move_ptr, moves, sizes, alpha, beta, call_overhead, order):
-    """Rounds of whole-line transfers (no multicast), line by line: line ``l`` (its cores ``cores[l]``) runs the
-    transfers ``moves[move_ptr[l]:move_ptr[l + 1]]`` in order, transfer ``k``'s flows on it being
-    ``flow_ptr[k, l]:flow_ptr[k, l + 1]`` (cores ``src``/``dst``, at ``src_at``/``dst_at`` along the line); in each,
-    every buffer (a block of ``sizes[b]`` cycles) is sent, then every one received (plain stores), as
-    ``Tile.start_local`` and ``land_local`` would for each round's part of the transfers. Lines share no core, so running one line's rounds before the next line's gives
-    what the rounds give, in the same float operations; a line's state is copied out and back, so its rounds work on
-    a few contiguous kilobytes. ``order`` (if not empty): the core whose block each core holds, moved with the blocks."""
-    nb, n = sizes.size, cores.shape[1]
-    for line in prange(move_ptr.size - 1):
-        if move_ptr[line] == move_ptr[line + 1]:
-            continue
-        at = cores[line]
-        cl, fh, rl, se, sg, cm = clock[at], fwd_head[at], relaying[at], sent[at], stages[at], compute[at]
-        head, tail = np.empty((nb, n)), np.empty((nb, n))
-        st, cp = np.empty((nb, n), dtype=np.int64), np.empty((nb, n))
-        held = np.empty(n, dtype=np.int64)
-        for m in range(move_ptr[line], move_ptr[line + 1]):
-            k = moves[m]
-            a, b = flow_ptr[k, line], flow_ptr[k, line + 1]
-            if order.size:
-                for j in range(a, b):
-                    held[j - a] = order[src[j]]
-                for j in range(a, b):
-                    order[dst[j]] = held[j - a]
-            for q in range(nb):
-                for j in range(a, b):  # distinct sources: a flow's launch reads no state another flow's changes
-                    c = src_at[j]
-                    head[q, j - a], tail[q, j - a] = launch(cl, fh, rl, c, load[j], hops[j], relays[j], sizes[q], alpha,
-                                                            beta, False)
-                    st[q, j - a] = sg[c]
-                    cp[q, j - a] = cm[c]
-                    launched(rl, se, c, tail[q, j - a])
-            for q in range(nb):
-                for j in range(a, b):
-                    take_one(cl, fh, rl, se, sg, cm, dst_at[j], head[q, j - a], tail[q, j - a], st[q, j - a], cp[q, j - a],
-                             0.0, beta, call_overhead, False)
-        for i in range(n):  # element by element: an array assigned through an index array compiles numba's error text
-            c = at[i]
-            clock[c], fwd_head[c], relaying[c], sent[c], stages[c], compute[c] = cl[i], fh[i], rl[i], se[i], sg[i], cm[i]
-
-
 SEND, LAND, CHARGE = 0, 1, 2  # the operations of ``run_steps``
 
 
@@ -922,13 +878,13 @@ def _charge_core(clock, compute, busy, c, add):
 
 
 @compiled
-def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, load, hops, relays, until, ptr, sizes,
-              codes, which, cycles, steps, alpha, beta, call_overhead):
+def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, load, hops, relays, until, ptr, codes,
+              which, amount, pair, steps, alpha, beta, call_overhead):
     """``steps`` repeats of one step's operations on transfers inside the tile (no multicast, plain stores):
-    ``codes[i]`` SEND or LAND transfer ``which[i]`` (flows ``ptr[k]:ptr[k + 1]``, a block of ``sizes[k]`` cycles) as
-    ``Tile.start_local`` / ``land_local`` would, or CHARGE every core ``cycles[which[i]]`` as ``Clocks.charge`` would
-    (``busy`` too if it is not empty). Flow ``j`` moves in the first ``until[j]`` steps only (a send or land of
-    it later is skipped). Each transfer is sent once and landed once a step, every send before every land, and a
+    ``codes[i]`` SEND transfer ``which[i]`` (flows ``ptr[k]:ptr[k + 1]``), a block of ``amount[i]`` cycles, as
+    ``Tile.start_local`` would, LAND what send ``pair[i]`` sent as ``land_local`` would, or CHARGE every core
+    ``amount[i]`` cycles as ``Clocks.charge`` would (``busy`` too if it is not empty). Flow ``j`` moves in the first
+    ``until[j]`` steps only (a send or land of it later is skipped). Every send comes before every land, and a
     transfer's flows have distinct sources and destinations. Returns False (nothing changed) where a time would
     leave the exact range.
 
@@ -941,17 +897,13 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
     amounts for each step since. A ring whose cores start out of step falls into step one core a step (a front
     moving on from the slowest), so a step plays a few cores per ring instead of all. A core whose flows stop
     moving plays the step at which they stop."""
-    n, nk, count = clock.size, sizes.size, busy.size > 0
+    n, nk, count = clock.size, ptr.size - 1, busy.size > 0
     flow = np.full((n, 2 * nk), -1, np.int64)  # the flow of each transfer a core sends, then the one it lands
     fl = np.empty((ptr[-1], 4), np.int64)  # each flow's source, load, hops and relays
     for t in range(nk):
         for j in range(ptr[t], ptr[t + 1]):
             flow[src[j], t], flow[dst[j], nk + t] = j, j
             fl[j, 0], fl[j, 1], fl[j, 2], fl[j, 3] = src[j], load[j], hops[j], relays[j]
-    sent_at = np.empty(nk, np.int64)  # each transfer's send in the script
-    for i in range(codes.size):
-        if codes[i] == SEND:
-            sent_at[which[i]] = i
     # each core's clock, send end, compute on its path and busy cycles after the step it last played, then that
     # step's amounts; its stages on its path, that step's amount, and the step
     st, ints = np.zeros((n, 8)), np.zeros((n, 3), np.int64)
@@ -962,9 +914,7 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
     stops, stop = np.argsort(until, kind="mergesort"), 0  # the flows by the last step they move
     new, new_g = np.empty((n, 8)), np.empty((n, 2), np.int64)  # the played cores' states: after, before
     na, ok = n, True
-    for s in range(1, steps + 1):
-        if na == 0:
-            break  # every core repeats its step to the end
+    for s in range(1, steps + 1):  # (steps in which no core plays cost nothing)
         for a in range(na):
             c = act[a]
             k = s - 1 - ints[c, 2]
@@ -978,11 +928,11 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
             for i in range(codes.size):
                 t = which[i]
                 if codes[i] == CHARGE:
-                    cl, m, bz = cl + cycles[t], m + cycles[t], bz + cycles[t]
+                    cl, m, bz = cl + amount[i], m + amount[i], bz + amount[i]
                 elif codes[i] == SEND:
                     j = flow[c, t]
                     if j >= 0 and s <= until[j]:  # relaying no stream, it departs at its clock (``departure``)
-                        se = max(se, arrival(cl, cl, fl[j, 1], fl[j, 2], fl[j, 3], sizes[t], alpha, beta)[1])
+                        se = max(se, arrival(cl, cl, fl[j, 1], fl[j, 2], fl[j, 3], amount[i], alpha, beta)[1])
                 elif flow[c, nk + t] >= 0 and s <= until[flow[c, nk + t]]:
                     j = flow[c, nk + t]
                     p = fl[j, 0]  # the source's step up to its send of this flow (sends change no path record)
@@ -990,10 +940,10 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
                     pc, o0 = _ahead(st[p, 0], st[p, 4], kp)
                     pm, o2 = _ahead(st[p, 2], st[p, 6], kp)
                     ok &= o0 and o2
-                    for i2 in range(sent_at[t]):
+                    for i2 in range(pair[i]):
                         if codes[i2] == CHARGE:
-                            pc, pm = pc + cycles[which[i2]], pm + cycles[which[i2]]
-                    head, tail = arrival(pc, pc, fl[j, 1], fl[j, 2], fl[j, 3], sizes[t], alpha, beta)
+                            pc, pm = pc + amount[i2], pm + amount[i2]
+                    head, tail = arrival(pc, pc, fl[j, 1], fl[j, 2], fl[j, 3], amount[pair[i]], alpha, beta)
                     cl, _, g, m = takes(cl, se, g, m, head, tail, ints[p, 0] + kp * ints[p, 1], pm, 0.0, beta,
                                         call_overhead, False)
             new[a, 0], new[a, 1], new[a, 2], new[a, 3], new_g[a, 0] = cl, se, m, bz, g

@@ -32,7 +32,7 @@ from .fabric.wire import Message, encode
 from .mailbox import Mailbox
 from .memory import OPS, Buffer, Memory, combine_blocks
 from .mesh import Mesh, Tiling
-from .program import CHARGE, LAND, SEND, Fused, Program, run_steps, shift_lines
+from .program import CHARGE, LAND, SEND, Fused, Program, run_steps
 from .protocol import resolve
 from .timing import Costs, arrive, receive_one, receive_one_split, send_flows, send_flows_split, settle
 from .transfer import Transfer
@@ -433,67 +433,47 @@ class Tile(Memory, Clocks):
             else:
                 receive_one_split(*args, numba.get_num_threads())
 
-    def shift_lines(self, transfers: Sequence[Transfer], along: str, rounds: np.ndarray, nbytes: Sequence[int],
-                    order: np.ndarray | None = None) -> None:
-        """Run rounds of parts of ``transfers`` that ``fuses``, each flow along ``along`` (a line is a column for ``y``,
-        a row for ``x``), as ``start_local`` and ``land_local`` would: in round ``r``, transfer ``k`` moves the lines
-        where ``rounds[r, k]`` (bool over the mesh's lines) is true, sending a block of each of ``nbytes`` then
-        receiving them all. The tile times each line's rounds in one pass (``program.shift_lines``). ``order``
-        (the core whose block each core holds) moves with the blocks."""
-        if any(t.multicast for t in transfers):
-            raise ProtocolError("shift_lines runs transfers whose sources are distinct; a multicast is not one")
-        h, w = self.rect.shape
-        mine = self.cols if along == "y" else self.rows
-        rounds = rounds[:, :, mine]  # [rounds, transfers, local lines]
-        cores = np.arange(h * w).reshape(h, w)
-        cores = cores.T if along == "y" else cores  # [local line, position along it]: flat core index
-        at = (lambda fi: fi // w) if along == "y" else (lambda fi: fi % w)  # noqa: E731  (a core's position on its line)
-        parts = []
-        for k, t in enumerate(transfers):
-            self._check_route(t)
-            src, dst = self.local_flows(t)
-            lp = self._parts(t, "out")[self.index]
-            line = dst % w if along == "y" else dst // w
-            by = np.argsort(line, kind="stable")
-            ptr = np.searchsorted(line[by], np.arange(len(mine) + 1))
-            parts.append((src[by], dst[by], at(src[by]), at(dst[by]), lp.load[by], lp.latency_hops[by], lp.relays[by], ptr))
-        offsets = np.cumsum([0] + [len(p[0]) for p in parts[:-1]])
-        flow_ptr = np.array([p[7] + o for p, o in zip(parts, offsets)])
-        cols = [np.concatenate([p[i] for p in parts]) for i in range(7)]
-        line_moves, kind = np.nonzero(np.moveaxis(rounds, 2, 0).reshape(len(mine), -1))  # by line, then round order
-        move_ptr = np.searchsorted(line_moves, np.arange(len(mine) + 1))
-        moves = kind % len(transfers)
-        costs = self.costs
-        shift_lines(*self.flat_clocks(), np.ascontiguousarray(cores), *cols, flow_ptr, move_ptr, moves,
-                    np.array([costs.duration(n) for n in nbytes]), costs.alpha, costs.beta, costs.call_overhead,
-                    np.zeros(0, dtype=np.int64) if order is None else order)
-        per_line = np.diff(flow_ptr, axis=1)  # [transfers, local lines]: flows of each transfer on each line
-        times = rounds.sum(axis=0)  # [transfers, local lines]: rounds in which each line moves
-        flows = int((per_line * times).sum())
-        self.stats["core_messages_local"] += flows * len(nbytes)
-        self.stats["core_bytes_local"] += flows * sum(nbytes)
-        self.stats["steps_fused"] += int(rounds.any(axis=2).sum()) * len(nbytes)
-        if self.counting:
-            r = self.rect
-            for t, n in zip(transfers, times):
-                streams = t.link_streams()[:, r.y0 : r.y1, r.x0 : r.x1]
-                self.link_bytes += streams * (n[None, None, :] if along == "y" else n[None, :, None]) * sum(nbytes)
+    def shift_lines(self, transfers: Sequence[Transfer], along: str, until: np.ndarray, nbytes: Sequence[int],
+                    order: np.ndarray | None = None) -> bool:
+        """Shift whole lines along ``along`` (a line is a column for ``y``, a row for ``x``) in rounds of ``transfers``
+        (ring shifts that ``fuse``), as ``start_local`` and ``land_local`` would round by round: line ``l`` moves by
+        transfer ``k`` in the first ``until[k, l]`` rounds (one way only), each round sending a block of each of
+        ``nbytes``, then receiving them all. Timed at once (``run_steps``); ``order`` (the core whose block each core
+        holds) moves with the blocks. Returns whether it ran (see ``run_steps``; if not, nothing was done)."""
+        if ((until > 0).sum(axis=0) > 1).any():
+            raise ProtocolError("shift_lines moves a line one way; here a line moves both ways")
+        moving = [(t, u) for t, u in zip(transfers, until) if u.any()]
+        shape = self.tiling.mesh.shape
+        at = {t: np.broadcast_to(u[None, :] if along == "y" else u[:, None], shape) for t, u in moving}
+        script = [("send", t, n) for t, _ in moving for n in nbytes] + [("land", t) for t, _ in moving for _ in nbytes]
+        if not moving or not self.run_steps(int(until.max()), script, at):
+            return not moving
+        if order is not None:
+            flows = [(*self.local_flows(t), at[t][self.rect.y0 : self.rect.y1, self.rect.x0 : self.rect.x1].ravel())
+                     for t, _ in moving]
+            for rnd in range(int(until.max())):
+                for src, dst, rounds in flows:
+                    go = rounds[src] > rnd
+                    order[dst[go]] = order[src[go]]
+        return True
 
     def run_steps(self, steps: int, script: Sequence[tuple], until: dict[Transfer, np.ndarray] | None = None) -> bool:
         """Time ``steps`` repeats of ``script`` at once, as the calls it names would one by one: ``("send", transfer,
         nbytes)`` (``start_local``), ``("land", transfer)`` (``land_local``), ``("charge", cycles)`` (``charge`` of
         every core). ``until`` (if given): for each transfer, ``[h, w]`` over the mesh, how many of the first steps
         the flow leaving each core moves in (the others run the transfer's part of the moving flows, as rounds of
-        ``Transfer.subset`` would). Only where every transfer ``fuses`` and is no multicast, is sent once and landed
-        once a step, every send before every land, no mark reads the clocks between steps, and (with ``until``)
-        nothing counts activity; returns whether it ran (if not, nothing was done)."""
+        ``Transfer.subset`` would). Only where every transfer ``fuses`` and is no multicast, is landed as often as
+        it is sent in a step (the n-th land takes the n-th send's blocks), every send before every land, no mark
+        reads the clocks between steps, and (with ``until``) nothing counts activity; returns whether it ran (if not,
+        nothing was done)."""
         transfers = list(dict.fromkeys(op[1] for op in script if op[0] != "charge"))
         if self.tracing or not transfers or not self.fuses(*transfers) or any(t.multicast for t in transfers):
             return False
         if until is not None and self.counting:
             return False
         moves = [op[0] for op in script if op[0] != "charge"]
-        if moves != ["send"] * len(transfers) + ["land"] * len(transfers) or len(moves) != 2 * len(transfers):
+        sends, lands = ([op[1] for op in script if op[0] == kind] for kind in ("send", "land"))
+        if moves != sorted(moves, key=lambda m: m == "land") or Counter(sends) != Counter(lands):
             return False
         for t in transfers:
             self._check_route(t)
@@ -505,21 +485,18 @@ class Tile(Memory, Clocks):
             parts.append((src, dst, *((lp.load, lp.latency_hops, lp.relays) if lp else (none,) * 3), moves))
         ptr = np.cumsum([0] + [len(p[0]) for p in parts])
         cols = [np.concatenate(c) for c in zip(*parts)]
-        sizes, cycles, codes, which = np.zeros(len(transfers)), [], [], []
-        for op in script:
-            if op[0] == "charge":
-                codes.append(CHARGE)
-                which.append(len(cycles))
-                cycles.append(op[1])
-                continue
-            codes.append(SEND if op[0] == "send" else LAND)
-            which.append(transfers.index(op[1]))
+        codes, which, amount, pair, unlanded = [], [], [], [], {t: [] for t in transfers}
+        for i, op in enumerate(script):  # each operation's transfer, its cycles (a charge's, a send's block's) ...
+            codes.append({"charge": CHARGE, "send": SEND, "land": LAND}[op[0]])
+            which.append(-1 if op[0] == "charge" else transfers.index(op[1]))
+            amount.append(op[1] if op[0] == "charge" else self.costs.duration(op[2]) if op[0] == "send" else 0.0)
             if op[0] == "send":
-                sizes[which[-1]] = self.costs.duration(op[2])
+                unlanded[op[1]].append(i)
+            pair.append(unlanded[op[1]].pop(0) if op[0] == "land" else -1)  # ... and the send a land takes
         costs = self.costs
-        if not run_steps(*self.flat_clocks(), self.busy.ravel() if self.counting else np.zeros(0), *cols, ptr, sizes,
-                         np.array(codes), np.array(which), np.array(cycles, dtype=float), steps, costs.alpha, costs.beta,
-                         costs.call_overhead):
+        if not run_steps(*self.flat_clocks(), self.busy.ravel() if self.counting else np.zeros(0), *cols, ptr,
+                         np.array(codes), np.array(which), np.array(amount, dtype=float), np.array(pair), steps,
+                         costs.alpha, costs.beta, costs.call_overhead):
             return False
         for op in script:
             if op[0] == "send":

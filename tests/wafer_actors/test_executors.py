@@ -198,10 +198,11 @@ async def skew_there_and_back(tile, *, charge: bool) -> None:
 
 
 @pytest.mark.parametrize("mesh", [(7, 7), (8, 8)], ids=lambda m: f"{m[0]}x{m[1]}")
-def test_skew_rounds_fused_line_by_line_equal_step(mesh):
-    """The skew's rounds (lines moving different distances, both ways round the INTERLEAVE ring) timed line by line
-    in one pass where the ring stays on the tile: values, clocks, records, SRAM and counts as step by step. The 1x3
-    tiling fuses the x skew only, 3x1 the y skew only."""
+def test_skew_rounds_timed_at_once_equal_step(mesh):
+    """The skew's rounds (lines moving different distances, both ways round the INTERLEAVE ring, each line stopping
+    when it has arrived) timed at once where the ring stays on the tile: values, clocks, records, SRAM and counts as
+    step by step. The 1x3 tiling fuses one axis's skew only, 3x1 the other's; on those, every core of a tile may
+    repeat its step while some of its lines have rounds to go."""
     rng = np.random.default_rng(4)
     a = rng.standard_normal(mesh + (3,)).astype(np.float32)
     b = 2 * a

@@ -294,22 +294,20 @@ def _skew_round(mesh: Mesh, axis: str, rnd: int, step: int, reverse: bool) -> Tr
 async def skew(tile, names: list[str], *, axis: str, reverse: bool = False) -> None:
     """Skew ``names`` along ``axis`` (``y``: column J moves J places; ``x``: row I moves I), or undo it.
 
-    Fused, inside the tile: each line's rounds are timed in one pass and the blocks move once, at the end.
+    Fused, inside the tile: the rounds are timed at once (``Tile.shift_lines``) and the blocks move once, at the end.
     """
     plan = skewed_plan(tile.tiling.mesh)
     moving = plan.b_moving if axis == "y" else plan.a_moving
     twins = {n: _twin(tile, n) for n in names}
     whole = [plan.full[(axis, -step if reverse else step)] for step in (+1, -1)]  # every round is a part of one
-    order = None
-    if tile.fuses(*whole):
-        if whole[0] is not None:  # (a one-core ring moves nothing)
-            order = None if tile.cost_only else np.arange(tile.clock.size)
-            rounds = np.array([[m[step] for step in (+1, -1)] for m in moving], dtype=bool)  # [round, step, line]
-            tile.shift_lines(whole, axis, rounds, [tile.buffer(n).nbytes for n in names], order)
-        rounds = ()
+    until = sum(np.array([m[step] for step in (+1, -1)], dtype=np.int64) for m in moving)  # [step, line]: first rounds
+    order = None if tile.cost_only or whole[0] is None else np.arange(tile.clock.size)
+    nbytes = [tile.buffer(n).nbytes for n in names]
+    if whole[0] is None or tile.fuses(*whole) and tile.shift_lines(whole, axis, until, nbytes, order):
+        rounds = ()  # timed (a one-core ring moves nothing)
     else:
-        rounds = (t for rnd, m in enumerate(moving) for step in (+1, -1) if m[step].any()
-                  for t in [_skew_round(tile.tiling.mesh, axis, rnd, step, reverse)] if t is not None)
+        order, rounds = None, (t for rnd, m in enumerate(moving) for step in (+1, -1) if m[step].any()
+                               for t in [_skew_round(tile.tiling.mesh, axis, rnd, step, reverse)] if t is not None)
     for t in rounds:
         for n in names:
             tile.send(t, n)
