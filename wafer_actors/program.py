@@ -31,7 +31,6 @@ from .timing import (
     arrive,
     arrive_one,
     departure,
-    launch,
     launched,
     receive_one,
     send_flows,

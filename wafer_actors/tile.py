@@ -446,8 +446,10 @@ class Tile(Memory, Clocks):
         shape = self.tiling.mesh.shape
         at = {t: np.broadcast_to(u[None, :] if along == "y" else u[:, None], shape) for t, u in moving}
         script = [("send", t, n) for t, _ in moving for n in nbytes] + [("land", t) for t, _ in moving for _ in nbytes]
-        if not moving or not self.run_steps(int(until.max()), script, at):
-            return not moving
+        if not moving:
+            return True
+        if not self.run_steps(int(until.max()), script, at):
+            return False
         if order is not None:
             flows = [(*self.local_flows(t), at[t][self.rect.y0 : self.rect.y1, self.rect.x0 : self.rect.x1].ravel())
                      for t, _ in moving]
@@ -471,9 +473,9 @@ class Tile(Memory, Clocks):
             return False
         if until is not None and self.counting:
             return False
-        moves = [op[0] for op in script if op[0] != "charge"]
+        kinds = [op[0] for op in script if op[0] != "charge"]
         sends, lands = ([op[1] for op in script if op[0] == kind] for kind in ("send", "land"))
-        if moves != sorted(moves, key=lambda m: m == "land") or Counter(sends) != Counter(lands):
+        if kinds != sorted(kinds, key=lambda kind: kind == "land") or Counter(sends) != Counter(lands):
             return False
         for t in transfers:
             self._check_route(t)
