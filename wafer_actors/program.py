@@ -867,15 +867,6 @@ def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_st
 SEND, LAND, CHARGE = 0, 1, 2  # the operations of ``run_steps``
 
 
-@njit(inline="always")
-def _charge_core(clock, compute, busy, c, add):
-    """``Clocks.charge`` of core ``c`` (``busy`` too if it is not empty)."""
-    clock[c] += add
-    compute[c] += add
-    if busy.size:
-        busy[c] += add
-
-
 @compiled
 def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, load, hops, relays, until, ptr, codes,
               which, amount, pair, steps, alpha, beta, call_overhead):
@@ -981,9 +972,9 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
         new_g[c, 0] = ints[c, 0] + k * ints[c, 1]
     if not ok:
         return False
-    clock[:], sent[:], compute[:], stages[:] = new[:n, 0], new[:n, 1], new[:n, 2], new_g[:n, 0]
+    clock[:], sent[:], compute[:], stages[:] = new[:, 0], new[:, 1], new[:, 2], new_g[:, 0]
     if count:
-        busy[:] = new[:n, 3]
+        busy[:] = new[:, 3]
     for j in range(ptr[-1]):
         if until[j] > 0 and steps > 0:
             relaying[src[j]] = relaying[dst[j]] = False

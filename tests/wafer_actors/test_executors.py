@@ -15,7 +15,9 @@ import pytest
 from wafer_actors import Spec, Wafer, preset
 from wafer_actors.collectives import allreduce, block_gemm, shift
 from wafer_actors.collectives.allreduce import program as ktree_program
-from wafer_actors.collectives.block_gemm import block_gemm_routes, gathered, gemm_t_skewed, mesh_gemm_skewed, skew
+from wafer_actors.collectives.block_gemm import (block_gemm_routes, gathered, gemm_t_skewed, mesh_gemm_skewed, skew,
+                                                 skewed_plan)
+from wafer_actors.errors import ProtocolError
 from wafer_actors.fabric.ray import RayOptions, RayTransport
 from wafer_actors.mesh import Mesh
 from wafer_actors.ops import TensorShape, gemm, gemv
@@ -221,6 +223,22 @@ def test_skew_rounds_timed_at_once_equal_step(mesh):
                     got_a, got_b = (v.reshape(a.shape) for v in out["fused"][0])
                     np.testing.assert_array_equal(got_b, 2 * got_a)
                     assert not np.array_equal(got_a, a)
+
+
+@protocol(routes=lambda mesh, **_: block_gemm_routes(mesh))
+async def lines_both_ways(tile) -> None:
+    """Ask ``shift_lines`` to move column 2 one place each way round its ring."""
+    plan = skewed_plan(tile.tiling.mesh)
+    until = np.zeros((2, tile.tiling.mesh.width), dtype=np.int64)
+    until[:, 2] = 1
+    tile.shift_lines([plan.full[("y", 1)], plan.full[("y", -1)]], "y", until, [12])
+
+
+def test_shift_lines_refuses_a_line_moving_both_ways():
+    """A skew's line moves one way; asked to move one both ways, ``shift_lines`` says so instead of timing one order."""
+    with Wafer((6, 6), device=DEV, cost_only=True) as w:
+        with pytest.raises(ProtocolError, match="both ways"):
+            w.run(lines_both_ways)
 
 
 def _product(a, ia, b, ib, c):
