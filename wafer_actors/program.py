@@ -132,19 +132,28 @@ def _lane_bounds(lines: int, lanes: int) -> np.ndarray:
 def _pattern(ln: np.ndarray, bounds: np.ndarray, *columns: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]] | None:
     """The flow order of ``Lines`` and each column per pattern flow, if every line holds the same flows (same
     count, equal columns in the same order); None otherwise."""
-    lines = int(bounds[-1])
-    counts = np.bincount(ln, minlength=lines)
-    if len(ln) == 0 or counts.min() != counts.max():
+    lines, n = int(bounds[-1]), len(ln)
+    if n == 0 or n % lines:
         return None
-    by_line = np.argsort(ln, kind="stable").reshape(lines, -1)  # each line's flows in the transfer's order
-    order = by_line.T.ravel()  # pattern flow i of every line, then i + 1
+    k, each = n // lines, np.arange(lines)
+    if (ln.reshape(k, lines) == each).all():  # pattern flow i of every line, then i + 1 (lines are columns)
+        grid = lambda c: c.reshape(k, lines)  # noqa: E731  [pattern flow, line], no copy
+    elif (ln.reshape(lines, k) == each[:, None]).all():  # each line's flows together (lines are rows)
+        grid = lambda c: c.reshape(lines, k).T  # noqa: E731
+    else:
+        counts = np.bincount(ln, minlength=lines)
+        if counts.min() != counts.max():
+            return None
+        by_line = np.argsort(ln, kind="stable").reshape(lines, -1)  # each line's flows in the transfer's order
+        grid = lambda c: c[by_line.T]  # noqa: E731
     pats = []
     for col in columns:
-        grid = col[order].reshape(-1, lines)
-        if (grid != grid[:, :1]).any():
+        g = grid(col)
+        if (g != g[:, :1]).any():
             return None
-        pats.append(grid[:, 0])
-    order = np.concatenate([by_line[a:b].T.ravel() for a, b in itertools.pairwise(bounds)])
+        pats.append(g[:, 0])
+    flows = grid(np.arange(n))
+    order = np.concatenate([flows[:, a:b].ravel() for a, b in itertools.pairwise(bounds)])
     return order, pats
 
 

@@ -141,19 +141,22 @@ class Transfer:
         """Flows ``src[i] -> dst[i]`` (indices along ``axis``), repeated on every line of the other axis.
 
         Lines share no link, so the loads (and the routing entries, ``Route.entries``) are those
-        of one line, worked out on a mesh of one line (``line``) and repeated.
+        of one line, worked out (and validated) on a mesh of one line (``line``) and repeated,
+        already in destination order: no check or sort over the whole mesh.
         """
         src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
-        other = mesh.shape[1 - axis_index(axis)]
-        zero = np.zeros(len(src), dtype=np.int64)
         one = Mesh(mesh.height, 1) if axis == "y" else Mesh(1, mesh.width)
+        zero = np.zeros(len(src), dtype=np.int64)
         yx = (lambda a, line: (a, line)) if axis == "y" else (lambda a, line: (line, a))  # noqa: E731
         line = cls.build(key, route, one, yx(src, zero), yx(dst, zero), relays)
-        load = _link_load(one, *yx(src, zero), *yx(dst, zero))  # in the order of ``src``
-        lines = np.repeat(np.arange(other), len(src))
-        s, d = np.tile(src, other), np.tile(dst, other)
-        r = None if relays is None else np.tile(relays, other)
-        return cls.build(key, route, mesh, yx(s, lines), yx(d, lines), r, np.tile(load, other), line)
+        rep = lambda a: _on_every_line(one, mesh, a)  # noqa: E731
+        if axis == "y":
+            cols = np.tile(np.arange(mesh.width), len(line))
+            arrays = (rep(line.src_y), cols, rep(line.dst_y), cols)
+        else:
+            rows = np.repeat(np.arange(mesh.height), len(line))
+            arrays = (rows, rep(line.src_x), rows, rep(line.dst_x))
+        return cls(key, route, mesh, *arrays, rep(line.hops), rep(line.relays), rep(line.load), line=line)
 
     def __len__(self) -> int:
         return len(self.src_y)
@@ -182,11 +185,15 @@ class Transfer:
     @cached_property
     def streams(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The flows as streams, one per (source, direction) to its farthest destination: (sy, sx, ey, ex)."""
+        if self.line is not None and self.line.mesh.shape != self.mesh.shape:
+            return _repeat_streams(self.mesh, self.line)
         return _stream_ends(self.mesh, self.src_y, self.src_x, self.dst_y, self.dst_x)
 
     @cached_property
     def multicast(self) -> bool:
         """Whether some core sends more than one flow."""
+        if self.line is not None:
+            return self.line.multicast
         lin = self.src_y * self.mesh.width + self.src_x
         return len(lin) > 0 and np.bincount(lin, minlength=self.mesh.size).max() > 1
 
@@ -226,17 +233,19 @@ class Transfer:
         """Return (and cache) the parts of this transfer that tile ``tile`` sends and receives."""
         cache_key = (tiling.key, tile)
         v = self._views.get(cache_key)
+        if v is None and tiling.region == tiling.mesh.shape and len(tiling) == 1:  # one tile holds every core
+            whole = {0: self._part(np.arange(len(self)))} if len(self) else {}
+            v = self._views[cache_key] = View(whole, whole)
         if v is None:
             src_t = tiling.owner[self.src_y, self.src_x]
             dst_t = tiling.owner[self.dst_y, self.dst_x]
             tiles = lambda t: np.flatnonzero(np.bincount(t, minlength=len(tiling)))  # noqa: E731  (sorted, distinct)
-            outgoing = {int(t): self._part((src_t == tile) & (dst_t == t)) for t in tiles(dst_t[src_t == tile])}
-            incoming = {int(t): self._part((dst_t == tile) & (src_t == t)) for t in tiles(src_t[dst_t == tile])}
+            outgoing = {int(t): self._part(np.flatnonzero((src_t == tile) & (dst_t == t))) for t in tiles(dst_t[src_t == tile])}
+            incoming = {int(t): self._part(np.flatnonzero((dst_t == tile) & (src_t == t))) for t in tiles(src_t[dst_t == tile])}
             v = self._views[cache_key] = View(outgoing, incoming)
         return v
 
-    def _part(self, mask: np.ndarray) -> Part:
-        flows = np.flatnonzero(mask)
+    def _part(self, flows: np.ndarray) -> Part:
         lin = self.src_y[flows] * self.mesh.width + self.src_x[flows]
         if not self.multicast or len(lin) == 0 or np.bincount(lin, minlength=self.mesh.size).max() == 1:  # no multicast here
             return Part(flows, flows, np.arange(len(flows)))
@@ -269,6 +278,33 @@ def _stream_ends(mesh: Mesh, sy, sx, dy, dx) -> tuple[np.ndarray, np.ndarray, np
     y, x = np.divmod(src, mesh.width)
     step = np.array(_PORT_STEP)[port]
     return y, x, y + step[:, 0] * far, x + step[:, 1] * far
+
+
+def _on_every_line(one: Mesh, mesh: Mesh, a: np.ndarray) -> np.ndarray:
+    """Per flow of a one-line mesh's transfer (``one``, in destination order), the value of that flow on every
+    line of ``mesh``, in the destination order of ``mesh``."""
+    if one.height == 1:  # lines are rows: row after row
+        return np.tile(a, mesh.height)
+    return np.repeat(a, mesh.width)  # lines are columns: a flow's row on every column, then the next flow's
+
+
+def _repeat_streams(mesh: Mesh, line: "Transfer") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The streams of ``line`` (a one-line mesh's transfer) repeated on every line of ``mesh``, in
+    ``_stream_ends``' order (source row-major, then direction), without a sort."""
+    sy, sx, ey, ex = line.streams
+    if line.mesh.height == 1:  # lines are rows: the line's streams on row 0, 1, ...
+        rows = np.repeat(np.arange(mesh.height), len(sy))
+        return rows, np.tile(sx, mesh.height), rows, np.tile(ex, mesh.height)
+    # lines are columns: a source's streams (one per direction, consecutive) on column 0, 1, ...
+    w = mesh.width
+    start = np.flatnonzero(np.r_[True, sy[1:] != sy[:-1]]) if len(sy) else np.zeros(0, dtype=np.int64)
+    count = np.diff(np.r_[start, len(sy)])
+    group = np.repeat(np.arange(len(start)), count)
+    rank = np.arange(len(sy)) - start[group]
+    pos = ((w * start[group] + rank)[:, None] + np.arange(w)[None, :] * count[group][:, None]).ravel()
+    order, cols = np.empty(len(pos), dtype=np.int64), np.empty(len(pos), dtype=np.int64)
+    order[pos], cols[pos] = np.repeat(np.arange(len(sy)), w), np.tile(np.arange(w), len(sy))
+    return sy[order], cols, ey[order], cols
 
 
 def _dense_loads(mesh: Mesh, sy, sx, ey, ex) -> np.ndarray:
@@ -334,6 +370,12 @@ def contend(transfers: Sequence[Transfer]) -> tuple[Transfer, ...]:
     live = [t for t in transfers if len(t)]
     if len(live) < 2:
         return tuple(transfers)
+    if len({t.mesh for t in live}) == 1 and all(t.line is not None for t in live) and len({t.line.mesh for t in live}) == 1:
+        # every transfer repeats one line's flows along the same axis: lines share no link, so each line contends
+        # as the one-line mesh's flows do
+        lines = dict(zip(map(id, live), contend([t.line for t in live])))
+        return tuple(t if not len(t) or lines[id(t)] is t.line else
+                     replace(t, load=_on_every_line(t.line.mesh, t.mesh, lines[id(t)].load)) for t in transfers)
     ends = [np.concatenate(parts) for parts in zip(*(t.streams for t in live))]
     if _disjoint(*ends):
         return tuple(transfers)

@@ -118,8 +118,11 @@ def test_the_disjoint_streams_check_agrees_with_the_dense_link_loads():
 
 def test_along_takes_loads_and_routing_entries_from_one_line():
     """A pattern repeated on every line (multicasts, overlapping streams, relays) gets from its one-line mesh the same
-    loads, and its route the same entries per core, as the flows of all lines built and counted on the whole mesh."""
+    flows in the same order, loads, streams and multicast flag, its route the same entries per core, and two such
+    transfers sent together the same contended loads, as the flows of all lines built and counted on the whole
+    mesh."""
     rng = np.random.default_rng(7)
+    contended = 0
     for _ in range(60):
         mesh = Mesh(int(rng.integers(1, 9)), int(rng.integers(1, 9)))
         axis = str(rng.choice(["x", "y"]))
@@ -140,9 +143,16 @@ def test_along_takes_loads_and_routing_entries_from_one_line():
             assert fast.line is not None and slow.line is None
             for name in ("src_y", "src_x", "dst_y", "dst_x", "hops", "relays", "load"):
                 np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name), err_msg=name)
+            for a, b in zip(fast.streams, slow.streams):
+                np.testing.assert_array_equal(a, b)
+            assert fast.multicast == slow.multicast
             pair.append((fast, slow))
         np.testing.assert_array_equal(Route("r", tuple(f for f, _ in pair)).entries(mesh),
                                       Route("r", tuple(s for _, s in pair)).entries(mesh))
+        for f, s in zip(contend(tuple(f for f, _ in pair)), contend(tuple(s for _, s in pair))):
+            np.testing.assert_array_equal(f.load, s.load)
+            contended += not np.array_equal(f.load, pair[0][0].load if f.key == "a" else pair[1][0].load)
+    assert contended  # some pairs share links
 
 
 def _crossing(mesh: Mesh, same_way: bool) -> Program:
