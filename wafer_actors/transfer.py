@@ -33,7 +33,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .errors import ProtocolError, RoutingError
-from .mesh import Mesh, Tiling, axis_index
+from .mesh import Mesh, Tiling
 
 
 @dataclass(frozen=True)
