@@ -29,14 +29,14 @@ from .compiled import compiled
 from .timing import (
     arrival,
     arrive,
-    arrive_one,
     departure,
-    launched,
+    forwards,
+    gathers,
     receive_one,
     send_flows,
+    sends,
     settle,
-    settle_one,
-    take_one,
+    settles,
     takes,
 )
 from .transfer import Transfer, contend
@@ -552,7 +552,8 @@ def _run_phases(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
                     a, b = lane_ptr[p, lane], lane_ptr[p, lane + 1]
                     if peer[p] != me:  # leaves the tile: its batch carries the departure
                         for j in range(a, b):
-                            dep_start[j], dep_own[j] = departure(clock, fwd_head, relaying, src[j], stream)
+                            c = src[j]
+                            dep_start[j], dep_own[j] = departure(clock[c], fwd_head[c], relaying[c], stream)
                     send_flows(clock, fwd_head, relaying, sent, stages, compute, src[a:b], load[a:b], hops[a:b],
                                relays[a:b], size_cycles, alpha, beta, stream, head[a:b], tail[a:b], msg_stages[a:b],
                                msg_compute[a:b])
@@ -617,7 +618,7 @@ def _time_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
                         for r in range(r0, r1):
                             ln = reps[r]
                             c, j = c0 + ln * line_stride, j0 + ln
-                            dep_start[j], dep_own[j] = departure(clock, fwd_head, relaying, c, stream)
+                            dep_start[j], dep_own[j] = departure(clock[c], fwd_head[c], relaying[c], stream)
                             head[j], tail[j] = arrival(dep_start[j], dep_own[j], load, hops, relays, size_cycles, alpha,
                                                        beta)
                             msg_stages[j] = stages[c]
@@ -627,7 +628,8 @@ def _time_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
                         c0 = pat_src[q] * member_stride
                         for r in range(r0, r1):
                             ln = reps[r]
-                            launched(relaying, sent, c0 + ln * line_stride, tail[j0 + ln])
+                            c = c0 + ln * line_stride
+                            relaying[c], sent[c] = sends(sent[c], tail[j0 + ln])
                 continue
             cost = 0.0 if step_op[s] == 0 else combine
             single = step_single[s]
@@ -640,19 +642,26 @@ def _time_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
                         ln = reps[r]
                         d, j = d0 + ln * line_stride, j0 + ln
                         if single:
-                            take_one(clock, fwd_head, relaying, sent, stages, compute, d, head[j], tail[j], msg_stages[j],
-                                     msg_compute[j], cost, beta, call_overhead, stream)
+                            clock[d], start, stages[d], compute[d] = takes(clock[d], sent[d], stages[d], compute[d], head[j],
+                                                                           tail[j], msg_stages[j], msg_compute[j], cost,
+                                                                           beta, call_overhead, stream)
+                            relaying[d], fwd_head[d] = forwards(fwd_head[d], start, stream)
                         else:
-                            arrive_one(clock, stages, compute, d, head[j], tail[j], msg_stages[j], msg_compute[j], cost,
-                                       beta, stream, acc_end, acc_start, acc_combine, acc_stages, acc_compute)
+                            acc_end[d], acc_start[d], acc_combine[d], acc_stages[d], acc_compute[d] = gathers(
+                                clock[d], stages[d], compute[d], head[j], tail[j], msg_stages[j], msg_compute[j], cost,
+                                beta, stream, acc_end[d], acc_start[d], acc_combine[d], acc_stages[d], acc_compute[d])
             if not single:
                 for k in range(recv_ptr[s], recv_ptr[s + 1]):
                     p = recv_parts[k]
                     for q in range(pat_ptr[p], pat_ptr[p + 1]):
                         d0 = pat_dst[q] * member_stride
                         for r in range(r0, r1):
-                            settle_one(clock, fwd_head, relaying, sent, stages, compute, d0 + reps[r] * line_stride, beta,
-                                       call_overhead, stream, acc_end, acc_start, acc_combine, acc_stages, acc_compute)
+                            d = d0 + reps[r] * line_stride
+                            if acc_end[d] != -np.inf:  # (else listed again: already settled)
+                                clock[d], stages[d], compute[d], relaying[d], fwd_head[d] = settles(
+                                    clock[d], sent[d], fwd_head[d], acc_end[d], acc_start[d], acc_combine[d],
+                                    acc_stages[d], acc_compute[d], beta, call_overhead, stream)
+                                acc_end[d], acc_start[d], acc_combine[d] = -np.inf, -np.inf, 0.0
 
 
 @njit(inline="always")

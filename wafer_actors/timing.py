@@ -83,12 +83,14 @@ class Costs:
 
 
 @njit(inline="always")
-def departure(clock, fwd_head, relaying, c, stream):
-    """(start, own) of a flow leaving core ``c``: the cycle its first element leaves (a relay that took a stream
-    forwards it from its ``fwd_head``) and the core's clock, before which its last element cannot leave. Every flow
-    a core sends in one step leaves alike; only its path and load tell its arrival (``arrival``)."""
-    own = clock[c]
-    return (fwd_head[c] if stream and relaying[c] else own), own
+def departure(own, fwd_head, relaying, stream):
+    """(start, own) of a flow leaving a core whose clock is ``own``: the cycle its first element leaves (a relay that
+    took a stream forwards it from its ``fwd_head``) and the core's clock, before which its last element cannot
+    leave. Every flow a core sends in one step leaves alike; only its path and load tell its arrival (``arrival``).
+
+    These rules come in scalar forms (a core's values in, its new values out): the loops over cores read and write
+    the arrays, which keeps numba from counting references to them once per core (several times slower)."""
+    return (fwd_head if stream and relaying else own), own
 
 
 @njit(inline="always")
@@ -101,17 +103,10 @@ def arrival(start, own, load, hops, relays, size_cycles, alpha, beta):
 
 
 @njit(inline="always")
-def launch(clock, fwd_head, relaying, c, load, hops, relays, size_cycles, alpha, beta, stream):
-    """(head, tail) at its destination of one flow from core ``c`` (see ``send_flows``)."""
-    start, own = departure(clock, fwd_head, relaying, c, stream)
-    return arrival(start, own, load, hops, relays, size_cycles, alpha, beta)
-
-
-@njit(inline="always")
-def launched(relaying, sent, c, tail):
-    """Core ``c`` has sent a flow that lands at ``tail``: it no longer relays a stream, and its send buffer is busy until then."""
-    relaying[c] = False
-    sent[c] = max(sent[c], tail)
+def sends(sent, tail):
+    """(relaying, sent) of a core that sent a flow landing at ``tail``: it no longer relays a stream, and its send
+    buffer (busy until ``sent`` before) is busy until then."""
+    return False, max(sent, tail)
 
 
 @compiled
@@ -125,12 +120,13 @@ def send_flows(clock, fwd_head, relaying, sent, stages, compute, fi, load, hops,
     """
     for j in range(fi.size):  # every flow reads its source's state before any flow changes it (multicasts)
         c = fi[j]
-        head_out[j], tail_out[j] = launch(clock, fwd_head, relaying, c, load[j], hops[j], relays[j], size_cycles, alpha,
-                                          beta, stream)
+        start, own = departure(clock[c], fwd_head[c], relaying[c], stream)
+        head_out[j], tail_out[j] = arrival(start, own, load[j], hops[j], relays[j], size_cycles, alpha, beta)
         stages_out[j] = stages[c]
         compute_out[j] = compute[c]
     for j in range(fi.size):
-        launched(relaying, sent, fi[j], tail_out[j])
+        c = fi[j]
+        relaying[c], sent[c] = sends(sent[c], tail_out[j])
 
 
 @njit(inline="always")
@@ -140,6 +136,18 @@ def _input_ends(c0, head, tail, combine, beta, stream):
         start = max(c0, head) + beta
         return max(start + max(tail - head, combine), tail + beta), start, head > c0
     return max(c0, tail), -np.inf, tail > c0  # plain receives forward nothing
+
+
+@njit(inline="always")
+def gathers(c0, stages, compute, head, tail, msg_stages, msg_compute, combine, beta, stream, acc_end, acc_start,
+            acc_combine, acc_stages, acc_compute):
+    """The step's accumulators of a core (clock ``c0``, path record ``stages``, ``compute``) after one more input:
+    (end, start, combine, stages, compute) from those before it (see ``arrive``)."""
+    end, start, waited = _input_ends(c0, head, tail, combine, beta, stream)
+    if end > acc_end:
+        acc_stages = msg_stages if waited else stages
+        acc_compute = msg_compute if waited else compute
+    return max(acc_end, end), max(acc_start, start), acc_combine + combine, acc_stages, acc_compute
 
 
 @njit(inline="always")
@@ -154,20 +162,10 @@ def goes_on(c0, sent, end, comb, path_stages, path_compute, beta, call_overhead,
 
 
 @njit(inline="always")
-def _go_on(clock, fwd_head, relaying, sent, stages, compute, c, end, start, comb, path_stages, path_compute,
-           beta, call_overhead, stream):
-    """Core ``c`` goes on (``goes_on``); a streaming receive leaves it relaying from ``start``."""
-    clock[c], stages[c], compute[c] = goes_on(clock[c], sent[c], end, comb, path_stages, path_compute, beta,
-                                              call_overhead, stream)
-    _relays(fwd_head, relaying, c, start, stream)
-
-
-@njit(inline="always")
-def _relays(fwd_head, relaying, c, start, stream):
-    """After a receive, core ``c`` relays a stream (forwarding from ``start``) if the receive streamed."""
-    relaying[c] = stream
-    if stream:
-        fwd_head[c] = start
+def forwards(fwd_head, start, stream):
+    """(relaying, fwd_head) of a core after a receive: it relays a stream (forwarding from ``start``) if the receive
+    streamed."""
+    return stream, (start if stream else fwd_head)
 
 
 @compiled
@@ -182,21 +180,10 @@ def arrive(clock, stages, compute, fi, head, tail, msg_stages, msg_compute, comb
     on ties) is on the critical path: its record is kept. Clocks do not move until ``settle``.
     """
     for j in range(fi.size):
-        arrive_one(clock, stages, compute, fi[j], head[j], tail[j], msg_stages[j], msg_compute[j], combine, beta, stream,
-                   acc_end, acc_start, acc_combine, acc_stages, acc_compute)
-
-
-@njit(inline="always")
-def arrive_one(clock, stages, compute, c, head, tail, msg_stages, msg_compute, combine, beta, stream,
-               acc_end, acc_start, acc_combine, acc_stages, acc_compute):
-    """``arrive`` for one input at core ``c``."""
-    end, start, waited = _input_ends(clock[c], head, tail, combine, beta, stream)
-    if end > acc_end[c]:
-        acc_stages[c] = msg_stages if waited else stages[c]
-        acc_compute[c] = msg_compute if waited else compute[c]
-    acc_end[c] = max(acc_end[c], end)
-    acc_start[c] = max(acc_start[c], start)
-    acc_combine[c] += combine
+        c = fi[j]
+        acc_end[c], acc_start[c], acc_combine[c], acc_stages[c], acc_compute[c] = gathers(
+            clock[c], stages[c], compute[c], head[j], tail[j], msg_stages[j], msg_compute[j], combine, beta, stream,
+            acc_end[c], acc_start[c], acc_combine[c], acc_stages[c], acc_compute[c])
 
 
 @compiled
@@ -208,30 +195,33 @@ def settle(clock, fwd_head, relaying, sent, stages, compute, fi, beta, call_over
     before it has combined every input. The accumulators are left empty for the next step.
     """
     for j in range(fi.size):
-        settle_one(clock, fwd_head, relaying, sent, stages, compute, fi[j], beta, call_overhead, stream,
-                   acc_end, acc_start, acc_combine, acc_stages, acc_compute)
+        c = fi[j]
+        if acc_end[c] != -np.inf:  # (else listed again: already settled)
+            clock[c], stages[c], compute[c], relaying[c], fwd_head[c] = settles(
+                clock[c], sent[c], fwd_head[c], acc_end[c], acc_start[c], acc_combine[c], acc_stages[c], acc_compute[c],
+                beta, call_overhead, stream)
+            acc_end[c], acc_start[c], acc_combine[c] = -np.inf, -np.inf, 0.0
 
 
 @njit(inline="always")
-def settle_one(clock, fwd_head, relaying, sent, stages, compute, c, beta, call_overhead, stream,
-               acc_end, acc_start, acc_combine, acc_stages, acc_compute):
-    """``settle`` for core ``c``."""
-    if acc_end[c] == -np.inf:  # listed again: already settled
-        return
-    _go_on(clock, fwd_head, relaying, sent, stages, compute, c, acc_end[c], acc_start[c], acc_combine[c],
-           acc_stages[c], acc_compute[c], beta, call_overhead, stream)
-    acc_end[c] = -np.inf
-    acc_start[c] = -np.inf
-    acc_combine[c] = 0.0
+def settles(c0, sent, fwd_head, acc_end, acc_start, acc_combine, acc_stages, acc_compute, beta, call_overhead, stream):
+    """(clock, stages, compute, relaying, fwd_head) of a core (clock ``c0``, last send landing at ``sent``) going on
+    after the inputs its accumulators gathered (``settle``)."""
+    clock, stages, compute = goes_on(c0, sent, acc_end, acc_combine, acc_stages, acc_compute, beta, call_overhead, stream)
+    relaying, fwd_head = forwards(fwd_head, acc_start, stream)
+    return clock, stages, compute, relaying, fwd_head
 
 
 @compiled
 def receive_one(clock, fwd_head, relaying, sent, stages, compute, fi, head, tail, msg_stages, msg_compute, combine,
                 beta, call_overhead, stream):
-    """``arrive`` then ``settle`` for a step in which every core of ``fi`` takes exactly one input."""
+    """``arrive`` then ``settle`` for a step in which every core of ``fi`` takes exactly one input (``takes``)."""
     for j in range(fi.size):
-        take_one(clock, fwd_head, relaying, sent, stages, compute, fi[j], head[j], tail[j], msg_stages[j], msg_compute[j],
-                 combine, beta, call_overhead, stream)
+        c = fi[j]
+        clock[c], start, stages[c], compute[c] = takes(clock[c], sent[c], stages[c], compute[c], head[j], tail[j],
+                                                       msg_stages[j], msg_compute[j], combine, beta, call_overhead,
+                                                       stream)
+        relaying[c], fwd_head[c] = forwards(fwd_head[c], start, stream)
 
 
 @njit(inline="always")
@@ -242,15 +232,6 @@ def takes(c0, sent, stages, compute, head, tail, msg_stages, msg_compute, combin
     clock, stages, compute = goes_on(c0, sent, end, combine, msg_stages if waited else stages,
                                      msg_compute if waited else compute, beta, call_overhead, stream)
     return clock, start, stages, compute
-
-
-@njit(inline="always")
-def take_one(clock, fwd_head, relaying, sent, stages, compute, c, head, tail, msg_stages, msg_compute, combine, beta,
-             call_overhead, stream):
-    """``receive_one`` for core ``c``, its only input (``takes``)."""
-    clock[c], start, stages[c], compute[c] = takes(clock[c], sent[c], stages[c], compute[c], head, tail, msg_stages,
-                                                   msg_compute, combine, beta, call_overhead, stream)
-    _relays(fwd_head, relaying, c, start, stream)
 
 
 @compiled(parallel=True)
