@@ -273,18 +273,17 @@ class Tile(Memory, Clocks):
         view = transfer.view(self.tiling, self.index)
         w, y0, x0 = self.rect.shape[1], self.rect.y0, self.rect.x0
         parts = {}
-        if way == "out":
-            for dest, part in view.outgoing.items():
-                f, s = part.flows, part.sources
-                fi = (transfer.src_y[f] - y0) * w + transfer.src_x[f] - x0
-                fi_src = (transfer.src_y[s] - y0) * w + transfer.src_x[s] - x0
-                parts[dest] = _Local(fi, fi_src, transfer.load[f], transfer.hops[f], transfer.relays[f])
-        else:
-            for src, part in view.incoming.items():
-                f = part.flows
-                fi = (transfer.dst_y[f] - y0) * w + transfer.dst_x[f] - x0
-                parts[src] = _Local(fi, part.inverse, transfer.load[f], transfer.hops[f], transfer.relays[f],
-                                    _span(fi), bool((part.inverse == np.arange(len(f))).all()))
+        for other, part in (view.outgoing if way == "out" else view.incoming).items():
+            f = part.flows
+            of = (lambda a: a) if len(f) == len(transfer) else (lambda a: a[f])  # noqa: E731  (every flow: in order)
+            ys, xs = (transfer.src_y, transfer.src_x) if way == "out" else (transfer.dst_y, transfer.dst_x)
+            fi = (of(ys) - y0) * w + of(xs) - x0
+            path = (of(transfer.load), of(transfer.hops), of(transfer.relays))
+            if way == "out":
+                s = part.sources
+                parts[other] = _Local(fi, (transfer.src_y[s] - y0) * w + transfer.src_x[s] - x0, *path)
+            else:
+                parts[other] = _Local(fi, part.inverse, *path, _span(fi), bool((part.inverse == np.arange(len(f))).all()))
         size = sum(len(lp.fi) for lp in parts.values())
         if self._local_size + size > LOCAL_PARTS_BUDGET:  # many large one-off transfers (SUMMA's casts) would pile up
             self._local_parts.clear()

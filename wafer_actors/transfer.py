@@ -234,7 +234,7 @@ class Transfer:
         cache_key = (tiling.key, tile)
         v = self._views.get(cache_key)
         if v is None and tiling.region == tiling.mesh.shape and len(tiling) == 1:  # one tile holds every core
-            whole = {0: self._part(np.arange(len(self)))} if len(self) else {}
+            whole = {0: self._whole()} if len(self) else {}
             v = self._views[cache_key] = View(whole, whole)
         if v is None:
             src_t = tiling.owner[self.src_y, self.src_x]
@@ -244,6 +244,20 @@ class Transfer:
             incoming = {int(t): self._part(np.flatnonzero((dst_t == tile) & (src_t == t))) for t in tiles(src_t[dst_t == tile])}
             v = self._views[cache_key] = View(outgoing, incoming)
         return v
+
+    def _whole(self) -> Part:
+        """``_part`` of every flow; along an axis, the line's repeated (no sort over the whole mesh)."""
+        every = np.arange(len(self))
+        if self.line is None or self.line.mesh.shape == self.mesh.shape or not self.multicast:
+            return self._part(every)
+        one = self.line._part(np.arange(len(self.line)))
+        k, u = len(self.line), len(one.sources)
+        if self.line.mesh.height == 1:  # lines are rows: row r holds flows r k ... r k + k - 1
+            r = np.arange(self.mesh.height)[:, None]
+            return Part(every, (r * k + one.sources).ravel(), (r * u + one.inverse).ravel())
+        x = np.arange(self.mesh.width)  # lines are columns: flow i of column x is i w + x, and so is a source
+        return Part(every, (one.sources[:, None] * self.mesh.width + x).ravel(),
+                    (one.inverse[:, None] * self.mesh.width + x).ravel())
 
     def _part(self, flows: np.ndarray) -> Part:
         lin = self.src_y[flows] * self.mesh.width + self.src_x[flows]

@@ -118,9 +118,9 @@ def test_the_disjoint_streams_check_agrees_with_the_dense_link_loads():
 
 def test_along_takes_loads_and_routing_entries_from_one_line():
     """A pattern repeated on every line (multicasts, overlapping streams, relays) gets from its one-line mesh the same
-    flows in the same order, loads, streams and multicast flag, its route the same entries per core, and two such
-    transfers sent together the same contended loads, as the flows of all lines built and counted on the whole
-    mesh."""
+    flows in the same order, loads, streams, multicast flag and one tile's parts (sources, their flows), its route
+    the same entries per core, and two such transfers sent together the same contended loads, as the flows of all
+    lines built and counted on the whole mesh."""
     rng = np.random.default_rng(7)
     contended = 0
     for _ in range(60):
@@ -146,6 +146,9 @@ def test_along_takes_loads_and_routing_entries_from_one_line():
             for a, b in zip(fast.streams, slow.streams):
                 np.testing.assert_array_equal(a, b)
             assert fast.multicast == slow.multicast
+            every, one = slow.view(Tiling(mesh, (1, 1)), 0).outgoing, fast.view(Tiling(mesh, (1, 1)), 0).outgoing
+            for name in ("flows", "sources", "inverse"):  # the parts of one tile, the fast one from the line's
+                np.testing.assert_array_equal(getattr(one[0], name), getattr(every[0], name), err_msg=name)
             pair.append((fast, slow))
         np.testing.assert_array_equal(Route("r", tuple(f for f, _ in pair)).entries(mesh),
                                       Route("r", tuple(s for _, s in pair)).entries(mesh))
