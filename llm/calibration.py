@@ -38,8 +38,8 @@ The fit is ``scipy.optimize.least_squares`` (trust-region reflective with bounds
 relative errors, with a forward-difference Jacobian. Predicted cycles are piecewise linear in
 the parameters (linear while the critical path stays the same): the Jacobian's columns are
 counts on the critical path (relay stages, tasks, maps, FMACs), and from the preset's values
-(the last fit) the solver needs few evaluations, each about 15 s with two workers (the 720 x 720
-prefill row the longest; 23 evaluations, under 6 minutes, from the preset).
+(the last fit) the solver needs few evaluations, each about 11 s with two workers (the 720 x 720
+prefill row the longest; 23 evaluations, under 5 minutes, from the preset).
 
     python -m llm.calibration [--workers 2] [--rows decode,gemv,prefill]   # prints the fit
 """
