@@ -408,9 +408,14 @@ class Fused:
                 ln.member_stride, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts, self.step_op,
                 self.step_stream, self.step_single)
 
-    def time_lines(self, tile, first: int, last: int, size_cycles: float, combine: float) -> None:
+    def time_lines(self, tile, first: int, last: int, size_cycles: float, combine: float, held: list) -> None:
         """Half-steps ``first .. last - 1`` of a line program on ``tile``'s clocks, no data: one line of each class of
-        lines alike up to a shift of every time is timed, the others take its outcome, shifted."""
+        lines alike up to a shift of every time is timed, the others take its outcome, shifted.
+
+        ``held`` (one run's, empty at its start) keeps the classes from one stretch to the next while the flows
+        the next one takes from other tiles are, line by line, its class line's shifted (then each line's state
+        stays its class line's shifted too): the other lines take their outcome once, at ``expand_held``, instead
+        of after every stretch. The flows a stretch sends on are expanded at once (messages carry them)."""
         ln, costs = self.lines, tile.costs
         lines = int(ln.bounds[-1])
         clocks, flows = tile.flat_clocks(), self.timing()
@@ -419,12 +424,30 @@ class Fused:
         reps, rep_of, shift = self.scratch["classes"]
         seg = self.segment(first, last, tile.index)
         geometry = (lines, ln.members, ln.line_stride, ln.member_stride)
-        n = _line_classes(*clocks, *flows, *geometry, seg.taken, reps, rep_of, shift)
+        if held and held[0] < lines and not _classes_hold(*clocks, *flows, *geometry, seg.taken, reps[: held[0]], rep_of,
+                                                          shift):
+            self.expand_held(tile, held)
+        if not held:
+            n = _line_classes(*clocks, *flows, *geometry, seg.taken, reps, rep_of, shift)
+            held += [n, np.zeros(ln.members, dtype=np.bool_), np.zeros(ln.members, dtype=np.bool_)]
+        n = held[0]
         _time_lines(*clocks, *tile.acc, *self._line_program, size_cycles, costs.alpha, costs.beta, combine,
                     costs.call_overhead, *flows, *self.departures(), reps[:n], first, last)
         if n < lines:
-            _expand(*clocks, *flows, *self.departures(), *geometry, seg.launches, seg.streams, reps[:n], rep_of, shift,
-                    seg.given)
+            held[1] |= seg.launches
+            held[2] |= seg.streams
+            _expand(*clocks, *flows, *self.departures(), *geometry, held[1], held[2], reps[:n], rep_of, shift,
+                    seg.given, False)
+
+    def expand_held(self, tile, held: list) -> None:
+        """Give the lines ``time_lines`` did not time their class line's outcome, shifted; empty ``held``."""
+        if held and held[0] < int(self.lines.bounds[-1]):
+            reps, rep_of, shift = self.scratch["classes"]
+            ln = self.lines
+            _expand(*tile.flat_clocks(), *self.timing(), *self.departures(), int(ln.bounds[-1]), ln.members,
+                    ln.line_stride, ln.member_stride, held[1], held[2], reps[: held[0]], rep_of, shift,
+                    np.zeros((0, int(ln.bounds[-1])), dtype=np.int64), True)
+        held.clear()
 
     async def run(self, tile, tag: str, data: np.ndarray | None, out: np.ndarray | None, size_cycles: float,
                   combine: float) -> None:
@@ -459,13 +482,17 @@ class Fused:
                      self.step_direct)
             block = max(1, DATA_BLOCK_BYTES // max(1, ln.members * data.shape[1] * data.itemsize))
 
+            held: list = []
+
             def kernel(first: int, last: int) -> None:  # every line's data moves; the timing goes by classes
-                self.time_lines(tile, first, last, size_cycles, combine)
+                self.time_lines(tile, first, last, size_cycles, combine, held)
                 if has_data:
                     _move_lines(*moves, block, first, last)
         steps = len(self.step_op)
         if not self.waits and not self.outbox:  # every flow stays on the tile: one call, no messages
             kernel(0, 2 * steps)
+            if self.lines is not None:
+                self.expand_held(tile, held)
             return
         sent = 0  # send phases run so far: their parts to other tiles are owed until the next flush
         flushed = dict.fromkeys(self.outbox, 0)  # tile -> parts of its outbox sent
@@ -505,6 +532,8 @@ class Fused:
         kernel(done, 2 * steps)
         sent = steps
         flush()
+        if self.lines is not None:
+            self.expand_held(tile, held)
 
 
 @compiled
@@ -824,6 +853,30 @@ def _line_classes(clock, fwd_head, relaying, sent, stages, compute, head, tail, 
     return n
 
 
+@compiled
+def _classes_hold(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_stages, msg_compute, lines, members,
+                  line_stride, member_stride, taken, reps, rep_of, shift):
+    """Whether the classes of ``_line_classes`` still hold for a stretch taking the flows ``taken`` from other tiles:
+    each line's are its class line's shifted, and every time of the class lines, shifted, and of those flows stays
+    in the exact range."""
+    most = 0.0
+    for ln in range(lines):
+        most = max(most, abs(shift[ln]))
+    for r in reps:
+        for m in range(members):
+            c = r * line_stride + m * member_stride
+            if not (abs(clock[c]) + most < EXACT and abs(sent[c]) + most < EXACT
+                    and (abs(fwd_head[c]) + most < EXACT or not relaying[c])):
+                return False
+    for k in range(taken.shape[0]):
+        for ln in range(lines):
+            j, jr, d = taken[k, ln], taken[k, rep_of[ln]], shift[ln]
+            if not (abs(head[j]) < EXACT and abs(tail[j]) < EXACT and head[j] - d == head[jr] and tail[j] - d == tail[jr]
+                    and msg_stages[j] == msg_stages[jr] and msg_compute[j] == msg_compute[jr]):
+                return False
+    return True
+
+
 @njit(inline="always")
 def _all_exact(clock, fwd_head, relaying, sent, head, tail, taken):
     """Whether every time of the tile's cores and of the flows taken lies below ``EXACT``."""
@@ -839,11 +892,14 @@ def _all_exact(clock, fwd_head, relaying, sent, head, tail, taken):
 
 @compiled
 def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_stages, msg_compute, dep_start, dep_own,
-            lines, members, line_stride, member_stride, launches, streams, reps, rep_of, shift, given):
-    """Give every line that was not timed its class line's outcome, shifted: the timing state of its cores (``sent``
-    and ``fwd_head`` only where the stretch moved them) and the flows it sends other tiles. A class line takes its
-    own outcome (shift 0), so every line can be written. Strides as in ``_line_classes``."""
-    if line_stride == 1:  # columns: one class at a time, a member's cores on every line at once
+            lines, members, line_stride, member_stride, launches, streams, reps, rep_of, shift, given, cores):
+    """Give every line that was not timed its class line's outcome, shifted: the flows ``given`` and, with
+    ``cores``, the timing state of its cores (``sent`` and ``fwd_head`` only where the stretches moved them:
+    ``launches``, ``streams``). A class line takes its own outcome (shift 0), so every line can be written. Strides
+    as in ``_line_classes``."""
+    if not cores:
+        pass
+    elif line_stride == 1:  # columns: one class at a time, a member's cores on every line at once
         for r in reps:
             one = len(reps) == 1
             for m in range(members):

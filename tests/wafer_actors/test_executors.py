@@ -12,7 +12,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from wafer_actors import Spec, Wafer, preset
+from wafer_actors import Spec, Wafer, preset, program
 from wafer_actors.collectives import allreduce, block_gemm, shift
 from wafer_actors.collectives.allreduce import program as ktree_program
 from wafer_actors.collectives.block_gemm import (block_gemm_routes, gathered, gemm_t_skewed, mesh_gemm_skewed, skew,
@@ -359,13 +359,17 @@ def test_ray_tiles_on_one_node_talk_over_sockets_as_over_actor_calls(ray_local, 
 
 @pytest.mark.parametrize("split", [False, True], ids=["alike", "split at the edge"])
 @pytest.mark.parametrize("broadcast", [False, True])
-def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadcast, split):
+def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadcast, split, monkeypatch):
     """Lines (columns, then rows) whose timing state is one of three patterns shifted by a per-line time, and differs
     in parts no rule reads (the ``fwd_head`` of a core that relays nothing, a ``sent`` below the clock), are timed once
     per pattern by the fused executor: every core's state still ends as the step executor's, which times each line.
     Without the broadcast the roots never send and the chains' first cores take no stream: their ``sent`` and
     ``fwd_head`` must stay their own. Split: lines alike on one tile differ in what they take from the next, so
-    their classes change between the stretch that sends a step and the one that receives it."""
+    their classes change between the stretch that sends a step and the one that receives it (the classes kept from
+    one stretch to the next no longer hold, and the lines are sorted anew); alike, they hold across stretches."""
+    held = []  # per later stretch of a run on several tiles: whether the classes of the stretch before held
+    check = program._classes_hold
+    monkeypatch.setattr(program, "_classes_hold", lambda *a: held.append(check(*a)) or held[-1])
     mesh = (7, 9)
     rng = np.random.default_rng(5)
     grid = lambda a: np.round(a * 2**16) / 2**16  # noqa: E731  times on the timing grid
@@ -406,6 +410,7 @@ def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadc
                     s = w.run(allreduce, buffer="v", axis=axis, group_num=3, broadcast=broadcast)
                     runs.append(([w.blocks("v")], s, core_state(w)))
             assert_same_run(*runs, f"{axis} in {tiles} tiles, broadcast={broadcast}")
+    assert (False in held) == split and True in held
 
 
 def test_times_below_the_exact_range_add_exactly_on_the_grid():
