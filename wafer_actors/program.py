@@ -897,9 +897,7 @@ def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_st
     ``cores``, the timing state of its cores (``sent`` and ``fwd_head`` only where the stretches moved them:
     ``launches``, ``streams``). A class line takes its own outcome (shift 0), so every line can be written. Strides
     as in ``_line_classes``."""
-    if not cores:
-        pass
-    elif line_stride == 1:  # columns: one class at a time, a member's cores on every line at once
+    if cores and line_stride == 1:  # columns: one class at a time, a member's cores on every line at once
         for r in reps:
             one = len(reps) == 1
             for m in range(members):
@@ -916,7 +914,7 @@ def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_st
                             sent[c] = rs + shift[ln]
                         if stream:
                             fwd_head[c] = rf + shift[ln]
-    else:  # rows: each line from its class line
+    elif cores:  # rows: each line from its class line
         for ln in range(lines):
             r, d = rep_of[ln], shift[ln]
             if r == ln:
