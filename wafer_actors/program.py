@@ -441,12 +441,13 @@ class Fused:
 
     def expand_held(self, tile, held: list) -> None:
         """Give the lines ``time_lines`` did not time their class line's outcome, shifted; empty ``held``."""
-        if held and held[0] < int(self.lines.bounds[-1]):
+        ln = self.lines
+        lines = int(ln.bounds[-1])
+        if held and held[0] < lines:
             reps, rep_of, shift = self.scratch["classes"]
-            ln = self.lines
-            _expand(*tile.flat_clocks(), *self.timing(), *self.departures(), int(ln.bounds[-1]), ln.members,
-                    ln.line_stride, ln.member_stride, held[1], held[2], reps[: held[0]], rep_of, shift,
-                    np.zeros((0, int(ln.bounds[-1])), dtype=np.int64), True)
+            _expand(*tile.flat_clocks(), *self.timing(), *self.departures(), lines, ln.members, ln.line_stride,
+                    ln.member_stride, held[1], held[2], reps[: held[0]], rep_of, shift,
+                    np.zeros((0, lines), dtype=np.int64), True)
         held.clear()
 
     async def run(self, tile, tag: str, data: np.ndarray | None, out: np.ndarray | None, size_cycles: float,
@@ -994,7 +995,7 @@ def run_steps(clock, fwd_head, relaying, sent, stages, compute, busy, src, dst, 
                 elif codes[i] == SEND:
                     j = flow[c, t]
                     if j >= 0 and s <= until[j]:  # relaying no stream, it departs at its clock (``departure``)
-                        se = max(se, arrival(cl, cl, fl[j, 1], fl[j, 2], fl[j, 3], amount[i], alpha, beta)[1])
+                        _, se = sends(se, arrival(cl, cl, fl[j, 1], fl[j, 2], fl[j, 3], amount[i], alpha, beta)[1])
                 elif flow[c, nk + t] >= 0 and s <= until[flow[c, nk + t]]:
                     j = flow[c, nk + t]
                     p = fl[j, 0]  # the source's step up to its send of this flow (sends change no path record)

@@ -379,7 +379,8 @@ def contend(transfers: Sequence[Transfer]) -> tuple[Transfer, ...]:
 
     Transfers whose streams share no link with another's come back as they are (the common case, checked
     without a mesh-sized array). Give it the transfers as they are sent (a ``subset`` counts its own flows
-    again); a contended transfer keeps its one-line ``line``, which only routing entries read.
+    again). A contended transfer keeps its one-line ``line`` (its flows, streams and routing entries, not its
+    loads): transfers that all repeat one line along one axis contend as their lines do, the loads repeated.
     """
     live = [t for t in transfers if len(t)]
     if len(live) < 2:
