@@ -400,55 +400,36 @@ class Fused:
             self.scratch["departures"] = (np.empty(n), np.empty(n))
         return self.scratch["departures"]
 
-    @cached_property
-    def _line_program(self) -> tuple:
-        """The arguments of ``_time_lines`` that are the program's (gathered once: a stretch is timed often)."""
-        ln = self.lines
-        return (ln.src, ln.dst, ln.load, ln.hops, ln.relays, self.part_ptr, ln.ptr, ln.bounds, ln.line_stride,
-                ln.member_stride, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts, self.step_op,
-                self.step_stream, self.step_single)
-
-    def time_lines(self, tile, first: int, last: int, size_cycles: float, combine: float, held: list) -> None:
-        """Half-steps ``first .. last - 1`` of a line program on ``tile``'s clocks, no data: one line of each class of
-        lines alike up to a shift of every time is timed, the others take its outcome, shifted.
-
-        ``held`` (one run's, empty at its start) keeps the classes from one stretch to the next while the flows
-        the next one takes from other tiles are, line by line, its class line's shifted (then each line's state
-        stays its class line's shifted too): the other lines take their outcome once, at ``expand_held``, instead
-        of after every stretch. The flows a stretch sends on are expanded at once (messages carry them)."""
-        ln, costs = self.lines, tile.costs
-        lines = int(ln.bounds[-1])
-        clocks, flows = tile.flat_clocks(), self.timing()
+    def _classes(self) -> tuple[np.ndarray, ...]:
+        """The line classes a run keeps from one stretch to the next (``_time_stretch``): per line its class line's
+        index (``reps``, the first n entries; n in ``held``, 0 for none), ``rep_of`` and ``shift``, and the members
+        whose ``sent`` / ``fwd_head`` the stretches since the classes were sorted moved."""
         if "classes" not in self.scratch:
-            self.scratch["classes"] = (np.empty(lines, dtype=np.int64), np.empty(lines, dtype=np.int64), np.empty(lines))
-        reps, rep_of, shift = self.scratch["classes"]
-        seg = self.segment(first, last, tile.index)
-        geometry = (lines, ln.members, ln.line_stride, ln.member_stride)
-        if held and held[0] < lines and not _classes_hold(*clocks, *flows, *geometry, seg.taken, reps[: held[0]], rep_of,
-                                                          shift):
-            self.expand_held(tile, held)
-        if not held:
-            n = _line_classes(*clocks, *flows, *geometry, seg.taken, reps, rep_of, shift)
-            held += [n, np.zeros(ln.members, dtype=np.bool_), np.zeros(ln.members, dtype=np.bool_)]
-        n = held[0]
-        _time_lines(*clocks, *tile.acc, *self._line_program, size_cycles, costs.alpha, costs.beta, combine,
-                    costs.call_overhead, *flows, *self.departures(), reps[:n], first, last)
-        if n < lines:
-            held[1] |= seg.launches
-            held[2] |= seg.streams
-            _expand(*clocks, *flows, *self.departures(), *geometry, held[1], held[2], reps[:n], rep_of, shift,
-                    seg.given, False)
+            lines, members = int(self.lines.bounds[-1]), self.lines.members
+            self.scratch["classes"] = (np.empty(lines, dtype=np.int64), np.empty(lines, dtype=np.int64), np.empty(lines),
+                                       np.zeros(1, dtype=np.int64), np.zeros(members, dtype=np.bool_),
+                                       np.zeros(members, dtype=np.bool_))
+        return self.scratch["classes"]
 
-    def expand_held(self, tile, held: list) -> None:
-        """Give the lines ``time_lines`` did not time their class line's outcome, shifted; empty ``held``."""
+    def timing_args(self, tile, size_cycles: float, combine: float) -> tuple:
+        """The arguments of ``_time_stretch`` but the stretch's own (its ``Segment`` and half-steps): one run's."""
+        ln, costs = self.lines, tile.costs
+        return (*tile.flat_clocks(), *tile.acc, ln.src, ln.dst, ln.load, ln.hops, ln.relays, self.part_ptr, ln.ptr,
+                ln.bounds, ln.line_stride, ln.member_stride, self.send_ptr, self.send_parts, self.recv_ptr,
+                self.recv_parts, self.step_op, self.step_stream, self.step_single, size_cycles, costs.alpha, costs.beta,
+                combine, costs.call_overhead, *self.timing(), *self.departures(), int(ln.bounds[-1]), ln.members,
+                *self._classes())
+
+    def expand_held(self, tile) -> None:
+        """Give the lines the stretches of a run did not time their class line's outcome, shifted; drop the classes."""
         ln = self.lines
-        lines = int(ln.bounds[-1])
-        if held and held[0] < lines:
-            reps, rep_of, shift = self.scratch["classes"]
+        reps, rep_of, shift, held, launches, streams = self._classes()
+        lines, n = int(ln.bounds[-1]), int(held[0])
+        if 0 < n < lines:
             _expand(*tile.flat_clocks(), *self.timing(), *self.departures(), lines, ln.members, ln.line_stride,
-                    ln.member_stride, held[1], held[2], reps[: held[0]], rep_of, shift,
-                    np.zeros((0, lines), dtype=np.int64), True)
-        held.clear()
+                    ln.member_stride, launches, streams, reps[:n], rep_of, shift, np.zeros((0, lines), dtype=np.int64),
+                    True)
+        held[0] = 0
 
     async def run(self, tile, tag: str, data: np.ndarray | None, out: np.ndarray | None, size_cycles: float,
                   combine: float) -> None:
@@ -483,17 +464,19 @@ class Fused:
                      self.step_direct)
             block = max(1, DATA_BLOCK_BYTES // max(1, ln.members * data.shape[1] * data.itemsize))
 
-            held: list = []
+            self._classes()[3][0] = 0  # none kept from an aborted run
+            timing = self.timing_args(tile, size_cycles, combine)
 
             def kernel(first: int, last: int) -> None:  # every line's data moves; the timing goes by classes
-                self.time_lines(tile, first, last, size_cycles, combine, held)
+                seg = self.segment(first, last, tile.index)
+                _time_stretch(*timing, seg.launches, seg.streams, seg.taken, seg.given, first, last)
                 if has_data:
                     _move_lines(*moves, block, first, last)
         steps = len(self.step_op)
         if not self.waits and not self.outbox:  # every flow stays on the tile: one call, no messages
             kernel(0, 2 * steps)
             if self.lines is not None:
-                self.expand_held(tile, held)
+                self.expand_held(tile)
             return
         sent = 0  # send phases run so far: their parts to other tiles are owed until the next flush
         flushed = dict.fromkeys(self.outbox, 0)  # tile -> parts of its outbox sent
@@ -534,7 +517,7 @@ class Fused:
         sent = steps
         flush()
         if self.lines is not None:
-            self.expand_held(tile, held)
+            self.expand_held(tile)
 
 
 @compiled
@@ -621,6 +604,53 @@ def _run_phases(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
                     a, b = lane_ptr[recv_parts[k], lane], lane_ptr[recv_parts[k], lane + 1]
                     settle(clock, fwd_head, relaying, sent, stages, compute, dst[a:b], beta, call_overhead, stream,
                            acc_end, acc_start, acc_combine, acc_stages, acc_compute)
+
+
+@compiled
+def _time_stretch(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages,
+                  acc_compute, pat_src, pat_dst, pat_load, pat_hops, pat_relays, part_ptr, pat_ptr, bounds, line_stride,
+                  member_stride, send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_stream, step_single,
+                  size_cycles, alpha, beta, combine, call_overhead, head, tail, msg_stages, msg_compute, dep_start,
+                  dep_own, lines, members, reps, rep_of, shift, held, launches, streams, seg_launches, seg_streams, taken,
+                  given, first, last):
+    """Half-steps ``first .. last - 1`` of a line program, no data: one line of each class of lines alike up to a
+    shift of every time is timed (``_time_lines``), the others take its outcome, shifted (``_expand``).
+
+    The classes (n of them in ``held[0]``, 0 for none) are kept from one stretch of a run to the next while the
+    flows the next one takes from other tiles are, line by line, its class line's shifted (then each line's state
+    stays its class line's shifted too): the other lines' cores take their outcome once, at ``Fused.expand_held``,
+    instead of after every stretch; the flows a stretch sends on (``given``) at once, as messages carry them.
+    ``launches`` / ``streams`` gather the stretches' ``seg_launches`` / ``seg_streams`` since the classes were sorted.
+    Returns 1 where the classes of the stretch before held, -1 where they did not (the lines are sorted anew), 0
+    where there were none to check."""
+    n, kept = held[0], 0
+    if 0 < n < lines:
+        kept = 1 if _classes_hold(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_stages, msg_compute,
+                                  lines, members, line_stride, member_stride, taken, reps[:n], rep_of, shift) else -1
+        if kept < 0:
+            _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_stages, msg_compute, dep_start,
+                    dep_own, lines, members, line_stride, member_stride, launches, streams, reps[:n], rep_of, shift,
+                    given[:0], True)
+            n = 0
+    if n == 0:
+        n = _line_classes(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_stages, msg_compute, lines,
+                          members, line_stride, member_stride, taken, reps, rep_of, shift)
+        launches[:] = False
+        streams[:] = False
+        held[0] = n
+    _time_lines(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages,
+                acc_compute, pat_src, pat_dst, pat_load, pat_hops, pat_relays, part_ptr, pat_ptr, bounds, line_stride,
+                member_stride, send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_stream, step_single,
+                size_cycles, alpha, beta, combine, call_overhead, head, tail, msg_stages, msg_compute, dep_start, dep_own,
+                reps[:n], first, last)
+    if n < lines:
+        for m in range(members):
+            launches[m] |= seg_launches[m]
+            streams[m] |= seg_streams[m]
+        _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_stages, msg_compute, dep_start,
+                dep_own, lines, members, line_stride, member_stride, launches, streams, reps[:n], rep_of, shift, given,
+                False)
+    return kept
 
 
 @compiled  # serial: one line per class (one or two in decode) is too little to share; parallel took 5 s more to compile
