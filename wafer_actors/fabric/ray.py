@@ -18,6 +18,7 @@ actor dies (its process killed, its node gone) surfaces as ``TileLost`` from any
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import uuid
@@ -162,6 +163,9 @@ def start_local_ray(**kwargs: Any) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
         return
+    # Ray >= 2.60 turns on token authentication for a new local instance and warns that it did, at every start; it
+    # stays on (the token is Ray's own, in ~/.ray), only the warning is dropped.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
              _system_config=SYSTEM_CONFIG, **kwargs)
     # Of the processes Ray started, three serve nobody here: the autoscaler's monitor (one node, never scaled), the
