@@ -1,14 +1,24 @@
-"""The bytes of a message between tiles: msgpack, with arrays as raw bytes plus dtype and shape.
+"""The bytes of a message between tiles: a fixed header, then the arrays' raw little-endian bytes.
 
-No pickle: a message is a map of plain values, so any process (or language) can read it.
+No pickle: any process (or language) can read a message from this layout alone::
+
+    header  <q run> <q src> <q flows> <i data ndim, -1: no data> <8s data dtype, numpy's str> <H tag bytes>
+    tag     utf-8, then the data shape (ndim <q>), then zeros up to a multiple of 8 bytes
+    arrays  head, tail (<f8), stages (<i8), compute (<f8): ``flows`` each; then the data, C order
+
+Every array starts at a multiple of 8 bytes from the message's start, so the receiver reads them in place.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
-import msgpack
 import numpy as np
+
+_HEADER = struct.Struct("<qqqi8sH")
+_F8, _I8 = np.dtype("<f8"), np.dtype("<i8")
+_TIMES = (_F8, _F8, _I8, _F8)  # head, tail, stages, compute
 
 
 @dataclass(frozen=True)
@@ -40,36 +50,32 @@ class Message:
     compute: np.ndarray
 
 
-def _pack_array(a: np.ndarray) -> list:
-    a = np.ascontiguousarray(a)
-    return [a.dtype.str, list(a.shape), a.tobytes()]
-
-
-def _unpack_array(v: list) -> np.ndarray:
-    dtype, shape, raw = v
-    return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape)
-
-
 def encode(msg: Message) -> bytes:
     """Serialise a message."""
-    return msgpack.packb(
-        {
-            "run": msg.run,
-            "tag": msg.tag,
-            "src": msg.src,
-            "data": None if msg.data is None else _pack_array(msg.data),
-            "head": _pack_array(msg.head),
-            "tail": _pack_array(msg.tail),
-            "stages": _pack_array(msg.stages),
-            "compute": _pack_array(msg.compute),
-        },
-        use_bin_type=True,
-    )
+    n, tag, data = len(msg.stages), msg.tag.encode(), msg.data
+    head = _HEADER.size + len(tag) + (0 if data is None else 8 * data.ndim)
+    parts = [_HEADER.pack(msg.run, msg.src, n, -1 if data is None else data.ndim,
+                          b"" if data is None else data.dtype.str.encode(), len(tag)), tag]
+    if data is not None:
+        parts.append(struct.pack(f"<{data.ndim}q", *data.shape))
+    parts.append(bytes(-head % 8))
+    for a, t in zip((msg.head, msg.tail, msg.stages, msg.compute), _TIMES):
+        parts.append((a if a.dtype == t else a.astype(t)).tobytes())
+    if data is not None:
+        parts.append(data.tobytes())  # (C order whatever its layout)
+    return b"".join(parts)
 
 
 def decode(raw: bytes | memoryview) -> Message:
-    """Read a message written by ``encode``."""
-    m = msgpack.unpackb(raw, raw=False)
-    data = None if m["data"] is None else _unpack_array(m["data"])
-    arrays = (_unpack_array(m[k]) for k in ("head", "tail", "stages", "compute"))
-    return Message(m["run"], m["tag"], m["src"], data, *arrays)
+    """Read a message written by ``encode`` (its arrays are read-only views of ``raw``)."""
+    run, src, n, ndim, dtype, taglen = _HEADER.unpack_from(raw)
+    at = _HEADER.size + taglen
+    tag = bytes(raw[_HEADER.size : at]).decode()
+    shape = struct.unpack_from(f"<{max(ndim, 0)}q", raw, at)
+    at += 8 * max(ndim, 0)
+    at += -at % 8
+    times = np.frombuffer(raw, dtype=_F8, count=4 * n, offset=at).reshape(4, n)
+    data = None
+    if ndim >= 0:
+        data = np.frombuffer(raw, dtype=np.dtype(dtype.rstrip(b"\0").decode()), offset=at + 32 * n).reshape(shape)
+    return Message(run, tag, src, data, times[0], times[1], times[2].view(_I8), times[3])
