@@ -420,17 +420,6 @@ class Fused:
                 combine, costs.call_overhead, *self.timing(), *self.departures(), int(ln.bounds[-1]), ln.members,
                 *self._classes())
 
-    def expand_held(self, tile) -> None:
-        """Give the lines the stretches of a run did not time their class line's outcome, shifted; drop the classes."""
-        ln = self.lines
-        reps, rep_of, shift, held, launches, streams = self._classes()
-        lines, n = int(ln.bounds[-1]), int(held[0])
-        if 0 < n < lines:
-            _expand(*tile.flat_clocks(), *self.timing(), *self.departures(), lines, ln.members, ln.line_stride,
-                    ln.member_stride, launches, streams, reps[:n], rep_of, shift, np.zeros((0, lines), dtype=np.int64),
-                    True)
-        held[0] = 0
-
     async def run(self, tile, tag: str, data: np.ndarray | None, out: np.ndarray | None, size_cycles: float,
                   combine: float) -> None:
         """Run every step on ``tile``'s clocks: send blocks of ``data``, receive into ``out`` (``[cores, elements]``,
@@ -455,7 +444,7 @@ class Fused:
                      size_cycles, costs.alpha, costs.beta, combine, costs.call_overhead, head, tail, stages, compute,
                      start, own)
 
-            def kernel(first: int, last: int) -> None:
+            def kernel(first: int, last: int, end: bool = False) -> None:
                 _run_phases(*state, first, last)
         else:
             ln = self.lines
@@ -467,16 +456,14 @@ class Fused:
             self._classes()[3][0] = 0  # none kept from an aborted run
             timing = self.timing_args(tile, size_cycles, combine)
 
-            def kernel(first: int, last: int) -> None:  # every line's data moves; the timing goes by classes
+            def kernel(first: int, last: int, end: bool = False) -> None:  # every line's data moves; the timing by classes
                 seg = self.segment(first, last, tile.index)
-                _time_stretch(*timing, seg.launches, seg.streams, seg.taken, seg.given, first, last)
+                _time_stretch(*timing, seg.launches, seg.streams, seg.taken, seg.given, first, last, end)
                 if has_data:
                     _move_lines(*moves, block, first, last)
         steps = len(self.step_op)
         if not self.waits and not self.outbox:  # every flow stays on the tile: one call, no messages
-            kernel(0, 2 * steps)
-            if self.lines is not None:
-                self.expand_held(tile)
+            kernel(0, 2 * steps, True)
             return
         sent = 0  # send phases run so far: their parts to other tiles are owed until the next flush
         flushed = dict.fromkeys(self.outbox, 0)  # tile -> parts of its outbox sent
@@ -513,11 +500,9 @@ class Fused:
                     flush()
                     await take(src)
             done = 2 * s + 1
-        kernel(done, 2 * steps)
+        kernel(done, 2 * steps, True)
         sent = steps
         flush()
-        if self.lines is not None:
-            self.expand_held(tile)
 
 
 @compiled
@@ -612,14 +597,15 @@ def _time_stretch(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc
                   member_stride, send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_stream, step_single,
                   size_cycles, alpha, beta, combine, call_overhead, head, tail, msg_stages, msg_compute, dep_start,
                   dep_own, lines, members, reps, rep_of, shift, held, launches, streams, seg_launches, seg_streams, taken,
-                  given, first, last):
+                  given, first, last, end):
     """Half-steps ``first .. last - 1`` of a line program, no data: one line of each class of lines alike up to a
     shift of every time is timed (``_time_lines``), the others take its outcome, shifted (``_expand``).
 
     The classes (n of them in ``held[0]``, 0 for none) are kept from one stretch of a run to the next while the
     flows the next one takes from other tiles are, line by line, its class line's shifted (then each line's state
-    stays its class line's shifted too): the other lines' cores take their outcome once, at ``Fused.expand_held``,
-    instead of after every stretch; the flows a stretch sends on (``given``) at once, as messages carry them.
+    stays its class line's shifted too): the other lines' cores take their outcome once, after the run's last stretch
+    (``end``, which drops the classes), instead of after every stretch; the flows a stretch sends on (``given``) at
+    once, as messages carry them.
     ``launches`` / ``streams`` gather the stretches' ``seg_launches`` / ``seg_streams`` since the classes were sorted.
     Returns 1 where the classes of the stretch before held, -1 where they did not (the lines are sorted anew), 0
     where there were none to check."""
@@ -649,7 +635,9 @@ def _time_stretch(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc
             streams[m] |= seg_streams[m]
         _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_stages, msg_compute, dep_start,
                 dep_own, lines, members, line_stride, member_stride, launches, streams, reps[:n], rep_of, shift, given,
-                False)
+                end)
+    if end:
+        held[0] = 0
     return kept
 
 
