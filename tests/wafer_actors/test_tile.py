@@ -97,7 +97,9 @@ def test_messages_round_trip_through_the_wire_format():
     times = (np.array([1.5, 2.0]), np.array([3.0, 4.0]), np.array([0, 3]), np.array([10.0, 0.5]))
     for tag in ("shift_x+:1#0", "t", "é" * 5):  # tags whose bytes leave the arrays at every offset mod 8
         m = Message(7, tag, 2, np.arange(6, dtype=np.float16).reshape(2, 3), *times)
-        back = decode(encode(m))
+        raw = encode(m)
+        assert len(raw) % 8 == 0  # messages framed one after another stay aligned
+        back = decode(raw)
         assert (back.run, back.tag, back.src) == (7, tag, 2)
         assert back.data.dtype == np.float16 and back.data.shape == (2, 3)
         np.testing.assert_array_equal(back.data, m.data)

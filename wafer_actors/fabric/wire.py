@@ -4,13 +4,16 @@ No pickle: any process (or language) can read a message from this layout alone::
 
     header  <q run> <q src> <q flows> <i data ndim, -1: no data> <8s data dtype, numpy's str> <H tag bytes>
     tag     utf-8, then the data shape (ndim <q>), then zeros up to a multiple of 8 bytes
-    arrays  head, tail (<f8), stages (<i8), compute (<f8): ``flows`` each; then the data, C order
+    arrays  head, tail (<f8), stages (<i8), compute (<f8): ``flows`` each; then the data, C order, and zeros up
+            to a multiple of 8 bytes
 
-Every array starts at a multiple of 8 bytes from the message's start, so the receiver reads them in place.
+Every array starts at a multiple of 8 bytes from the message's start, and a message's length is one too, so a
+receiver reads the arrays in place, aligned, also from a stream of messages framed by 8-byte lengths.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -63,6 +66,7 @@ def encode(msg: Message) -> bytes:
         parts.append((a if a.dtype == t else a.astype(t)).tobytes())
     if data is not None:
         parts.append(data.tobytes())  # (C order whatever its layout)
+        parts.append(bytes(-data.nbytes % 8))
     return b"".join(parts)
 
 
@@ -77,5 +81,6 @@ def decode(raw: bytes | memoryview) -> Message:
     times = np.frombuffer(raw, dtype=_F8, count=4 * n, offset=at).reshape(4, n)
     data = None
     if ndim >= 0:
-        data = np.frombuffer(raw, dtype=np.dtype(dtype.rstrip(b"\0").decode()), offset=at + 32 * n).reshape(shape)
+        data = np.frombuffer(raw, dtype=np.dtype(dtype.rstrip(b"\0").decode()), count=math.prod(shape),
+                             offset=at + 32 * n).reshape(shape)
     return Message(run, tag, src, data, times[0], times[1], times[2].view(_I8), times[3])
