@@ -401,7 +401,7 @@ class Fused:
         return self.scratch["departures"]
 
     def _classes(self) -> tuple[np.ndarray, ...]:
-        """The line classes a run keeps from one stretch to the next (``_time_stretch``): per line its class line's
+        """The line classes a run keeps from one stretch to the next (``_stretch``): per line its class line's
         index (``reps``, the first n entries; n in ``held``, 0 for none), ``rep_of`` and ``shift``, and the members
         whose ``sent`` / ``fwd_head`` the stretches since the classes were sorted moved."""
         if "classes" not in self.scratch:
@@ -412,7 +412,7 @@ class Fused:
         return self.scratch["classes"]
 
     def timing_args(self, tile, size_cycles: float, combine: float) -> tuple:
-        """The arguments of ``_time_stretch`` but the stretch's own (its ``Segment`` and half-steps): one run's."""
+        """The timing arguments of ``_stretch``: one run's."""
         ln, costs = self.lines, tile.costs
         return (*tile.flat_clocks(), *tile.acc, ln.src, ln.dst, ln.load, ln.hops, ln.relays, self.part_ptr, ln.ptr,
                 ln.bounds, ln.line_stride, ln.member_stride, self.send_ptr, self.send_parts, self.recv_ptr,
@@ -448,19 +448,14 @@ class Fused:
                 _run_phases(*state, first, last)
         else:
             ln = self.lines
-            moves = (data, out, msg, ln.src, ln.dst, self.part_ptr, ln.ptr, ln.bounds, ln.line_stride, ln.member_stride,
-                     self.peer, tile.index, self.send_ptr, self.send_parts, self.recv_ptr, self.recv_parts, self.step_op,
-                     self.step_direct)
             block = max(1, DATA_BLOCK_BYTES // max(1, ln.members * data.shape[1] * data.itemsize))
-
             self._classes()[3][0] = 0  # none kept from an aborted run
-            timing = self.timing_args(tile, size_cycles, combine)
+            state = (*self.timing_args(tile, size_cycles, combine), data, out, msg, has_data, self.peer, tile.index,
+                     self.step_direct, block)
 
-            def kernel(first: int, last: int, end: bool = False) -> None:  # every line's data moves; the timing by classes
+            def kernel(first: int, last: int, end: bool = False) -> None:
                 seg = self.segment(first, last, tile.index)
-                _time_stretch(*timing, seg.launches, seg.streams, seg.taken, seg.given, first, last, end)
-                if has_data:
-                    _move_lines(*moves, block, first, last)
+                _stretch(*state, seg.launches, seg.streams, seg.taken, seg.given, first, last, end)
         steps = len(self.step_op)
         if not self.waits and not self.outbox:  # every flow stays on the tile: one call, no messages
             kernel(0, 2 * steps, True)
@@ -592,14 +587,15 @@ def _run_phases(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
 
 
 @compiled
-def _time_stretch(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages,
-                  acc_compute, pat_src, pat_dst, pat_load, pat_hops, pat_relays, part_ptr, pat_ptr, bounds, line_stride,
-                  member_stride, send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_stream, step_single,
-                  size_cycles, alpha, beta, combine, call_overhead, head, tail, msg_stages, msg_compute, dep_start,
-                  dep_own, lines, members, reps, rep_of, shift, held, launches, streams, seg_launches, seg_streams, taken,
-                  given, first, last, end):
-    """Half-steps ``first .. last - 1`` of a line program, no data: one line of each class of lines alike up to a
-    shift of every time is timed (``_time_lines``), the others take its outcome, shifted (``_expand``).
+def _stretch(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages, acc_compute,
+             pat_src, pat_dst, pat_load, pat_hops, pat_relays, part_ptr, pat_ptr, bounds, line_stride, member_stride,
+             send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_stream, step_single, size_cycles, alpha, beta,
+             combine, call_overhead, head, tail, msg_stages, msg_compute, dep_start, dep_own, lines, members, reps, rep_of,
+             shift, held, launches, streams, data, out, msg, has_data, peer, me, step_direct, block, seg_launches,
+             seg_streams, taken, given, first, last, end):
+    """Half-steps ``first .. last - 1`` of a line program: every line's data moves (``_move_lines``, with
+    ``has_data``); one line of each class of lines alike up to a shift of every time is timed (``_time_lines``), the
+    others take its outcome, shifted (``_expand``).
 
     The classes (n of them in ``held[0]``, 0 for none) are kept from one stretch of a run to the next while the
     flows the next one takes from other tiles are, line by line, its class line's shifted (then each line's state
@@ -638,6 +634,9 @@ def _time_stretch(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc
                 end)
     if end:
         held[0] = 0
+    if has_data:
+        _move_lines(data, out, msg, pat_src, pat_dst, part_ptr, pat_ptr, bounds, line_stride, member_stride, peer, me,
+                    send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_direct, block, first, last)
     return kept
 
 

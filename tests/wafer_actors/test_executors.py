@@ -368,7 +368,7 @@ def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadc
     their classes change between the stretch that sends a step and the one that receives it (the classes kept from
     one stretch to the next no longer hold, and the lines are sorted anew); alike, they hold across stretches."""
     held = []  # per later stretch of a run on several tiles: whether the classes of the stretch before held
-    stretch = program._time_stretch
+    stretch = program._stretch
 
     def record(*a):
         kept = stretch(*a)
@@ -376,7 +376,7 @@ def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadc
             held.append(kept > 0)
         return kept
 
-    monkeypatch.setattr(program, "_time_stretch", record)
+    monkeypatch.setattr(program, "_stretch", record)
     mesh = (7, 9)
     rng = np.random.default_rng(5)
     grid = lambda a: np.round(a * 2**16) / 2**16  # noqa: E731  times on the timing grid
