@@ -88,3 +88,14 @@ def test_an_unreachable_cluster_fails_at_once_in_one_line(capsys):
     assert time.perf_counter() - t0 < 30
     err = capsys.readouterr().err
     assert err.startswith("wafer-llm: error: no Ray cluster answers at 127.0.0.1:1") and "Traceback" not in err
+
+
+def test_bench_exchange_parts_each_tiles_time_into_running_and_waiting():
+    """One tile never waits; with the mesh on two tiles every x allreduce crosses the edge, so each tile waits."""
+    from wafer_actors.bench import bench_exchange
+
+    one, two = (bench_exchange((4, 4), tiles, count=20) for tiles in ((1, 1), (1, 2)))
+    assert one["wait_us"] == [0.0] and one["busy_us"][0] > 0
+    assert len(two["wait_us"]) == 2 and min(two["wait_us"]) > 0
+    for r in (one, two):  # a tile runs or waits for the whole run (and the driver adds its own part)
+        assert max(b + w for b, w in zip(r["busy_us"], r["wait_us"])) <= r["us_per_allreduce"]

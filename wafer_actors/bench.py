@@ -12,8 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from .collectives.allreduce import allreduce_routes, run_allreduce
 from .device import DeviceSpec
+from .layout import Spec
 from .ops import TensorShape, gemm, gemv
+from .protocol import protocol
 from .utilisation import Work, utilisation
 from .wafer import RunStats, Wafer
 
@@ -128,3 +131,29 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _allreduces_routes(mesh, *, count: int, buffer: str) -> list:
+    return [*allreduce_routes(mesh, axis="y"), *allreduce_routes(mesh, axis="x")]
+
+
+@protocol(_allreduces_routes)
+async def allreduces(tile, *, count: int, buffer: str) -> None:
+    """``count`` K-tree allreduces of ``buffer``, along y and x in turn (decode's pattern, without its compute)."""
+    for i in range(count):
+        await run_allreduce(tile, buffer=buffer, axis="yx"[i % 2])
+
+
+def bench_exchange(mesh: tuple[int, int], tiles: tuple[int, int], *, transport: str = "local", count: int = 2000,
+                   block: int = 4) -> dict[str, Any]:
+    """Host time of one allreduce of a ``block``-element float32 vector per core (little data: what a tile pays per
+    collective besides its loops over cores), and per tile the part of it spent running and waiting for others."""
+    with Wafer(mesh, device="wse2", tiles=tiles, transport=transport) as w:
+        w.load("v", np.ones((*mesh, block), np.float32), Spec("y", "x", None))
+        w.run(allreduces, count=10, buffer="v")  # plans, compiles, connections
+        t0 = time.perf_counter()
+        stats = w.run(allreduces, count=count, buffer="v")
+        wall = time.perf_counter() - t0
+    return {"mesh": list(mesh), "tiles": list(tiles), "transport": transport, "us_per_allreduce": wall / count * 1e6,
+            "busy_us": [(t["wall_s"] - t.get("wait_s", 0.0)) / count * 1e6 for t in stats.per_tile],
+            "wait_us": [t.get("wait_s", 0.0) / count * 1e6 for t in stats.per_tile]}
