@@ -92,6 +92,7 @@ def test_an_unreachable_cluster_fails_at_once_in_one_line(capsys):
 
 def test_bench_exchange_parts_each_tiles_time_into_running_and_waiting():
     """One tile never waits; with the mesh on two tiles every x allreduce crosses the edge, so each tile waits."""
+    from wafer_actors import InvalidArgument
     from wafer_actors.bench import bench_exchange
 
     one, two = (bench_exchange((4, 4), tiles, count=20) for tiles in ((1, 1), (1, 2)))
@@ -99,3 +100,5 @@ def test_bench_exchange_parts_each_tiles_time_into_running_and_waiting():
     assert len(two["wait_us"]) == 2 and min(two["wait_us"]) > 0
     for r in (one, two):  # a tile runs or waits for the whole run (and the driver adds its own part)
         assert max(b + w for b, w in zip(r["busy_us"], r["wait_us"])) <= r["us_per_allreduce"]
+    with pytest.raises(InvalidArgument, match="count must be a positive integer"):
+        bench_exchange((4, 4), (1, 1), count=0)

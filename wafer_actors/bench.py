@@ -14,6 +14,7 @@ import numpy as np
 
 from .collectives.allreduce import allreduce_routes, run_allreduce
 from .device import DeviceSpec
+from .errors import InvalidArgument
 from .layout import Spec
 from .ops import TensorShape, gemm, gemv
 from .protocol import protocol
@@ -147,7 +148,15 @@ async def allreduces(tile, *, count: int, buffer: str) -> None:
 def bench_exchange(mesh: tuple[int, int], tiles: tuple[int, int], *, transport: str = "local", count: int = 2000,
                    block: int = 4) -> dict[str, Any]:
     """Host time of one allreduce of a ``block``-element float32 vector per core (little data: what a tile pays per
-    collective besides its loops over cores), and per tile the part of it spent running and waiting for others."""
+    collective besides its loops over cores), and per tile the part of it spent running and waiting for others.
+
+    Raises:
+        InvalidArgument: ``count`` or ``block`` is not a positive integer.
+    """
+    for name, value in (("count", count), ("block", block)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgument(f"bench_exchange: {name} must be a positive integer (allreduces to time, elements a "
+                                  f"core), got {value!r}")
     with Wafer(mesh, device="wse2", tiles=tiles, transport=transport) as w:
         w.load("v", np.ones((*mesh, block), np.float32), Spec("y", "x", None))
         w.run(allreduces, count=10, buffer="v")  # plans, compiles, connections

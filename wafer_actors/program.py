@@ -411,7 +411,7 @@ class Fused:
                                        np.zeros(members, dtype=np.bool_))
         return self.scratch["classes"]
 
-    def timing_args(self, tile, size_cycles: float, combine: float) -> tuple:
+    def _timing_args(self, tile, size_cycles: float, combine: float) -> tuple:
         """The timing arguments of ``_stretch``: one run's."""
         ln, costs = self.lines, tile.costs
         return (*tile.flat_clocks(), *tile.acc, ln.src, ln.dst, ln.load, ln.hops, ln.relays, self.part_ptr, ln.ptr,
@@ -450,7 +450,7 @@ class Fused:
             ln = self.lines
             block = max(1, DATA_BLOCK_BYTES // max(1, ln.members * data.shape[1] * data.itemsize))
             self._classes()[3][0] = 0  # none kept from an aborted run
-            state = (*self.timing_args(tile, size_cycles, combine), data, out, msg, has_data, self.peer, tile.index,
+            state = (*self._timing_args(tile, size_cycles, combine), data, out, msg, has_data, self.peer, tile.index,
                      self.step_direct, block)
 
             def kernel(first: int, last: int, end: bool = False) -> None:
