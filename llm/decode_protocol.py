@@ -40,8 +40,8 @@ from functools import lru_cache
 import numpy as np
 
 from wafer_actors.collectives.allreduce import allreduce_routes, run_allreduce
-from wafer_actors.kernels import (attention_scores, attention_values, block_vecmat, exp_sum, masked_max, rms_scale, rope,
-                                  sum_squares, swiglu)
+from wafer_actors.kernels import (attention_scores, attention_values, block_vecmat, exp_sum, kv_put, kv_take,
+                                  masked_max, rms_scale, rope, sum_squares, swiglu)
 from wafer_actors.mesh import Mesh
 from wafer_actors.program import Program, Step
 from wafer_actors.protocol import protocol
@@ -171,6 +171,7 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
     exp_cycles = tile.task_cycles(2 * per_row * G * nkv, p.dtype)
     value_cycles = tile.task_cycles(per_row * G * (kvt + nkv), p.dtype, calls=G, maps=1)
     tile.alloc("scores", (nkv, G, cmax), p.dtype)
+    shift = _kv_shift(tile, p, pos, h_rows)
     for layer in range(p.layers):
         # attention RMSNorm, then q, k, v in one fused GEMV reduced along y
         await _rmsnorm(tile, p, tile.data("attn_norm")[:, :, layer] if full else None, dt)
@@ -189,7 +190,7 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         if full:  # RoPE on q and k
             rope(tile.data("qkv"), G + 1, cos, sin)
         tile.charge(3 * (G + 1) * kvt, p.dtype)
-        await _kv_append(tile, p, layer, pos, h_rows, counts, starts)
+        await _kv_append(tile, p, layer, pos, h_rows, shift)
         tile.mark(f"{layer}:rope_kv")
         # scores of each query head over the row's tokens, reduced along x
         if full:
@@ -253,30 +254,33 @@ async def decode_step(tile, *, plan: dict, pos: int) -> None:
         tile.mark("head:lm_head")
 
 
-async def _kv_append(tile, p: RegionPlan, layer: int, pos: int, h_rows: int, counts: np.ndarray, starts: np.ndarray) -> None:
-    """Store the new token's k and v (held by every row after the QKV allreduce) in the cache."""
+def _kv_shift(tile, p: RegionPlan, pos: int, h_rows: int) -> tuple | None:
+    """The shift of the KV cache before token ``pos`` is stored, the same in every layer (None: none): the row that
+    receives without sending, the tile's rows that send with the cache slot of their oldest entry, and those that
+    receive with the slot the entry lands in."""
+    m = pos % h_rows  # before this token the bottom m rows hold one entry more than the others, ...
+    if p.kv_mode != "shift" or h_rows == 1 or not m:
+        return None
+    first = h_rows - m - 1  # ... which pass their oldest entry north, so the tail row has room again
+    oldest = kv_rows("shift", h_rows, pos)[1]
+    send = np.flatnonzero(tile.rows > first)
+    recv = np.flatnonzero((tile.rows >= first) & (tile.rows < h_rows - 1))
+    return first, send, oldest[tile.rows[send]] % p.cap, recv, oldest[tile.rows[recv] + 1] % p.cap
+
+
+async def _kv_append(tile, p: RegionPlan, layer: int, pos: int, h_rows: int, shift: tuple | None) -> None:
+    """Store the new token's k and v (held by every row after the QKV allreduce) in the cache, after the cache's
+    ``shift`` (``_kv_shift``)."""
     full = not tile.cost_only
     G = p.groups
-    if p.kv_mode == "shift" and h_rows > 1:
-        m = pos % h_rows  # before this token the bottom m rows hold one entry more than the others
-        if m:  # those rows pass their oldest entry north, so the tail row has room again
-            first = h_rows - m - 1  # the row that receives without sending
-            oldest = kv_rows("shift", h_rows, pos)[1]
-            if full:
-                ly = np.flatnonzero(tile.rows > first)  # the rows that send
-                if len(ly):
-                    slot = oldest[tile.rows[ly]] % p.cap
-                    out = tile.data("kv_out")
-                    out[ly, :, 0] = tile.data("k_cache")[ly, :, layer, slot]  # (rows, w, kvt)
-                    out[ly, :, 1] = tile.data("v_cache")[ly, :, layer, slot]
-            await tile.exchange(_kv_shift_program(tile.tiling.mesh, first), "kv_out", into="kv_in")
-            if full:
-                ly = np.flatnonzero((tile.rows >= first) & (tile.rows < h_rows - 1))  # the rows that receive
-                if len(ly):
-                    slot = oldest[tile.rows[ly] + 1] % p.cap
-                    kin = tile.data("kv_in")
-                    tile.data("k_cache")[ly, :, layer, slot] = kin[ly, :, 0]
-                    tile.data("v_cache")[ly, :, layer, slot] = kin[ly, :, 1]
+    if shift is not None:
+        first, send, send_slots, recv, recv_slots = shift
+        if full:
+            keys, values = tile.data("k_cache")[:, :, layer], tile.data("v_cache")[:, :, layer]
+            kv_take(keys, values, send, send_slots, tile.data("kv_out"))
+        await tile.exchange(_kv_shift_program(tile.tiling.mesh, first), "kv_out", into="kv_in")
+        if full:
+            kv_put(tile.data("kv_in"), recv, recv_slots, keys, values)
     if tile.rows[-1] == h_rows - 1 and full:  # the tail row takes the new entry
         qkv = tile.data("qkv")
         tile.data("k_cache")[-1, :, layer, pos % p.cap] = qkv[-1, :, G]

@@ -156,6 +156,30 @@ def attention_scores(q, cache, slots, held, head, scores):
                         scores[y, c, k, g, i] += q[y, c, g, j] * key
 
 
+@compiled
+def kv_take(keys, values, rows, slots, out):
+    """``out[y, x] = (key, value)`` of slot ``slots[i]`` of the caches (a layer's, ``[h, w, cap, n]``), for each row
+    y = ``rows[i]`` (``out`` ``[h, w, 2, n]``)."""
+    for i in range(rows.size):
+        y, s = rows[i], slots[i]
+        for c in range(out.shape[1]):
+            for j in range(out.shape[3]):
+                out[y, c, 0, j] = keys[y, c, s, j]
+                out[y, c, 1, j] = values[y, c, s, j]
+
+
+@compiled
+def kv_put(kv, rows, slots, keys, values):
+    """The reverse of ``kv_take``: slot ``slots[i]`` of the caches takes ``kv[y, x]`` (key, value), for each row
+    y = ``rows[i]``."""
+    for i in range(rows.size):
+        y, s = rows[i], slots[i]
+        for c in range(kv.shape[1]):
+            for j in range(kv.shape[3]):
+                keys[y, c, s, j] = kv[y, c, 0, j]
+                values[y, c, s, j] = kv[y, c, 1, j]
+
+
 @compiled(parallel=True)
 def masked_max(scores, held, scale, out):
     """Divide the scores by ``scale``, set those of tokens the row does not hold to -inf, take each head's maximum."""

@@ -109,6 +109,7 @@ class Memory:
         self.buffers[name] = buf
         self.used = after
         np.maximum(self.high, self.used, out=self.high)
+        self._buffers_changed()
 
     def put(self, name: str, blocks: np.ndarray, stacked: bool = False) -> None:
         """Store host data ``[h, w, *block]`` in buffer ``name`` (the host's memcpy to the cores)."""
@@ -167,6 +168,7 @@ class Memory:
         block = np.broadcast_to(np.zeros((), dtype=np.int8), src.block)[index].shape
         data = None if src.data is None else src.data[(slice(None), slice(None), *index)]
         self.buffers[name] = Buffer(block, src.dtype, src.cores, data, alias=True)
+        self._buffers_changed()
 
     def free(self, name: str) -> None:
         """Release buffer ``name`` (an alias only drops its name)."""
@@ -174,6 +176,10 @@ class Memory:
         if not buf.alias:
             self.used = self.used - buf.nbytes * buf.cores
         del self.buffers[name]
+        self._buffers_changed()
+
+    def _buffers_changed(self) -> None:
+        """Called after a buffer is allocated, named, replaced or released: a subclass drops what it kept of them."""
 
     def memory(self) -> tuple[np.ndarray, np.ndarray]:
         """Return (bytes in use, high-water bytes), per core."""

@@ -411,14 +411,36 @@ class Fused:
                                        np.zeros(members, dtype=np.bool_))
         return self.scratch["classes"]
 
-    def _timing_args(self, tile, size_cycles: float, combine: float) -> tuple:
-        """The timing arguments of ``_stretch``: one run's."""
-        ln, costs = self.lines, tile.costs
+    def _blocks(self, data: np.ndarray) -> np.ndarray:
+        """Per flow, the block it carries, of ``data``'s (none where ``_NO_DATA``); reused by every run."""
+        key = (data.dtype.str, data.shape[1])
+        if key not in self.scratch:
+            self.scratch[key] = np.empty((0 if data is _NO_DATA else int(self.part_ptr[-1]), data.shape[1]),
+                                         dtype=data.dtype)
+        return self.scratch[key]
+
+    def forget(self) -> None:
+        """Drop the arrays the last run was given (kept for the next run's arguments)."""
+        self.scratch.pop("run", None)
+
+    def _run_args(self, tile, data: np.ndarray, out: np.ndarray, msg: np.ndarray, size_cycles: float,
+                  combine: float) -> tuple:
+        """The arguments of ``_run_phases``, or those of ``_stretch`` but the stretch's own, for a run on ``tile``
+        from ``data`` into ``out`` (both ``_NO_DATA`` cost-only) through ``msg``."""
+        has_data, costs = data is not _NO_DATA, tile.costs
+        if self.lines is None:
+            return (*tile.flat_clocks(), *tile.acc, data, out, msg, has_data, self.src, self.dst, self.load, self.hops,
+                    self.relays, self.part_ptr, self.lane_ptr, self.peer, tile.index, self.send_ptr, self.send_parts,
+                    self.recv_ptr, self.recv_parts, self.step_op, self.step_stream, self.step_single, self.step_direct,
+                    size_cycles, costs.alpha, costs.beta, combine, costs.call_overhead, *self.timing(),
+                    *self.departures())
+        ln = self.lines
+        block = max(1, DATA_BLOCK_BYTES // max(1, ln.members * data.shape[1] * data.itemsize))
         return (*tile.flat_clocks(), *tile.acc, ln.src, ln.dst, ln.load, ln.hops, ln.relays, self.part_ptr, ln.ptr,
                 ln.bounds, ln.line_stride, ln.member_stride, self.send_ptr, self.send_parts, self.recv_ptr,
                 self.recv_parts, self.step_op, self.step_stream, self.step_single, size_cycles, costs.alpha, costs.beta,
                 combine, costs.call_overhead, *self.timing(), *self.departures(), int(ln.bounds[-1]), ln.members,
-                *self._classes())
+                *self._classes(), data, out, msg, has_data, self.peer, tile.index, self.step_direct, block)
 
     async def run(self, tile, tag: str, data: np.ndarray | None, out: np.ndarray | None, size_cycles: float,
                   combine: float) -> None:
@@ -429,29 +451,22 @@ class Fused:
         """
         has_data = data is not None
         if not has_data:
-            data = out = np.zeros((0, 0), dtype=np.float32)
-        key = (data.dtype.str, data.shape[1])
-        if key not in self.scratch:
-            self.scratch[key] = np.empty((int(self.part_ptr[-1]) if has_data else 0, data.shape[1]), dtype=data.dtype)
-        msg = self.scratch[key]
+            data = out = _NO_DATA
+        last = self.scratch.get("run")  # a run's arguments, kept while the next run's are the same arrays and costs
+        if last is None or not (last[0] is data and last[1] is out and last[2] == size_cycles and last[3] == combine
+                                and last[4] is tile.flat_clocks()):
+            msg = self._blocks(data)
+            last = self.scratch["run"] = (data, out, size_cycles, combine, tile.flat_clocks(), msg,
+                                          self._run_args(tile, data, out, msg, size_cycles, combine))
+        msg, state = last[5], last[6]
         head, tail, stages, compute = self.timing()
         start, own = self.departures()
         costs = tile.costs
         if self.lines is None:
-            state = (*tile.flat_clocks(), *tile.acc, data, out, msg, has_data, self.src, self.dst, self.load, self.hops,
-                     self.relays, self.part_ptr, self.lane_ptr, self.peer, tile.index, self.send_ptr, self.send_parts,
-                     self.recv_ptr, self.recv_parts, self.step_op, self.step_stream, self.step_single, self.step_direct,
-                     size_cycles, costs.alpha, costs.beta, combine, costs.call_overhead, head, tail, stages, compute,
-                     start, own)
-
             def kernel(first: int, last: int, end: bool = False) -> None:
                 _run_phases(*state, first, last)
         else:
-            ln = self.lines
-            block = max(1, DATA_BLOCK_BYTES // max(1, ln.members * data.shape[1] * data.itemsize))
             self._classes()[3][0] = 0  # none kept from an aborted run
-            state = (*self._timing_args(tile, size_cycles, combine), data, out, msg, has_data, self.peer, tile.index,
-                     self.step_direct, block)
 
             def kernel(first: int, last: int, end: bool = False) -> None:
                 seg = self.segment(first, last, tile.index)
@@ -720,6 +735,7 @@ def _first_at_least(sorted_, v):
     return i
 
 
+_NO_DATA = np.zeros((0, 0), dtype=np.float32)  # the blocks of a cost-only run
 DATA_BLOCK_BYTES = 196_608  # data of the lines run through every step at once (smaller blocks lost more to loop set-up)
 
 
@@ -915,16 +931,27 @@ def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_st
     ``cores``, the timing state of its cores (``sent`` and ``fwd_head`` only where the stretches moved them:
     ``launches``, ``streams``). A class line takes its own outcome (shift 0), so every line can be written. Strides
     as in ``_line_classes``."""
-    if cores and line_stride == 1:  # columns: one class at a time, a member's cores on every line at once
+    if cores and line_stride == 1 and len(reps) == 1:  # columns of one class: a member's cores on every line at once
+        r = reps[0]
+        for m in range(members):  # one loop per array over contiguous cores, which the compiler vectorises
+            b, e = m * lines, (m + 1) * lines
+            cr = b + r
+            rc, rr, rst, rco, rs, rf = clock[cr], relaying[cr], stages[cr], compute[cr], sent[cr], fwd_head[cr]
+            _shifted(clock[b:e], rc, shift)
+            relaying[b:e], stages[b:e], compute[b:e] = rr, rst, rco
+            if launches[m]:
+                _shifted(sent[b:e], rs, shift)
+            if streams[m]:
+                _shifted(fwd_head[b:e], rf, shift)
+    elif cores and line_stride == 1:  # columns: one class at a time
         for r in reps:
-            one = len(reps) == 1
             for m in range(members):
                 b = m * lines
                 cr = b + r
                 rc, rr, rst, rco, rs, rf = clock[cr], relaying[cr], stages[cr], compute[cr], sent[cr], fwd_head[cr]
                 launch, stream = launches[m], streams[m]
                 for ln in range(lines):
-                    if one or rep_of[ln] == r:
+                    if rep_of[ln] == r:
                         c = b + ln
                         clock[c] = rc + shift[ln]
                         relaying[c], stages[c], compute[c] = rr, rst, rco
@@ -932,26 +959,46 @@ def _expand(clock, fwd_head, relaying, sent, stages, compute, head, tail, msg_st
                             sent[c] = rs + shift[ln]
                         if stream:
                             fwd_head[c] = rf + shift[ln]
-    elif cores:  # rows: each line from its class line
+    elif cores:  # rows: each line from its class line, one loop per array (a slice expression would allocate)
         for ln in range(lines):
             r, d = rep_of[ln], shift[ln]
             if r == ln:
                 continue
             b, rb = ln * members, r * members
-            for m in range(members):  # element by element: a slice expression would allocate a temporary per line
-                c, cr = b + m, rb + m
-                clock[c] = clock[cr] + d
-                relaying[c], stages[c], compute[c] = relaying[cr], stages[cr], compute[cr]
-                if launches[m]:
-                    sent[c] = sent[cr] + d
-                if streams[m]:
-                    fwd_head[c] = fwd_head[cr] + d
+            e, re = b + members, rb + members
+            _moved(clock[b:e], clock[rb:re], d, launches, True)
+            _moved(sent[b:e], sent[rb:re], d, launches, False)
+            _moved(fwd_head[b:e], fwd_head[rb:re], d, streams, False)
+            _copied(relaying[b:e], relaying[rb:re])
+            _copied(stages[b:e], stages[rb:re])
+            _copied(compute[b:e], compute[rb:re])
     for k in range(given.shape[0]):
         for ln in range(lines):
             r, d = rep_of[ln], shift[ln]
             j, jr = given[k, ln], given[k, r]
             head[j], tail[j], msg_stages[j], msg_compute[j] = head[jr] + d, tail[jr] + d, msg_stages[jr], msg_compute[jr]
             dep_start[j], dep_own[j] = dep_start[jr] + d, dep_own[jr] + d
+
+
+@njit(inline="always")
+def _shifted(out, x, shift):
+    """``out[i] = x + shift[i]``."""
+    for i in range(out.size):
+        out[i] = x + shift[i]
+
+
+@njit(inline="always")
+def _copied(out, x):
+    """``out[i] = x[i]``."""
+    for i in range(out.size):
+        out[i] = x[i]
+
+
+@njit(inline="always")
+def _moved(out, x, d, where, every):
+    """``out[i] = x[i] + d`` where ``every`` or ``where[i]``."""
+    for i in range(out.size):
+        out[i] = x[i] + d if every or where[i] else out[i]
 
 
 SEND, LAND, CHARGE = 0, 1, 2  # the operations of ``run_steps``

@@ -70,6 +70,28 @@ class _Local:
     in_order: bool = False  # incoming: the message's blocks are already in flow order (no multicast)
 
 
+@dataclass(frozen=True)
+class _Exchange:
+    """What ``Tile.exchange`` of a program between two buffers reads each time (``Tile._prepare``)."""
+
+    program: Program
+    fused: Fused
+    routes: frozenset[str]  # the run's routes it was checked against
+    buf: Buffer
+    dest: Buffer
+    buf_data: np.ndarray | None  # the buffers' arrays it was prepared for
+    dest_data: np.ndarray | None
+    data: np.ndarray | None  # the blocks sent and received into, [cores, elements]
+    out: np.ndarray | None
+    size_cycles: float  # cycles a block occupies a link
+    combine: float  # cycles of one combine
+
+    def holds(self, program: Program, fused: Fused, routes: frozenset[str], buf: Buffer, dest: Buffer) -> bool:
+        """Whether it is still what that exchange reads: the same program, routes, buffers and arrays."""
+        return (self.program is program and self.fused is fused and self.routes is routes and self.buf is buf
+                and self.dest is dest and self.buf_data is buf.data and self.dest_data is dest.data)
+
+
 class Tile(Memory, Clocks):
     """The cores ``tiling.rects[index]`` of a mesh, with their buffers, clocks and mailbox.
 
@@ -91,6 +113,7 @@ class Tile(Memory, Clocks):
         self.costs = Costs.of(device)
         self.cost_only = cost_only
         self.executor = executor
+        self._exchanges: dict[tuple, _Exchange] = {}  # (program, from, into) -> what its exchange reads each time
         Memory.__init__(self)
         Clocks.__init__(self)
         self.mailbox = Mailbox(index)
@@ -200,6 +223,7 @@ class Tile(Memory, Clocks):
         if "names" in state:
             for name in [n for n in self.buffers if n not in state["names"]]:
                 del self.buffers[name]
+        self._buffers_changed()
         for k in _STATE:
             if k in state:
                 getattr(self, k)[...] = state[k]
@@ -337,14 +361,11 @@ class Tile(Memory, Clocks):
                     self.send(t, name, stream=step.stream)
                 await self.recv(step.transfers, into or name, op=step.op, stream=step.stream)
             return
-        missing = program.routes - self._routes
-        if missing:
-            self._check_route(next(t for s in program.steps for t in s.transfers if t.route in missing))
         buf, dest = self.buffers[name], self.buffers[into or name]
-        if dest.block != buf.block or dest.dtype != buf.dtype:
-            raise ValueError(f"exchange from {name!r} into {into!r}: blocks {buf.block} {buf.dtype} and {dest.block} {dest.dtype} differ")
-        size = math.prod(buf.block)
-        flat = lambda b: None if b.data is None else b.data.reshape(self.clock.size, size)  # noqa: E731
+        key = (program.key, name, into)
+        ex = self._exchanges.get(key)
+        if ex is None or not ex.holds(program, fused, self._routes, buf, dest):
+            ex = self._exchanges[key] = self._prepare(program, fused, name, into or name)
         n = self._sent[program.key]
         self._sent[program.key] += 1
         if self.counting:
@@ -354,14 +375,32 @@ class Tile(Memory, Clocks):
                 links = self._program_links[program.key] = sum(
                     t.link_streams()[:, r.y0 : r.y1, r.x0 : r.x1] for s in program.steps for t in s.transfers)
             self.link_bytes += links * buf.nbytes
-        await fused.run(self, f"{program.key}#{n}", flat(buf), flat(dest), self.costs.duration(buf.nbytes),
-                        self.costs.combine(size, self.rate(buf.dtype)))
+        await fused.run(self, f"{program.key}#{n}", ex.data, ex.out, ex.size_cycles, ex.combine)
         stats, nbytes = self.stats, buf.nbytes
         stats["core_messages_local"] += fused.local_flows
         stats["core_bytes_local"] += fused.local_flows * nbytes
         stats["core_messages_remote"] += fused.remote_flows
         stats["core_bytes_remote"] += fused.remote_flows * nbytes
         stats["steps_fused"] += len(program.steps)
+
+    def _buffers_changed(self) -> None:
+        self._exchanges.clear()  # they and the fused programs' last runs hold the buffers' arrays
+        for _, fused in self._fused.values():
+            fused.forget()
+
+    def _prepare(self, program: Program, fused: Fused, name: str, into: str) -> _Exchange:
+        """What ``exchange`` of ``program`` from buffer ``name`` into ``into`` reads each time: its routes checked,
+        its blocks as ``[cores, elements]``, its cycles per block and per combine."""
+        missing = program.routes - self._routes
+        if missing:
+            self._check_route(next(t for s in program.steps for t in s.transfers if t.route in missing))
+        buf, dest = self.buffers[name], self.buffers[into]
+        if dest.block != buf.block or dest.dtype != buf.dtype:
+            raise ValueError(f"exchange from {name!r} into {into!r}: blocks {buf.block} {buf.dtype} and {dest.block} {dest.dtype} differ")
+        size = math.prod(buf.block)
+        flat = lambda b: None if b.data is None else b.data.reshape(self.clock.size, size)  # noqa: E731
+        return _Exchange(program, fused, self._routes, buf, dest, buf.data, dest.data, flat(buf), flat(dest),
+                         self.costs.duration(buf.nbytes), self.costs.combine(size, self.rate(buf.dtype)))
 
     def _fused_program(self, program: Program, *names: str) -> Fused | None:
         """``program`` flattened for the fused executor, or None where it runs step by step."""
