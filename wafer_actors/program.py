@@ -420,8 +420,8 @@ class Fused:
         return self.scratch[key]
 
     def forget(self) -> None:
-        """Drop the arrays the last run was given (kept for the next run's arguments)."""
-        self.scratch.pop("run", None)
+        """Drop the arrays runs were given (kept with their arguments for the next run given the same)."""
+        self.scratch.pop("runs", None)
 
     def _run_args(self, tile, data: np.ndarray, out: np.ndarray, msg: np.ndarray, size_cycles: float,
                   combine: float) -> tuple:
@@ -452,13 +452,14 @@ class Fused:
         has_data = data is not None
         if not has_data:
             data = out = _NO_DATA
-        last = self.scratch.get("run")  # a run's arguments, kept while the next run's are the same arrays and costs
-        if last is None or not (last[0] is data and last[1] is out and last[2] == size_cycles and last[3] == combine
-                                and last[4] is tile.flat_clocks()):
+        runs = self.scratch.setdefault("runs", {})  # a run's arguments, per arrays and costs (the entry holds the
+        key = (id(data), id(out), size_cycles, combine)  # arrays, so their ids stay theirs)
+        kept = runs.get(key)
+        if kept is None or kept[2] is not tile.flat_clocks():
             msg = self._blocks(data)
-            last = self.scratch["run"] = (data, out, size_cycles, combine, tile.flat_clocks(), msg,
-                                          self._run_args(tile, data, out, msg, size_cycles, combine))
-        msg, state = last[5], last[6]
+            kept = runs[key] = (data, out, tile.flat_clocks(), msg, self._run_args(tile, data, out, msg, size_cycles,
+                                                                                   combine))
+        msg, state = kept[3], kept[4]
         head, tail, stages, compute = self.timing()
         start, own = self.departures()
         costs = tile.costs
