@@ -826,16 +826,6 @@ def _line_classes(clock, fwd_head, relaying, sent, stages, compute, head, tail, 
     own. A line is a column (``line_stride`` 1, ``member_stride`` = lines) or a row (``line_stride`` = members,
     ``member_stride`` 1); the loops run in memory order.
     """
-    exact = np.ones(lines, dtype=np.bool_)
-    if not _all_exact(clock, fwd_head, relaying, sent, head, tail, taken):
-        for ln in range(lines):
-            for m in range(members):
-                c = ln * line_stride + m * member_stride
-                if not (abs(clock[c]) < EXACT and abs(sent[c]) < EXACT and (abs(fwd_head[c]) < EXACT or not relaying[c])):
-                    exact[ln] = False
-            for k in range(taken.shape[0]):
-                if not (abs(head[taken[k, ln]]) < EXACT and abs(tail[taken[k, ln]]) < EXACT):
-                    exact[ln] = False
     off = np.empty(lines)
     for ln in range(lines):
         off[ln] = clock[ln * line_stride]
@@ -848,11 +838,17 @@ def _line_classes(clock, fwd_head, relaying, sent, stages, compute, head, tail, 
             continue
         reps[n], rep_of[r], shift[r] = r, r, 0.0
         n += 1
-        if not exact[r] or n > MAX_CLASSES:
+        exact = True
+        for m in range(members):
+            c = r * line_stride + m * member_stride
+            exact &= _exact_core(clock[c], sent[c], fwd_head[c], relaying[c])
+        for k in range(taken.shape[0]):
+            exact &= abs(head[taken[k, r]]) < EXACT and abs(tail[taken[k, r]]) < EXACT
+        if not exact or n > MAX_CLASSES:
             continue
-        for ln in range(lines):
+        for ln in range(lines):  # the lines compared are checked exact as they are compared
             d[ln] = off[ln] - off[r]
-            ok[ln] = ln > r and rep_of[ln] < 0 and exact[ln]
+            ok[ln] = ln > r and rep_of[ln] < 0
         if line_stride == 1:  # a member's cores on every line are contiguous: compare them with the class line's
             for m in range(members):
                 b = m * lines
@@ -862,7 +858,7 @@ def _line_classes(clock, fwd_head, relaying, sent, stages, compute, head, tail, 
                 for ln in range(lines):
                     c = b + ln
                     ok[ln] &= _alike(clock[c], sent[c], fwd_head[c], relaying[c], stages[c], compute[c], d[ln], rc, rs,
-                                     rf, rr, rst, rco)
+                                     rf, rr, rst, rco) & _exact_core(clock[c], sent[c], fwd_head[c], relaying[c])
         else:  # each line's cores are contiguous
             rb = r * members
             e = rb + members
@@ -873,15 +869,16 @@ def _line_classes(clock, fwd_head, relaying, sent, stages, compute, head, tail, 
                 lcl, lse, lfw, lre, lsta, lcom = clock[b:e], sent[b:e], fwd_head[b:e], relaying[b:e], stages[b:e], compute[b:e]
                 miss = 0
                 for m in range(members):
-                    miss += not _alike(lcl[m], lse[m], lfw[m], lre[m], lsta[m], lcom[m], d[ln], rcl[m],
-                                       max(rse[m], rcl[m]), rfw[m], rre[m], rsta[m], rcom[m])
+                    miss += not (_alike(lcl[m], lse[m], lfw[m], lre[m], lsta[m], lcom[m], d[ln], rcl[m],
+                                        max(rse[m], rcl[m]), rfw[m], rre[m], rsta[m], rcom[m])
+                                 & _exact_core(lcl[m], lse[m], lfw[m], lre[m]))
                 ok[ln] &= miss == 0
         for k in range(taken.shape[0]):
             jr = taken[k, r]
             for ln in range(lines):
                 j = taken[k, ln]
                 ok[ln] &= ((head[j] - d[ln] == head[jr]) & (tail[j] - d[ln] == tail[jr]) & (msg_stages[j] == msg_stages[jr])
-                           & (msg_compute[j] == msg_compute[jr]))
+                           & (msg_compute[j] == msg_compute[jr]) & (abs(head[j]) < EXACT) & (abs(tail[j]) < EXACT))
         for ln in range(r + 1, lines):
             if ok[ln]:
                 rep_of[ln], shift[ln] = r, d[ln]
@@ -913,16 +910,9 @@ def _classes_hold(clock, fwd_head, relaying, sent, stages, compute, head, tail, 
 
 
 @njit(inline="always")
-def _all_exact(clock, fwd_head, relaying, sent, head, tail, taken):
-    """Whether every time of the tile's cores and of the flows taken lies below ``EXACT``."""
-    out = 0
-    for c in range(clock.size):
-        out += (abs(clock[c]) >= EXACT) | (abs(sent[c]) >= EXACT) | (relaying[c] & (abs(fwd_head[c]) >= EXACT))
-        out += clock[c] != clock[c]  # NaN
-    for k in range(taken.shape[0]):
-        for ln in range(taken.shape[1]):
-            out += (abs(head[taken[k, ln]]) >= EXACT) | (abs(tail[taken[k, ln]]) >= EXACT)
-    return out == 0
+def _exact_core(clock, sent, fwd_head, relaying):
+    """Whether the times of a core that the rules read lie below ``EXACT`` (a NaN does not)."""
+    return (abs(clock) < EXACT) & (abs(sent) < EXACT) & ((abs(fwd_head) < EXACT) | (not relaying))
 
 
 @compiled
