@@ -6,8 +6,10 @@ columns, so decode's allreduces along y stay inside them; local in-process tiles
 their ratios to the reference; the CPU time all processes spend per token (with four Ray tiles on a
 2-core machine, how busy the cores were); the predicted device speed; the peak memory of all processes
 (driver and Ray workers; resident and proportional sets) while the engine starts and while it
-decodes, against the model's bytes; and the KV capacity of shift vs concat for LLaMA3-8B on a
-360x360 region (float16, the paper's setting; shapes only).
+decodes (two tokens after the timed ones: reading the processes' memory maps slows them, so the
+timed tokens run unsampled, as the reference's do), against the model's bytes; and the KV
+capacity of shift vs concat for LLaMA3-8B on a 360x360 region (float16, the paper's setting;
+shapes only).
 
 Each configuration runs in a fresh process (in one process, the heap the earlier ones left behind
 counted against the later ones), started as ``wafer-llm generate`` starts: the model read from its
@@ -39,18 +41,17 @@ from wafer_actors.device import resolve
 from wafer_actors.mesh import parse_grid
 
 WARM_UP = 2  # untimed tokens first: plans, caches and compiles (the second token is the first to shift the KV cache)
+MEMORY_TOKENS = 2  # tokens after the timed ones, decoded while the memory is sampled
 
 
 class PeakMemory:
     """Samples the memory of this process and all its descendants: the sum of their resident sets every 50 ms
     (pages shared by several processes, such as libraries and Ray's object store, counted once in each) and
     the sum of their proportional sets every 0.5 s (each shared page split among its processes: the physical
-    memory the run holds). ``cpu``: the CPU time the sampling has taken so far (reading other processes' memory
-    maps is charged to the reader), kept apart from the run's."""
+    memory the run holds)."""
 
     def __init__(self) -> None:
         self.peak = self.peak_pss = 0
-        self.cpu = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -72,7 +73,6 @@ class PeakMemory:
             tick += 1
             if tick % 10 == 0:
                 self.peak_pss = max(self.peak_pss, self._sample(True))
-            self.cpu = time.thread_time()
 
     def __enter__(self) -> PeakMemory:
         self.peak, self.peak_pss = self._sample(False), self._sample(True)
@@ -106,8 +106,8 @@ def run_one(spec: str, args: argparse.Namespace) -> dict:
     # recovery. A converted checkpoint's tiles read their shards instead.
     loader = None if args.converted else FromFile(DEFAULT_MODEL, weights)
     del weights
-    mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, args.tokens + WARM_UP)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, args.tokens + WARM_UP).tolist()
+    mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, args.tokens + WARM_UP + MEMORY_TOKENS)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, args.tokens + WARM_UP + MEMORY_TOKENS).tolist()
     if transport == "ray":
         from wafer_actors.fabric.ray import start_local_ray
 
@@ -122,14 +122,16 @@ def run_one(spec: str, args: argparse.Namespace) -> dict:
     with engine as m:
         for t in tokens[:WARM_UP]:
             m.step(t)
+        times = []  # unsampled: a sample reads every process's memory maps, which stalls it (1x1 in-process,
+        cpu = cpu_seconds()  # blocks of four tokens interleaved: median 128 ms a token unsampled, 140 sampled)
+        for t in tokens[WARM_UP:-MEMORY_TOKENS]:
+            t0 = time.perf_counter()
+            _, st = m.step(t)
+            times.append(time.perf_counter() - t0)
+        cpu = cpu_seconds() - cpu
         with PeakMemory() as mem:
-            times = []
-            cpu, sampling = cpu_seconds(), mem.cpu
-            for t in tokens[WARM_UP:]:
-                t0 = time.perf_counter()
-                _, st = m.step(t)
-                times.append(time.perf_counter() - t0)
-            cpu = cpu_seconds() - cpu - (mem.cpu - sampling)  # the run's: the memory sampling's left out
+            for t in tokens[-MEMORY_TOKENS:]:
+                m.step(t)
     return {"tiles": list(m.tiles), "ms": float(np.mean(times)) * 1e3, "median_ms": float(np.median(times)) * 1e3,
             "cpu_ms": cpu / len(times) * 1e3, "cycles": st.cycles, "start_pss": start.peak_pss, "rss": mem.peak,
             "pss": mem.peak_pss}
@@ -150,14 +152,14 @@ def main() -> None:
     device = resolve("wse2")
     cfg, w, _ = load_model()
     model_bytes = sum(a.nbytes for a in vars(w).values() if isinstance(a, np.ndarray) and a.base is None)
-    mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, args.tokens + WARM_UP)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, args.tokens + WARM_UP).tolist()
+    mesh = parse_grid(args.mesh) if args.mesh else default_mesh(cfg, device, args.tokens + WARM_UP + MEMORY_TOKENS)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, args.tokens + WARM_UP + MEMORY_TOKENS).tolist()
 
     ref = ReferenceModel(cfg, w, len(tokens))
     for i, t in enumerate(tokens[:WARM_UP]):
         ref.forward(t, i)
     ref_times = []
-    for i, t in enumerate(tokens[WARM_UP:], start=WARM_UP):
+    for i, t in enumerate(tokens[WARM_UP:-MEMORY_TOKENS], start=WARM_UP):
         t0 = time.perf_counter()
         ref.forward(t, i)
         ref_times.append(time.perf_counter() - t0)
@@ -173,9 +175,8 @@ def main() -> None:
     print("ms/token: the mean over the timed tokens; median: the median token and its ratio to the reference's "
           "(steadier where the machine is shared)")
     print("memory: the peak of all processes (resident set, RSS, and proportional set, PSS) while the engine starts "
-          "and loads the weights, and while it decodes")
-    print("CPU ms/token: the CPU time of all processes (driver and tiles) per timed token, the memory sampling's left "
-          "out; cores: CPU over wall time "
+          f"and loads the weights, and while it decodes {MEMORY_TOKENS} tokens after the timed ones")
+    print("CPU ms/token: the CPU time of all processes (driver and tiles) per timed token; cores: CPU over wall time "
           "(how many cores were busy on average; a tile's second thread waits for the next parallel loop spinning, so "
           "a two-thread tile counts two)")
     print(f"{'tiles':>5} {'transport':>9} {'ms/token':>9} {'x ref':>6} {'median':>7} {'x ref':>6} {'CPU ms/token':>13} "
