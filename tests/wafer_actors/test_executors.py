@@ -8,13 +8,16 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
+import weakref
 
 import numpy as np
 import pytest
 
 from wafer_actors import Spec, Wafer, preset, program
 from wafer_actors.collectives import allreduce, block_gemm, shift
+from wafer_actors.collectives.allreduce import allreduce_routes
 from wafer_actors.collectives.allreduce import program as ktree_program
+from wafer_actors.collectives.allreduce import run_allreduce as allreduce_on_tile
 from wafer_actors.collectives.block_gemm import (block_gemm_routes, gathered, gemm_t_skewed, mesh_gemm_skewed, skew,
                                                  skewed_plan)
 from wafer_actors.errors import ProtocolError
@@ -153,6 +156,52 @@ def test_a_program_on_one_row_crossing_tile_edges_fused_equals_step(tiles):
     v = runs[0][0][0].reshape(a.shape)  # each run leaves every core of row 0 its sum: the second, 9 times the first's
     np.testing.assert_allclose(v[0], np.broadcast_to(9 * a[0].sum(axis=0), v[0].shape), rtol=1e-5)
     np.testing.assert_array_equal(v[1:], a[1:])
+
+
+@protocol(routes=lambda mesh, **_: allreduce_routes(mesh, axis="y"))
+async def reduce_reallocate_reduce(tile, *, size):
+    """Allreduce ``v`` along y; allocate ``v`` anew with ``size`` elements a core, each core's first sum plus the
+    element's index; allreduce it again."""
+    await allreduce_on_tile(tile, buffer="v", axis="y")
+    first = tile.data("v").reshape(*tile.rect.shape, -1)[..., :1].copy()
+    tile.alloc("v", (size,), "float32")
+    tile.data("v")[...] = first + np.arange(size, dtype=np.float32)
+    await allreduce_on_tile(tile, buffer="v", axis="y")
+
+
+@pytest.mark.parametrize("tiles", [(1, 1), (2, 2)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_a_collective_reads_a_buffer_allocated_anew_in_the_same_run(tiles):
+    """The fused executor keeps what an exchange reads from run to run of its program (the buffer's array as
+    ``[cores, elements]``, its costs): a buffer allocated anew under the same name, with another block, is read, not
+    the array it replaced."""
+    a = np.random.default_rng(5).integers(-4, 5, (6, 7, 3)).astype(np.float32)  # sums exact in float32
+    with Wafer((6, 7), device=DEV, tiles=tiles) as w:
+        w.load("v", a, Spec("y", "x", None))
+        w.run(reduce_reallocate_reduce, size=5)
+        got = w.blocks("v")
+    col = a[..., 0].sum(axis=0)  # each column's first sum, on every core of the column
+    expect = 6 * (col[None, :, None] + np.arange(5, dtype=np.float32))
+    np.testing.assert_array_equal(got, np.broadcast_to(expect, (6, 7, 5)))
+
+
+FREED: dict[int, bool] = {}  # tile -> whether the array of the buffer it freed was released
+
+
+@protocol(routes=lambda mesh, **_: allreduce_routes(mesh, axis="y"))
+async def reduce_then_free(tile):
+    """Allreduce ``w`` along y, free it, and note whether its array is gone (in-process tiles only)."""
+    await allreduce_on_tile(tile, buffer="w", axis="y")
+    gone = weakref.ref(tile.data("w"))
+    tile.free("w")
+    FREED[tile.number] = gone() is None
+
+
+def test_a_freed_buffer_leaves_nothing_behind_in_the_fused_executor():
+    """What the fused executor keeps of an exchange (the buffer's array, reshaped) goes when the buffer is freed."""
+    with Wafer((6, 7), device=DEV, tiles=(2, 2)) as w:
+        w.alloc("w", (6, 7, 300), np.float32, Spec("y", "x", None))
+        w.run(reduce_then_free)
+    assert FREED == {0: True, 1: True, 2: True, 3: True}
 
 
 @pytest.mark.parametrize("mesh", [(6, 6), (7, 10)], ids=lambda m: f"{m[0]}x{m[1]}")
