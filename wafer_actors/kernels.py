@@ -97,17 +97,18 @@ def _bits(a: np.ndarray) -> np.ndarray:
 @njit(inline="always")
 def _same(a, ya, xa, b, yb, xb):
     """Whether block ``a[ya, xa]`` holds the bits of ``b[yb, xb]`` (both ``_bits`` views)."""
-    for e in range(a.shape[2]):
-        if a[ya, xa, e] != b[yb, xb, e]:
-            return False
-    return True
+    ra, rb, d = a[ya, xa], b[yb, xb], 0
+    for e in range(ra.size):  # no early exit: a loop the compiler vectorises
+        d |= ra[e] ^ rb[e]
+    return d == 0
 
 
 @njit(inline="always")
 def _copy(a, y, x, y0, x0):
     """Block ``a[y, x] = a[y0, x0]`` (``a`` as ``[h, w, elements]``)."""
-    for e in range(a.shape[2]):
-        a[y, x, e] = a[y0, x0, e]
+    out, src = a[y, x], a[y0, x0]
+    for e in range(out.size):
+        out[e] = src[e]
 
 
 def swiglu(ff: np.ndarray, z: np.ndarray) -> None:
