@@ -455,11 +455,10 @@ class Fused:
         runs = self.scratch.setdefault("runs", {})  # a run's arguments, per arrays and costs (the entry holds the
         key = (id(data), id(out), size_cycles, combine)  # arrays, so their ids stay theirs)
         kept = runs.get(key)
-        if kept is None or kept[2] is not tile.flat_clocks():
+        if kept is None:
             msg = self._blocks(data)
-            kept = runs[key] = (data, out, tile.flat_clocks(), msg, self._run_args(tile, data, out, msg, size_cycles,
-                                                                                   combine))
-        msg, state = kept[3], kept[4]
+            kept = runs[key] = (data, out, msg, self._run_args(tile, data, out, msg, size_cycles, combine))
+        msg, state = kept[2], kept[3]
         head, tail, stages, compute = self.timing()
         start, own = self.departures()
         costs = tile.costs

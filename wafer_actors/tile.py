@@ -72,24 +72,20 @@ class _Local:
 
 @dataclass(frozen=True)
 class _Exchange:
-    """What ``Tile.exchange`` of a program between two buffers reads each time (``Tile._prepare``)."""
+    """What ``Tile.exchange`` of a program between two buffers reads each time (``Tile._prepare``); dropped whenever
+    a buffer changes (``Tile._buffers_changed``)."""
 
     program: Program
     fused: Fused
     routes: frozenset[str]  # the run's routes it was checked against
-    buf: Buffer
-    dest: Buffer
-    buf_data: np.ndarray | None  # the buffers' arrays it was prepared for
-    dest_data: np.ndarray | None
     data: np.ndarray | None  # the blocks sent and received into, [cores, elements]
     out: np.ndarray | None
     size_cycles: float  # cycles a block occupies a link
     combine: float  # cycles of one combine
 
-    def holds(self, program: Program, fused: Fused, routes: frozenset[str], buf: Buffer, dest: Buffer) -> bool:
-        """Whether it is still what that exchange reads: the same program, routes, buffers and arrays."""
-        return (self.program is program and self.fused is fused and self.routes is routes and self.buf is buf
-                and self.dest is dest and self.buf_data is buf.data and self.dest_data is dest.data)
+    def holds(self, program: Program, fused: Fused, routes: frozenset[str]) -> bool:
+        """Whether it is still what that exchange reads: the same program, flattened, checked against these routes."""
+        return self.program is program and self.fused is fused and self.routes is routes
 
 
 class Tile(Memory, Clocks):
@@ -361,10 +357,10 @@ class Tile(Memory, Clocks):
                     self.send(t, name, stream=step.stream)
                 await self.recv(step.transfers, into or name, op=step.op, stream=step.stream)
             return
-        buf, dest = self.buffers[name], self.buffers[into or name]
+        buf = self.buffers[name]
         key = (program.key, name, into)
         ex = self._exchanges.get(key)
-        if ex is None or not ex.holds(program, fused, self._routes, buf, dest):
+        if ex is None or not ex.holds(program, fused, self._routes):
             ex = self._exchanges[key] = self._prepare(program, fused, name, into or name)
         n = self._sent[program.key]
         self._sent[program.key] += 1
@@ -399,8 +395,8 @@ class Tile(Memory, Clocks):
             raise ValueError(f"exchange from {name!r} into {into!r}: blocks {buf.block} {buf.dtype} and {dest.block} {dest.dtype} differ")
         size = math.prod(buf.block)
         flat = lambda b: None if b.data is None else b.data.reshape(self.clock.size, size)  # noqa: E731
-        return _Exchange(program, fused, self._routes, buf, dest, buf.data, dest.data, flat(buf), flat(dest),
-                         self.costs.duration(buf.nbytes), self.costs.combine(size, self.rate(buf.dtype)))
+        return _Exchange(program, fused, self._routes, flat(buf), flat(dest), self.costs.duration(buf.nbytes),
+                         self.costs.combine(size, self.rate(buf.dtype)))
 
     def _fused_program(self, program: Program, *names: str) -> Fused | None:
         """``program`` flattened for the fused executor, or None where it runs step by step."""
