@@ -1,10 +1,15 @@
-"""Kernels compile once per machine: processes that start on a cold cache together compile each loop once."""
+"""Kernels compile once per machine: processes that start on a cold cache together compile each loop once, and a
+copy of the package elsewhere (a Ray job's working directory) loads what the original saved."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import wafer_actors
 
 CALL = """
 import numpy as np
@@ -51,3 +56,19 @@ def test_a_loop_in_the_cache_loads_while_another_process_holds_its_compile_lock(
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_copy_of_the_package_in_another_directory_loads_what_the_original_saved(tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    copy = tmp_path / "job"
+    shutil.copytree(Path(wafer_actors.__file__).parent, copy / "wafer_actors", ignore=shutil.ignore_patterns("__pycache__"))
+    first = subprocess.run([sys.executable, "-c", CALL], env=env, capture_output=True, text=True, timeout=300, check=True)
+    again = subprocess.run([sys.executable, "-c", "import wafer_actors; assert wafer_actors.__file__.startswith(%r)\n%s"
+                            % (str(copy), CALL)], env={**env, "PYTHONPATH": str(copy)}, cwd=copy, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (first.stdout.split()[-1], again.stdout.split()[-1]) == ("1", "0")  # compiled once, then loaded by the copy
+    (copy / "wafer_actors" / "kernels.py").write_text((copy / "wafer_actors" / "kernels.py").read_text() + "\n# edited\n")
+    edited = subprocess.run([sys.executable, "-c", CALL], env={**env, "PYTHONPATH": str(copy)}, cwd=copy,
+                            capture_output=True, text=True, timeout=300, check=True)
+    assert edited.stdout.split()[-1] == "1"  # other source: compiled anew, not read from the original's cache
