@@ -7,9 +7,8 @@ compiling again. It lives in ``$NUMBA_CACHE_DIR`` if set, else in the user's cac
 another version of a module saves under other names beside it.
 
 Every tile actor of a wafer calls the same loops with the same argument types. On a cold
-cache (a first run, or a Ray job whose working directory is a fresh copy of the package)
-each actor would compile all of them at the same time: seven actors on two cores took
-seven times a compile's CPU. Here a process compiles a loop only while it holds that loop's
+cache (the first run of this code on the machine) each actor would compile all of them at
+the same time: seven actors on two cores took seven times a compile's CPU. Here a process compiles a loop only while it holds that loop's
 lock file next to numba's cache, so the first one compiles and saves, and the others, once
 they hold the lock, find what it saved and load it; different loops compile at the same
 time. Compiling talks to no other process, so whoever holds a lock always finishes; the
@@ -98,7 +97,8 @@ def _saved(dispatcher: Dispatcher, sig: tuple) -> bool:
 
 
 def compiled(fn: Callable | None = None, **options) -> Callable:
-    """``numba.njit(cache=True, **options)``, its compiles one process at a time."""
+    """``numba.njit(cache=True, **options)``, its cache found by module and source (``_ByModule``), its compiles one
+    process at a time."""
     if fn is None:
         return lambda f: compiled(f, **options)
     dispatcher = njit(**options)(fn)
