@@ -8,12 +8,13 @@ another version of a module saves under other names beside it.
 
 Every tile actor of a wafer calls the same loops with the same argument types. On a cold
 cache (the first run of this code on the machine) each actor would compile all of them at
-the same time: seven actors on two cores took seven times a compile's CPU. Here a process compiles a loop only while it holds that loop's
-lock file next to numba's cache, so the first one compiles and saves, and the others, once
-they hold the lock, find what it saved and load it; different loops compile at the same
-time. Compiling talks to no other process, so whoever holds a lock always finishes; the
-operating system releases a lock whose process died. A loop already in the cache loads
-without the lock: twenty tiles starting together would otherwise load it one at a time.
+the same time: seven actors on two cores took seven times a compile's CPU. Here a process
+compiles a loop only while it holds that loop's lock file next to numba's cache, so the
+first one compiles and saves, and the others, once they hold the lock, find what it saved
+and load it; different loops compile at the same time. Compiling talks to no other process,
+so whoever holds a lock always finishes; the operating system releases a lock whose process
+died. A loop already in the cache loads without the lock: twenty tiles starting together
+would otherwise load it one at a time.
 """
 
 from __future__ import annotations
