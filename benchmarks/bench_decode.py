@@ -1,8 +1,9 @@
 """Decode of the default model on its default mesh: emulation speed and memory vs the NumPy reference.
 
 Prints, in one run: NumPy reference ms/token; emulation ms/token (the mean, and the median token,
-steadier on a shared machine) with 1 tile and 4 tiles (2x2, and 1x4, whose tiles each hold whole
-columns, so decode's allreduces along y stay inside them; local in-process tiles and Ray actors);
+steadier on a shared machine) with 1 tile, 2 tiles (1x2: as many Ray tiles as a 2-core machine has cores) and 4
+tiles (2x2, and 1x4, whose tiles each hold whole columns, so decode's allreduces along y stay inside them; local
+in-process tiles and Ray actors);
 their ratios to the reference; the CPU time all processes spend per token (with four Ray tiles on a
 2-core machine, how busy the cores were); the predicted device speed; the peak memory of all processes
 (driver and Ray workers; resident and proportional sets) while the engine starts and while it
@@ -168,7 +169,7 @@ def main() -> None:
     print(f"model {cfg.name}: {model_bytes / 2**20:.0f} MiB of float32 weights; mesh {mesh[0]}x{mesh[1]} on {device.name}; "
           f"{args.executor} executor")
     print(f"numpy reference: {ref_ms:.1f} ms/token (median token {ref_median:.1f} ms)")
-    tilings = ["1x1", "2x2", "1x4"]  # 1x4: decode's allreduces along y (7 of 10 a layer) stay inside a tile
+    tilings = ["1x1", "1x2", "2x2", "1x4"]  # 1x4: decode's allreduces along y (7 of 10 a layer) stay inside a tile
     if args.converted:
         tilings = ["converted"]
         print(f"tiles start from the converted checkpoint {args.converted}")
@@ -200,7 +201,7 @@ def main() -> None:
     bound = 1.5 * model_bytes + 2**30
     print(f"memory bound (1.5x the model's float32 bytes + 1 GiB): {bound / 2**20:,.0f} MiB, {bound / model_bytes:.1f}x the model")
     if (1, 1) in ray_ms:
-        print("4 Ray tiles against 1 Ray tile, mean (median token): " + ", ".join(
+        print("Ray tiles against 1 Ray tile, mean (median token): " + ", ".join(
             f"{t[0]}x{t[1]} {ms[0] / ray_ms[1, 1][0]:.1f}x ({ms[1] / ray_ms[1, 1][1]:.1f}x)"
             for t, ms in ray_ms.items() if t != (1, 1)))
 
