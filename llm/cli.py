@@ -19,6 +19,7 @@ from wafer_actors.device import _PRESETS, CALIBRATION, resolve
 from wafer_actors.errors import InputError, InvalidArgument, TileLost
 from wafer_actors.mesh import parse_grid
 
+from .config import PRESETS
 from .paper_kernel import check_kernel
 from .heatmap import draw, heatmap_data, heatmap_json
 from .trace import DETAILS, rows_trace, trace_events, write_trace
@@ -557,7 +558,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
         bar.update(1)
 
     rows = scale.run(args.mode, counts, args.workload, side=args.mesh_side, per_core=args.per_core, tokens=args.tokens,
-                     executor=args.executor, progress=progress)
+                     executor=args.executor, model=args.model, layers=args.layers, progress=progress)
     bar.close()
     print(f"{args.mode} scaling, {args.workload}: host wall time, speedup, actor messages inside/across nodes, invariance")
     print(f"{'tiles':>5} {'mesh':>9} {'nodes':>5} {'wall s':>8} {'speedup':>7} {'effic.':>7} {'msgs in':>8} {'msgs across':>11} "
@@ -702,9 +703,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--mode", default="strong", choices=["strong", "weak"])
     sc.add_argument("--nodes-or-tiles", default="1,2,4", help="tile-actor counts, comma-separated (tiles spread over all nodes)")
     sc.add_argument("--workload", default="gemv", choices=["gemv", "gemm", "decode"])
-    sc.add_argument("--mesh-side", type=int, default=32, help="mesh side at the first point (decode needs at least 64)")
+    sc.add_argument("--mesh-side", type=int, default=None,
+                    help="mesh side at the first point (default: 32 for gemv and gemm; for decode the smallest square "
+                         "region that holds the model)")
     sc.add_argument("--per-core", type=int, default=8, help="GEMV/GEMM matrix side per mesh side")
     sc.add_argument("--tokens", type=int, default=3, help="new tokens per decode point")
+    sc.add_argument("--model", default="smollm2-135m",
+                    help="what decode runs: smollm2-135m (default), a checkpoint as for generate, or random:PRESET, "
+                         f"seeded weights of a preset's shape ({', '.join(PRESETS)})")
+    sc.add_argument("--layers", type=int, default=None, help="keep the first N layers of a random:PRESET model")
     sc.add_argument("--address", default=None, help=ADDRESS_HELP)
     sc.add_argument("--json", default=None)
     sc.add_argument("--plot", default=None)

@@ -7,10 +7,15 @@ messages and bytes inside a node and across nodes, per-node and per-tile statist
 (messages, bytes, seconds computing vs waiting), and an invariance check: with the same
 mesh (strong) the result and the predicted cycles must not change with the tiling; with a
 growing mesh (weak) the result must match NumPy (GEMV/GEMM) or the reference (decode).
+
+Decode runs a checkpoint (the default model unless told otherwise) or, with ``random:PRESET``,
+seeded weights of a preset's shape (``llm.config.PRESETS``), optionally cut to its first layers:
+a LLaMA-shaped model sized to keep a many-core machine busy, without a download.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
@@ -20,8 +25,14 @@ from typing import Any, Callable
 import numpy as np
 
 from wafer_actors import Wafer
+from wafer_actors.device import preset as preset_device
 from wafer_actors.errors import InvalidArgument
 from wafer_actors.ops import gemm, gemv
+
+from .checkpoint import LlamaWeights, random_weights
+from .config import LlamaConfig, preset
+from .models import DEFAULT_MODEL, load_model
+from .placement import default_mesh
 
 WORKLOADS = ("gemv", "gemm", "decode")
 MODES = ("strong", "weak")
@@ -66,6 +77,41 @@ def _matrix_point(workload: str, side: int, tiles: tuple[int, int], per_core: in
             "counts": stats.counts, "per_tile": per_tile, "wall_s": stats.host_wall_s, "setup_s": total - stats.host_wall_s, "size": n}
 
 
+RANDOM = "random:"
+PROMPT = "The capital of France is"
+
+
+def decode_model(model: str = DEFAULT_MODEL, layers: int | None = None, seed: int = 0
+                 ) -> tuple[LlamaConfig, LlamaWeights, list[int]]:
+    """The decode workload's model and prompt ids: a checkpoint (as ``load_model`` reads it) with ``PROMPT``, or
+    ``random:PRESET``: weights of the preset's shape drawn with ``seed``, its first ``layers`` layers (default
+    all), prompted with 5 token ids drawn with it.
+
+    Raises:
+        InvalidArgument: an unknown preset, ``layers`` outside 1..the preset's layers, ``layers`` with a checkpoint,
+            a converted checkpoint or one without a tokenizer.
+    """
+    if not model.startswith(RANDOM):
+        if layers is not None:
+            raise InvalidArgument(f"layers cuts a random model (random:PRESET), not the checkpoint {model!r}")
+        cfg, w, tok = load_model(model)
+        if not isinstance(w, LlamaWeights):
+            raise InvalidArgument(f"{model} is a converted checkpoint, whose tiles read their shards: decode checks its "
+                                  f"tokens against the NumPy reference, which needs the weights (give the .gguf file or "
+                                  f"Hugging Face directory it was converted from)")
+        if tok is None:
+            raise InvalidArgument(f"{model} has no tokenizer to encode the prompt; give random:PRESET or a "
+                                  f"checkpoint with one")
+        return cfg, w, tok.encode(PROMPT)
+    cfg = preset(model[len(RANDOM):])
+    if layers is not None:
+        if not isinstance(layers, int) or not 1 <= layers <= cfg.n_layers:
+            raise InvalidArgument(f"layers must be an integer in [1, {cfg.n_layers}] for {cfg.name}, got {layers!r}")
+        cfg = dataclasses.replace(cfg, n_layers=layers)
+    rng = np.random.default_rng(seed)
+    return cfg, random_weights(cfg, seed), [int(t) for t in rng.integers(0, cfg.vocab_size, 5)]
+
+
 def _decode_point(side: int, tiles: tuple[int, int], tokens: int, model, executor: str) -> dict[str, Any]:
     from .engine import WaferLlama
     from .generate import generate
@@ -93,34 +139,36 @@ def _decode_point(side: int, tiles: tuple[int, int], tokens: int, model, executo
             "per_tile": [t for st in steps for t in st.per_tile], "wall_s": wall, "setup_s": total - wall, "size": side}
 
 
-def run(mode: str, counts: list[int], workload: str, *, side: int = 32, per_core: int = 8, tokens: int = 3, seed: int = 0,
-        executor: str = "fused", progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """One row per tile count; ``side`` is the mesh side at the first count (weak mode grows it as sqrt)."""
+def run(mode: str, counts: list[int], workload: str, *, side: int | None = None, per_core: int = 8, tokens: int = 3,
+        seed: int = 0, executor: str = "fused", model: str = DEFAULT_MODEL, layers: int | None = None,
+        progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """One row per tile count; ``side`` is the mesh side at the first count (weak mode grows it as sqrt; default
+    32, and for decode the smallest square region of the wafer that holds the model); decode runs ``model``
+    (``decode_model``: a checkpoint, or ``random:PRESET`` cut to ``layers``)."""
     if mode not in MODES:
         raise InvalidArgument(f"mode must be one of {MODES}, got {mode!r}")
     if workload not in WORKLOADS:
         raise InvalidArgument(f"workload must be one of {WORKLOADS}, got {workload!r}")
     if not counts or any(not isinstance(c, int) or c < 1 for c in counts):
         raise InvalidArgument(f"tile counts must be positive integers, got {counts!r}")
+    if workload != "decode" and (model != DEFAULT_MODEL or layers is not None):
+        raise InvalidArgument(f"a model and its layers choose what decode runs; the {workload} workload takes neither")
+    decoded = decode_model(model, layers, seed) if workload == "decode" else None
+    if side is None:
+        side = default_mesh(decoded[0], preset_device("wse2"), len(decoded[2]) + tokens)[0] if decoded else 32
     import ray
 
     from wafer_actors.fabric.ray import start_local_ray
 
     if not ray.is_initialized():  # start Ray once, outside the timed points
         start_local_ray()
-    model = None
-    if workload == "decode":
-        from .models import load_model
-
-        cfg, w, tok = load_model()
-        model = (cfg, w, tok.encode("The capital of France is"))
     rows = []
     for c in counts:
         tiles = tile_grid(c)
         grow = math.sqrt(c / counts[0]) if mode == "weak" else 1.0
         s = max(tiles[0], tiles[1], int(round(side * grow / 8)) * 8) if mode == "weak" else side
         if workload == "decode":
-            point = _decode_point(s, tiles, tokens, model, executor)
+            point = _decode_point(s, tiles, tokens, decoded, executor)
         else:
             point = _matrix_point(workload, s, tiles, per_core, seed, executor)
         cnt = point.pop("counts")

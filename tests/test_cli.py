@@ -60,6 +60,19 @@ def test_a_list_that_is_not_integers_is_refused_by_its_flag(argv, capsys):
     assert f"{argv[-2]} takes comma-separated positive integers, got '6x6'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--workload", "decode", "--model", "random:llama9"], "unknown model preset 'llama9'; presets: smollm2-135m, "),
+    (["--workload", "decode", "--model", "random:llama3-8b", "--layers", "33"],
+     "layers must be an integer in [1, 32] for llama3-8b, got 33"),
+    (["--workload", "decode", "--layers", "2"], "layers cuts a random model (random:PRESET), not the checkpoint"),
+    (["--workload", "gemv", "--model", "random:llama3-8b"], "the gemv workload takes neither"),
+], ids=["preset", "layers", "checkpoint", "workload"])
+def test_scale_refuses_a_model_it_cannot_build(argv, says, capsys):
+    """A random model's preset and layers, and a model given to a workload that runs none, are refused by name."""
+    assert main(["scale", "--nodes-or-tiles", "1", *argv]) == 2
+    assert says in capsys.readouterr().err
+
+
 def test_demo_runs_in_process(capsys):
     """The demo checks its protocols against NumPy and reports predicted cycles."""
     assert main(["demo", "--mesh", "4x4", "--tiles", "2x2", "--transport", "local", "--block", "8"]) == 0

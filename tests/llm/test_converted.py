@@ -101,6 +101,14 @@ def test_a_placement_other_than_the_conversions_is_refused(smollm2_converted):
     assert code == 2
 
 
+def test_scale_refuses_to_decode_a_converted_checkpoint_it_cannot_check(smollm2_converted, capsys):
+    """Scaling checks every point's tokens against the NumPy reference, which a converted checkpoint (its weights in
+    the tiles' shards) cannot feed: refused by name, pointing at what to give instead."""
+    path = smollm2_converted["1x1"]
+    assert cli.main(["scale", "--workload", "decode", "--model", str(path), "--nodes-or-tiles", "1"]) == 2
+    assert f"{path} is a converted checkpoint" in capsys.readouterr().err
+
+
 def random_converted(tmp_path, cfg, *, mesh, tiles, regions=1, dtype="float32", seed=3):
     w = random_weights(cfg, seed=seed)
     path = tmp_path / f"{cfg.name}-{dtype}"
