@@ -40,13 +40,13 @@ def test_scale_strong_gemv_over_three_nodes(ray_cluster_3_nodes):
 
 
 def test_scale_strong_decode_of_a_random_llama_shaped_model(ray_cluster_3_nodes):
-    """The strong-scaling decode workload on seeded weights of a preset's shape, cut to two layers, on the smallest
-    region that holds it: two tiles give one tile's tokens (the NumPy reference's too) and cycles, with messages."""
+    """The strong-scaling decode workload on seeded weights of a preset's shape, cut to two layers, on the region the
+    command picks: two tiles give one tile's tokens (the NumPy reference's too) and cycles, with messages."""
     from llm import scale
 
     rows = scale.run("strong", [1, 2], "decode", model="random:smollm2-135m", layers=2, tokens=2)
     one, two = rows
-    assert one["mesh"] == two["mesh"] == [64, 64]
+    assert one["mesh"] == two["mesh"]
     assert one["matches_reference"] and two["matches_reference"]
     assert two["digest"] == one["digest"] and two["cycles"] == one["cycles"] and two["invariant"]
     assert one["messages_inside_nodes"] + one["messages_across_nodes"] == 0
