@@ -23,6 +23,7 @@ from collections import defaultdict
 from typing import Any, Callable
 
 import numpy as np
+import psutil
 
 from wafer_actors import Wafer
 from wafer_actors.device import preset as preset_device
@@ -32,7 +33,7 @@ from wafer_actors.ops import gemm, gemv
 from .checkpoint import LlamaWeights, random_weights
 from .config import LlamaConfig, preset
 from .models import DEFAULT_MODEL, load_model
-from .placement import default_mesh
+from .placement import PlacementError, default_mesh, place
 
 WORKLOADS = ("gemv", "gemm", "decode")
 MODES = ("strong", "weak")
@@ -81,15 +82,19 @@ RANDOM = "random:"
 PROMPT = "The capital of France is"
 
 
-def decode_model(model: str = DEFAULT_MODEL, layers: int | None = None, seed: int = 0
-                 ) -> tuple[LlamaConfig, LlamaWeights, list[int]]:
-    """The decode workload's model and prompt ids: a checkpoint (as ``load_model`` reads it) with ``PROMPT``, or
-    ``random:PRESET``: weights of the preset's shape drawn with ``seed``, its first ``layers`` layers (default
-    all), prompted with 5 token ids drawn with it.
+def decode_model(model: str = DEFAULT_MODEL, layers: int | None = None, seed: int = 0, *, tokens: int = 3,
+                 side: int | None = None) -> tuple[LlamaConfig, LlamaWeights, list[int], int]:
+    """The decode workload's model, prompt ids and mesh side: a checkpoint (as ``load_model`` reads it) with
+    ``PROMPT``, or ``random:PRESET``: weights of the preset's shape drawn with ``seed``, its first ``layers`` layers
+    (default all), prompted with 5 token ids drawn with it. The side is ``side`` (checked to hold the model and the
+    KV entries of the prompt and ``tokens`` new tokens), or that of the smallest square region of the wafer that
+    holds them; a random model's is found, and its bytes checked against this machine's free memory, before its
+    weights are drawn.
 
     Raises:
         InvalidArgument: an unknown preset, ``layers`` outside 1..the preset's layers, ``layers`` with a checkpoint,
-            a converted checkpoint or one without a tokenizer.
+            a converted checkpoint or one without a tokenizer, a random model larger than the free memory.
+        PlacementError: regions of ``side`` do not hold the model, or (no ``side``) no square region of the wafer does.
     """
     if not model.startswith(RANDOM):
         if layers is not None:
@@ -102,14 +107,38 @@ def decode_model(model: str = DEFAULT_MODEL, layers: int | None = None, seed: in
         if tok is None:
             raise InvalidArgument(f"{model} has no tokenizer to encode the prompt; give random:PRESET or a "
                                   f"checkpoint with one")
-        return cfg, w, tok.encode(PROMPT)
+        prompt = tok.encode(PROMPT)
+        return cfg, w, prompt, _region_side(cfg, len(prompt) + tokens, side)
     cfg = preset(model[len(RANDOM):])
     if layers is not None:
         if not isinstance(layers, int) or not 1 <= layers <= cfg.n_layers:
             raise InvalidArgument(f"layers must be an integer in [1, {cfg.n_layers}] for {cfg.name}, got {layers!r}")
         cfg = dataclasses.replace(cfg, n_layers=layers)
     rng = np.random.default_rng(seed)
-    return cfg, random_weights(cfg, seed), [int(t) for t in rng.integers(0, cfg.vocab_size, 5)]
+    prompt = [int(t) for t in rng.integers(0, cfg.vocab_size, 5)]
+    side = _region_side(cfg, len(prompt) + tokens, side)
+    need = 4 * cfg.n_params() + 8 * cfg.vocab_size * cfg.dim  # float32 weights, and the embedding drawn in float64
+    free = psutil.virtual_memory().available
+    if need > free:
+        raise InvalidArgument(f"{model} with {cfg.n_layers} layers needs {need / 2**30:.1f} GiB to draw its weights; "
+                              f"this machine has {free / 2**30:.1f} GiB free: keep fewer layers (--layers)")
+    return cfg, random_weights(cfg, seed), prompt, side
+
+
+def _region_side(cfg: LlamaConfig, tokens: int, side: int | None) -> int:
+    """``side``, checked to hold ``cfg`` with ``tokens`` KV entries in regions of side x side cores of the wafer,
+    or the side of the smallest square region that holds it alone."""
+    wse2 = preset_device("wse2")  # what the engine runs on by default
+    try:
+        if side is None:
+            return default_mesh(cfg, wse2, tokens)[0]
+        place(cfg, wse2, side, side, tokens=tokens)
+        return side
+    except PlacementError as err:  # its message names generate's --mesh, scale's --mesh-side
+        why = str(err).replace("--mesh", "--mesh-side") if side else (
+            f"no square region of the {wse2.name} wafer holds {cfg.name} with {cfg.n_layers} layers; give a mesh side "
+            f"(--mesh-side), whose regions then share the layers")
+        raise PlacementError(why) from None
 
 
 def _decode_point(side: int, tiles: tuple[int, int], tokens: int, model, executor: str) -> dict[str, Any]:
@@ -153,9 +182,12 @@ def run(mode: str, counts: list[int], workload: str, *, side: int | None = None,
         raise InvalidArgument(f"tile counts must be positive integers, got {counts!r}")
     if workload != "decode" and (model != DEFAULT_MODEL or layers is not None):
         raise InvalidArgument(f"a model and its layers choose what decode runs; the {workload} workload takes neither")
-    decoded = decode_model(model, layers, seed) if workload == "decode" else None
+    decoded = None
+    if workload == "decode":
+        cfg, w, prompt, side = decode_model(model, layers, seed, tokens=tokens, side=side)
+        decoded = (cfg, w, prompt)
     if side is None:
-        side = default_mesh(decoded[0], preset_device("wse2"), len(decoded[2]) + tokens)[0] if decoded else 32
+        side = 32
     import ray
 
     from wafer_actors.fabric.ray import start_local_ray

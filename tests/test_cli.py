@@ -66,11 +66,34 @@ def test_a_list_that_is_not_integers_is_refused_by_its_flag(argv, capsys):
      "layers must be an integer in [1, 32] for llama3-8b, got 33"),
     (["--workload", "decode", "--layers", "2"], "layers cuts a random model (random:PRESET), not the checkpoint"),
     (["--workload", "gemv", "--model", "random:llama3-8b"], "the gemv workload takes neither"),
-], ids=["preset", "layers", "checkpoint", "workload"])
+    (["--workload", "decode", "--model", "random:llama3-8b"],
+     "no square region of the wse2 wafer holds llama3-8b with 32 layers; give a mesh side (--mesh-side)"),
+], ids=["preset", "layers", "checkpoint", "workload", "region"])
 def test_scale_refuses_a_model_it_cannot_build(argv, says, capsys):
-    """A random model's preset and layers, and a model given to a workload that runs none, are refused by name."""
+    """A random model's preset and layers, one no region holds, and a model given to a workload that runs none, are
+    refused by name."""
     assert main(["scale", "--nodes-or-tiles", "1", *argv]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_scale_refuses_a_random_model_larger_than_the_free_memory(monkeypatch, capsys):
+    """A random model is drawn in the driver: one that would not fit its free memory is refused with both sizes
+    before a byte is drawn (the machine's free memory given as half a GiB; SmolLM2's shape needs 0.7)."""
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 2**29})())
+    assert main(["scale", "--workload", "decode", "--model", "random:smollm2-135m", "--nodes-or-tiles", "1"]) == 2
+    assert ("random:smollm2-135m with 30 layers needs 0.7 GiB to draw its weights; this machine has 0.5 GiB free: "
+            "keep fewer layers (--layers)") in capsys.readouterr().err
+
+
+def test_scale_refuses_a_mesh_side_that_does_not_hold_the_model(capsys):
+    """A given mesh side is checked against the model before its weights are drawn, in scale's own flag."""
+    argv = ["scale", "--workload", "decode", "--model", "random:smollm2-135m", "--layers", "2", "--mesh-side", "16",
+            "--nodes-or-tiles", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "one layer of smollm2-135m needs" in err and "on a 16x16 region" in err and "Use a larger --mesh-side" in err
 
 
 def test_demo_runs_in_process(capsys):
