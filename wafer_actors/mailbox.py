@@ -57,6 +57,11 @@ class Mailbox:
             self._waiting = None
             del self._mail[(self.run_id, tag, src)]
 
+    def has(self, tag: str, src: int) -> bool:
+        """Whether the message ``tag`` of this run from tile ``src`` has arrived."""
+        fut = self._mail.get((self.run_id, tag, src))
+        return fut is not None and fut.done()
+
     def waiting_for(self) -> tuple[str, int] | None:
         """(step tag, source tile) of the message the run waits for and no tile has sent; None if running."""
         if self._waiting is None or self._waiting[2].done():

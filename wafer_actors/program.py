@@ -197,8 +197,9 @@ class Fused:
     receiver computes each flow's arrival from its departure and its path (``timing.arrival``).
     Step s sends the parts ``send_parts[send_ptr[s]:send_ptr[s + 1]]`` and receives
     ``recv_parts[...]``, in the order ``Tile.send`` and ``Tile.recv`` take them. Parts to and from other tiles travel
-    in batches: a tile runs its steps until one needs a part it has not received, sends
-    each neighbour what it owes it in one message, and waits.
+    in batches: a tile runs its steps until one needs a part that has not arrived, or
+    owes a neighbour parts where it needs some, sends each neighbour what it owes it in
+    one message, and waits (the compiled loop runs on through a step whose parts are in).
     """
 
     src: np.ndarray
@@ -501,8 +502,17 @@ class Fused:
                       m.data if has_data else msg, has_data)
             taken[src] = i1
 
+        def arrived(src: int) -> bool:
+            return tile.has_batch(f"{tag}:{batches.get(('in', src), -1) + 1}", src)
+
         done = 0  # half-steps run: 2 s is step s's sends, 2 s + 1 its receives
         for s in self.waits:
+            for src, need in self.needs[s]:  # what has arrived of this step's parts lands now (no step reads it yet)
+                while taken[src] < need and arrived(src):
+                    await take(src)
+            if all(taken[src] >= need for src, need in self.needs[s]) and all(
+                    upto[s + 1] == flushed[dest] for dest, (upto, _) in self.outbox.items()):
+                continue  # nothing to wait for or to send here: the stretch runs on through this step
             kernel(done, 2 * s + 1)  # everything up to this step's receives
             sent = s + 1
             for src, need in self.needs[s]:

@@ -422,6 +422,10 @@ class Tile(Memory, Clocks):
         """Wait for the batch ``tag`` from tile ``src``."""
         return await self._take(tag, src)
 
+    def has_batch(self, tag: str, src: int) -> bool:
+        """Whether the batch ``tag`` from tile ``src`` has arrived (``take_batch`` would not wait)."""
+        return self.mailbox.has(tag, self.base + src)
+
     # ---- fused steps: a transfer inside the tile, timed by the same rules, data moved by index --
     def fuses(self, *transfers: Transfer | None) -> bool:
         """Whether the fused executor may run these transfers without messages: every flow stays on this tile."""

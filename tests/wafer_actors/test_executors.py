@@ -406,16 +406,19 @@ def test_ray_tiles_on_one_node_talk_over_sockets_as_over_actor_calls(ray_local, 
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "wafer-*"))) == before
 
 
+@pytest.mark.parametrize("stops", [False, True], ids=["arrived batches run on", "every wait stops"])
 @pytest.mark.parametrize("split", [False, True], ids=["alike", "split at the edge"])
 @pytest.mark.parametrize("broadcast", [False, True])
-def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadcast, split, monkeypatch):
+def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadcast, split, stops, monkeypatch):
     """Lines (columns, then rows) whose timing state is one of three patterns shifted by a per-line time, and differs
     in parts no rule reads (the ``fwd_head`` of a core that relays nothing, a ``sent`` below the clock), are timed once
     per pattern by the fused executor: every core's state still ends as the step executor's, which times each line.
     Without the broadcast the roots never send and the chains' first cores take no stream: their ``sent`` and
     ``fwd_head`` must stay their own. Split: lines alike on one tile differ in what they take from the next, so
     their classes change between the stretch that sends a step and the one that receives it (the classes kept from
-    one stretch to the next no longer hold, and the lines are sorted anew); alike, they hold across stretches."""
+    one stretch to the next no longer hold, and the lines are sorted anew); alike, they hold across stretches.
+    In-process, a tile mostly finds the batches a wait needs already there and runs on through it (one stretch
+    takes them all): with every wait stopping, as where a neighbour is late, the stretches above run."""
     held = []  # per later stretch of a run on several tiles: whether the classes of the stretch before held
     stretch = program._stretch
 
@@ -426,6 +429,8 @@ def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadc
         return kept
 
     monkeypatch.setattr(program, "_stretch", record)
+    if stops:
+        monkeypatch.setattr(Tile, "has_batch", lambda self, tag, src: False)
     mesh = (7, 9)
     rng = np.random.default_rng(5)
     grid = lambda a: np.round(a * 2**16) / 2**16  # noqa: E731  times on the timing grid
@@ -466,7 +471,31 @@ def test_lines_alike_up_to_a_shift_are_timed_once_and_end_as_step_by_step(broadc
                     s = w.run(allreduce, buffer="v", axis=axis, group_num=3, broadcast=broadcast)
                     runs.append(([w.blocks("v")], s, core_state(w)))
             assert_same_run(*runs, f"{axis} in {tiles} tiles, broadcast={broadcast}")
-    assert (False in held) == split and True in held
+    if stops:
+        assert (False in held) == split and True in held
+
+
+def test_a_tile_runs_on_through_a_wait_whose_batches_have_arrived(monkeypatch):
+    """A tile that reaches a wait with its batches there and no part owed sends nothing there and runs on through
+    it in the same compiled call: the run and its messages are the ones of a tile that stops at every wait (as where
+    a neighbour is late), in fewer calls."""
+    a = np.random.default_rng(4).standard_normal((12, 12, 3)).astype(np.float32)
+    stretch, runs, calls = program._stretch, {}, {}
+    for stops in (False, True):
+        calls[stops] = 0
+
+        def record(*args, stops=stops):
+            calls[stops] += 1
+            return stretch(*args)
+
+        with monkeypatch.context() as m:
+            m.setattr(program, "_stretch", record)
+            if stops:
+                m.setattr(Tile, "has_batch", lambda self, tag, src: False)
+            runs[stops] = run_allreduce(a, (12, 12), (2, 2), "fused", axis="x")
+    assert_same_run(runs[False], runs[True], "runs on / stops")
+    assert runs[False][1].counts["tile_messages"] == runs[True][1].counts["tile_messages"] > 0
+    assert calls[False] < calls[True]
 
 
 def test_times_below_the_exact_range_add_exactly_on_the_grid():
