@@ -197,9 +197,9 @@ class Fused:
     receiver computes each flow's arrival from its departure and its path (``timing.arrival``).
     Step s sends the parts ``send_parts[send_ptr[s]:send_ptr[s + 1]]`` and receives
     ``recv_parts[...]``, in the order ``Tile.send`` and ``Tile.recv`` take them. Parts to and from other tiles travel
-    in batches: a tile runs its steps until one needs a part that has not arrived, or
-    owes a neighbour parts where it needs some, sends each neighbour what it owes it in
-    one message, and waits (the compiled loop runs on through a step whose parts are in).
+    in batches: a tile runs its steps until one needs a part that has not arrived (or
+    needs parts while the tile owes a neighbour some), sends each neighbour what it owes
+    it in one message, and waits.
     """
 
     src: np.ndarray
