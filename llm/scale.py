@@ -117,7 +117,8 @@ def decode_model(model: str = DEFAULT_MODEL, layers: int | None = None, seed: in
     rng = np.random.default_rng(seed)
     prompt = [int(t) for t in rng.integers(0, cfg.vocab_size, 5)]
     side = _region_side(cfg, len(prompt) + tokens, side)
-    need = 4 * cfg.n_params() + 8 * cfg.vocab_size * cfg.dim  # float32 weights, and the embedding drawn in float64
+    # float32 weights, and the largest array while it is drawn in float64 (the embedding, or a stack of FFN matrices)
+    need = 4 * cfg.n_params() + 8 * max(cfg.vocab_size * cfg.dim, cfg.n_layers * cfg.dim * cfg.ffn_dim)
     free = psutil.virtual_memory().available
     if need > free:
         raise InvalidArgument(f"{model} with {cfg.n_layers} layers needs {need / 2**30:.1f} GiB to draw its weights; "
