@@ -84,6 +84,10 @@ class Lines:
     at line b is flow ``part_ptr[p] + b * n + i * (lane's lines) + l - b`` (n pattern flows),
     and its core is ``member * member_stride + l * line_stride`` (member -1: the other tile's
     side). The compiled loop walks the lines of each pattern flow with no per-flow index arrays.
+
+    ``lead``: per pattern flow of a part between two tiles, the part's first pattern flow from the same source
+    (each source's block crosses once, in its lead flow's row of the messages' blocks; ``Box``); its own
+    index in a part inside the tile.
     """
 
     line_stride: int
@@ -96,6 +100,7 @@ class Lines:
     load: np.ndarray
     hops: np.ndarray
     relays: np.ndarray
+    lead: np.ndarray
 
     def flows(self, part_ptr: np.ndarray, p: int, q: int) -> np.ndarray:
         """The flow of pattern flow ``q`` (of part ``p``) on each line."""
@@ -165,7 +170,9 @@ class Box:
     ``first``: per distinct source of each part, the position of its first flow (a message carries
     one block and one departure per distinct source); ``ucum[i]``: distinct sources in parts before part i;
     ``inverse``: per flow, its distinct source (numbered over the whole box); ``load``, ``hops``,
-    ``relays``: per flow, its path (the receiver computes each flow's arrival from them).
+    ``relays``: per flow, its path (the receiver computes each flow's arrival from them); ``carries``: per flow,
+    whether the loops read its block from its own row of ``Fused``'s blocks (a line program reads each source's
+    block from its lead flow's row: ``Lines.lead``).
     """
 
     wire: np.ndarray
@@ -176,6 +183,7 @@ class Box:
     load: np.ndarray
     hops: np.ndarray
     relays: np.ndarray
+    carries: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -276,19 +284,22 @@ class Fused:
         here = lambda f, y, x: (y[f] - y0) * w + x[f] - x0  # noqa: E731  flat core index on this tile
         member = (lambda f, y, x: y[f] - y0) if along == "y" else (lambda f, y, x: x[f] - x0)  # noqa: E731  position on its line
         cols: dict[str, list] = {k: [] for k in ("src", "dst", "load", "hops", "relays")}
-        pats: dict[str, list] = {k: [] for k in cols}
+        pats: dict[str, list] = {k: [] for k in (*cols, "lead")}
         orders = []
         for t, way, other, f in raw:  # the pattern order where every part repeats on every line
             ln = None if line is None else line(t)[f] - first
             found = None if ln is None else _pattern(
                 ln, bounds, *(member(f, t.src_y, t.src_x) if way != "in" else np.full(len(f), -1),
                              member(f, t.dst_y, t.dst_x) if way != "out" else np.full(len(f), -1),
-                             t.load[f], t.hops[f], t.relays[f]))
+                             t.load[f], t.hops[f], t.relays[f], (t.src_y if along == "y" else t.src_x)[f]))
             if found is None:
                 break
             orders.append(found[0])
-            for k, v in zip(pats, found[1]):
+            *found_cols, source = found[1]
+            for k, v in zip(cols, found_cols):
                 pats[k].append(v)
+            first_of = np.unique(source, return_index=True)[1][np.unique(source, return_inverse=True)[1]]
+            pats["lead"].append(np.arange(len(source)) if other == index else first_of)
         by_line = line is not None and len(orders) == len(raw) > 0
         lane_ptr, wire, ptr, peer = [], [], [0], []
         for i, (t, way, other, f) in enumerate(raw):
@@ -311,6 +322,7 @@ class Fused:
         if by_line:
             line_stride, member_stride = (1, w) if along == "y" else (w, 1)
             sizes = [len(a) for a in pats["src"]]
+            pats["lead"] = [lead + start for lead, start in zip(pats["lead"], np.cumsum([0] + sizes))]
             shape = Lines(line_stride, member_stride, h * w // lines, bounds, np.cumsum([0] + sizes),
                           *(cat(pats[k]) for k in pats))
             lane_ptr = np.zeros((len(raw), 2), dtype=np.int64)  # unused: lanes are runs of lines
@@ -318,6 +330,10 @@ class Fused:
         else:
             shape, cores = None, h * w
             lane_ptr = np.array(lane_ptr, dtype=np.int64).reshape(len(raw), lanes + 1)
+        carries = np.ones(ptr[-1], dtype=np.bool_)
+        for p in range(len(raw) if by_line else 0):
+            for q in range(shape.ptr[p], shape.ptr[p + 1]):
+                carries[shape.flows(ints(ptr), p, q)] = shape.lead[q] == q
 
         def box(ps: list[int]) -> Box:
             cum = np.cumsum([0] + [ptr[p + 1] - ptr[p] for p in ps])
@@ -325,8 +341,10 @@ class Fused:
             ucum = np.cumsum([0] + [len(f) for f in firsts])
             first = cat([cum[i] + f for i, f in enumerate(firsts)])
             path = [cat([getattr(raw[p][0], k)[raw[p][3]] for p in ps]) for k in ("load", "hops", "relays")]
-            return Box(cat([wire[p] for p in ps]), cum, first, ucum, cat([ucum[i] + sources[p] for i, p in enumerate(ps)]),
-                       *path)
+            flows = cat([wire[p] for p in ps])
+            assert carries[flows[first]].all()  # a batch carries each source's block from its lead flow
+            return Box(flows, cum, first, ucum, cat([ucum[i] + sources[p] for i, p in enumerate(ps)]), *path,
+                       carries[flows])
 
         inbox = {src: box(ps) for src, ps in from_peer.items()}
         needs = {}
@@ -377,7 +395,7 @@ class Fused:
                         launches[member] = True
                     elif member >= 0 and self.step_stream[s]:
                         streams[member] = True
-                    if self.peer[p] != me:
+                    if self.peer[p] != me and (ln.lead[q] == q or not sends):  # a batch carries a source once
                         (given if sends else taken).append(ln.flows(self.part_ptr, p, q))
                     elif sends and 2 * s + 1 >= last:  # received in a later stretch, whose classes may differ
                         given.append(ln.flows(self.part_ptr, p, q))
@@ -437,7 +455,7 @@ class Fused:
                     *self.departures())
         ln = self.lines
         block = max(1, DATA_BLOCK_BYTES // max(1, ln.members * data.shape[1] * data.itemsize))
-        return (*tile.flat_clocks(), *tile.acc, ln.src, ln.dst, ln.load, ln.hops, ln.relays, self.part_ptr, ln.ptr,
+        return (*tile.flat_clocks(), *tile.acc, ln.src, ln.dst, ln.load, ln.hops, ln.relays, ln.lead, self.part_ptr, ln.ptr,
                 ln.bounds, ln.line_stride, ln.member_stride, self.send_ptr, self.send_parts, self.recv_ptr,
                 self.recv_parts, self.step_op, self.step_stream, self.step_single, size_cycles, costs.alpha, costs.beta,
                 combine, costs.call_overhead, *self.timing(), *self.departures(), int(ln.bounds[-1]), ln.members,
@@ -497,7 +515,7 @@ class Fused:
             m = await tile.take_batch(f"{tag}:{count('in', src)}", src)
             b, i = self.inbox[src], taken[src]
             i1 = int(np.searchsorted(b.ucum, b.ucum[i] + len(m.stages)))  # the parts it carries (none is empty)
-            _batch_in(b.wire, b.inverse, b.load, b.hops, b.relays, b.cum[i], b.cum[i1], b.ucum[i], size_cycles,
+            _batch_in(b.wire, b.inverse, b.load, b.hops, b.relays, b.carries, b.cum[i], b.cum[i1], b.ucum[i], size_cycles,
                       costs.alpha, costs.beta, head, tail, stages, compute, msg, m.head, m.tail, m.stages, m.compute,
                       m.data if has_data else msg, has_data)
             taken[src] = i1
@@ -541,15 +559,16 @@ def _batch_out(wire, first, u0, u1, start, own, stages, compute, msg, has_data):
 
 
 @compiled
-def _batch_in(wire, inverse, load, hops, relays, f0, f1, u0, size_cycles, alpha, beta, head, tail, stages, compute, msg,
-              m_start, m_own, m_stages, m_compute, m_data, has_data):
+def _batch_in(wire, inverse, load, hops, relays, carries, f0, f1, u0, size_cycles, alpha, beta, head, tail, stages,
+              compute, msg, m_start, m_own, m_stages, m_compute, m_data, has_data):
     """Place a batch's flows, positions ``f0:f1`` of their box (distinct sources from ``u0``): each flow's arrival,
-    from its source's departure and its own path, and its source's record and block."""
+    from its source's departure and its own path, its source's record, and its source's block where it ``carries``
+    it."""
     for k in range(f0, f1):
         j, o = wire[k], inverse[k] - u0
         head[j], tail[j] = arrival(m_start[o], m_own[o], load[k], hops[k], relays[k], size_cycles, alpha, beta)
         stages[j], compute[j] = m_stages[o], m_compute[o]
-        if has_data:
+        if has_data and carries[k]:
             for e in range(msg.shape[1]):  # element by element: a row assignment costs more than these few elements
                 msg[j, e] = m_data[o, e]
 
@@ -613,9 +632,10 @@ def _run_phases(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_s
 
 @compiled
 def _stretch(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_start, acc_combine, acc_stages, acc_compute,
-             pat_src, pat_dst, pat_load, pat_hops, pat_relays, part_ptr, pat_ptr, bounds, line_stride, member_stride,
-             send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_stream, step_single, size_cycles, alpha, beta,
-             combine, call_overhead, head, tail, msg_stages, msg_compute, dep_start, dep_own, lines, members, reps, rep_of,
+             pat_src, pat_dst, pat_load, pat_hops, pat_relays, pat_lead, part_ptr, pat_ptr, bounds, line_stride,
+             member_stride, send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_stream, step_single, size_cycles,
+             alpha, beta, combine, call_overhead, head, tail, msg_stages, msg_compute, dep_start, dep_own, lines, members,
+             reps, rep_of,
              shift, held, launches, streams, data, out, msg, has_data, peer, me, step_direct, block, seg_launches,
              seg_streams, taken, given, first, last, end):
     """Half-steps ``first .. last - 1`` of a line program: every line's data moves (``_move_lines``, with
@@ -660,8 +680,8 @@ def _stretch(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_star
     if end:
         held[0] = 0
     if has_data:
-        _move_lines(data, out, msg, pat_src, pat_dst, part_ptr, pat_ptr, bounds, line_stride, member_stride, peer, me,
-                    send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_direct, block, first, last)
+        _move_lines(data, out, msg, pat_src, pat_dst, pat_lead, part_ptr, pat_ptr, bounds, line_stride, member_stride,
+                    peer, me, send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_direct, block, first, last)
     return kept
 
 
@@ -750,11 +770,12 @@ DATA_BLOCK_BYTES = 196_608  # data of the lines run through every step at once (
 
 
 @compiled(parallel=True)
-def _move_lines(data, out, msg, pat_src, pat_dst, part_ptr, pat_ptr, bounds, line_stride, member_stride, peer, me,
-                send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_direct, block, first, last):
+def _move_lines(data, out, msg, pat_src, pat_dst, pat_lead, part_ptr, pat_ptr, bounds, line_stride, member_stride, peer,
+                me, send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_direct, block, first, last):
     """The data of ``_run_phases`` for a ``Lines`` program: every line's blocks sent (copied where they might change
-    before they land) and combined in the order of the transfers. Lines are independent, so each lane runs its
-    lines in blocks of ``block`` that stay in the cache through all the half-steps."""
+    before they land; to another tile, once per source: ``Lines.lead``) and combined in the order of the transfers.
+    Lines are independent, so each lane runs its lines in blocks of ``block`` that stay in the cache through all the
+    half-steps."""
     row = data.shape[1]
     fd, fo, fm = data.reshape(-1), out.reshape(-1), msg.reshape(-1)
     for lane in prange(bounds.size - 1):
@@ -770,6 +791,8 @@ def _move_lines(data, out, msg, pat_src, pat_dst, part_ptr, pat_ptr, bounds, lin
                         if direct and peer[p] == me:  # read in place when it lands
                             continue
                         for q in range(pat_ptr[p], pat_ptr[p + 1]):
+                            if pat_lead[q] != q:
+                                continue
                             j0 = part_ptr[p] + l0 * (pat_ptr[p + 1] - pat_ptr[p]) + (q - pat_ptr[p]) * (l1 - l0) - l0
                             _move(fm, j0 + b0, 1, fd, pat_src[q] * member_stride + b0 * line_stride, line_stride,
                                   b1 - b0, row, 0)
@@ -779,7 +802,8 @@ def _move_lines(data, out, msg, pat_src, pat_dst, part_ptr, pat_ptr, bounds, lin
                     p = recv_parts[k]
                     inplace = direct and peer[p] == me
                     for q in range(pat_ptr[p], pat_ptr[p + 1]):
-                        j0 = part_ptr[p] + l0 * (pat_ptr[p + 1] - pat_ptr[p]) + (q - pat_ptr[p]) * (l1 - l0) - l0
+                        ql = pat_lead[q]  # the flow whose row holds the block
+                        j0 = part_ptr[p] + l0 * (pat_ptr[p + 1] - pat_ptr[p]) + (ql - pat_ptr[p]) * (l1 - l0) - l0
                         d0 = pat_dst[q] * member_stride + b0 * line_stride
                         if inplace:
                             _move(fo, d0, line_stride, fd, pat_src[q] * member_stride + b0 * line_stride, line_stride,
