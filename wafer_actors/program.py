@@ -330,8 +330,8 @@ class Fused:
         else:
             shape, cores = None, h * w
             lane_ptr = np.array(lane_ptr, dtype=np.int64).reshape(len(raw), lanes + 1)
-        carries = np.ones(ptr[-1], dtype=np.bool_)
-        for p in range(len(raw) if by_line else 0):
+        carries = np.ones(ptr[-1], dtype=np.bool_)  # (a part inside the tile leads each of its flows)
+        for p in (p for p in range(len(raw)) if by_line and peer[p] != index):
             for q in range(shape.ptr[p], shape.ptr[p + 1]):
                 carries[shape.flows(ints(ptr), p, q)] = shape.lead[q] == q
 
