@@ -7,6 +7,7 @@ import pytest
 
 from wafer_actors import DeviceSpecError, InvalidArgument, RoutingError, Spec, Wafer, preset
 from wafer_actors.collectives import chain_allreduce, shift
+from wafer_actors.fabric.ray import RayOptions, RayTransport
 from wafer_actors.mesh import Mesh
 from wafer_actors.protocol import protocol
 from wafer_actors.transfer import Route, Transfer
@@ -161,6 +162,30 @@ def test_ray_tiles_run_every_thread_under_the_batch_policy(ray_local):
             policies = {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
             assert policies == {os.SCHED_BATCH}, (pid, policies)
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the driver keeps the default
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="thread affinity")
+def test_ray_tiles_sharing_a_node_run_on_an_even_share_of_its_cores(ray_local):
+    """Every thread of a tile, numba's included, runs on the tile's share of the cores; the shares of the tiles on
+    a node cover its cores, one core each at least, disjoint while the cores outnumber the tiles. ``pin=False``
+    leaves every tile on all of them."""
+    cores = os.sched_getaffinity(0)
+    x = np.arange(64, dtype=np.float32).reshape(8, 8, 1)
+    for tiles, pin in (((1, 2), True), ((1, 3), True), ((1, 2), False)):
+        with Wafer((8, 8), tiles=tiles, transport=RayTransport(RayOptions(pin=pin))) as w:
+            w.load("x", x, Spec("y", "x", None))
+            w.run(chain_allreduce, buffer="x", axis="x", op="add")  # starts numba's threads on every tile
+            shares = []
+            for pid in w.transport.pids():
+                threads = {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{pid}/task")}
+                assert len(threads) == 1, (pid, threads)  # one share for all of a tile's threads
+                shares.append(set(next(iter(threads))))
+        if not pin:
+            assert shares == [cores] * len(shares)
+            continue
+        assert all(share and share <= cores for share in shares) and set().union(*shares) == cores, shares
+        assert sum(map(len, shares)) == len(cores) if len(cores) >= len(shares) else all(len(s) == 1 for s in shares)
+        assert [min(s) for s in shares] == sorted(min(s) for s in shares), shares  # in tile order: neighbours close
 
 
 def test_moving_tiles_is_refused_for_in_process_tiles_and_bad_arguments(ray_local):
