@@ -57,8 +57,8 @@ def _pin(cores: list[int], rank: int, sharing: int) -> None:
     """Run this process's threads (and those they start) on tile ``rank``'s share of ``cores``, the node's, split
     evenly among the ``sharing`` tiles on the node in tile order (neighbours, which pass most messages, share a core
     where the tiles outnumber the cores). A tile that stays on its cores finds its state in their caches; left to the
-    scheduler, each of four tiles on two cores changed cores ~50 times a second (1x4 and 2x2, seven runs of four
-    interleaved pairs: 2-12% less time a token pinned in six, 4% more in one; two tiles, 1x2: no change)."""
+    scheduler, each of four tiles on two cores changed cores ~50 times a second (1x4 and 2x2, eight runs of four
+    interleaved pairs: 2-12% less time a token pinned in seven, 4% more in one; two tiles, 1x2: no change)."""
     if not hasattr(os, "sched_setaffinity"):
         return
     lo = rank * len(cores) // sharing
