@@ -298,8 +298,8 @@ class Fused:
             *found_cols, source = found[1]
             for k, v in zip(cols, found_cols):
                 pats[k].append(v)
-            first_of = np.unique(source, return_index=True)[1][np.unique(source, return_inverse=True)[1]]
-            pats["lead"].append(np.arange(len(source)) if other == index else first_of)
+            _, first_at, of = np.unique(source, return_index=True, return_inverse=True)
+            pats["lead"].append(np.arange(len(source)) if other == index else first_at[of])
         by_line = line is not None and len(orders) == len(raw) > 0
         lane_ptr, wire, ptr, peer = [], [], [0], []
         for i, (t, way, other, f) in enumerate(raw):
@@ -333,7 +333,8 @@ class Fused:
         carries = np.ones(ptr[-1], dtype=np.bool_)  # (a part inside the tile leads each of its flows)
         for p in (p for p in range(len(raw)) if by_line and peer[p] != index):
             for q in range(shape.ptr[p], shape.ptr[p + 1]):
-                carries[shape.flows(ints(ptr), p, q)] = shape.lead[q] == q
+                if shape.lead[q] != q:
+                    carries[shape.flows(ints(ptr), p, q)] = False
 
         def box(ps: list[int]) -> Box:
             cum = np.cumsum([0] + [ptr[p + 1] - ptr[p] for p in ps])
@@ -635,9 +636,8 @@ def _stretch(clock, fwd_head, relaying, sent, stages, compute, acc_end, acc_star
              pat_src, pat_dst, pat_load, pat_hops, pat_relays, pat_lead, part_ptr, pat_ptr, bounds, line_stride,
              member_stride, send_ptr, send_parts, recv_ptr, recv_parts, step_op, step_stream, step_single, size_cycles,
              alpha, beta, combine, call_overhead, head, tail, msg_stages, msg_compute, dep_start, dep_own, lines, members,
-             reps, rep_of,
-             shift, held, launches, streams, data, out, msg, has_data, peer, me, step_direct, block, seg_launches,
-             seg_streams, taken, given, first, last, end):
+             reps, rep_of, shift, held, launches, streams, data, out, msg, has_data, peer, me, step_direct, block,
+             seg_launches, seg_streams, taken, given, first, last, end):
     """Half-steps ``first .. last - 1`` of a line program: every line's data moves (``_move_lines``, with
     ``has_data``); one line of each class of lines alike up to a shift of every time is timed (``_time_lines``), the
     others take its outcome, shifted (``_expand``).

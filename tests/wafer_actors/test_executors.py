@@ -108,15 +108,22 @@ def test_fused_batches_what_crosses_a_tile_edge():
 def test_programs_that_repeat_on_every_line_run_line_by_line():
     """The allreduces above took the line-by-line loop (``Fused.lines``) on every tile of an uneven tiling; a
     transfer on one row only does not repeat on every line and takes the general loop (also held to the step
-    executor above: shifts and GEMMs)."""
+    executor above: shifts and GEMMs). A line program's loops read one row of blocks per source of each batch (the
+    root's multicast to the cores of another tile is many flows of one source)."""
     mesh = Mesh(7, 10)
     one_row = Transfer.build("one-row", "one-row", mesh, ([0] * 9, range(9)), ([0] * 9, range(1, 10)))
+    multicast = False
     with Wafer(mesh.shape, device=DEV, tiles=(2, 3), executor="fused") as w:
         for tile in w.transport.tiles:
             for axis in "xy":
-                assert Fused.build(ktree_program(mesh, axis, "ktree", 2, None, None, True, "add"), tile).lines is not None
+                fused = Fused.build(ktree_program(mesh, axis, "ktree", 2, None, None, True, "add"), tile)
+                assert fused.lines is not None
+                for box in [*fused.inbox.values(), *(b for _, b in fused.outbox.values())]:
+                    assert box.carries.sum() == len(box.first)  # one flow per distinct source reads its block
+                    multicast |= len(box.wire) > len(box.first)
             fused = Fused.build(Program("one row", (Step((one_row,)),)), tile)
             assert fused.lines is None and (len(fused.src) > 0) == (tile.rect.y0 == 0)
+    assert multicast
 
 
 def _row_chain(mesh: Mesh) -> Program:
