@@ -1,11 +1,11 @@
 """Ray transport: one async Ray actor per tile, talking to its peers directly.
 
-Each tile actor holds handles to every other tile. A message to a tile on the same node
-goes over a Unix socket between the two actors (``sockets``); to a tile on another node
-(or with ``RayOptions(direct=False)``) as a fire-and-forget ``deliver.remote(raw)``. No
-data passes through the driver. The actors are async so that a tile waiting for a
-neighbour keeps accepting deliveries (sync actors blocking in ``ray.get`` on each other
-deadlock).
+Each tile actor holds handles to every other tile. A message to another tile goes over a
+socket between the two actors (``sockets``): a Unix socket on the same node, TCP to a tile
+on another node; with ``RayOptions(direct=False)``, or to a peer whose TCP port a tile
+cannot reach, as a fire-and-forget ``deliver.remote(raw)``. No data passes through the
+driver. The actors are async so that a tile waiting for a neighbour keeps accepting
+deliveries (sync actors blocking in ``ray.get`` on each other deadlock).
 
 Placement: tiles are numbered row-major and cut into contiguous runs, one run per node
 (node-affinity scheduling), so neighbouring tiles mostly share a node.
@@ -22,6 +22,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from ..errors import NodeMemoryError, ProtocolError, TileLost
 from ..mesh import Tiling
 from ..tile import Tile
 from .base import LOAD_BYTES, Transport, first_error
-from .sockets import Inbox, Outbox
+from .sockets import Address, Inbox, Outbox
 
 
 def _batch_policy() -> None:
@@ -90,23 +91,39 @@ class TileActor:
     async def pid(self) -> int:
         return os.getpid()
 
-    async def listen(self) -> str:
-        return await self.inbox.open()
+    async def listen(self, tcp: bool) -> Address:
+        """Listen for peers: on a Unix socket, and with ``tcp`` (the wafer spans nodes) on a port of this node."""
+        return await self.inbox.open(ray.util.get_node_ip_address() if tcp else None)
 
-    async def connect(self, peers: list[Any], nodes: list[str], sockets: list[str] | None, fresh: list[int]) -> list[int]:
-        """Reach every peer: same-node ones over a socket, kept from an earlier wiring unless the peer is ``fresh``
-        (a new actor); return the peers a socket was opened to now."""
+    async def connect(self, peers: list[Any], nodes: list[str], sockets: list[Address] | None, fresh: list[int]
+                      ) -> tuple[list[int], list[str]]:
+        """Reach every peer over a socket (with ``sockets``, else as actor calls), kept from an earlier wiring unless
+        the peer is ``fresh`` (a new actor); return the peers a socket was opened to now and, for each peer on another
+        node whose TCP port did not answer (it gets actor calls instead), why."""
         me = self.tile.index
         if self.cores:
             here = [j for j in range(len(peers)) if nodes[j] == nodes[me]]
             _pin(self.cores, here.index(me), len(here))
-        near = [j for j in range(len(peers)) if sockets and j != me and nodes[j] == nodes[me]]
-        opening = [j for j in near if j not in self.boxes or j in fresh or me in fresh]
+        linked = [j for j in range(len(peers)) if sockets and j != me]
+        opening = [j for j in linked if j not in self.boxes or j in fresh or me in fresh]
         for j in opening:
             if j in self.boxes:
                 self.boxes.pop(j).close()
-        self.boxes.update(zip(opening, await asyncio.gather(*(Outbox.connect(sockets[j]) for j in opening))))
-        boxes = {j: self.boxes[j] for j in near}
+        unreachable = []
+
+        async def reach(j: int) -> Outbox | None:
+            path, port = sockets[j]
+            if nodes[j] == nodes[me]:
+                return await Outbox.connect(path)
+            try:
+                return await asyncio.wait_for(Outbox.connect(port), timeout=TCP_CONNECT_S)
+            except (OSError, asyncio.TimeoutError) as err:
+                unreachable.append(f"tile {me} -> tile {j} at {port[0]}:{port[1]}: {err!r}")
+                return None
+
+        opened = dict(zip(opening, await asyncio.gather(*(reach(j) for j in opening))))
+        self.boxes.update((j, box) for j, box in opened.items() if box is not None)
+        boxes = {j: self.boxes[j] for j in linked if j in self.boxes}
 
         def post(dest: int, raw: bytes) -> None:
             box = boxes.get(dest)
@@ -116,7 +133,7 @@ class TileActor:
                 box.post(raw)
 
         self.tile.connect(post, nodes)
-        return opening
+        return [j for j, box in opened.items() if box is not None], unreachable
 
     async def seal(self, peers: int) -> None:
         await self.inbox.seal(peers)
@@ -148,8 +165,8 @@ class RayOptions:
         num_cpus: CPUs each tile actor reserves (0 lets many tiles share few cores).
         stall_s: a run in which no tile finishes for this long is checked for a deadlock
             (every running tile waiting for a message); seen twice in a row, it fails.
-        direct: tiles on one node send each other messages over Unix sockets (False: as
-            actor calls, like tiles on different nodes).
+        direct: tiles send each other messages over sockets, Unix on one node and TCP across
+            nodes (False: as actor calls).
         pin: tiles sharing a node run on an even share of its cores each (``_pin``; False: on
             any of them, where the scheduler puts them).
     """
@@ -172,6 +189,7 @@ STARTUP_CONCURRENCY = 256
 # weights' bands; a token's inputs and results) go inline instead, in the call's own message.
 SYSTEM_CONFIG = {"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY, "prestart_worker_first_driver": False,
                  "max_direct_call_object_size": LOAD_BYTES + (1 << 20)}
+TCP_CONNECT_S = 10.0  # a tile's TCP port on another node that has not answered by then is taken as unreachable
 STREAM_WINDOW = 4  # batches of calls in flight in ``call_stream`` (the host holds their arguments meanwhile)
 
 
@@ -307,10 +325,20 @@ class RayTransport(Transport):
 
     def _wire(self, fresh: list[int]) -> None:
         """Connect every tile to every other (after a move, only the pairs with a ``fresh`` actor get new sockets)."""
-        sockets = ray.get([a.listen.remote() for a in self.actors]) if self.options.direct else None
-        opened = ray.get([a.connect.remote(self.actors, self._nodes, sockets, fresh) for a in self.actors])
-        incoming = Counter(j for dests in opened for j in dests)
+        sockets = self._listen() if self.options.direct else None
+        wired = ray.get([a.connect.remote(self.actors, self._nodes, sockets, fresh) for a in self.actors])
+        incoming = Counter(j for dests, _ in wired for j in dests)
+        unreachable = [why for _, whys in wired for why in whys]
+        if unreachable:
+            warnings.warn(f"messages go as Ray actor calls, several times slower, on {len(unreachable)} links from a "
+                          f"tile to a tile on another node whose TCP port it could not reach (let the nodes connect to "
+                          f"each other on any port): {'; '.join(unreachable[:3])}", RuntimeWarning, stacklevel=2)
         ray.get([a.seal.remote(incoming[i]) for i, a in enumerate(self.actors)])
+
+    def _listen(self) -> list[Address]:
+        """Where each tile listens for its peers (on TCP too where the wafer spans nodes)."""
+        tcp = len(set(self._nodes)) > 1
+        return ray.get([a.listen.remote(tcp) for a in self.actors])
 
     def move_start(self, tiles: list[int], node: str, keep: list[str]) -> Move:
         """Start ``tiles`` again on ``node`` and copy their buffers there, actor to actor, in the background (the

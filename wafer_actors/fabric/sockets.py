@@ -1,13 +1,15 @@
-"""Direct channels between tile actors on one node: a Unix socket per ordered pair of tiles.
+"""Direct channels between tile actors: a socket per ordered pair of tiles, Unix on one node, TCP across nodes.
 
 A message sent as a Ray actor call (``deliver.remote``) pays task submission and two gRPC
 hops: about 1-2 ms each on a busy 2-core machine, and a decode token that crosses tile
-edges sends over a thousand of them. The same bytes written to a Unix socket arrive in tens
-of microseconds. Tiles on different nodes keep talking through actor calls.
+edges sends over a thousand of them. The same bytes written to a socket arrive in tens
+of microseconds.
 
 Framing: an 8-byte little-endian length, then the message bytes (``wire.encode``). Each
-tile listens on one socket; every other tile of its node connects once and only writes.
-The socket file is removed as soon as all of them are connected.
+tile listens on one Unix socket and, where its wafer spans nodes, on one TCP port of its
+node's address; every other tile connects once (to the Unix socket from the same node,
+to the port from another) and only writes. Both stop listening, and the socket file is
+removed, as soon as all of them are connected.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tempfile
 from collections.abc import Callable
 
 _LENGTH = 8
+Address = tuple[str, tuple[str, int] | None]  # a tile's socket path, and its (host, port) where it listens on TCP
 
 
 class Inbox:
@@ -25,7 +28,7 @@ class Inbox:
 
     def __init__(self, deliver: Callable[[memoryview], None]):
         self._deliver = deliver
-        self._server: asyncio.base_events.Server | None = None
+        self._servers: list[asyncio.base_events.Server] = []
         self._dir = ""
         self._peers = 0
         self._joined = asyncio.Event()  # set whenever a peer connects
@@ -34,12 +37,17 @@ class Inbox:
     def path(self) -> str:
         return os.path.join(self._dir, "tile.sock")
 
-    async def open(self) -> str:
-        """Start listening (again, after a move) for peers that are not connected yet; return the socket's path."""
+    async def open(self, host: str | None = None) -> Address:
+        """Start listening (again, after a move) for peers that are not connected yet: on a Unix socket and, with
+        ``host`` (this node's address), on a free TCP port of it; return where (``Address``)."""
         self._dir, self._peers = tempfile.mkdtemp(prefix="wafer-"), 0
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: _Frames(self), path=self.path)
-        return self.path
+        self._servers = [await loop.create_unix_server(lambda: _Frames(self), path=self.path)]
+        if host is None:
+            return self.path, None
+        tcp = await loop.create_server(lambda: _Frames(self), host=host, port=0)
+        self._servers.append(tcp)
+        return self.path, (host, tcp.sockets[0].getsockname()[1])
 
     def _joins(self) -> None:
         self._peers += 1
@@ -47,13 +55,14 @@ class Inbox:
 
     async def seal(self, peers: int) -> None:
         """Wait until ``peers`` tiles have connected, then stop listening and remove the socket file."""
-        if self._server is None:
+        if not self._servers:
             return
         while self._peers < peers:
             self._joined.clear()
             await asyncio.wait_for(self._joined.wait(), timeout=60)
-        self._server.close()
-        self._server = None
+        for server in self._servers:
+            server.close()
+        self._servers = []
         os.unlink(self.path)
         os.rmdir(self._dir)
 
@@ -95,8 +104,12 @@ class Outbox:
         self._writer = writer
 
     @classmethod
-    async def connect(cls, path: str) -> Outbox:
-        _, writer = await asyncio.open_unix_connection(path)
+    async def connect(cls, where: str | tuple[str, int]) -> Outbox:
+        """Connect to a peer's Unix socket (a path) or TCP port ((host, port); asyncio sends without delay)."""
+        if isinstance(where, str):
+            _, writer = await asyncio.open_unix_connection(where)
+        else:
+            _, writer = await asyncio.open_connection(*where)
         return cls(writer)
 
     def close(self) -> None:
