@@ -16,13 +16,18 @@ pytestmark = pytest.mark.cluster
 MESH = (6, 6)
 
 
-def run_both(transport, tiles):
+def run_on(w: Wafer):
+    """A shift along x and an allreduce along y on ``w``: the input, the output, the clocks and the two runs' stats."""
     a = np.random.default_rng(3).standard_normal(MESH + (4,)).astype(np.float32)
+    w.load("v", a, Spec("y", "x", None))
+    s1 = w.run(shift, buffer="v", axis="x", disp=1, wrap=True)
+    s2 = w.run(chain_allreduce, buffer="v", axis="y", op="add")
+    return a, w.read("v"), w.clocks(), (s1, s2)
+
+
+def run_both(transport, tiles):
     with Wafer(MESH, tiles=tiles, transport=transport) as w:
-        w.load("v", a, Spec("y", "x", None))
-        s1 = w.run(shift, buffer="v", axis="x", disp=1, wrap=True)
-        s2 = w.run(chain_allreduce, buffer="v", axis="y", op="add")
-        return a, w.read("v"), w.clocks(), (s1, s2), w.nodes()
+        return (*run_on(w), w.nodes())
 
 
 def test_tiles_spread_over_nodes_give_the_single_process_result(ray_cluster_3_nodes):
@@ -71,12 +76,9 @@ def test_tiles_on_different_nodes_talk_over_tcp_and_tiles_of_a_node_do_not(ray_c
     _, out_local, clocks_local, _, _ = run_both("local", (1, 1))
     for direct in (True, False):
         with Wafer(MESH, tiles=(3, 3), transport=RayTransport(RayOptions(direct=direct))) as w:
-            a = np.random.default_rng(3).standard_normal(MESH + (4,)).astype(np.float32)
-            w.load("v", a, Spec("y", "x", None))
-            w.run(shift, buffer="v", axis="x", disp=1, wrap=True)
-            w.run(chain_allreduce, buffer="v", axis="y", op="add")
-            np.testing.assert_array_equal(w.read("v"), out_local)
-            np.testing.assert_array_equal(w.clocks(), clocks_local)
+            _, out, clocks, _ = run_on(w)
+            np.testing.assert_array_equal(out, out_local)
+            np.testing.assert_array_equal(clocks, clocks_local)
             if direct:
                 pids, nodes = w.transport.pids(), w.nodes()
                 apart = {frozenset((pids[i], pids[j])) for i in range(9) for j in range(i) if nodes[i] != nodes[j]}
@@ -106,12 +108,9 @@ def test_a_tile_whose_tcp_port_is_unreachable_gets_actor_calls_and_a_warning(ray
         w = Wafer(MESH, tiles=(3, 3), transport=_ClosedPort())
     assert len(caught) == 1
     with w:
-        a = np.random.default_rng(3).standard_normal(MESH + (4,)).astype(np.float32)
-        w.load("v", a, Spec("y", "x", None))
-        w.run(shift, buffer="v", axis="x", disp=1, wrap=True)
-        w.run(chain_allreduce, buffer="v", axis="y", op="add")
-        np.testing.assert_array_equal(w.read("v"), out_local)
-        np.testing.assert_array_equal(w.clocks(), clocks_local)
+        _, out, clocks, _ = run_on(w)
+        np.testing.assert_array_equal(out, out_local)
+        np.testing.assert_array_equal(clocks, clocks_local)
         pids, nodes = w.transport.pids(), w.nodes()
         links = tcp_links(pids)  # (Ray's actor calls run over TCP too: those to tile 4 add a connection of their own)
         for i in range(9):
