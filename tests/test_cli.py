@@ -138,3 +138,8 @@ def test_bench_exchange_parts_each_tiles_time_into_running_and_waiting():
         assert max(b + w for b, w in zip(r["busy_us"], r["wait_us"])) <= r["us_per_allreduce"]
     with pytest.raises(InvalidArgument, match="count must be a positive integer"):
         bench_exchange((4, 4), (1, 1), count=0)
+    # along y only, 1x2 tiles hold whole columns: no allreduce crosses the edge, so neither tile waits
+    along_y = bench_exchange((4, 4), (1, 2), count=20, axes="y")
+    assert along_y["wait_us"] == [0.0, 0.0]
+    with pytest.raises(InvalidArgument, match="axes must be .* a string of x and y"):
+        bench_exchange((4, 4), (1, 1), count=1, axes="z")

@@ -134,34 +134,39 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str) -> None
     plt.close(fig)
 
 
-def _allreduces_routes(mesh, *, count: int, buffer: str) -> list:
-    return [*allreduce_routes(mesh, axis="y"), *allreduce_routes(mesh, axis="x")]
+def _allreduces_routes(mesh, *, count: int, buffer: str, axes: str) -> list:
+    return [r for axis in sorted(set(axes)) for r in allreduce_routes(mesh, axis=axis)]
 
 
 @protocol(_allreduces_routes)
-async def allreduces(tile, *, count: int, buffer: str) -> None:
-    """``count`` K-tree allreduces of ``buffer``, along y and x in turn (decode's pattern, without its compute)."""
+async def allreduces(tile, *, count: int, buffer: str, axes: str) -> None:
+    """``count`` K-tree allreduces of ``buffer``, along ``axes`` in turn (``yx``: decode's pattern, without its
+    compute)."""
     for i in range(count):
-        await run_allreduce(tile, buffer=buffer, axis="yx"[i % 2])
+        await run_allreduce(tile, buffer=buffer, axis=axes[i % len(axes)])
 
 
 def bench_exchange(mesh: tuple[int, int], tiles: tuple[int, int], *, transport: str = "local", count: int = 2000,
-                   block: int = 4) -> dict[str, Any]:
+                   block: int = 4, axes: str = "yx") -> dict[str, Any]:
     """Host time of one allreduce of a ``block``-element float32 vector per core (little data: what a tile pays per
-    collective besides its loops over cores), and per tile the part of it spent running and waiting for others.
+    collective besides its loops over cores), along the ``axes`` in turn, and per tile the part of it spent running
+    and waiting for others.
 
     Raises:
-        InvalidArgument: ``count`` or ``block`` is not a positive integer.
+        InvalidArgument: ``count`` or ``block`` is not a positive integer, or ``axes`` is not a string of x and y.
     """
     for name, value in (("count", count), ("block", block)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidArgument(f"bench_exchange: {name} must be a positive integer (allreduces to time, elements a "
                                   f"core), got {value!r}")
+    if not isinstance(axes, str) or not axes or set(axes) - {"x", "y"}:
+        raise InvalidArgument(f"bench_exchange: axes must be the axes to allreduce along in turn, a string of x and y "
+                              f"(yx, x, y), got {axes!r}")
     with Wafer(mesh, device="wse2", tiles=tiles, transport=transport) as w:
         w.load("v", np.ones((*mesh, block), np.float32), Spec("y", "x", None))
-        w.run(allreduces, count=10, buffer="v")  # plans, compiles, connections
+        w.run(allreduces, count=10, buffer="v", axes=axes)  # plans, compiles, connections
         t0 = time.perf_counter()
-        stats = w.run(allreduces, count=count, buffer="v")
+        stats = w.run(allreduces, count=count, buffer="v", axes=axes)
         wall = time.perf_counter() - t0
     return {"mesh": list(mesh), "tiles": list(tiles), "transport": transport, "us_per_allreduce": wall / count * 1e6,
             "busy_us": [(t["wall_s"] - t.get("wait_s", 0.0)) / count * 1e6 for t in stats.per_tile],
