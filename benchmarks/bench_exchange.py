@@ -23,27 +23,30 @@ from wafer_actors.bench import bench_exchange
 from wafer_actors.mesh import Mesh, Tiling, parse_grid
 
 
-def grids(text: str) -> list[tuple[int, int]]:
-    """Comma-separated ROWSxCOLS grids."""
+def grid(text: str) -> tuple[int, int]:
+    """A ROWSxCOLS grid, or argparse's error saying what is valid."""
     try:
-        return [parse_grid(t) for t in text.split(",")]
+        return parse_grid(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def grids(text: str) -> list[tuple[int, int]]:
+    """Comma-separated ROWSxCOLS grids."""
+    return [grid(t) for t in text.split(",")]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=2000, help="allreduces timed per configuration")
-    ap.add_argument("--mesh", type=grids, default=[(8, 8)], help="ROWSxCOLS cores (default 8x8)")
+    ap.add_argument("--mesh", type=grid, default=(8, 8), help="ROWSxCOLS cores (default 8x8)")
     ap.add_argument("--block", type=int, default=4, help="float32 elements a core (default 4)")
     ap.add_argument("--axes", default="yx", choices=("yx", "xy", "x", "y"), help="the axes allreduced along in turn")
     ap.add_argument("--tiles", type=grids, default=[(1, 1), (1, 2), (2, 2)],
                     help="tilings, comma-separated (default 1x1,1x2,2x2); the first is the ratios' base")
     ap.add_argument("--skip-ray", action="store_true")
     args = ap.parse_args()
-    if len(args.mesh) != 1:
-        ap.error(f"argument --mesh: one grid, got {len(args.mesh)}")
-    mesh = args.mesh[0]
+    mesh = args.mesh
     try:  # every tiling before any runs
         for tiles in args.tiles:
             Tiling(Mesh(*mesh), tiles)
