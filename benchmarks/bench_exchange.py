@@ -3,8 +3,9 @@
 Runs 2,000 K-tree allreduces of a 4-element vector per core (along y and x in turn, as decode
 does) on an 8x8 mesh, so the loops over cores cost next to nothing, with the mesh on one tile,
 on two (the x allreduces cross a tile edge) and on four (every one does), in-process and as Ray
-tiles. Prints the host microseconds per allreduce, each ratio to one in-process tile in the same
-run, and per tile the part spent running (busy) and waiting for another tile's message.
+tiles. Prints the host microseconds per allreduce, each ratio to the first tiling in-process (one
+tile by default) in the same run, and per tile the part spent running (busy) and waiting for
+another tile's message.
 
     python benchmarks/bench_exchange.py [--count 2000] [--skip-ray]
 
